@@ -1,0 +1,16 @@
+// The CUDA extension module dlmfuse._C_cuda. Built only when nvcc is found; linked with the
+// static CUDA runtime so it imports on machines without a GPU or driver.
+// Kernels land here as they are verified on a device (issues: CUDA attention, KV cache, sampling).
+#include <nanobind/nanobind.h>
+
+#include "cuda/device_info.h"
+
+namespace nb = nanobind;
+
+NB_MODULE(_C_cuda, m) {
+  m.attr("CUDA_ARCHS") = DLMFUSE_CUDA_ARCHS;
+  m.def("runtime_version", &dlmfuse::cuda::runtime_version,
+        "CUDA runtime version compiled in, e.g. 13000.");
+  m.def("device_count", &dlmfuse::cuda::device_count,
+        "Visible CUDA devices (0 without a driver or GPU).");
+}

@@ -1,0 +1,44 @@
+// The CPU extension module dlmfuse._C: build facts, exception translation, op registration.
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+
+#include "cpu/cpu_features.h"
+#include "cpu/thread_pool.h"
+#include "dlmfuse/attention_params.h"
+#include "dlmfuse/config.h"
+#include "dlmfuse/errors.h"
+
+namespace nb = nanobind;
+
+namespace dlmfuse::bindings {
+void register_attention(nb::module_& m);
+}  // namespace dlmfuse::bindings
+
+NB_MODULE(_C, m) {
+  using namespace dlmfuse;
+  nb::register_exception_translator([](const std::exception_ptr& ptr, void*) {
+    try {
+      std::rethrow_exception(ptr);
+    } catch (const Error& e) {
+      PyObject* type = e.kind() == ErrorKind::kType    ? PyExc_TypeError
+                       : e.kind() == ErrorKind::kValue ? PyExc_ValueError
+                                                       : PyExc_RuntimeError;
+      PyErr_SetString(type, e.what());
+    }
+  });
+
+  m.attr("__version__") = DLMFUSE_VERSION;
+  m.attr("ORDER_INFINITY") = kOrderInfinity;
+  m.attr("ATTENTION_HEAD_DIMS") = nb::make_tuple(DLMFUSE_ATTENTION_HEAD_DIMS);
+  m.attr("COMPILED_CPU_ISAS") = cpu::compiled_cpu_isas();
+
+  m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },
+        "The instruction-set variant of the CPU kernels in use (baseline, avx2, avx512).");
+  m.def("set_cpu_isa", &cpu::set_cpu_isa, nb::arg("name"),
+        "Force a compiled CPU kernel variant (for tests and benchmarks).");
+  m.def("num_threads", &cpu::num_threads, "Threads used by the CPU kernels.");
+  m.def("set_num_threads", &cpu::set_num_threads, nb::arg("n"),
+        "Set the threads used by the CPU kernels (at most the pool size chosen at first use).");
+
+  bindings::register_attention(m);
+}

@@ -1,0 +1,36 @@
+// Argument checks at the binding boundary (the only code that sees nanobind).
+// Every failure names the op, the argument, what was expected and what was received.
+#pragma once
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+
+#include <initializer_list>
+#include <string>
+
+#include "dlmfuse/dtype.h"
+
+namespace dlmfuse::bindings {
+
+namespace nb = nanobind;
+using Array = nb::ndarray<>;
+
+std::string shape_string(const Array& a);
+std::string dtype_string(const Array& a);
+
+// TypeError unless `a` is a float32 / bfloat16 / float16 array; returns its DType.
+DType float_dtype(const char* op, const char* name, const Array& a);
+// TypeError unless `a` has DLPack dtype (code, bits), e.g. int32 = (Int, 32).
+void expect_dtype(const char* op, const char* name, const Array& a, nb::dlpack::dtype_code code,
+                  int bits, const char* expected);
+// TypeError unless `a` lives on the CPU.
+void expect_cpu(const char* op, const char* name, const Array& a);
+// ValueError unless a.ndim() == ndim.
+void expect_ndim(const char* op, const char* name, const Array& a, size_t ndim, const char* layout);
+// ValueError unless the shape equals `expected` exactly.
+void expect_shape(const char* op, const char* name, const Array& a,
+                  std::initializer_list<int64_t> expected);
+// ValueError unless the last dimension has stride 1 (or size <= 1).
+void expect_last_dim_contiguous(const char* op, const char* name, const Array& a);
+
+}  // namespace dlmfuse::bindings

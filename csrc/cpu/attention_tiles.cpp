@@ -1,0 +1,274 @@
+// CPU attention tile kernel. Compiled once per instruction set (CMakeLists.txt sets
+// DLMFUSE_CPU_ISA and the -m flags); everything here lives in that ISA's namespace.
+//
+// One task = 64 query rows of one (batch, head). It walks the key tiles of its row range,
+// classifies each from the label min/max (skip / full / partial, dlmfuse/visibility.h), and runs
+// a flash-attention style online softmax in base 2 with fp32 accumulation:
+//   S = (Q * scale * log2e) K^T + bias * log2e;  masked -> -inf;  P = exp2(S - m);  O += P V.
+#include "cpu/attention_tiles.h"
+
+#include <algorithm>
+
+#include "cpu/vec.h"
+#include "dlmfuse/half_convert.h"
+#include "dlmfuse/online_softmax.h"
+
+namespace dlmfuse::cpu::DLMFUSE_CPU_ISA {
+namespace {
+
+using vec::vfloat;
+using vec::vint;
+constexpr int W = vec::kWidth;
+constexpr int M = kAttnTileM;
+constexpr int N = kAttnTileN;
+// Register block of the micro-kernels: kRows rows x kCols vectors of accumulators
+// (AVX-512: 4 x 4 zmm = 16 of 32 registers; AVX2/SSE: 4 x 2 = 8 of 16).
+constexpr int kRows = 4;
+constexpr int kCols = W == 16 ? 4 : 2;
+static_assert(N % (kCols * W) == 0 && M % kRows == 0, "tile sizes must fit the register block");
+
+// The fp32 working set of one task, carved from the caller's scratch buffer.
+template <int D>
+struct TileScratch {
+  float* q;          // [M, D] queries pre-multiplied by scale * log2 e
+  float* o;          // [M, D] unnormalised output accumulator
+  float* kt;         // [D, N] key tile, transposed so the QK^T micro-kernel reads rows
+  float* v;          // [N, D] value tile
+  float* s;          // [M, N] scores, then probabilities
+  float* bias_row;   // [N]
+  float* row_max;    // [M] running max (log2 units)
+  float* row_sum;    // [M] running sum of exp2
+  int32_t* k_order;  // [N] labels of the current key tile
+  int32_t* k_group;  // [N]
+
+  explicit TileScratch(float* base) {
+    q = base;
+    o = q + M * D;
+    kt = o + M * D;
+    v = kt + D * N;
+    s = v + N * D;
+    bias_row = s + M * N;
+    row_max = bias_row + N;
+    row_sum = row_max + M;
+    k_order = reinterpret_cast<int32_t*>(row_sum + M);
+    k_group = k_order + N;
+  }
+};
+
+template <typename T>
+inline void load_scaled_row(float* dst, const T* src, int n, float factor) {
+  for (int d = 0; d < n; ++d) dst[d] = to_float(src[d]) * factor;
+}
+
+// S[rows, N] = Q[rows, D] x Kt[D, N]
+template <int D>
+void qk_tile(const float* q, const float* kt, float* s, int rows) {
+  for (int i0 = 0; i0 < rows; i0 += kRows) {
+    for (int j0 = 0; j0 < N; j0 += kCols * W) {
+      vfloat acc[kRows][kCols] = {};
+      for (int d = 0; d < D; ++d) {
+        vfloat kv[kCols];
+        for (int c = 0; c < kCols; ++c) kv[c] = vec::load(kt + d * N + j0 + c * W);
+        for (int r = 0; r < kRows; ++r) {
+          const vfloat qb = vec::splat(q[(i0 + r) * D + d]);
+          for (int c = 0; c < kCols; ++c) acc[r][c] += qb * kv[c];
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) vec::store(s + (i0 + r) * N + j0 + c * W, acc[r][c]);
+    }
+  }
+}
+
+// O[rows, D] += P[rows, :cols] x V[:cols, D]
+template <int D>
+void pv_tile(const float* p, const float* v, float* o, int rows, int cols) {
+  for (int i0 = 0; i0 < rows; i0 += kRows) {
+    for (int d0 = 0; d0 < D; d0 += kCols * W) {
+      vfloat acc[kRows][kCols];
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) acc[r][c] = vec::load(o + (i0 + r) * D + d0 + c * W);
+      for (int j = 0; j < cols; ++j) {
+        vfloat vv[kCols];
+        for (int c = 0; c < kCols; ++c) vv[c] = vec::load(v + j * D + d0 + c * W);
+        for (int r = 0; r < kRows; ++r) {
+          const vfloat pb = vec::splat(p[(i0 + r) * N + j]);
+          for (int c = 0; c < kCols; ++c) acc[r][c] += pb * vv[c];
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) vec::store(o + (i0 + r) * D + d0 + c * W, acc[r][c]);
+    }
+  }
+}
+
+// bias_row[:cols] = bias[b, h, i, k0 : k0 + cols] * log2 e (any stride, 0 included); rest 0.
+template <typename B>
+void load_bias_row(float* dst, const B* src, int64_t col_stride, int cols) {
+  for (int j = 0; j < cols; ++j) dst[j] = to_float(src[j * col_stride]) * kLog2e;
+  for (int j = cols; j < N; ++j) dst[j] = 0.0f;
+}
+
+void add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, int64_t k0,
+                  int cols, float* bias_row, float* s_row) {
+  const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] +
+                         row * p.bias_strides[2] + k0 * p.bias_strides[3];
+  const int64_t col_stride = p.bias_strides[3];
+  switch (p.bias_dtype) {
+    case DType::kFloat32:
+      load_bias_row(bias_row, static_cast<const float*>(p.bias) + offset, col_stride, cols);
+      break;
+    case DType::kBFloat16:
+      load_bias_row(bias_row, static_cast<const bf16_t*>(p.bias) + offset, col_stride, cols);
+      break;
+    case DType::kFloat16:
+      load_bias_row(bias_row, static_cast<const fp16_t*>(p.bias) + offset, col_stride, cols);
+      break;
+  }
+  for (int j = 0; j < N; j += W) vec::store(s_row + j, vec::load(s_row + j) + vec::load(bias_row + j));
+}
+
+// Per-element visibility rule on one score row of a PARTIAL tile.
+void mask_row_by_labels(float* s_row, const int32_t* k_order, const int32_t* k_group,
+                        int32_t q_order, int32_t q_group) {
+  const vint qo = vec::splat_int(q_order), qg = vec::splat_int(q_group);
+  const vfloat neg_inf = vec::splat(-INFINITY);
+  for (int j = 0; j < N; j += W) {
+    const vint visible = (vec::load(k_order + j) < qo) | (vec::load(k_group + j) == qg);
+    vec::store(s_row + j, visible ? vec::load(s_row + j) : neg_inf);
+  }
+}
+
+// Online-softmax update of one row: scores -> probabilities in place; returns the rescale factor
+// for the row's output accumulator.
+float softmax_update_row(float* s_row, float& row_max, float& row_sum) {
+  vfloat vmax = vec::splat(-INFINITY);
+  for (int j = 0; j < N; j += W) {
+    const vfloat x = vec::load(s_row + j);
+    vmax = x > vmax ? x : vmax;
+  }
+  const float tile_max = vec::reduce_max(vmax);
+  const float m_new = tile_max > row_max ? tile_max : row_max;
+  const vfloat offset = vec::splat(softmax_offset(m_new));
+  vfloat vsum = {};
+  for (int j = 0; j < N; j += W) {
+    const vfloat e = vec::exp2(vec::load(s_row + j) - offset);
+    vec::store(s_row + j, e);
+    vsum += e;
+  }
+  const float alpha = softmax_rescale(row_max, m_new);
+  row_sum = row_sum * alpha + vec::reduce_sum(vsum);
+  row_max = m_new;
+  return alpha;
+}
+
+template <typename T, int D>
+void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
+                         float* scratch) {
+  TileScratch<D> ws(scratch);
+
+  // task -> (b, kv head, query tile, head within the GQA group); consecutive tasks share K/V.
+  const int64_t group = plan.group_size;
+  const int64_t head_in_group = task % group;
+  int64_t rest = task / group;
+  const int64_t q_tile = rest % plan.n_q_tiles;
+  rest /= plan.n_q_tiles;
+  const int64_t kv_head = rest % p.kv_heads;
+  const int64_t b = rest / p.kv_heads;
+  const int64_t h = kv_head * group + head_in_group;
+
+  const int64_t q0 = q_tile * M;
+  const int rows = static_cast<int>(std::min<int64_t>(M, p.q_len - q0));
+  const int rows_padded = (rows + kRows - 1) / kRows * kRows;
+
+  int64_t k_len = p.k_len;
+  if (p.kv_lens != nullptr) k_len = std::max<int64_t>(0, std::min<int64_t>(p.kv_lens[b], p.k_len));
+  const int64_t n_k_tiles = (k_len + N - 1) / N;
+
+  const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[2];
+  const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
+  const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
+
+  const float q_factor = p.scale * kLog2e;
+  for (int i = 0; i < rows; ++i)
+    load_scaled_row(ws.q + i * D, q_base + (q0 + i) * p.q_strides[1], D, q_factor);
+  std::fill(ws.q + rows * D, ws.q + rows_padded * D, 0.0f);
+  std::fill(ws.o, ws.o + rows_padded * D, 0.0f);
+  std::fill(ws.row_max, ws.row_max + M, -INFINITY);
+  std::fill(ws.row_sum, ws.row_sum + M, 0.0f);
+
+  const LabelRange* q_range = plan.q_ranges ? plan.q_ranges + b * plan.n_q_tiles + q_tile : nullptr;
+
+  for (int64_t k_tile = 0; k_tile < n_k_tiles; ++k_tile) {
+    const int64_t k0 = k_tile * N;
+    const int cols = static_cast<int>(std::min<int64_t>(N, k_len - k0));
+    TileKind kind = TileKind::kFull;
+    if (q_range != nullptr)
+      kind = classify_tile(*q_range, plan.k_ranges[b * plan.n_k_tiles + k_tile]);
+    if (kind == TileKind::kSkip) continue;
+
+    for (int j = 0; j < cols; ++j) {
+      const T* k_row = k_base + (k0 + j) * p.k_strides[1];
+      for (int d = 0; d < D; ++d) ws.kt[d * N + j] = to_float(k_row[d]);
+    }
+    for (int d = 0; d < D && cols < N; ++d) std::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
+    qk_tile<D>(ws.q, ws.kt, ws.s, rows_padded);
+
+    if (kind == TileKind::kPartial) {
+      for (int j = 0; j < cols; ++j) {
+        ws.k_order[j] = p.k_order.at(b, k0 + j);
+        ws.k_group[j] = p.k_group.at(b, k0 + j);
+      }
+      std::fill(ws.k_order + cols, ws.k_order + N, 0);
+      std::fill(ws.k_group + cols, ws.k_group + N, 0);
+    }
+
+    for (int i = 0; i < rows; ++i) {
+      float* s_row = ws.s + i * N;
+      if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, k0, cols, ws.bias_row, s_row);
+      if (kind == TileKind::kPartial)
+        mask_row_by_labels(s_row, ws.k_order, ws.k_group, p.q_order.at(b, q0 + i),
+                           p.q_group.at(b, q0 + i));
+      std::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens or Lk)
+      const float alpha = softmax_update_row(s_row, ws.row_max[i], ws.row_sum[i]);
+      if (alpha != 1.0f) {
+        const vfloat va = vec::splat(alpha);
+        for (int d = 0; d < D; d += W) vec::store(ws.o + i * D + d, vec::load(ws.o + i * D + d) * va);
+      }
+    }
+    std::fill(ws.s + rows * N, ws.s + rows_padded * N, 0.0f);  // padding rows contribute nothing
+
+    for (int j = 0; j < cols; ++j)
+      load_scaled_row(ws.v + j * D, v_base + (k0 + j) * p.v_strides[1], D, 1.0f);
+    pv_tile<D>(ws.s, ws.v, ws.o, rows_padded, cols);
+  }
+
+  T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
+  float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
+  for (int i = 0; i < rows; ++i) {
+    const float inv_sum = softmax_inv_sum(ws.row_sum[i]);
+    T* out_row = out_base + (q0 + i) * p.out_strides[1];
+    for (int d = 0; d < D; ++d) out_row[d] = from_float<T>(ws.o[i * D + d] * inv_sum);
+    lse_row[i] = softmax_lse(ws.row_max[i], ws.row_sum[i]);
+  }
+}
+
+template <typename T, int... Dims>
+AttentionTaskFn pick_head_dim(int64_t head_dim) {
+  AttentionTaskFn fn = nullptr;
+  ((head_dim == Dims ? (fn = &attention_task_impl<T, Dims>, 0) : 0), ...);
+  return fn;
+}
+
+}  // namespace
+
+AttentionTaskFn attention_task_fn(DType dtype, int64_t head_dim) {
+  switch (dtype) {
+    case DType::kFloat32: return pick_head_dim<float, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
+    case DType::kBFloat16: return pick_head_dim<bf16_t, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
+    case DType::kFloat16: return pick_head_dim<fp16_t, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
+  }
+  return nullptr;
+}
+
+}  // namespace dlmfuse::cpu::DLMFUSE_CPU_ISA

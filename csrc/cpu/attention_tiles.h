@@ -1,0 +1,52 @@
+// CPU attention: the per-task tile kernel, compiled once per instruction set (attention_tiles.cpp),
+// and the plan that the dispatcher (attention.cpp) computes once per call.
+#pragma once
+
+#include <cstddef>
+
+#include "dlmfuse/attention_params.h"
+#include "dlmfuse/visibility.h"
+
+namespace dlmfuse::cpu {
+
+constexpr int kAttnTileM = 64;  // query rows per task
+constexpr int kAttnTileN = 64;  // keys per inner tile
+
+// Per-call precomputation shared by all tasks (read-only while tasks run).
+struct AttentionPlan {
+  int64_t n_q_tiles = 0;
+  int64_t n_k_tiles = 0;
+  int64_t group_size = 1;                // Hq / Hkv
+  const LabelRange* q_ranges = nullptr;  // [B, n_q_tiles], null when the call has no labels
+  const LabelRange* k_ranges = nullptr;  // [B, n_k_tiles]
+};
+
+// Number of tasks: one per (batch, kv head, query tile, query head of the group).
+inline int64_t attention_task_count(const AttentionParams& p, const AttentionPlan& plan) {
+  return p.batch * p.q_heads * plan.n_q_tiles;
+}
+
+// fp32 scratch a thread needs for one task (64-byte aligned by the caller).
+inline size_t attention_scratch_floats(int64_t head_dim) {
+  const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(head_dim);
+  // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels (2 x n int32).
+  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 2 * n + 64;
+}
+
+// One task of one (dtype, head_dim) instantiation.
+using AttentionTaskFn = void (*)(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
+                                 float* scratch);
+
+// Each ISA namespace returns its kernel for (dtype, head_dim), or null when none is compiled
+// (the dispatcher has already raised a clear error for unsupported values by then).
+#define DLMFUSE_DECLARE_ATTENTION_ISA(isa) \
+  namespace isa {                          \
+  AttentionTaskFn attention_task_fn(DType dtype, int64_t head_dim); \
+  }
+
+DLMFUSE_DECLARE_ATTENTION_ISA(baseline)
+DLMFUSE_DECLARE_ATTENTION_ISA(avx2)
+DLMFUSE_DECLARE_ATTENTION_ISA(avx512)
+#undef DLMFUSE_DECLARE_ATTENTION_ISA
+
+}  // namespace dlmfuse::cpu

@@ -1,0 +1,71 @@
+// Arguments of one attention forward call, as plain pointers and element strides.
+// Filled by csrc/bindings after validation; read by the CPU and CUDA kernels alike.
+#pragma once
+
+#include "dlmfuse/config.h"
+#include "dlmfuse/dtype.h"
+
+// Head dims with a compiled kernel (one template instantiation each). Exported to Python.
+#define DLMFUSE_ATTENTION_HEAD_DIMS 64, 128
+
+namespace dlmfuse {
+
+// Strided [B, L] int32 label tensor; batch_stride = 0 broadcasts a batch-1 label set.
+struct LabelView {
+  const int32_t* data = nullptr;  // [B or 1, L]
+  int64_t batch_stride = 0;
+  int64_t row_stride = 1;
+
+  DLMFUSE_HOST_DEVICE DLMFUSE_INLINE int32_t at(int64_t b, int64_t i) const {
+    return data[b * batch_stride + i * row_stride];
+  }
+};
+
+struct AttentionParams {
+  // Tensors in [B, L, H, D] layout with the head_dim stride equal to 1; strides in elements.
+  const void* q = nullptr;  // [B, Lq, Hq, D]
+  const void* k = nullptr;  // [B, Lk, Hkv, D]
+  const void* v = nullptr;  // [B, Lk, Hkv, D]
+  void* out = nullptr;      // [B, Lq, Hq, D], same dtype as q
+  float* lse = nullptr;     // [B, Hq, Lq], contiguous, natural log
+  int64_t q_strides[3] = {0, 0, 0};  // batch, row, head
+  int64_t k_strides[3] = {0, 0, 0};
+  int64_t v_strides[3] = {0, 0, 0};
+  int64_t out_strides[3] = {0, 0, 0};
+  DType dtype = DType::kFloat32;  // of q, k, v and out
+
+  // Visibility labels (DESIGN.md section 4). has_labels = false: every key is visible.
+  bool has_labels = false;
+  LabelView q_order, q_group;  // [B or 1, Lq]
+  LabelView k_order, k_group;  // [B or 1, Lk]
+
+  // Additive bias in natural-log units, broadcast to [B, Hq, Lq, Lk] through strides (0 = broadcast).
+  const void* bias = nullptr;
+  int64_t bias_strides[4] = {0, 0, 0, 0};
+  DType bias_dtype = DType::kFloat32;
+
+  const int32_t* kv_lens = nullptr;  // [B] or null: keys at index >= kv_lens[b] are hidden
+
+  int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  float scale = 1.0f;  // multiplies q.k before the bias is added
+};
+
+// Arguments of merge_attention: (out_a, lse_a) and (out_b, lse_b) -> (out, lse).
+struct MergeParams {
+  const void* out_a = nullptr;  // [B, L, H, D]
+  const void* out_b = nullptr;  // [B, L, H, D]
+  const float* lse_a = nullptr;  // [B, H, L]
+  const float* lse_b = nullptr;  // [B, H, L]
+  void* out = nullptr;           // [B, L, H, D]
+  float* lse = nullptr;          // [B, H, L]
+  int64_t out_a_strides[4] = {0, 0, 0, 1};
+  int64_t out_b_strides[4] = {0, 0, 0, 1};
+  int64_t out_strides[4] = {0, 0, 0, 1};
+  int64_t lse_a_strides[3] = {0, 0, 0};
+  int64_t lse_b_strides[3] = {0, 0, 0};
+  int64_t lse_strides[3] = {0, 0, 0};
+  DType dtype = DType::kFloat32;  // of out_a, out_b and out
+  int64_t batch = 0, seq_len = 0, heads = 0, head_dim = 0;
+};
+
+}  // namespace dlmfuse

@@ -1,0 +1,51 @@
+// The visibility rule of DESIGN.md section 4, per element and per tile.
+//
+//   key j is visible to query i  iff  k_order[j] < q_order[i]  or  k_group[j] == q_group[i]
+//
+// Kernels never test every element when they can avoid it: a tile of queries x keys is classified
+// from the min/max of its labels as SKIP (nothing visible: no loads at all), FULL (everything
+// visible: no per-element test) or PARTIAL (test each element).
+#pragma once
+
+#include "dlmfuse/config.h"
+
+namespace dlmfuse {
+
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE bool is_visible(int32_t q_order, int32_t q_group,
+                                                   int32_t k_order, int32_t k_group) {
+  return k_order < q_order || k_group == q_group;
+}
+
+// Min/max of the labels of a run of rows (a query tile or a key tile).
+struct LabelRange {
+  int32_t order_min;
+  int32_t order_max;
+  int32_t group_min;
+  int32_t group_max;
+
+  DLMFUSE_HOST_DEVICE static LabelRange empty() {
+    return {INT32_MAX, INT32_MIN, INT32_MAX, INT32_MIN};
+  }
+  DLMFUSE_HOST_DEVICE DLMFUSE_INLINE void add(int32_t order, int32_t group) {
+    order_min = order < order_min ? order : order_min;
+    order_max = order > order_max ? order : order_max;
+    group_min = group < group_min ? group : group_min;
+    group_max = group > group_max ? group : group_max;
+  }
+};
+
+enum class TileKind : int32_t { kSkip = 0, kFull = 1, kPartial = 2 };
+
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind classify_tile(const LabelRange& q,
+                                                          const LabelRange& k) {
+  const bool groups_meet = k.group_min <= q.group_max && q.group_min <= k.group_max;
+  if (k.order_min >= q.order_max && !groups_meet) return TileKind::kSkip;
+  // Every key strictly earlier than every query: all visible.
+  if (k.order_max < q.order_min) return TileKind::kFull;
+  // One single group shared by all queries and all keys: all visible.
+  if (q.group_min == q.group_max && k.group_min == k.group_max && q.group_min == k.group_min)
+    return TileKind::kFull;
+  return TileKind::kPartial;
+}
+
+}  // namespace dlmfuse

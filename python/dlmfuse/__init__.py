@@ -1,0 +1,16 @@
+"""dlmfuse: compiled kernels for masked diffusion language models.
+
+Public API (contract: DESIGN.md):
+    dlmfuse.Mask                       visibility labels and the mask families of the field
+    dlmfuse.attention(q, k, v, ...)    label-mask attention with bias, kv_lens, GQA, lse
+    dlmfuse.merge_attention(...)       exact merge of two partial attentions
+    dlmfuse.reference                  pure-PyTorch ground truth for every op
+    dlmfuse.build_info()               what this build contains
+"""
+
+from ._ext import __version__, build_info
+from .mask import Mask
+from .attention import attention, merge_attention
+from . import reference
+
+__all__ = ["Mask", "attention", "merge_attention", "reference", "build_info", "__version__"]

@@ -1,0 +1,48 @@
+"""Argument checks shared by the public ops: TypeError for dtype/device/kind, ValueError for
+shapes and values; every message names the op, the argument, the expectation and the value."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def expect_tensor(op: str, name: str, value) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    return value
+
+
+def expect_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")
+
+
+def expect_ndim(op: str, name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must have {ndim} dims {layout}, got shape {list(t.shape)}")
+
+
+def expect_same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if t.device != ref.device:
+        raise TypeError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def expect_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(
+            f"{op}: {name} must have a contiguous last dimension (stride 1), got strides "
+            f"{t.stride()} for shape {list(t.shape)}; call .contiguous() first"
+        )
+
+
+def is_capturing_cuda_graph(t: torch.Tensor) -> bool:
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def can_read_values(t: torch.Tensor) -> bool:
+    """Value checks need a host read: skipped while compiling, capturing or on fake tensors."""
+    if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
+        return False
+    return not is_capturing_cuda_graph(t)

@@ -1,0 +1,71 @@
+"""Loads the compiled extensions and says what they contain.
+
+`_C` (CPU kernels) is always built. `_C_cuda` exists when the package was built with nvcc; it
+links the CUDA runtime statically, so importing it never needs a GPU or driver. Nothing here
+touches a GPU at import time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import _C
+
+try:
+    from . import _C_cuda
+except ImportError:  # built without nvcc
+    _C_cuda = None
+
+__version__: str = _C.__version__
+
+#: Head dims with a compiled attention kernel (exported by the extension: one source of truth).
+ATTENTION_HEAD_DIMS: tuple = tuple(_C.ATTENTION_HEAD_DIMS)
+#: Key order label meaning "after every query": never visible by order (padding, BD3-LM x_t keys).
+ORDER_INFINITY: int = int(_C.ORDER_INFINITY)
+
+# Which ops have a native kernel per device; the others run dlmfuse.reference there.
+_NATIVE_KERNELS = {
+    "attention": {"cpu"},
+    "merge_attention": {"cpu"},
+}
+
+_BACKEND_ENV = "DLMFUSE_BACKEND"
+
+
+def use_reference(op: str, device: torch.device) -> bool:
+    """True when `op` on `device` runs the pure-PyTorch reference instead of a native kernel.
+
+    DLMFUSE_BACKEND=reference forces the reference everywhere (for debugging and A/B checks).
+    """
+    if os.environ.get(_BACKEND_ENV, "") == "reference":
+        return True
+    return device.type not in _NATIVE_KERNELS[op]
+
+
+def build_info() -> dict:
+    """What this build of dlmfuse contains.
+
+    >>> import dlmfuse
+    >>> info = dlmfuse.build_info()
+    >>> sorted(k for k in ("version", "cuda", "cuda_archs") if k in info)
+    ['cuda', 'cuda_archs', 'version']
+    """
+    cuda = _C_cuda is not None
+    return {
+        "version": __version__,
+        "cuda": cuda,
+        "cuda_archs": _C_cuda.CUDA_ARCHS.split(",") if cuda else [],
+        "cuda_runtime": _C_cuda.runtime_version() if cuda else None,
+        "cpu_isa": _C.cpu_isa(),
+        "compiled_cpu_isas": _C.COMPILED_CPU_ISAS.split(","),
+        "num_threads": _C.num_threads(),
+        "attention_head_dims": list(ATTENTION_HEAD_DIMS),
+        "backend_override": os.environ.get(_BACKEND_ENV) or None,
+        # op -> device -> "native" (compiled kernel) or "reference" (pure PyTorch, correct but slow)
+        "kernels": {
+            op: {dev: ("native" if dev in devices else "reference") for dev in ("cpu", "cuda")}
+            for op, devices in _NATIVE_KERNELS.items()
+        },
+    }

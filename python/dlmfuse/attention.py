@@ -1,0 +1,283 @@
+"""dlmfuse.attention and dlmfuse.merge_attention: label-mask attention (DESIGN.md sections 4-5).
+
+Both are `torch.library.custom_op`s (`torch.ops.dlmfuse.attention`, `...merge_attention`) with
+fake implementations for torch.compile; plain eager calls skip the dispatcher (~25 us) and call
+the kernel directly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C, reference
+from ._attention_backward import attention_backward
+from ._checks import (
+    can_read_values,
+    expect_float_dtype,
+    expect_last_dim_contiguous,
+    expect_ndim,
+    expect_same_device,
+    expect_tensor,
+)
+from ._ext import ATTENTION_HEAD_DIMS, use_reference
+from .mask import Mask
+
+_OP = "attention"
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    mask: Optional[Mask] = None,
+    bias: Optional[Tensor] = None,
+    kv_lens: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """Attention whose visibility comes from labels: key j is visible to query i iff
+    ``k_order[j] < q_order[i] or k_group[j] == q_group[i]`` (see :class:`dlmfuse.Mask`).
+
+    Args:
+        q: ``[B, Lq, Hq, D]`` float32 / bfloat16 / float16, last dim contiguous.
+        k, v: ``[B, Lk, Hkv, D]``, same dtype and device; ``Hq % Hkv == 0`` (GQA / MQA).
+        mask: a :class:`dlmfuse.Mask` with q labels of length Lq and k labels of length Lk
+            (batch 1 broadcasts). ``None``: bidirectional.
+        bias: additive float tensor broadcastable to ``[B, Hq, Lq, Lk]``; broadcast dims are
+            read with stride 0, never expanded in memory; ``-inf`` hides a key.
+        kv_lens: int ``[B]``: keys at index >= kv_lens[b] are hidden; values in [0, Lk].
+        scale: multiplies q.k; default ``1/sqrt(D)``.
+        return_lse: also return the natural-log log-sum-exp, float32 ``[B, Hq, Lq]``.
+
+    Returns:
+        ``out [B, Lq, Hq, D]`` in q's dtype, or ``(out, lse)``. A row with no visible key gives
+        output 0 and lse -inf. Differentiable w.r.t. q, k, v and bias.
+
+    Example (sparse queries: only the masked rows of a sequence, attending to clean keys and
+    themselves)::
+
+        >>> import torch, dlmfuse
+        >>> B, L, H, D = 1, 8, 2, 64
+        >>> is_clean = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1]], dtype=torch.bool)
+        >>> rows = (~is_clean).nonzero()[:, 1].view(1, -1)          # [1, 3] masked positions
+        >>> mask = dlmfuse.Mask.clean_and_self(is_clean).gather_queries(rows)
+        >>> k = v = torch.randn(B, L, H, D)
+        >>> q = torch.randn(B, rows.shape[1], H, D)
+        >>> dlmfuse.attention(q, k, v, mask=mask).shape
+        torch.Size([1, 3, 2, 64])
+    """
+    args = _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale)
+    if _needs_dispatcher(q, k, v, bias):
+        out, lse = torch.ops.dlmfuse.attention(*args)
+    else:
+        out, lse = _attention_impl(*args)
+    return (out, lse) if return_lse else out
+
+
+def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Exact merge of two partial attentions of the same queries over disjoint key sets.
+
+    ``lse = log(exp(lse_a) + exp(lse_b))``; ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
+    out_a, out_b: ``[B, L, H, D]`` (same float dtype); lse_a, lse_b: float32 ``[B, H, L]``.
+    Rows empty on both sides stay empty (out 0, lse -inf).
+
+        >>> import torch, dlmfuse
+        >>> q, k, v = torch.randn(1, 4, 2, 64), torch.randn(1, 10, 2, 64), torch.randn(1, 10, 2, 64)
+        >>> oa, la = dlmfuse.attention(q, k[:, :6], v[:, :6], return_lse=True)
+        >>> ob, lb = dlmfuse.attention(q, k[:, 6:], v[:, 6:], return_lse=True)
+        >>> out, lse = dlmfuse.merge_attention(oa, la, ob, lb)
+        >>> torch.allclose(out, dlmfuse.attention(q, k, v), atol=1e-5)
+        True
+    """
+    op = "merge_attention"
+    for name, t in (("out_a", out_a), ("out_b", out_b), ("lse_a", lse_a), ("lse_b", lse_b)):
+        expect_tensor(op, name, t)
+        expect_same_device(op, name, t, "out_a", out_a)
+    expect_float_dtype(op, "out_a", out_a)
+    expect_ndim(op, "out_a", out_a, 4, "[B, L, H, D]")
+    if out_b.dtype != out_a.dtype:
+        raise TypeError(f"{op}: out_b must have the dtype of out_a ({out_a.dtype}), got {out_b.dtype}")
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"{op}: out_b must have the shape of out_a {list(out_a.shape)}, got {list(out_b.shape)}")
+    B, L, H, _ = out_a.shape
+    for name, t in (("lse_a", lse_a), ("lse_b", lse_b)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"{op}: {name} must be float32, got {t.dtype}")
+        if tuple(t.shape) != (B, H, L):
+            raise ValueError(f"{op}: {name} must have shape {[B, H, L]}, got {list(t.shape)}")
+    for name, t in (("out_a", out_a), ("out_b", out_b)):
+        expect_last_dim_contiguous(op, name, t)
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (out_a, out_b)):
+        return torch.ops.dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b)
+    return _merge_impl(out_a, lse_a, out_b, lse_b)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale) -> tuple:
+    """Checks the public arguments and returns the custom op's positional arguments."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        expect_tensor(_OP, name, t)
+        expect_ndim(_OP, name, t, 4, "[B, L, H, D]")
+        expect_float_dtype(_OP, name, t)
+        expect_same_device(_OP, name, t, "q", q)
+        expect_last_dim_contiguous(_OP, name, t)
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{_OP}: {name} must have the dtype of q ({q.dtype}), got {t.dtype}")
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"{_OP}: k must have shape [B={B}, Lk, Hkv, D={D}], got {list(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"{_OP}: v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"{_OP}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
+    if D not in ATTENTION_HEAD_DIMS:
+        raise ValueError(f"{_OP}: head_dim={D} unsupported (supported: {', '.join(map(str, ATTENTION_HEAD_DIMS))})")
+
+    labels = (None, None, None, None)
+    if mask is not None:
+        if not isinstance(mask, Mask):
+            raise TypeError(f"{_OP}: mask must be a dlmfuse.Mask or None, got {type(mask).__name__}")
+        if mask.q_len != Lq or mask.k_len != Lk:
+            raise ValueError(
+                f"{_OP}: mask is for {mask.q_len} queries x {mask.k_len} keys but q has Lq={Lq} and "
+                f"k has Lk={Lk} (use mask.gather_queries for sparse queries)"
+            )
+        if mask.batch not in (1, B):
+            raise ValueError(f"{_OP}: mask batch must be 1 or B={B}, got {mask.batch}")
+        if mask.device != q.device:
+            raise TypeError(f"{_OP}: mask is on {mask.device} but q is on {q.device}")
+        labels = (mask.q_order, mask.q_group, mask.k_order, mask.k_group)
+
+    if bias is not None:
+        expect_tensor(_OP, "bias", bias)
+        expect_float_dtype(_OP, "bias", bias)
+        expect_same_device(_OP, "bias", bias, "q", q)
+        full = (B, Hq, Lq, Lk)
+        try:
+            bias = bias.expand(full)  # a view: broadcast dims get stride 0
+        except RuntimeError:
+            raise ValueError(f"{_OP}: bias of shape {list(bias.shape)} is not broadcastable to [B, Hq, Lq, Lk] = {list(full)}") from None
+
+    if kv_lens is not None:
+        expect_tensor(_OP, "kv_lens", kv_lens)
+        if kv_lens.dtype.is_floating_point or kv_lens.dtype.is_complex or kv_lens.dtype == torch.bool:
+            raise TypeError(f"{_OP}: kv_lens must be an integer tensor (int32), got {kv_lens.dtype}")
+        expect_same_device(_OP, "kv_lens", kv_lens, "q", q)
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"{_OP}: kv_lens must have shape [B={B}], got {list(kv_lens.shape)}")
+        if can_read_values(kv_lens):
+            bad = (kv_lens < 0) | (kv_lens > Lk)
+            if bool(bad.any()):
+                raise ValueError(f"{_OP}: kv_lens values must lie in [0, Lk={Lk}], got {kv_lens.tolist()}")
+        kv_lens = kv_lens.to(torch.int32).contiguous()
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
+    elif not math.isfinite(scale):
+        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    return (q, k, v, *labels, bias, kv_lens, float(scale))
+
+
+def _needs_dispatcher(*tensors) -> bool:
+    """The custom op (dispatcher) is needed when compiling, for autograd, and for fake/meta
+    tensors; otherwise eager calls go straight to the kernel."""
+    if torch.compiler.is_compiling():
+        return True
+    present = [t for t in tensors if t is not None]
+    if any(type(t) is not torch.Tensor for t in present):
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in present)
+
+
+# ----------------------------------------------------------------------------- implementations
+
+
+def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale):
+    if use_reference("attention", q.device):
+        mask = None if q_order is None else Mask(q_order, q_group, k_order, k_group)
+        out, lse = reference.attention(
+            q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale, return_lse=True
+        )
+        return out.contiguous(), lse.to(torch.float32).contiguous()
+    B, Lq, Hq, D = q.shape
+    out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    detached = [None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)]
+    _C.attention_forward(*detached, out, lse, scale)
+    return out, lse
+
+
+def _merge_impl(out_a, lse_a, out_b, lse_b):
+    if use_reference("merge_attention", out_a.device):
+        out, lse = reference.merge_attention(out_a, lse_a, out_b, lse_b)
+        return out.contiguous(), lse.to(torch.float32).contiguous()
+    out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
+    lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
+    _C.merge_attention(out_a.detach(), lse_a.detach(), out_b.detach(), lse_b.detach(), out, lse)
+    return out, lse
+
+
+# ----------------------------------------------------------------------------- torch.library ops
+
+
+@torch.library.custom_op("dlmfuse::attention", mutates_args=())
+def _attention_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_order: Optional[Tensor],
+    q_group: Optional[Tensor],
+    k_order: Optional[Tensor],
+    k_group: Optional[Tensor],
+    bias: Optional[Tensor],
+    kv_lens: Optional[Tensor],
+    scale: float,
+) -> Tuple[Tensor, Tensor]:
+    return _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale)
+
+
+@_attention_op.register_fake
+def _(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale):
+    B, Lq, Hq, D = q.shape
+    return q.new_empty((B, Lq, Hq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
+
+
+def _attention_setup_context(ctx, inputs, output):
+    q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale = inputs
+    out, lse = output
+    ctx.scale = scale
+    ctx.save_for_backward(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse = ctx.saved_tensors
+    needs_bias_grad = bias is not None and ctx.needs_input_grad[7]
+    dq, dk, dv, dbias = attention_backward(
+        grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group), bias, kv_lens,
+        out, lse, ctx.scale, needs_bias_grad,
+    )
+    return dq, dk, dv, None, None, None, None, dbias, None, None
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("dlmfuse::merge_attention", mutates_args=())
+def _merge_attention_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    return _merge_impl(out_a, lse_a, out_b, lse_b)
+
+
+@_merge_attention_op.register_fake
+def _(out_a, lse_a, out_b, lse_b):
+    return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
