@@ -1,0 +1,471 @@
+"""Visibility labels: one small integer rule that expresses every attention mask of the field.
+
+Every query row i carries two int32 labels ``(q_order[i], q_group[i])`` and every key row j carries
+``(k_order[j], k_group[j])``. Key j is visible to query i iff::
+
+    k_order[j] < q_order[i]   or   k_group[j] == q_group[i]
+
+("strictly earlier in the order, or in the same group"). Labels are plain ``[B, L]`` int32 tensors
+whose batch may be 1 (broadcast); changing them costs nothing, so a mask that changes every denoising
+step needs no mask building and no recompilation. See DESIGN.md section 4.
+
+This module imports only torch: it is shared by the kernels' Python layer and the pure-PyTorch
+reference.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional, Union
+
+import torch
+
+__all__ = ["Mask", "INT32_MAX", "INT32_MIN"]
+
+INT32_MAX = 2**31 - 1
+"""Largest int32 label: an order no query can exceed (keys with it are only seen through the group)."""
+INT32_MIN = -(2**31)
+
+DeviceLike = Union[torch.device, str, int, None]
+
+# Integer dtypes whose every value fits int32: converting them needs no range check (and no sync).
+_ALWAYS_FIT_INT32 = {torch.int8, torch.uint8, torch.int16, torch.uint16, torch.int32}
+# Integer dtypes accepted after a range check.
+_NEED_RANGE_CHECK = {torch.int64, torch.uint32, torch.uint64}
+
+
+def _to_int32_labels(name: str, value: object) -> torch.Tensor:
+    """Validate one label argument and return it as a 2-D int32 tensor.
+
+    An int32 2-D tensor is returned as is (no copy); a 1-D tensor becomes a ``[1, L]`` view.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Mask: {name} must be a torch.Tensor, got {type(value).__name__}")
+    dtype = value.dtype
+    if dtype not in _ALWAYS_FIT_INT32 and dtype not in _NEED_RANGE_CHECK:
+        raise TypeError(f"Mask: {name} must have an integer dtype (int32 preferred), got {dtype}")
+    if value.dim() not in (1, 2):
+        raise ValueError(f"Mask: {name} must have shape [L] or [B, L], got {list(value.shape)}")
+    if dtype in _NEED_RANGE_CHECK:
+        _check_int32_range(name, value)
+    if dtype != torch.int32:
+        value = value.to(torch.int32)
+    return value.unsqueeze(0) if value.dim() == 1 else value
+
+
+def _check_int32_range(name: str, value: torch.Tensor) -> None:
+    """Raise ValueError if some value of an int64/uint32/uint64 tensor does not fit int32."""
+    if value.numel() == 0:
+        return
+    if value.dtype == torch.uint64:
+        # uint64 has few kernels; reinterpret its bits: values >= 2**63 become negative here.
+        wide = value.view(torch.int64)
+    else:
+        wide = value.to(torch.int64)
+    outside = (wide < INT32_MIN) | (wide > INT32_MAX)
+    if bool(outside.any()):
+        bad = int(wide[outside][0])
+        if value.dtype == torch.uint64 and bad < 0:
+            bad += 2**64
+        raise ValueError(
+            f"Mask: {name} has value {bad} outside the int32 range [{INT32_MIN}, {INT32_MAX}]"
+        )
+
+
+def _as_int(value: object) -> Optional[int]:
+    """``value`` as a Python int if it is an integer (not a bool; numpy / 0-d tensor ints count)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _positive_int(name: str, value: object) -> int:
+    """Return ``value`` as a Python int, or raise ValueError unless it is a positive integer."""
+    as_int = _as_int(value)
+    if as_int is None or as_int <= 0:
+        raise ValueError(f"Mask: {name} must be a positive int, got {value!r}")
+    return as_int
+
+
+def _prefix_len(prefix_len: object, seq_len: int) -> int:
+    """Return prefix_len as a Python int, or raise ValueError unless it lies in [0, seq_len]."""
+    as_int = _as_int(prefix_len)
+    if as_int is None or not 0 <= as_int <= seq_len:
+        raise ValueError(f"Mask: prefix_len must be an int in [0, seq_len={seq_len}], got {prefix_len!r}")
+    return as_int
+
+
+def _default_device(device: DeviceLike) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
+
+
+def _common_batch(sizes: dict) -> Optional[int]:
+    """The batch every size in ``sizes`` (name -> batch) broadcasts to, or None if they conflict."""
+    batch = max(sizes.values())
+    if all(size in (1, batch) for size in sizes.values()):
+        return batch
+    return None
+
+
+def _check_bool(name: str, value: object) -> torch.Tensor:
+    """Validate a bool ``[L]`` / ``[B, L]`` argument and return it 2-D."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"Mask: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype != torch.bool:
+        raise TypeError(f"Mask: {name} must have dtype torch.bool, got {value.dtype}")
+    if value.dim() not in (1, 2):
+        raise ValueError(f"Mask: {name} must have shape [L] or [B, L], got {list(value.shape)}")
+    return value.unsqueeze(0) if value.dim() == 1 else value
+
+
+class Mask:
+    """Query and key visibility labels; key j is visible to query i iff
+    ``k_order[j] < q_order[i] or k_group[j] == q_group[i]``.
+
+    Attributes ``q_order``, ``q_group`` (int32 ``[Bq, Lq]``) and ``k_order``, ``k_group`` (int32
+    ``[Bk, Lk]``) are plain tensors; each batch is 1 (broadcast) or the common batch ``B``. Labels
+    given as int32 2-D tensors are stored without a copy; other integer dtypes are converted (int64
+    values are range-checked, which reads them on the host), 1-D labels become ``[1, L]`` views.
+
+    Example:
+        >>> import torch
+        >>> pos = torch.arange(3, dtype=torch.int32)
+        >>> m = Mask(pos, pos, pos, pos)            # causal, written by hand
+        >>> m.to_dense()[0].int()
+        tensor([[1, 0, 0],
+                [1, 1, 0],
+                [1, 1, 1]], dtype=torch.int32)
+        >>> (m.batch, m.q_len, m.k_len)
+        (1, 3, 3)
+    """
+
+    def __init__(
+        self,
+        q_order: torch.Tensor,
+        q_group: torch.Tensor,
+        k_order: torch.Tensor,
+        k_group: torch.Tensor,
+    ) -> None:
+        labels = {
+            "q_order": _to_int32_labels("q_order", q_order),
+            "q_group": _to_int32_labels("q_group", q_group),
+            "k_order": _to_int32_labels("k_order", k_order),
+            "k_group": _to_int32_labels("k_group", k_group),
+        }
+        for side in ("q", "k"):
+            order, group = labels[f"{side}_order"], labels[f"{side}_group"]
+            if order.shape[1] != group.shape[1]:
+                raise ValueError(
+                    f"Mask: {side}_order and {side}_group must have the same length, got shapes "
+                    f"{list(order.shape)} and {list(group.shape)}"
+                )
+        batches = {name: t.shape[0] for name, t in labels.items()}
+        if _common_batch(batches) is None:
+            raise ValueError(f"Mask: label batches must each be 1 or a common B, got {batches}")
+        devices = {t.device for t in labels.values()}
+        if len(devices) != 1:
+            got = {name: str(t.device) for name, t in labels.items()}
+            raise TypeError(f"Mask: all labels must be on the same device, got {got}")
+
+        self.q_order = labels["q_order"]
+        self.q_group = labels["q_group"]
+        self.k_order = labels["k_order"]
+        self.k_group = labels["k_group"]
+        self._family: Optional[str] = None  # set by the family constructors, shown by __repr__
+
+    # ----------------------------------------------------------------------------------- properties
+    @property
+    def batch(self) -> int:
+        """The batch the labels broadcast to (1 if every label tensor has batch 1)."""
+        return max(self.q_order.shape[0], self.q_group.shape[0],
+                   self.k_order.shape[0], self.k_group.shape[0])
+
+    @property
+    def q_len(self) -> int:
+        """Number of query rows (Lq)."""
+        return self.q_order.shape[1]
+
+    @property
+    def k_len(self) -> int:
+        """Number of key rows (Lk)."""
+        return self.k_order.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the label tensors."""
+        return self.q_order.device
+
+    # ------------------------------------------------------------------------------------- methods
+    def to(self, device: DeviceLike) -> "Mask":
+        """Return a new Mask with the labels on ``device``.
+
+        Example:
+            >>> Mask.causal(4).to("cpu").device
+            device(type='cpu')
+        """
+        moved = Mask(self.q_order.to(device), self.q_group.to(device),
+                     self.k_order.to(device), self.k_group.to(device))
+        moved._family = self._family
+        return moved
+
+    def to_dense(self) -> torch.Tensor:
+        """The visibility matrix, bool ``[B, Lq, Lk]`` (True = visible); for tests and debugging.
+
+        Example:
+            >>> Mask.block_diagonal(4, 2).to_dense()[0].int()
+            tensor([[1, 1, 0, 0],
+                    [1, 1, 0, 0],
+                    [0, 0, 1, 1],
+                    [0, 0, 1, 1]], dtype=torch.int32)
+        """
+        earlier = self.k_order[:, None, :] < self.q_order[:, :, None]
+        same_group = self.k_group[:, None, :] == self.q_group[:, :, None]
+        return earlier | same_group
+
+    def gather_queries(self, index: torch.Tensor) -> "Mask":
+        """Keep only the query rows ``index`` (sparse queries); key labels are unchanged.
+
+        ``index`` is an integer tensor ``[B, n]`` or ``[n]`` of query positions in ``[0, q_len)``
+        (repeats allowed). Label batch 1 and index batch B broadcast. The range check reads the
+        index on the host.
+
+        Example:
+            >>> m = Mask.causal(5).gather_queries(torch.tensor([[4, 1]]))
+            >>> m.q_order
+            tensor([[4, 1]], dtype=torch.int32)
+            >>> m.to_dense()[0].int()
+            tensor([[1, 1, 1, 1, 1],
+                    [1, 1, 0, 0, 0]], dtype=torch.int32)
+        """
+        if not isinstance(index, torch.Tensor):
+            raise TypeError(f"gather_queries: index must be a torch.Tensor, got {type(index).__name__}")
+        if index.dtype not in _ALWAYS_FIT_INT32 and index.dtype not in _NEED_RANGE_CHECK:
+            raise TypeError(f"gather_queries: index must have an integer dtype, got {index.dtype}")
+        if index.dim() not in (1, 2):
+            raise ValueError(f"gather_queries: index must have shape [n] or [B, n], got {list(index.shape)}")
+        if index.device != self.device:
+            raise TypeError(f"gather_queries: index is on {index.device} but the mask is on {self.device}")
+        if index.dtype == torch.uint64:  # few kernels exist for uint64; reinterpret, range-check below
+            index = index.view(torch.int64)
+        index = index.to(torch.int64)
+        if index.dim() == 1:
+            index = index.unsqueeze(0)
+        if index.numel() > 0:
+            outside = (index < 0) | (index >= self.q_len)
+            if bool(outside.any()):
+                bad = int(index[outside][0])
+                raise ValueError(f"gather_queries: index value {bad} is outside [0, q_len={self.q_len})")
+
+        q_batch = max(self.q_order.shape[0], self.q_group.shape[0])
+        batch = _common_batch({"labels": q_batch, "index": index.shape[0]})
+        if batch is None:
+            raise ValueError(
+                f"gather_queries: index batch {index.shape[0]} does not match the query label "
+                f"batch {q_batch} (each must be 1 or a common B)"
+            )
+        rows = index.expand(batch, -1)
+        q_order = torch.gather(self.q_order.expand(batch, -1), 1, rows)
+        q_group = torch.gather(self.q_group.expand(batch, -1), 1, rows)
+        gathered = Mask(q_order, q_group, self.k_order, self.k_group)
+        gathered._family = None if self._family is None else f"{self._family}, gathered"
+        return gathered
+
+    def __repr__(self) -> str:
+        family = "" if self._family is None else f"{self._family}, "
+        return (f"Mask({family}q=[{self.q_order.shape[0]}, {self.q_len}], "
+                f"k=[{self.k_order.shape[0]}, {self.k_len}], device={self.device})")
+
+    # --------------------------------------------------------------------------------- constructors
+    @classmethod
+    def _family_of(cls, family: str, q_order, q_group, k_order, k_group) -> "Mask":
+        mask = cls(q_order, q_group, k_order, k_group)
+        mask._family = family
+        return mask
+
+    @classmethod
+    def _same_qk(cls, family: str, order: torch.Tensor, group: torch.Tensor) -> "Mask":
+        """A mask whose query and key labels are equal (separate tensors, so that editing one side
+        in place never changes the other)."""
+        return cls._family_of(family, order, group, order.clone(), group.clone())
+
+    @classmethod
+    def causal(cls, seq_len: int, device: DeviceLike = None) -> "Mask":
+        """Causal mask: query i sees keys j <= i (order = group = position).
+
+        Example:
+            >>> Mask.causal(3).to_dense()[0].int()
+            tensor([[1, 0, 0],
+                    [1, 1, 0],
+                    [1, 1, 1]], dtype=torch.int32)
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        return cls._same_qk("causal", pos[None], pos[None].clone())
+
+    @classmethod
+    def block_causal(cls, seq_len: int, block_size: int, prefix_len: int = 0,
+                     device: DeviceLike = None) -> "Mask":
+        """Block-causal (semi-autoregressive) mask with a bidirectional prompt.
+
+        The prompt (positions < prefix_len) is block 0; the rest is cut into blocks of block_size
+        (the last may be shorter). A query sees every key of its own and earlier blocks
+        (order = group = block id).
+
+        Example:
+            >>> Mask.block_causal(5, 2, prefix_len=1).q_order
+            tensor([[0, 1, 1, 2, 2]], dtype=torch.int32)
+            >>> Mask.block_causal(4, 2).to_dense()[0].int()
+            tensor([[1, 1, 0, 0],
+                    [1, 1, 0, 0],
+                    [1, 1, 1, 1],
+                    [1, 1, 1, 1]], dtype=torch.int32)
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        block_size = _positive_int("block_size", block_size)
+        prefix_len = _prefix_len(prefix_len, seq_len)
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        first_block = 1 if prefix_len > 0 else 0
+        block = torch.where(pos < prefix_len, 0,
+                            torch.div(pos - prefix_len, block_size, rounding_mode="floor") + first_block)
+        block = block.to(torch.int32)[None]
+        return cls._same_qk("block_causal", block, block.clone())
+
+    @classmethod
+    def block_diagonal(cls, seq_len: int, block_size: int, device: DeviceLike = None) -> "Mask":
+        """Block-diagonal mask: a query sees exactly the keys of its own block of block_size
+        (order all 0, group = block id).
+
+        Example:
+            >>> Mask.block_diagonal(5, 2).q_group
+            tensor([[0, 0, 1, 1, 2]], dtype=torch.int32)
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        block_size = _positive_int("block_size", block_size)
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        block = torch.div(pos, block_size, rounding_mode="floor")[None]
+        return cls._same_qk("block_diagonal", torch.zeros_like(block), block)
+
+    @classmethod
+    def prefix_lm(cls, seq_len: int, prefix_len: int, device: DeviceLike = None) -> "Mask":
+        """Prefix-LM mask: the prompt (positions < prefix_len) is bidirectional, the response is
+        causal and sees the whole prompt. Prompt labels: order 0, group 0; response position i:
+        order = group = i.
+
+        Example:
+            >>> Mask.prefix_lm(4, 2).to_dense()[0].int()
+            tensor([[1, 1, 0, 0],
+                    [1, 1, 0, 0],
+                    [1, 1, 1, 0],
+                    [1, 1, 1, 1]], dtype=torch.int32)
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        prefix_len = _prefix_len(prefix_len, seq_len)
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        label = torch.where(pos < prefix_len, 0, pos).to(torch.int32)[None]
+        return cls._same_qk("prefix_lm", label, label.clone())
+
+    @classmethod
+    def bd3_train(cls, seq_len: int, block_size: int, device: DeviceLike = None) -> "Mask":
+        """BD3-LM training mask over the 2*seq_len sequence ``[x_t ; x_0]``.
+
+        With k the block id of a position: an x_t query of block k sees the x_t keys of block k and
+        the x_0 keys of blocks < k; an x_0 query of block k sees the x_0 keys of blocks <= k.
+        Labels: x_t queries order = group = k; x_t keys order = INT32_MAX, group = k; x_0 queries
+        order = k + 1, group = -2; x_0 keys order = k, group = -1.
+
+        Example:
+            >>> Mask.bd3_train(2, 1).to_dense()[0].int()      # rows/cols: xt0 xt1 x0_0 x0_1
+            tensor([[1, 0, 0, 0],
+                    [0, 1, 1, 0],
+                    [0, 0, 1, 0],
+                    [0, 0, 1, 1]], dtype=torch.int32)
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        block_size = _positive_int("block_size", block_size)
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        block = torch.div(pos, block_size, rounding_mode="floor")
+        full = torch.full_like(block, INT32_MAX)
+        q_order = torch.cat([block, block + 1])
+        q_group = torch.cat([block, torch.full_like(block, -2)])
+        k_order = torch.cat([full, block])
+        k_group = torch.cat([block, torch.full_like(block, -1)])
+        return cls._family_of("bd3_train", q_order[None], q_group[None], k_order[None], k_group[None])
+
+    @classmethod
+    def eso(cls, order_rank: torch.Tensor, is_clean: torch.Tensor, variant: str) -> "Mask":
+        """Eso-LM masks from each token's sorted slot ``order_rank`` (clean tokens first).
+
+        ``order_rank``: integer ``[B, L]`` (or ``[L]``), ``is_clean``: bool ``[B, L]`` (or ``[L]``);
+        their batches broadcast. Variant ``"B"`` (diffusion, causal in sorted order): order = group
+        = r, so a token sees the tokens of rank <= its own. Variant ``"A"`` ("mixed2"): clean tokens
+        see each other bidirectionally; masks are causal in rank and see all clean tokens. Labels:
+        clean order = r, group 0; mask order = r, group -1 - r. Pass int32 ranks to avoid a host
+        read (the int64 range check).
+
+        Example:
+            >>> rank = torch.tensor([[2, 0, 1]])            # token 1 then 2 clean, token 0 last
+            >>> clean = torch.tensor([[False, True, True]])
+            >>> Mask.eso(rank, clean, "A").to_dense()[0].int()
+            tensor([[1, 1, 1],
+                    [0, 1, 1],
+                    [0, 1, 1]], dtype=torch.int32)
+        """
+        if variant not in ("A", "B"):
+            raise ValueError(f"Mask.eso: variant must be 'A' or 'B', got {variant!r}")
+        rank = _to_int32_labels("order_rank", order_rank)
+        clean = _check_bool("is_clean", is_clean)
+        if rank.shape[1] != clean.shape[1] or _common_batch(
+                {"order_rank": rank.shape[0], "is_clean": clean.shape[0]}) is None:
+            raise ValueError(
+                f"Mask.eso: order_rank and is_clean must have the same [B, L] shape (batch 1 "
+                f"broadcasts), got {list(order_rank.shape)} and {list(is_clean.shape)}"
+            )
+        if clean.device != rank.device:
+            raise TypeError(f"Mask.eso: order_rank is on {rank.device} but is_clean is on {clean.device}")
+        batch = max(rank.shape[0], clean.shape[0])
+        order = rank.expand(batch, -1).clone()  # never alias the caller's tensor
+        if variant == "B":
+            group = order.clone()
+        else:
+            group = torch.where(clean, torch.zeros_like(order), -1 - order).to(torch.int32)
+        return cls._same_qk(f"eso_{variant}", order, group)
+
+    @classmethod
+    def clean_and_self(cls, is_clean: torch.Tensor) -> "Mask":
+        """Masks see the clean keys and themselves, not other masks; clean tokens see clean keys.
+
+        ``is_clean``: bool ``[B, L]`` (or ``[L]``). Labels: clean rows order 0, group -1; mask rows
+        order 1, group = own position.
+
+        Example:
+            >>> Mask.clean_and_self(torch.tensor([True, False, False])).to_dense()[0].int()
+            tensor([[1, 0, 0],
+                    [1, 1, 0],
+                    [1, 0, 1]], dtype=torch.int32)
+        """
+        clean = _check_bool("is_clean", is_clean)
+        pos = torch.arange(clean.shape[1], dtype=torch.int32, device=clean.device)
+        order = (~clean).to(torch.int32)
+        group = torch.where(clean, torch.full_like(order, -1), pos).to(torch.int32)
+        return cls._same_qk("clean_and_self", order, group)
+
+    @classmethod
+    def bidirectional(cls, seq_len: int, k_len: Optional[int] = None,
+                      device: DeviceLike = None) -> "Mask":
+        """Everything visible (all labels 0); ``k_len`` defaults to ``seq_len``. Passing
+        ``mask=None`` to attention is equivalent and faster.
+
+        Example:
+            >>> Mask.bidirectional(2, k_len=3).to_dense().shape
+            torch.Size([1, 2, 3])
+        """
+        seq_len = _positive_int("seq_len", seq_len)
+        k_len = seq_len if k_len is None else _positive_int("k_len", k_len)
+        device = _default_device(device)
+        zeros_q = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
+        zeros_k = torch.zeros(1, k_len, dtype=torch.int32, device=device)
+        return cls._family_of("bidirectional", zeros_q, zeros_q.clone(), zeros_k, zeros_k.clone())
+
