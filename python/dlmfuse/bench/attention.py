@@ -1,0 +1,245 @@
+"""Attention benchmarks: the DESIGN.md §8 rows A1-A4 on CUDA, C1 and CPU-sized A1/A2/A4 on CPU.
+
+Every workload times ``dlmfuse.attention`` against, in the same run:
+
+* ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` in its preferred layout
+  ``[B, H, L, D]``, given the dense boolean mask ``mask.to_dense()`` broadcast over heads (or the
+  bias as a float ``attn_mask``); on CUDA also each backend forced through ``sdpa_kernel``
+  (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``); a backend that refuses the inputs is
+  recorded with its reason.
+* ``flex``: FlexAttention compiled with ``torch.compile``, the BlockMask built beforehand from a
+  ``mask_mod`` that reads the same label tensors (a bias becomes a ``score_mod``);
+  ``flex.create_block_mask`` times building that BlockMask alone, the cost Flex pays on every
+  denoising step whose mask changed (compiled on CUDA; eager on CPU, where compiling it would
+  cost another cold inductor compile).
+
+FLOPs: ``tflops_dense`` counts ``4*B*H*Lq*Lk*D`` (every pair), ``tflops_visible`` only the visible
+pairs (what DESIGN.md §8 calls "effective TFLOP/s"). The sparse-query rows (A4) also report GB/s of
+the K and V read, the floor of their cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+import dlmfuse
+
+from .common import DLMFUSE, Case, Impl, Workload
+
+FAMILY = "attention"
+PEERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "flex.create_block_mask")
+SEED = 0
+PATTERNS = ("dense", "bias", "block_causal", "sparse")
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """Shape of one attention workload.
+
+    ``pattern``: "dense" (no mask), "bias" (dense plus an additive ``[1, H, L, L]`` bias),
+    "block_causal" (``Mask.block_causal(L, block, prefix_len=prompt)``) or "sparse" (``n`` masked
+    query rows per sequence against all ``L`` keys, half of them clean: ``Mask.clean_and_self`` on
+    a random ``is_clean``, then ``gather_queries``). ``L`` is the key length, and the query length
+    except for "sparse".
+    """
+
+    id: str
+    pattern: str
+    L: int
+    B: int = 1
+    H: int = 8
+    D: int = 64
+    dtype: str = "float32"
+    block: int = 32
+    prompt: int = 0
+    n: int = 0
+
+    @property
+    def desc(self) -> str:
+        if self.pattern == "dense":
+            return f"dense L={self.L}"
+        if self.pattern == "bias":
+            return f"dense+bias L={self.L}"
+        if self.pattern == "block_causal":
+            prompt = f" prompt={self.prompt}" if self.prompt else ""
+            return f"block-causal {self.block}{prompt} L={self.L}"
+        return f"sparse n={self.n} Lk={self.L} B={self.B}"
+
+
+def workload(spec: AttnSpec) -> Workload:
+    """A benchmark row for ``spec``; its inputs are allocated only when it runs."""
+    if spec.pattern not in PATTERNS:
+        raise ValueError(f"attention bench: pattern must be one of {PATTERNS}, got {spec.pattern!r}")
+    if spec.pattern == "sparse" and not 0 < spec.n <= spec.L - spec.L // 2:
+        raise ValueError(f"attention bench: sparse n must be in [1, {spec.L - spec.L // 2}] "
+                         f"(the masked half of L={spec.L}), got {spec.n}")
+    return Workload(id=spec.id, desc=spec.desc, family=FAMILY, params=asdict(spec),
+                    setup=functools.partial(_setup, spec))
+
+
+def workloads(device: torch.device, quick: bool) -> list[Workload]:
+    """DESIGN.md §8 attention rows that fit ``device``; ``quick`` drops the largest CPU shape."""
+    if device.type == "cuda":
+        llada = dict(H=32, D=128, dtype="bfloat16")  # LLaDA-8B attention shape
+        specs = [AttnSpec("A1", "dense", L=2048, **llada),
+                 AttnSpec("A1", "dense", L=4096, **llada),
+                 AttnSpec("A2", "block_causal", L=2048, block=32, prompt=512, **llada),
+                 AttnSpec("A3", "bias", L=2048, **llada)]
+        specs += [AttnSpec("A4", "sparse", L=2048, B=8, n=n, **llada) for n in (32, 128, 512)]
+    else:
+        specs = [AttnSpec("C1", "block_causal", L=1024, block=32),
+                 AttnSpec("A1", "dense", L=1024),
+                 AttnSpec("A2", "block_causal", L=1024, block=32, prompt=256)]
+        specs += [AttnSpec("A4", "sparse", L=1024, B=2, n=n) for n in ((32,) if quick else (32, 128))]
+    return [workload(spec) for spec in specs]
+
+
+def _setup(spec: AttnSpec, device: torch.device) -> Case:
+    """Allocate the inputs of ``spec`` on ``device`` and list the implementations to time."""
+    gen = torch.Generator(device=device).manual_seed(SEED)
+    dtype = getattr(torch, spec.dtype)
+    Lq = spec.n if spec.pattern == "sparse" else spec.L
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
+
+    q, k, v = randn(spec.B, Lq, spec.H, spec.D), randn(spec.B, spec.L, spec.H, spec.D), \
+        randn(spec.B, spec.L, spec.H, spec.D)
+    mask = bias = None
+    if spec.pattern == "bias":
+        bias = randn(1, spec.H, spec.L, spec.L)
+    elif spec.pattern == "block_causal":
+        mask = dlmfuse.Mask.block_causal(spec.L, spec.block, prefix_len=spec.prompt, device=device)
+    elif spec.pattern == "sparse":
+        mask = _sparse_mask(spec, gen, device)
+
+    # Visible (query, key) pairs summed over the batch: the work a mask-aware kernel must do.
+    if mask is None:
+        visible = spec.B * Lq * spec.L
+    else:
+        visible = int(mask.to_dense().expand(spec.B, Lq, spec.L).sum())
+    kv_bytes = 2 * spec.B * spec.L * spec.H * spec.D * q.element_size()
+
+    impls = [Impl(DLMFUSE, lambda: lambda: dlmfuse.attention(q, k, v, mask=mask, bias=bias),
+                  to_common=lambda out: out, kind=DLMFUSE)]
+    heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # peers' layout [B, H, L, D]
+    impls += _sdpa_impls(heads_first, _sdpa_mask(spec, mask, bias, Lq), device)
+    impls += _flex_impls(heads_first, mask, bias, device)
+    return Case(impls=impls,
+                flops_dense=4.0 * spec.B * spec.H * Lq * spec.L * spec.D,
+                flops_visible=4.0 * spec.H * spec.D * visible,
+                bytes_read=kv_bytes if spec.pattern == "sparse" else None)
+
+
+def _sparse_mask(spec: AttnSpec, gen: torch.Generator, device: torch.device) -> dlmfuse.Mask:
+    """Half the positions clean (random), ``n`` random masked positions as the query rows."""
+    perm = torch.rand(spec.B, spec.L, generator=gen, device=device).argsort(dim=-1)
+    num_clean = spec.L // 2
+    is_clean = torch.zeros(spec.B, spec.L, dtype=torch.bool, device=device)
+    is_clean.scatter_(1, perm[:, :num_clean], True)
+    index = perm[:, num_clean:num_clean + spec.n].sort(dim=-1).values
+    return dlmfuse.Mask.clean_and_self(is_clean).gather_queries(index)
+
+
+def _to_blhd(out: torch.Tensor) -> torch.Tensor:
+    """Peer output [B, H, L, D] -> dlmfuse layout [B, L, H, D]."""
+    return out.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------------------ SDPA
+
+def _sdpa_mask(spec: AttnSpec, mask, bias, Lq: int):
+    """SDPA's attn_mask: the dense bool mask broadcast over heads (a view), or the float bias."""
+    if bias is not None:
+        return bias
+    if mask is None:
+        return None
+    return mask.to_dense()[:, None].expand(spec.B, spec.H, Lq, spec.L)
+
+
+def _sdpa_impls(heads_first, attn_mask, device: torch.device) -> list[Impl]:
+    qh, kh, vh = heads_first
+
+    def prepare(backend=None):
+        from torch.nn.attention import sdpa_kernel
+
+        def call():
+            with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+                return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask)
+        return call
+
+    impls = [Impl("sdpa", prepare, to_common=_to_blhd)]
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend
+
+        for name, backend in (("sdpa-flash", SDPBackend.FLASH_ATTENTION),
+                              ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                              ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+            impls.append(Impl(name, functools.partial(prepare, backend), to_common=_to_blhd))
+    return impls
+
+
+# ------------------------------------------------------------------------------------------ Flex
+
+# Each workload (shapes, mask_mod, score_mod) compiles its own static Flex graph; past dynamo's
+# default of 8 graphs per function it would silently fall back to (slow) eager FlexAttention.
+FLEX_RECOMPILE_LIMIT = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(name: str):
+    """``torch.compile`` of a FlexAttention function, static shapes, as users compile it (an
+    ImportError on a torch without FlexAttention becomes the row's failure reason)."""
+    from torch.nn.attention import flex_attention as flex
+
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    setattr(config, limit, max(getattr(config, limit), FLEX_RECOMPILE_LIMIT))
+    return torch.compile(getattr(flex, name), dynamic=False)
+
+
+def _label_mask_mod(mask: dlmfuse.Mask):
+    """A Flex ``mask_mod`` implementing the visibility rule on the mask's own label tensors."""
+    batch = max(t.shape[0] for t in (mask.q_order, mask.q_group, mask.k_order, mask.k_group))
+    q_order, q_group, k_order, k_group = (t.expand(batch, -1).contiguous() for t in
+                                          (mask.q_order, mask.q_group, mask.k_order, mask.k_group))
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (k_order[b, kv_idx] < q_order[b, q_idx]) | (k_group[b, kv_idx] == q_group[b, q_idx])
+    return mask_mod, batch
+
+
+def _flex_impls(heads_first, mask, bias, device: torch.device) -> list[Impl]:
+    qh, kh, vh = heads_first
+    Lq, Lk = qh.shape[2], kh.shape[2]
+    score_mod = None
+    if bias is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[0, h, q_idx, kv_idx]
+    mask_mod, batch = _label_mask_mod(mask) if mask is not None else (None, 1)
+
+    def build_block_mask(create):
+        return create(mask_mod, batch, None, Lq, Lk, device=device)
+
+    def prepare_flex():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        flex = _compiled("flex_attention")
+        block_mask = build_block_mask(create_block_mask) if mask_mod is not None else None
+        return lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=block_mask)
+
+    def prepare_block_mask():
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        create = _compiled("create_block_mask") if device.type == "cuda" else create_block_mask
+        return lambda: build_block_mask(create)
+
+    impls = [Impl("flex", prepare_flex, to_common=_to_blhd)]
+    if mask_mod is not None:
+        impls.append(Impl("flex.create_block_mask", prepare_block_mask, kind="overhead"))
+    return impls
