@@ -12,6 +12,7 @@ namespace nb = nanobind;
 
 namespace dlmfuse::bindings {
 void register_attention(nb::module_& m);
+void register_kv_cache(nb::module_& m);
 }  // namespace dlmfuse::bindings
 
 NB_MODULE(_C, m) {
@@ -41,4 +42,5 @@ NB_MODULE(_C, m) {
         "Set the threads used by the CPU kernels (at most the pool size chosen at first use).");
 
   bindings::register_attention(m);
+  bindings::register_kv_cache(m);
 }

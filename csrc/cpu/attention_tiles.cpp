@@ -7,8 +7,6 @@
 //   S = (Q * scale * log2e) K^T + bias * log2e;  masked -> -inf;  P = exp2(S - m);  O += P V.
 #include "cpu/attention_tiles.h"
 
-#include <algorithm>
-
 #include "cpu/vec.h"
 #include "dlmfuse/half_convert.h"
 #include "dlmfuse/online_softmax.h"
@@ -178,11 +176,11 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   const int64_t h = kv_head * group + head_in_group;
 
   const int64_t q0 = q_tile * M;
-  const int rows = static_cast<int>(std::min<int64_t>(M, p.q_len - q0));
+  const int rows = static_cast<int>(vec::min_i64(M, p.q_len - q0));
   const int rows_padded = (rows + kRows - 1) / kRows * kRows;
 
   int64_t k_len = p.k_len;
-  if (p.kv_lens != nullptr) k_len = std::max<int64_t>(0, std::min<int64_t>(p.kv_lens[b], p.k_len));
+  if (p.kv_lens != nullptr) k_len = vec::max_i64(0, vec::min_i64(p.kv_lens[b], p.k_len));
   const int64_t n_k_tiles = (k_len + N - 1) / N;
 
   const T* q_base = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[2];
@@ -192,16 +190,16 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   const float q_factor = p.scale * kLog2e;
   for (int i = 0; i < rows; ++i)
     load_scaled_row(ws.q + i * D, q_base + (q0 + i) * p.q_strides[1], D, q_factor);
-  std::fill(ws.q + rows * D, ws.q + rows_padded * D, 0.0f);
-  std::fill(ws.o, ws.o + rows_padded * D, 0.0f);
-  std::fill(ws.row_max, ws.row_max + M, -INFINITY);
-  std::fill(ws.row_sum, ws.row_sum + M, 0.0f);
+  vec::fill(ws.q + rows * D, ws.q + rows_padded * D, 0.0f);
+  vec::fill(ws.o, ws.o + rows_padded * D, 0.0f);
+  vec::fill(ws.row_max, ws.row_max + M, -INFINITY);
+  vec::fill(ws.row_sum, ws.row_sum + M, 0.0f);
 
   const LabelRange* q_range = plan.q_ranges ? plan.q_ranges + b * plan.n_q_tiles + q_tile : nullptr;
 
   for (int64_t k_tile = 0; k_tile < n_k_tiles; ++k_tile) {
     const int64_t k0 = k_tile * N;
-    const int cols = static_cast<int>(std::min<int64_t>(N, k_len - k0));
+    const int cols = static_cast<int>(vec::min_i64(N, k_len - k0));
     TileKind kind = TileKind::kFull;
     if (q_range != nullptr)
       kind = classify_tile(*q_range, plan.k_ranges[b * plan.n_k_tiles + k_tile]);
@@ -211,7 +209,7 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
       const T* k_row = k_base + (k0 + j) * p.k_strides[1];
       for (int d = 0; d < D; ++d) ws.kt[d * N + j] = to_float(k_row[d]);
     }
-    for (int d = 0; d < D && cols < N; ++d) std::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
+    for (int d = 0; d < D && cols < N; ++d) vec::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
     qk_tile<D>(ws.q, ws.kt, ws.s, rows_padded);
 
     if (kind == TileKind::kPartial) {
@@ -219,8 +217,8 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
         ws.k_order[j] = p.k_order.at(b, k0 + j);
         ws.k_group[j] = p.k_group.at(b, k0 + j);
       }
-      std::fill(ws.k_order + cols, ws.k_order + N, 0);
-      std::fill(ws.k_group + cols, ws.k_group + N, 0);
+      vec::fill(ws.k_order + cols, ws.k_order + N, 0);
+      vec::fill(ws.k_group + cols, ws.k_group + N, 0);
     }
 
     for (int i = 0; i < rows; ++i) {
@@ -229,14 +227,14 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
       if (kind == TileKind::kPartial)
         mask_row_by_labels(s_row, ws.k_order, ws.k_group, p.q_order.at(b, q0 + i),
                            p.q_group.at(b, q0 + i));
-      std::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens or Lk)
+      vec::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens or Lk)
       const float alpha = softmax_update_row(s_row, ws.row_max[i], ws.row_sum[i]);
       if (alpha != 1.0f) {
         const vfloat va = vec::splat(alpha);
         for (int d = 0; d < D; d += W) vec::store(ws.o + i * D + d, vec::load(ws.o + i * D + d) * va);
       }
     }
-    std::fill(ws.s + rows * N, ws.s + rows_padded * N, 0.0f);  // padding rows contribute nothing
+    vec::fill(ws.s + rows * N, ws.s + rows_padded * N, 0.0f);  // padding rows contribute nothing
 
     for (int j = 0; j < cols; ++j)
       load_scaled_row(ws.v + j * D, v_base + (k0 + j) * p.v_strides[1], D, 1.0f);

@@ -23,6 +23,8 @@ constexpr int kWidth = 4;
 
 typedef float vfloat __attribute__((vector_size(kWidth * 4)));
 typedef int32_t vint __attribute__((vector_size(kWidth * 4)));
+typedef uint32_t vuint __attribute__((vector_size(kWidth * 4)));
+typedef uint64_t vulong __attribute__((vector_size(kWidth * 8)));  // kWidth lanes of 64 bits
 
 inline __attribute__((always_inline)) vfloat load(const float* p) {
   vfloat v;
@@ -39,6 +41,17 @@ inline __attribute__((always_inline)) void store(float* p, vfloat v) {
 }
 inline __attribute__((always_inline)) vfloat splat(float x) { return vfloat{} + x; }
 inline __attribute__((always_inline)) vint splat_int(int32_t x) { return vint{} + x; }
+
+// Local stand-ins for std::fill / std::min / std::max: a std template instantiated here would be
+// compiled for this ISA and could be merged by the linker with another ISA's copy.
+inline __attribute__((always_inline)) void fill(float* first, float* last, float value) {
+  for (; first != last; ++first) *first = value;
+}
+inline __attribute__((always_inline)) void fill(int32_t* first, int32_t* last, int32_t value) {
+  for (; first != last; ++first) *first = value;
+}
+inline __attribute__((always_inline)) int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
+inline __attribute__((always_inline)) int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 inline __attribute__((always_inline)) float reduce_max(vfloat v) {
   float m = v[0];
@@ -72,6 +85,42 @@ inline __attribute__((always_inline)) vfloat exp2(vfloat x) {
   const vint exponent_bits = (__builtin_convertvector(n, vint) + 127) << 23;
   const vfloat result = poly * reinterpret_cast<const vfloat&>(exponent_bits);
   return x < lowest ? vfloat{} : result;
+}
+
+// Natural log of positive normal x, ~2e-7 relative error (not for 0, inf, NaN or subnormals).
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)); log m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172.
+inline __attribute__((always_inline)) vfloat log(vfloat x) {
+  const vint bits = reinterpret_cast<const vint&>(x);
+  vint exponent = ((bits >> 23) & 0xff) - 127;
+  const vint mantissa_bits = (bits & 0x7fffff) | 0x3f800000;
+  vfloat m = reinterpret_cast<const vfloat&>(mantissa_bits);
+  const vint above = m > splat(1.41421356f);
+  m = above ? m * 0.5f : m;
+  exponent -= above;  // `above` is -1 where true
+  const vfloat s = (m - 1.0f) / (m + 1.0f);
+  const vfloat s2 = s * s;
+  vfloat poly = splat(2.0f / 9.0f);
+  poly = poly * s2 + 2.0f / 7.0f;
+  poly = poly * s2 + 2.0f / 5.0f;
+  poly = poly * s2 + 2.0f / 3.0f;
+  poly = poly * s2 + 2.0f;
+  return __builtin_convertvector(exponent, vfloat) * 0.6931471805599453f + s * poly;
+}
+
+// log(1 - w) for w in [0, 1/2], accurate in relative terms even for tiny w:
+// log(1 - w) = 2 atanh(s) with s = -w / (2 - w), |s| <= 1/3.
+inline __attribute__((always_inline)) vfloat log1m(vfloat w) {
+  const vfloat s = -w / (2.0f - w);
+  const vfloat s2 = s * s;
+  vfloat poly = splat(2.0f / 15.0f);
+  poly = poly * s2 + 2.0f / 13.0f;
+  poly = poly * s2 + 2.0f / 11.0f;
+  poly = poly * s2 + 2.0f / 9.0f;
+  poly = poly * s2 + 2.0f / 7.0f;
+  poly = poly * s2 + 2.0f / 5.0f;
+  poly = poly * s2 + 2.0f / 3.0f;
+  poly = poly * s2 + 2.0f;
+  return s * poly;
 }
 
 }  // namespace dlmfuse::cpu::DLMFUSE_CPU_ISA::vec

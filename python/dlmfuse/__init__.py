@@ -4,6 +4,8 @@ Public API (contract: DESIGN.md):
     dlmfuse.Mask                       visibility labels and the mask families of the field
     dlmfuse.attention(q, k, v, ...)    label-mask attention with bias, kv_lens, GQA, lse
     dlmfuse.merge_attention(...)       exact merge of two partial attentions
+    dlmfuse.kv_scatter_(...)           in-place K/V cache writes at scattered positions
+    dlmfuse.KVCache                    per-layer K/V cache with key labels and lengths
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
 """
@@ -11,6 +13,7 @@ Public API (contract: DESIGN.md):
 from ._ext import __version__, build_info
 from .mask import Mask
 from .attention import attention, merge_attention
+from .kv_cache import KVCache, kv_scatter_
 from . import reference
 
-__all__ = ["Mask", "attention", "merge_attention", "reference", "build_info", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "reference", "build_info", "__version__"]

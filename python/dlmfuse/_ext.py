@@ -29,6 +29,7 @@ ORDER_INFINITY: int = int(_C.ORDER_INFINITY)
 _NATIVE_KERNELS = {
     "attention": {"cpu"},
     "merge_attention": {"cpu"},
+    "kv_scatter_": {"cpu"},
 }
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"

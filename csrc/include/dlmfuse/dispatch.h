@@ -23,8 +23,9 @@ decltype(auto) dispatch_dtype(DType dtype, const char* op, F&& body) {
     case DType::kFloat32: return body(TypeTag<float>{});
     case DType::kBFloat16: return body(TypeTag<bf16_t>{});
     case DType::kFloat16: return body(TypeTag<fp16_t>{});
+    case DType::kFloat64: break;  // only ops that list it take float64 (they dispatch themselves)
   }
-  throw_type_error(op, ": dtype code ", static_cast<int>(dtype),
+  throw_type_error(op, ": dtype ", dtype_name(dtype),
                    " unsupported (supported: float32, bfloat16, float16)");
 }
 

@@ -72,6 +72,10 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE fp16_t to_fp16(float f) {
 }
 
 DLMFUSE_HOST_DEVICE DLMFUSE_INLINE float to_float(float x) { return x; }
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE double to_double(double x) { return x; }
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE double to_double(float x) { return x; }
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE double to_double(bf16_t x) { return to_float(x); }
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE double to_double(fp16_t x) { return to_float(x); }
 
 // Convert an fp32 value to the storage type T (float, bf16_t or fp16_t).
 template <typename T>

@@ -5,5 +5,7 @@ kernels against these functions, and ``DLMFUSE_BACKEND=reference`` routes the pu
 """
 
 from .attention import attention, merge_attention, visibility
+from .kv_cache import kv_scatter_
+from .unmask import select_unmask
 
-__all__ = ["attention", "merge_attention", "visibility"]
+__all__ = ["attention", "merge_attention", "visibility", "kv_scatter_", "select_unmask"]

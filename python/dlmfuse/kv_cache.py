@@ -1,0 +1,218 @@
+"""Partial KV-cache updates for diffusion LMs (DESIGN.md section 5): dlmfuse.kv_scatter_ and
+dlmfuse.KVCache.
+
+Diffusion decoders rewrite cache rows at scattered positions every step (Fast-dLLM DualCache,
+dKV-Cache, Eso-LM); kv_scatter_ does K and V in one pass, in place, without copies of the cache.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from . import _C, reference
+from ._ext import ORDER_INFINITY
+from .attention import attention
+from .mask import Mask
+from ._checks import can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor
+from ._ext import use_reference
+
+_OP = "kv_scatter_"
+
+
+def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, positions: Tensor, *, validate: bool = True) -> None:
+    """In place: ``k_cache[b, positions[b, i]] = k_new[b, i]`` and the same for v; nothing else
+    changes. Returns None.
+
+    Args:
+        k_cache, v_cache: ``[B, Lmax, Hkv, D]`` (any strides with a contiguous last dim, e.g. a
+            view of a larger buffer); written in place, never copied.
+        k_new, v_new: ``[B, n, Hkv, D]`` with the caches' dtype.
+        positions: int32 or int64 ``[B, n]``.
+        validate: True (default) raises ValueError for positions outside [0, Lmax) (negatives
+            included) or repeated within a row, before anything is written; this reads the
+            positions on the host. False does no host read or sync (CUDA-graph capture):
+            out-of-range rows are skipped, never written out of bounds.
+
+    Example::
+
+        >>> import torch, dlmfuse
+        >>> k_cache, v_cache = torch.zeros(2, 16, 4, 64), torch.zeros(2, 16, 4, 64)
+        >>> k_new, v_new = torch.randn(2, 3, 4, 64), torch.randn(2, 3, 4, 64)
+        >>> pos = torch.tensor([[0, 5, 9], [1, 2, 15]])
+        >>> dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, pos)
+        >>> torch.equal(k_cache[1, 15], k_new[1, 2])
+        True
+    """
+    _check_scatter_args(k_cache, v_cache, k_new, v_new, positions)
+    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (k_cache, v_cache, k_new, v_new, positions)):
+        torch.ops.dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate)
+    else:
+        _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
+
+
+def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
+    named = (("k_cache", k_cache), ("v_cache", v_cache), ("k_new", k_new), ("v_new", v_new))
+    for name, t in named:
+        expect_tensor(_OP, name, t)
+        expect_ndim(_OP, name, t, 4, "[B, L, Hkv, D]")
+        expect_same_device(_OP, name, t, "k_cache", k_cache)
+        if t.dtype != k_cache.dtype:
+            raise TypeError(f"{_OP}: {name} must have the dtype of k_cache ({k_cache.dtype}), got {t.dtype}")
+        expect_last_dim_contiguous(_OP, name, t)
+    B, Lmax, H, D = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{_OP}: v_cache must have the shape of k_cache {list(k_cache.shape)}, got {list(v_cache.shape)}")
+    n = k_new.shape[1]
+    for name, t in (("k_new", k_new), ("v_new", v_new)):
+        if tuple(t.shape) != (B, n, H, D):
+            raise ValueError(f"{_OP}: {name} must have shape [B={B}, n, Hkv={H}, D={D}] matching the cache and k_new, got {list(t.shape)}")
+    expect_tensor(_OP, "positions", positions)
+    if positions.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{_OP}: positions must be int32 or int64, got {positions.dtype}")
+    expect_same_device(_OP, "positions", positions, "k_cache", k_cache)
+    if tuple(positions.shape) != (B, n):
+        raise ValueError(f"{_OP}: positions must have shape [B={B}, n={n}], got {list(positions.shape)}")
+
+
+def _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate: bool) -> None:
+    if use_reference("kv_scatter_", k_cache.device):
+        reference.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate=validate and can_read_values(positions))
+        return
+    _C.kv_scatter(k_cache, v_cache, k_new.detach(), v_new.detach(), positions, validate)
+
+
+@torch.library.custom_op("dlmfuse::kv_scatter_", mutates_args=("k_cache", "v_cache"))
+def _kv_scatter_op(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, positions: Tensor, validate: bool) -> None:
+    _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
+
+
+@_kv_scatter_op.register_fake
+def _(k_cache, v_cache, k_new, v_new, positions, validate):
+    return None
+
+
+class CacheView(NamedTuple):
+    """One layer of a KVCache, in the form dlmfuse.attention takes."""
+
+    k: Tensor  # [B, Lmax, Hkv, D]
+    v: Tensor  # [B, Lmax, Hkv, D]
+    k_order: Tensor  # int32 [B, Lmax]
+    k_group: Tensor  # int32 [B, Lmax]
+    kv_lens: Tensor  # int32 [B]
+
+
+#: Group label of cache slots never written: no query may use it, so such slots stay invisible.
+UNWRITTEN_GROUP = -(2**31)
+
+
+class KVCache:
+    """Per-layer K/V cache with key labels (order, group) and lengths, for diffusion decoding.
+
+    K and V of all layers live in one buffer each (``[num_layers, B, Lmax, Hkv, D]``). Slots are
+    written at any positions, in any order, with :meth:`write`; the key labels of a slot say who
+    may attend to it (DESIGN.md section 4). Slots never written carry order ``ORDER_INFINITY`` and
+    group :data:`UNWRITTEN_GROUP`, so they are invisible to every query; ``lengths[b]`` is one
+    past the largest written position and becomes ``kv_lens``.
+
+    Example (prompt cached as clean keys, then a block of 4 masked queries attends to it)::
+
+        >>> import torch, dlmfuse
+        >>> cache = dlmfuse.KVCache(num_layers=2, batch=1, max_len=64, num_kv_heads=2,
+        ...                         head_dim=64, dtype=torch.float32, device="cpu")
+        >>> pos = torch.arange(8)[None]                       # prompt positions 0..7
+        >>> k = v = torch.randn(1, 8, 2, 64)
+        >>> cache.write(0, pos, k, v, order=torch.zeros(1, 8, dtype=torch.int32),
+        ...             group=torch.zeros(1, 8, dtype=torch.int32))
+        >>> q = torch.randn(1, 4, 2, 64)
+        >>> q_labels = torch.ones(1, 4, dtype=torch.int32)    # order 1: sees order-0 keys
+        >>> out = cache.attend(0, q, q_order=q_labels, q_group=q_labels)
+        >>> out.shape, int(cache.lengths[0])
+        (torch.Size([1, 4, 2, 64]), 8)
+    """
+
+    def __init__(self, num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.bfloat16, device=None):
+        for name, value in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
+                            ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
+        device = torch.device("cpu" if device is None else device)
+        shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+        self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # One spare column at index max_len absorbs label writes of out-of-range positions
+        # (validate=False) so they never land on a real slot; views hide it.
+        self._order = torch.empty((batch, max_len + 1), dtype=torch.int32, device=device)
+        self._group = torch.empty((batch, max_len + 1), dtype=torch.int32, device=device)
+        self.lengths = torch.empty((batch,), dtype=torch.int32, device=device)
+        self.reset()
+
+    @property
+    def k_order(self) -> Tensor:
+        """int32 [B, Lmax] order labels of the cached keys (a strided view)."""
+        return self._order[:, : self.max_len]
+
+    @property
+    def k_group(self) -> Tensor:
+        """int32 [B, Lmax] group labels of the cached keys (a strided view)."""
+        return self._group[:, : self.max_len]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory footprint in bytes (K, V, labels and lengths)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self._order, self._group, self.lengths))
+
+    def reset(self) -> None:
+        """Forget every slot (labels and lengths; K/V bits are left as they are, invisible)."""
+        self._order.fill_(ORDER_INFINITY)
+        self._group.fill_(UNWRITTEN_GROUP)
+        self.lengths.zero_()
+
+    def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor, order: Optional[Tensor] = None,
+              group: Optional[Tensor] = None, *, validate: bool = True) -> None:
+        """Write ``k, v [B, n, Hkv, D]`` of `layer` at ``positions [B, n]`` (int32/int64) with
+        :func:`kv_scatter_`; set the key labels of those slots when `order` / `group` are given
+        (int ``[B, n]``, or ``[1, n]`` / scalars broadcast; labels are shared by all layers, so
+        passing them on one layer's write is enough); grow ``lengths``. No host sync when
+        ``validate=False``."""
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"KVCache.write: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        kv_scatter_(self.k[layer], self.v[layer], k, v, positions, validate=validate)
+        pos = positions.to(torch.int64)
+        in_range = (pos >= 0) & (pos < self.max_len)
+        slot = torch.where(in_range, pos, torch.full_like(pos, self.max_len))
+        for name, labels, store in (("order", order, self._order), ("group", group, self._group)):
+            if labels is None:
+                continue
+            labels = torch.as_tensor(labels, device=store.device)
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError(f"KVCache.write: {name} must be an integer tensor, got {labels.dtype}")
+            store.scatter_(1, slot, labels.to(torch.int32).expand(slot.shape))
+        if pos.shape[1] > 0:
+            written_end = torch.where(in_range, pos + 1, torch.zeros_like(pos)).amax(dim=1)
+            torch.maximum(self.lengths, written_end.to(torch.int32), out=self.lengths)
+
+    def view(self, layer: int) -> CacheView:
+        """K, V, key labels and kv_lens of one layer, ready for dlmfuse.attention."""
+        return CacheView(self.k[layer], self.v[layer], self.k_order, self.k_group, self.lengths)
+
+    def mask(self, q_order: Tensor, q_group: Tensor) -> Mask:
+        """A Mask of the given query labels ``[B or 1, Lq]`` against the cached keys."""
+        return Mask(q_order, q_group, self.k_order, self.k_group)
+
+    def attend(self, layer: int, q: Tensor, q_order: Tensor, q_group: Tensor, **kwargs):
+        """``dlmfuse.attention(q, K, V, mask=self.mask(q_order, q_group), kv_lens=self.lengths)``
+        for one layer; other keyword arguments (bias, scale, return_lse) pass through."""
+        view = self.view(layer)
+        return attention(q, view.k, view.v, mask=self.mask(q_order, q_group), kv_lens=view.kv_lens, **kwargs)
+
+    def __repr__(self) -> str:
+        L, B, Lmax, H, D = self.k.shape
+        return (f"KVCache(layers={L}, batch={B}, max_len={Lmax}, kv_heads={H}, head_dim={D}, "
+                f"dtype={self.k.dtype}, device={self.k.device}, {self.nbytes / 2**20:.1f} MiB)")
