@@ -13,6 +13,7 @@ namespace nb = nanobind;
 namespace dlmfuse::bindings {
 void register_attention(nb::module_& m);
 void register_kv_cache(nb::module_& m);
+void register_sampling(nb::module_& m);
 }  // namespace dlmfuse::bindings
 
 NB_MODULE(_C, m) {
@@ -43,4 +44,5 @@ NB_MODULE(_C, m) {
 
   bindings::register_attention(m);
   bindings::register_kv_cache(m);
+  bindings::register_sampling(m);
 }

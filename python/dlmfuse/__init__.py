@@ -6,6 +6,7 @@ Public API (contract: DESIGN.md):
     dlmfuse.merge_attention(...)       exact merge of two partial attentions
     dlmfuse.kv_scatter_(...)           in-place K/V cache writes at scattered positions
     dlmfuse.KVCache                    per-layer K/V cache with key labels and lengths
+    dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
 """
@@ -14,6 +15,7 @@ from ._ext import __version__, build_info
 from .mask import Mask
 from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
+from .sampling import sample_tokens
 from . import reference
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "reference", "build_info", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "reference", "build_info", "__version__"]

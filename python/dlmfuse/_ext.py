@@ -30,6 +30,7 @@ _NATIVE_KERNELS = {
     "attention": {"cpu"},
     "merge_attention": {"cpu"},
     "kv_scatter_": {"cpu"},
+    "sample_tokens": {"cpu"},
 }
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"

@@ -1,0 +1,54 @@
+// sample_tokens: arguments, and the random-number layout shared by every implementation
+// (CPU, CUDA, and the PyTorch reference in python/dlmfuse/reference/sampling.py).
+//
+// Gumbel-max: token = argmax_j  l_j / T + G_j,  G_j = -log(-log u_j), which is LLaDA's
+// argmax exp(l) / (-log u)^T. Each u_j is a 52-bit uniform in (0, 1):
+//   words (w_hi, w_lo) = Philox4x32-10(key = seed, counter = (j / 2, row, offset_lo, offset_hi)),
+//   taking outputs (0, 1) for even j and (2, 3) for odd j;
+//   a = (w_hi << 20) | (w_lo >> 12)   (52 bits),   u = (2a + 1) / 2^53,
+// so u is exact in float64, never 0 or 1, and 1 - u is exact as well.
+#pragma once
+
+#include "dlmfuse/config.h"
+#include "dlmfuse/dtype.h"
+#include "dlmfuse/philox.h"
+
+namespace dlmfuse {
+
+enum class ConfidenceKind : int32_t { kProb = 0, kMargin = 1, kNegEntropy = 2, kLogit = 3 };
+
+struct SamplingParams {
+  const void* logits = nullptr;  // [rows, vocab], row stride below, column stride 1
+  int64_t rows = 0, vocab = 0, row_stride = 0;
+  DType dtype = DType::kFloat32;  // float32, bfloat16, float16 or float64
+  float temperature = 0.0f;       // 0: greedy
+  int64_t top_k = 0;              // 0: off
+  double top_p = 1.0;             // >= 1: off
+  const uint8_t* suppressed = nullptr;  // [vocab], 1 = never emitted; null: none
+  uint64_t seed = 0, offset = 0;
+  ConfidenceKind confidence = ConfidenceKind::kProb;
+  bool tempered_confidence = false;  // confidence from softmax(l / T) instead of softmax(l)
+  int64_t* tokens = nullptr;         // [rows]
+  float* confidence_out = nullptr;   // [rows]
+};
+
+struct GumbelWords {
+  uint32_t hi, lo;
+};
+
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE GumbelWords gumbel_words(uint64_t seed, uint64_t offset,
+                                                            int64_t row, int64_t column) {
+  const Philox4x32 r = philox4x32_10(
+      static_cast<uint32_t>(column >> 1), static_cast<uint32_t>(row),
+      static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  return (column & 1) ? GumbelWords{r.x[2], r.x[3]} : GumbelWords{r.x[0], r.x[1]};
+}
+
+// The uniform u = (2a + 1) / 2^53 of the layout above, exact in float64.
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE double gumbel_uniform(GumbelWords w) {
+  const uint64_t a = (static_cast<uint64_t>(w.hi) << 20) | (w.lo >> 12);
+  return static_cast<double>(2 * a + 1) * 0x1.0p-53;
+}
+
+}  // namespace dlmfuse

@@ -1,0 +1,174 @@
+"""dlmfuse.sample_tokens: fused token sampling for diffusion LMs (DESIGN.md section 5).
+
+One pass over the vocabulary per row (top-k / top-p add a selection step, never a sort of V):
+greedy or Gumbel-max sampling with counter-based Philox noise keyed by (seed, offset, row,
+column), so the same seed gives the same tokens on every device, plus the confidence a
+remasking policy needs (prob, margin, neg_entropy, logit).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C, reference
+from ._checks import expect_tensor
+from ._ext import use_reference
+
+_OP = "sample_tokens"
+#: Confidence kinds, in the order of the extension's codes (one source of truth: the extension).
+CONFIDENCE_KINDS: Tuple[str, ...] = tuple(_C.CONFIDENCE_KINDS)
+_LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_MAX_SEED = 2**63 - 1
+
+
+def sample_tokens(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Union[int, Tensor, None] = None,
+    offset: Union[int, Tensor] = 0,
+    confidence: str = "prob",
+    suppress_tokens: Union[Tensor, Sequence[int], None] = None,
+    tempered_confidence: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Pick one token per row of ``logits [..., V]`` and report its confidence.
+
+    Args:
+        logits: float32 / bfloat16 / float16 / float64, last dim contiguous.
+        temperature: 0 = greedy (argmax, first index on ties); > 0 = Gumbel-max sampling from
+            softmax(logits / temperature), with float64-accurate noise (LLaDA's float64 path
+            gives the same tokens for the same uniforms).
+        top_k: keep the k largest logits (ties at the k-th value kept).
+        top_p: keep the smallest set of most probable tokens (by softmax(logits / T), T = 1 when
+            greedy) whose mass is >= top_p (ties at the boundary kept). With top_k too, a token
+            must pass both.
+        seed, offset: Philox key and counter offset (ints in [0, 2**63)); seed None draws one
+            from torch's default generator. Advance `offset` between steps for fresh noise.
+        confidence: "prob" (probability of the chosen token), "margin" (top-1 minus top-2
+            probability), "neg_entropy" (sum p log p), or "logit" (raw logit of the token).
+            Probabilities are those of softmax(logits) over the kept tokens (after
+            suppress_tokens / top_k / top_p), untempered as in LLaDA and Fast-dLLM;
+            tempered_confidence=True uses softmax(logits / T) instead, as Dream does.
+        suppress_tokens: token ids never emitted (int tensor [n] or a sequence of ints).
+
+    Returns:
+        ``(tokens, confidence)``: int64 and float32 tensors of shape ``logits.shape[:-1]``.
+        A row in which no token can be emitted (all suppressed or -inf) raises ValueError.
+
+    Example::
+
+        >>> import torch, dlmfuse
+        >>> logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 0.0]])
+        >>> tokens, conf = dlmfuse.sample_tokens(logits)                  # greedy
+        >>> tokens.tolist()
+        [1, 0]
+        >>> t1, _ = dlmfuse.sample_tokens(logits, temperature=1.0, seed=7)
+        >>> t2, _ = dlmfuse.sample_tokens(logits, temperature=1.0, seed=7)
+        >>> torch.equal(t1, t2)
+        True
+    """
+    expect_tensor(_OP, "logits", logits)
+    if logits.dtype not in _LOGITS_DTYPES:
+        raise TypeError(f"{_OP}: logits must be a float tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"{_OP}: logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(f"{_OP}: logits must have a contiguous last dimension, got strides {logits.stride()}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
+    top_k_code = _top_k_code(top_k)
+    top_p_value = _top_p_value(top_p)
+    if confidence not in CONFIDENCE_KINDS:
+        raise ValueError(f"{_OP}: confidence must be one of {list(CONFIDENCE_KINDS)}, got {confidence!r}")
+    seed_value = _counter_int("seed", torch.randint(0, _MAX_SEED, ()).item() if seed is None else seed)
+    offset_value = _counter_int("offset", offset)
+    suppressed = _suppressed_mask(suppress_tokens, logits.shape[-1], logits.device)
+
+    args = (logits, float(temperature), top_k_code, top_p_value, suppressed, seed_value, offset_value,
+            CONFIDENCE_KINDS.index(confidence), bool(tempered_confidence))
+    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+        return torch.ops.dlmfuse.sample_tokens(*args)
+    return _sample_impl(*args)
+
+
+def _top_k_code(top_k) -> int:
+    if top_k is None:
+        return 0
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"{_OP}: top_k must be an int or None, got {type(top_k).__name__}")
+    if top_k < 1:
+        raise ValueError(f"{_OP}: top_k must be >= 1 (or None), got {top_k}")
+    return top_k
+
+
+def _top_p_value(top_p) -> float:
+    if top_p is None:
+        return 1.0
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+        raise TypeError(f"{_OP}: top_p must be a float or None, got {type(top_p).__name__}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{_OP}: top_p must be in (0, 1], got {top_p}")
+    return float(top_p)
+
+
+def _counter_int(name: str, value) -> int:
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{_OP}: {name} tensor must hold one integer, got {value.dtype} of shape {list(value.shape)}")
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{_OP}: {name} must be an int (or a one-element int tensor), got {type(value).__name__}")
+    if not 0 <= value <= _MAX_SEED:
+        raise ValueError(f"{_OP}: {name} must be in [0, 2**63), got {value}")
+    return value
+
+
+def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
+    if suppress_tokens is None:
+        return None
+    ids = torch.as_tensor(suppress_tokens, device=device)
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{_OP}: suppress_tokens must hold integer token ids, got {ids.dtype}")
+    ids = ids.reshape(-1).to(torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = ids[(ids < 0) | (ids >= vocab)].tolist()
+        raise ValueError(f"{_OP}: suppress_tokens must lie in [0, V={vocab}), got {bad}")
+    mask = torch.zeros(vocab, dtype=torch.uint8, device=device)
+    mask[ids] = 1
+    return mask
+
+
+def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered):
+    lead_shape = logits.shape[:-1]
+    if use_reference("sample_tokens", logits.device):
+        ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
+        return reference.sample_tokens(
+            logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+            seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind], suppress_tokens=ids,
+            tempered_confidence=tempered,
+        )
+    rows = logits.detach().reshape(-1, logits.shape[-1])
+    tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
+    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+    _C.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered, tokens, conf)
+    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+
+
+@torch.library.custom_op("dlmfuse::sample_tokens", mutates_args=())
+def _sample_tokens_op(logits: Tensor, temperature: float, top_k: int, top_p: float, suppressed: Optional[Tensor],
+                      seed: int, offset: int, confidence_kind: int, tempered_confidence: bool) -> Tuple[Tensor, Tensor]:
+    return _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind, tempered_confidence)
+
+
+@_sample_tokens_op.register_fake
+def _(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind, tempered_confidence):
+    shape = logits.shape[:-1]
+    return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)
