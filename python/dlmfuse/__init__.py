@@ -7,6 +7,7 @@ Public API (contract: DESIGN.md):
     dlmfuse.kv_scatter_(...)           in-place K/V cache writes at scattered positions
     dlmfuse.KVCache                    per-layer K/V cache with key labels and lengths
     dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
+    dlmfuse.select_unmask(conf, cand)  which masked positions to unmask this step (k / threshold / factor)
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
 """
@@ -16,6 +17,7 @@ from .mask import Mask
 from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
 from .sampling import sample_tokens
+from .unmask import select_unmask
 from . import reference
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "reference", "build_info", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "build_info", "__version__"]

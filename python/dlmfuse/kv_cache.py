@@ -183,20 +183,35 @@ class KVCache:
         ``validate=False``."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"KVCache.write: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        expect_tensor("KVCache.write", "positions", positions)
+        labels = [(store, self._checked_labels(name, value, positions))
+                  for name, value, store in (("order", order, self._order), ("group", group, self._group))
+                  if value is not None]  # checked before anything is written
         kv_scatter_(self.k[layer], self.v[layer], k, v, positions, validate=validate)
         pos = positions.to(torch.int64)
         in_range = (pos >= 0) & (pos < self.max_len)
         slot = torch.where(in_range, pos, torch.full_like(pos, self.max_len))
-        for name, labels, store in (("order", order, self._order), ("group", group, self._group)):
-            if labels is None:
-                continue
-            labels = torch.as_tensor(labels, device=store.device)
-            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise TypeError(f"KVCache.write: {name} must be an integer tensor, got {labels.dtype}")
-            store.scatter_(1, slot, labels.to(torch.int32).expand(slot.shape))
+        for store, values in labels:
+            store.scatter_(1, slot, values)
         if pos.shape[1] > 0:
             written_end = torch.where(in_range, pos + 1, torch.zeros_like(pos)).amax(dim=1)
             torch.maximum(self.lengths, written_end.to(torch.int32), out=self.lengths)
+
+    def _checked_labels(self, name: str, labels, positions: Tensor) -> Tensor:
+        """Labels as int32 broadcast to the positions' shape; errors name the received value."""
+        labels = torch.as_tensor(labels, device=self._order.device)
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"KVCache.write: {name} must be an integer tensor, got {labels.dtype}")
+        try:
+            labels = labels.expand(positions.shape)
+        except RuntimeError:
+            raise ValueError(f"KVCache.write: {name} of shape {list(labels.shape)} does not broadcast to "
+                             f"positions' shape {list(positions.shape)}") from None
+        if labels.dtype != torch.int32 and can_read_values(labels) and labels.numel():
+            low, high = int(labels.min()), int(labels.max())
+            if low < -(2**31) or high > 2**31 - 1:
+                raise ValueError(f"KVCache.write: {name} values must fit in int32, got range [{low}, {high}]")
+        return labels.to(torch.int32)
 
     def view(self, layer: int) -> CacheView:
         """K, V, key labels and kv_lens of one layer, ready for dlmfuse.attention."""

@@ -1,5 +1,6 @@
 """Pure-PyTorch reference of dlmfuse.kv_scatter_ (ground truth for tests; the fallback on devices
-without a native kernel). Reads positions on the host, so it is not CUDA-graph capturable."""
+without a native kernel). validate=True reads positions on the host; validate=False does not
+(capturable), at the price of rewriting the whole cache."""
 
 from __future__ import annotations
 
@@ -25,6 +26,16 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
         if bool(dup.any()):
             b, i = (int(x) for x in dup.nonzero()[0])
             raise ValueError(f"kv_scatter_: position {int(sorted_pos[b, i])} appears more than once in row {b} of positions")
-    b_idx, i_idx = valid.nonzero(as_tuple=True)
-    k_cache[b_idx, pos[b_idx, i_idx]] = k_new[b_idx, i_idx]
-    v_cache[b_idx, pos[b_idx, i_idx]] = v_new[b_idx, i_idx]
+    # Sync-free write (CUDA-graph capturable): map every cache slot to the new row that lands
+    # there (-1: none); out-of-range rows are sent to a spare column and dropped.
+    batch, n = pos.shape
+    slot = torch.where(valid, pos, torch.full_like(pos, max_len))
+    rows = torch.arange(n, device=pos.device).expand(batch, n)
+    source = torch.full((batch, max_len + 1), -1, dtype=torch.int64, device=pos.device)
+    source = source.scatter(1, slot, rows)[:, :max_len]
+    written = (source >= 0)[..., None, None]
+    batch_idx = torch.arange(batch, device=pos.device)[:, None]
+    for cache, new in ((k_cache, k_new), (v_cache, v_new)):
+        if n == 0:
+            continue
+        cache.copy_(torch.where(written, new[batch_idx, source.clamp(min=0)], cache))
