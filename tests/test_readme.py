@@ -1,0 +1,31 @@
+"""The README's example must run as written, and its commands must match .ci/run."""
+
+import pathlib
+import re
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _python_blocks(text: str):
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_example_runs():
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    assert blocks, "README has no python example"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out, lse, out_rows, unmask = (namespace[n] for n in ("out", "lse", "out_rows", "unmask"))
+    assert out.shape == (2, 256, 8, 64) and lse.shape == (2, 8, 256)
+    assert out_rows.shape == (2, 16, 8, 64)
+    assert unmask.dtype == torch.bool and unmask.sum(dim=1).tolist() == [4, 4]
+
+
+def test_ci_runs_the_readme_commands():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    setup = re.search(r"## Setup\n\n```bash\n(.*?)```", readme, flags=re.S).group(1)
+    install, test = (line.split("#")[0].strip() for line in setup.splitlines()[:2])
+    assert install in ci and test in ci
