@@ -1,62 +1,37 @@
-// nanobind entry point of the kv_cache family (CPU): kv_scatter_ writes in place into the
+// nanobind entry points of the kv_cache family (CPU): kv_scatter_ writes in place into the
 // caller's cache views (never converted or copied: .noconvert()).
-#include "bindings/tensor_checks.h"
+#include "bindings/kv_cache_args.h"
 #include "cpu/kv_cache.h"
 #include "dlmfuse/errors.h"
 
 namespace dlmfuse::bindings {
 namespace {
 
-constexpr const char* kOp = "kv_scatter_";
-
-void copy_strides3(int64_t (&dst)[3], const Array& a) {
-  for (int i = 0; i < 3; ++i) dst[i] = a.stride(i);
-}
-
 void kv_scatter(Array k_cache, Array v_cache, Array k_new, Array v_new, Array positions,
                 bool validate) {
-  KvScatterParams p;
-  const std::pair<const char*, const Array*> tensors[] = {
-      {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_new", &k_new}, {"v_new", &v_new}};
-  for (const auto& [name, a] : tensors) {
-    expect_cpu(kOp, name, *a);
-    expect_ndim(kOp, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(kOp, name, *a);
-    if (a->dtype() != k_cache.dtype())
-      throw_type_error(kOp, ": ", name, " must have the dtype of k_cache (", dtype_string(k_cache),
-                       "), got ", dtype_string(*a));
-  }
-  p.batch = k_cache.shape(0);
-  p.max_len = k_cache.shape(1);
-  p.heads = k_cache.shape(2);
-  p.head_dim = k_cache.shape(3);
-  p.n_new = k_new.shape(1);
-  expect_shape(kOp, "v_cache", v_cache, {p.batch, p.max_len, p.heads, p.head_dim});
-  expect_shape(kOp, "k_new", k_new, {p.batch, p.n_new, p.heads, p.head_dim});
-  expect_shape(kOp, "v_new", v_new, {p.batch, p.n_new, p.heads, p.head_dim});
-  expect_cpu(kOp, "positions", positions);
-  const auto pdt = positions.dtype();
-  if (pdt.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Int) || (pdt.bits != 32 && pdt.bits != 64))
-    throw_type_error(kOp, ": positions must be int32 or int64, got ", dtype_string(positions));
-  expect_shape(kOp, "positions", positions, {p.batch, p.n_new});
-
-  p.k_cache = k_cache.data();
-  p.v_cache = v_cache.data();
-  p.k_new = k_new.data();
-  p.v_new = v_new.data();
-  p.positions = positions.data();
-  p.positions_int64 = pdt.bits == 64;
-  p.element_size = k_cache.dtype().bits / 8;
-  copy_strides3(p.k_cache_strides, k_cache);
-  copy_strides3(p.v_cache_strides, v_cache);
-  copy_strides3(p.k_new_strides, k_new);
-  copy_strides3(p.v_new_strides, v_new);
-  p.position_strides[0] = positions.stride(0);
-  p.position_strides[1] = positions.stride(1);
-
+  const KvScatterParams p =
+      kv_scatter_params(k_cache, v_cache, k_new, v_new, positions, nb::device::cpu::value);
   nb::gil_scoped_release release;
   if (validate) cpu::kv_scatter_validate(p);  // before any write
   cpu::kv_scatter(p);
+}
+
+// Host-side check of positions that live on the GPU (copied to the host by the caller).
+void kv_scatter_validate(Array positions, int64_t max_len) {
+  expect_cpu("kv_scatter_", "positions", positions);
+  expect_ndim("kv_scatter_", "positions", positions, 2, "[B, n]");
+  const auto dt = positions.dtype();
+  if (dt.code != static_cast<uint8_t>(nb::dlpack::dtype_code::Int) || (dt.bits != 32 && dt.bits != 64))
+    throw_type_error("kv_scatter_: positions must be int32 or int64, got ", dtype_string(positions));
+  KvScatterParams p;
+  p.positions = positions.data();
+  p.positions_int64 = dt.bits == 64;
+  p.position_strides[0] = positions.stride(0);
+  p.position_strides[1] = positions.stride(1);
+  p.batch = positions.shape(0);
+  p.n_new = positions.shape(1);
+  p.max_len = max_len;
+  cpu::kv_scatter_validate(p);
 }
 
 }  // namespace
@@ -65,6 +40,8 @@ void register_kv_cache(nb::module_& m) {
   m.def("kv_scatter", &kv_scatter, nb::arg("k_cache").noconvert(), nb::arg("v_cache").noconvert(),
         nb::arg("k_new"), nb::arg("v_new"), nb::arg("positions"), nb::arg("validate"),
         "In-place k_cache[b, positions[b, i]] = k_new[b, i] (same for v), CPU. Use dlmfuse.kv_scatter_.");
+  m.def("kv_scatter_validate", &kv_scatter_validate, nb::arg("positions"), nb::arg("max_len"),
+        "ValueError unless every position is in [0, max_len) and unique within its row.");
 }
 
 }  // namespace dlmfuse::bindings

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include "bindings/tensor_checks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
 #include "dlmfuse/attention_params.h"
@@ -18,16 +19,7 @@ void register_sampling(nb::module_& m);
 
 NB_MODULE(_C, m) {
   using namespace dlmfuse;
-  nb::register_exception_translator([](const std::exception_ptr& ptr, void*) {
-    try {
-      std::rethrow_exception(ptr);
-    } catch (const Error& e) {
-      PyObject* type = e.kind() == ErrorKind::kType    ? PyExc_TypeError
-                       : e.kind() == ErrorKind::kValue ? PyExc_ValueError
-                                                       : PyExc_RuntimeError;
-      PyErr_SetString(type, e.what());
-    }
-  });
+  bindings::register_error_translator();
 
   m.attr("__version__") = DLMFUSE_VERSION;
   m.attr("ORDER_INFINITY") = kOrderInfinity;

@@ -42,10 +42,34 @@ void expect_dtype(const char* op, const char* name, const Array& a, nb::dlpack::
     throw_type_error(op, ": ", name, " must be ", expected, ", got ", dtype_string(a));
 }
 
-void expect_cpu(const char* op, const char* name, const Array& a) {
-  if (a.device_type() != nb::device::cpu::value)
-    throw_type_error(op, ": ", name, " must be a CPU tensor for this entry point, got device type ",
-                     a.device_type());
+namespace {
+const char* device_name(int32_t device_type) {
+  switch (device_type) {
+    case nb::device::cpu::value: return "cpu";
+    case nb::device::cuda::value: return "cuda";
+    default: return "another device";
+  }
+}
+}  // namespace
+
+void expect_device(const char* op, const char* name, const Array& a, int32_t device_type) {
+  if (a.device_type() != device_type)
+    throw_type_error(op, ": ", name, " must be a ", device_name(device_type),
+                     " tensor for this entry point, got a ", device_name(a.device_type()),
+                     " tensor (DLPack device type ", a.device_type(), ")");
+}
+
+void register_error_translator() {
+  nb::register_exception_translator([](const std::exception_ptr& ptr, void*) {
+    try {
+      std::rethrow_exception(ptr);
+    } catch (const Error& e) {
+      PyObject* type = e.kind() == ErrorKind::kType    ? PyExc_TypeError
+                       : e.kind() == ErrorKind::kValue ? PyExc_ValueError
+                                                       : PyExc_RuntimeError;
+      PyErr_SetString(type, e.what());
+    }
+  });
 }
 
 void expect_ndim(const char* op, const char* name, const Array& a, size_t ndim, const char* layout) {

@@ -23,8 +23,11 @@ DType float_dtype(const char* op, const char* name, const Array& a);
 // TypeError unless `a` has DLPack dtype (code, bits), e.g. int32 = (Int, 32).
 void expect_dtype(const char* op, const char* name, const Array& a, nb::dlpack::dtype_code code,
                   int bits, const char* expected);
-// TypeError unless `a` lives on the CPU.
-void expect_cpu(const char* op, const char* name, const Array& a);
+// TypeError unless `a` lives on the device type (nb::device::cpu::value / cuda::value).
+void expect_device(const char* op, const char* name, const Array& a, int32_t device_type);
+inline void expect_cpu(const char* op, const char* name, const Array& a) {
+  expect_device(op, name, a, nb::device::cpu::value);
+}
 // ValueError unless a.ndim() == ndim.
 void expect_ndim(const char* op, const char* name, const Array& a, size_t ndim, const char* layout);
 // ValueError unless the shape equals `expected` exactly.
@@ -32,5 +35,8 @@ void expect_shape(const char* op, const char* name, const Array& a,
                   std::initializer_list<int64_t> expected);
 // ValueError unless the last dimension has stride 1 (or size <= 1).
 void expect_last_dim_contiguous(const char* op, const char* name, const Array& a);
+
+// Turns dlmfuse::Error into TypeError / ValueError / RuntimeError (call once per module).
+void register_error_translator();
 
 }  // namespace dlmfuse::bindings

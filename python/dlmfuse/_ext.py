@@ -25,15 +25,26 @@ ATTENTION_HEAD_DIMS: tuple = tuple(_C.ATTENTION_HEAD_DIMS)
 #: Key order label meaning "after every query": never visible by order (padding, BD3-LM x_t keys).
 ORDER_INFINITY: int = int(_C.ORDER_INFINITY)
 
-# Which ops have a native kernel per device; the others run dlmfuse.reference there.
+# Which ops have a native kernel per device (verified by the test suite on that device); the
+# others run dlmfuse.reference there.
 _NATIVE_KERNELS = {
     "attention": {"cpu"},
     "merge_attention": {"cpu"},
     "kv_scatter_": {"cpu"},
     "sample_tokens": {"cpu"},
 }
+# CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
+# with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
+# a device run has verified it.
+_UNVERIFIED_CUDA_KERNELS = {"kv_scatter_"}
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
+_UNVERIFIED_ENV = "DLMFUSE_CUDA_KERNELS"
+
+
+def _cuda_kernel_enabled(op: str) -> bool:
+    return (_C_cuda is not None and op in _UNVERIFIED_CUDA_KERNELS
+            and os.environ.get(_UNVERIFIED_ENV, "") == "1")
 
 
 def use_reference(op: str, device: torch.device) -> bool:
@@ -43,6 +54,8 @@ def use_reference(op: str, device: torch.device) -> bool:
     """
     if os.environ.get(_BACKEND_ENV, "") == "reference":
         return True
+    if device.type == "cuda" and _cuda_kernel_enabled(op):
+        return False
     return device.type not in _NATIVE_KERNELS[op]
 
 
@@ -65,9 +78,13 @@ def build_info() -> dict:
         "num_threads": _C.num_threads(),
         "attention_head_dims": list(ATTENTION_HEAD_DIMS),
         "backend_override": os.environ.get(_BACKEND_ENV) or None,
-        # op -> device -> "native" (compiled kernel) or "reference" (pure PyTorch, correct but slow)
+        # op -> device -> "native" (a compiled kernel runs) or "reference" (pure PyTorch, correct
+        # but slow), as dispatch decides now
         "kernels": {
-            op: {dev: ("native" if dev in devices else "reference") for dev in ("cpu", "cuda")}
-            for op, devices in _NATIVE_KERNELS.items()
+            op: {dev: "reference" if use_reference(op, torch.device(dev)) else "native" for dev in ("cpu", "cuda")}
+            for op in _NATIVE_KERNELS
         },
+        # CUDA kernels compiled in but not yet verified on a GPU, and whether they are enabled
+        "unverified_cuda_kernels": sorted(_UNVERIFIED_CUDA_KERNELS) if cuda else [],
+        "unverified_cuda_kernels_enabled": os.environ.get(_UNVERIFIED_ENV, "") == "1",
     }

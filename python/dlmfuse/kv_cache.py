@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from ._ext import ORDER_INFINITY
+from ._ext import ORDER_INFINITY, _C_cuda
 from .attention import attention
 from .mask import Mask
 from ._checks import can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor
@@ -80,6 +80,12 @@ def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
 def _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate: bool) -> None:
     if use_reference("kv_scatter_", k_cache.device):
         reference.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate=validate and can_read_values(positions))
+        return
+    if k_cache.is_cuda:
+        if validate and can_read_values(positions):  # one small device-to-host copy
+            _C.kv_scatter_validate(positions.cpu(), k_cache.shape[1])
+        stream = torch.cuda.current_stream(k_cache.device).cuda_stream
+        _C_cuda.kv_scatter(k_cache, v_cache, k_new.detach(), v_new.detach(), positions, stream)
         return
     _C.kv_scatter(k_cache, v_cache, k_new.detach(), v_new.detach(), positions, validate)
 

@@ -1,0 +1,101 @@
+"""dlmfuse.build_info() and `python -m dlmfuse info`: what the build contains, one source of truth."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import torch
+from packaging.version import Version
+
+import dlmfuse
+from dlmfuse import _ext
+
+PYPROJECT = pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+DEVICES = ("cpu", "cuda")
+
+
+def pyproject_version() -> str:
+    text = PYPROJECT.read_text()
+    project = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    assert project, "pyproject.toml has no [project] table"
+    version = re.search(r'^version\s*=\s*"([^"]+)"', project.group(1), re.M)
+    assert version, "[project] has no version"
+    return version.group(1)
+
+
+def test_version_is_one_source_of_truth():
+    info = dlmfuse.build_info()
+    assert info["version"] == dlmfuse.__version__ == dlmfuse._C.__version__ == pyproject_version()
+    Version(info["version"])  # a valid PEP 440 version
+
+
+def test_cuda_fields():
+    info = dlmfuse.build_info()
+    assert isinstance(info["cuda"], bool)
+    assert isinstance(info["cuda_archs"], list) and all(isinstance(a, str) for a in info["cuda_archs"])
+    if info["cuda"]:
+        assert info["cuda_archs"], "a CUDA build names its architectures"
+        assert all(re.fullmatch(r"\d+[a-z]?(-real|-virtual)?", a) for a in info["cuda_archs"]), info["cuda_archs"]
+    else:
+        assert info["cuda_archs"] == []
+
+
+def test_kernels_say_which_devices_are_native(monkeypatch):
+    monkeypatch.delenv("DLMFUSE_BACKEND", raising=False)
+    kernels = dlmfuse.build_info()["kernels"]
+    assert {"attention", "merge_attention"} <= set(kernels)
+    for op, per_device in kernels.items():
+        assert set(per_device) == set(DEVICES), (op, per_device)
+        for device, kind in per_device.items():
+            assert kind in ("native", "reference"), (op, device, kind)
+            assert _ext.use_reference(op, torch.device(device)) == (kind == "reference"), (op, device)
+    assert kernels["attention"]["cpu"] == "native"
+    assert kernels["merge_attention"]["cpu"] == "native"
+
+
+def test_cpu_fields_are_consistent():
+    info = dlmfuse.build_info()
+    assert info["cpu_isa"] == dlmfuse._C.cpu_isa()
+    assert info["cpu_isa"] in info["compiled_cpu_isas"]
+    assert "baseline" in info["compiled_cpu_isas"]
+    assert info["attention_head_dims"] == list(dlmfuse._C.ATTENTION_HEAD_DIMS)
+    assert {64, 128} <= set(info["attention_head_dims"])
+    assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
+
+
+def test_build_info_is_json_serialisable():
+    info = dlmfuse.build_info()
+    assert json.loads(json.dumps(info)) == info
+
+
+def run_python(*args, env_extra=None):
+    env = {k: v for k, v in os.environ.items() if k != "DLMFUSE_BACKEND"}
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_cli_info_prints_json():
+    result = run_python("-m", "dlmfuse", "info", env_extra={"DLMFUSE_BACKEND": "reference"})
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    expected = dlmfuse.build_info()
+    expected["backend_override"] = "reference"
+    # The override routes every op to the reference, and "kernels" reports what dispatch does.
+    expected["kernels"] = {op: {dev: "reference" for dev in devs} for op, devs in expected["kernels"].items()}
+    assert printed == expected
+
+
+def test_import_and_build_info_never_touch_the_gpu():
+    code = (
+        "import torch, dlmfuse\n"
+        "dlmfuse.build_info()\n"
+        "q = torch.randn(1, 3, 2, 64)\n"
+        "dlmfuse.attention(q, q, q, mask=dlmfuse.Mask.causal(3))\n"
+        "assert not torch.cuda.is_initialized(), 'CUDA was initialised'\n"
+        "print('ok')\n"
+    )
+    result = run_python("-c", code)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
