@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
+import dlmfuse
 from dlmfuse import bench
-from dlmfuse.__main__ import main as cli_main
+from dlmfuse.__main__ import build_parser, main as cli_main
 from dlmfuse.bench import common
+from dlmfuse.bench import kv_cache, sampling
 from dlmfuse.bench.attention import AttnSpec, workload, workloads
 
 CPU = torch.device("cpu")
@@ -114,6 +116,95 @@ def test_default_workloads_follow_design():
     assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4"}
     assert sorted(w.params["n"] for w in gpu if w.id == "A4") == [32, 128, 512]
     assert {w.params["dtype"] for w in gpu} == {"bfloat16"}
+
+
+KV_TINY = [kv_cache.KVSpec("T1", n=n, B=2, Lmax=32, H=2, D=64, dtype=dtype, validate=validate)
+           for n, dtype in ((4, "float32"), (32, "bfloat16")) for validate in (True, False)]
+SAMPLE_TINY = [sampling.SampleSpec("T1", B=2, L=3, V=97),
+               sampling.SampleSpec("T2", B=2, L=3, V=97, dtype="bfloat16"),
+               sampling.SampleSpec("T3", B=2, L=3, V=97, top_k=5, top_p=0.9)]
+
+
+def run_family_tiny(module, specs, tmp_path):
+    """Tiny workloads of a family module: the JSONL rows (parsed back) and the printed table."""
+    out = io.StringIO()
+    json_path = tmp_path / "rows.jsonl"
+    rows = bench.run([module.workload(s) for s in specs], device=CPU, timing=TINY_TIMING,
+                     command="pytest", json_path=str(json_path), out=out, progress=io.StringIO())
+    parsed = [json.loads(line) for line in json_path.read_text().splitlines()]
+    assert parsed == json.loads(json.dumps(rows))
+    for row in parsed:
+        assert ROW_KEYS <= row.keys()
+        assert row["status"] == "ok", row["error"]
+        assert row["family"] == module.FAMILY
+        assert math.isfinite(row["time_ms"]) and row["time_ms"] > 0
+        assert math.isfinite(row["gbps"]) and row["gbps"] > 0
+        if row["kind"] == "peer":
+            assert row["impl"] in module.PEERS
+            assert math.isfinite(row["ratio_vs_dlmfuse"]) and row["ratio_vs_dlmfuse"] > 0
+    return parsed, out.getvalue()
+
+
+def test_kv_cache_tiny_rows_are_exact(tmp_path):
+    rows, table = run_family_tiny(kv_cache, KV_TINY, tmp_path)
+    assert {(r["desc"], r["impl"]) for r in rows} == \
+        {(s.desc, impl) for s in KV_TINY for impl in ("dlmfuse",) + kv_cache.PEERS}
+    for row in rows:
+        if row["kind"] == "peer":
+            assert row["max_abs_diff_vs_dlmfuse"] == 0.0  # the whole caches, bit for bit
+    n4 = next(r for r in rows if r["impl"] == "dlmfuse" and r["params"]["n"] == 4)
+    assert n4["gbps"] == pytest.approx(2 * 2 * 2 * 4 * 2 * 64 * 4 / n4["time_ms"] / 1e6)
+    assert "validate=False" in table and "index_put_" in table and "failed" not in table
+
+
+def test_kv_cache_check_sees_a_wrong_scatter(tmp_path, monkeypatch):
+    """The exactness check compares whole caches: a scatter that forgets V shows a difference."""
+    def k_only(k_cache, v_cache, k_new, v_new, positions, *, validate=True):
+        k_cache[torch.arange(k_cache.shape[0])[:, None], positions] = k_new
+
+    monkeypatch.setattr(dlmfuse, "kv_scatter_", k_only)
+    rows = bench.run([kv_cache.workload(KV_TINY[0])], device=CPU, timing=TINY_TIMING,
+                     out=io.StringIO(), progress=io.StringIO())
+    assert all(r["max_abs_diff_vs_dlmfuse"] > 0 for r in rows if r["kind"] == "peer")
+
+
+def test_sampling_tiny_rows_agree(tmp_path):
+    rows, table = run_family_tiny(sampling, SAMPLE_TINY, tmp_path)
+    by = {(r["workload"], r["impl"]): r for r in rows}
+    for wid in ("T1", "T2"):
+        assert {impl for w, impl in by if w == wid} == \
+            {"dlmfuse", "dlmfuse.greedy", "llada-fp64", "torch-greedy", "floor.amax"}
+        # Same tokens (a token mismatch differs by >= 1), confidences within float32 rounding.
+        assert by[wid, "llada-fp64"]["max_abs_diff_vs_dlmfuse"] < 1e-5
+        assert by[wid, "torch-greedy"]["max_abs_diff_vs_dlmfuse"] < 1e-5
+        assert by[wid, "floor.amax"]["max_abs_diff_vs_dlmfuse"] is None
+    assert {impl for w, impl in by if w == "T3"} == {"dlmfuse", "dream-topk-topp", "floor.amax"}
+    assert by["T1", "dlmfuse"]["gbps"] == pytest.approx(
+        2 * 3 * 97 * 4 / by["T1", "dlmfuse"]["time_ms"] / 1e6)
+    assert "top_k=5 top_p=0.9" in table and "failed" not in table
+
+
+def test_kv_cache_and_sampling_workloads_follow_design():
+    """DESIGN.md §8 K1 and S1 on CUDA, CPU-sized rows on CPU; nothing allocated, no GPU touched."""
+    cuda = torch.device("cuda")
+    k1 = kv_cache.workloads(cuda, quick=False)
+    assert {(w.params["n"], w.params["validate"]) for w in k1} == \
+        {(n, v) for n in (32, 256) for v in (True, False)}
+    for w in k1:
+        assert w.id == "K1" and {k: w.params[k] for k in ("B", "Lmax", "H", "D", "dtype")} == \
+            dict(B=8, Lmax=4096, H=32, D=128, dtype="bfloat16")
+    s1 = [w.params for w in sampling.workloads(cuda, quick=False)]
+    assert {(p["B"], p["L"], p["V"], p["dtype"], p["temperature"]) for p in s1} == \
+        {(8, 32, 126464, "bfloat16", 1.0)}
+    assert sum(p["top_k"] is None and p["top_p"] is None for p in s1) == 1
+    for quick in (False, True):
+        cpu = [w.params for w in sampling.workloads(CPU, quick)]
+        assert {(p["V"], p["dtype"]) for p in cpu if p["top_k"] is None} == \
+            {(32000, "float32"), (32000, "bfloat16")}
+        assert {w.params["n"] for w in kv_cache.workloads(CPU, quick)} == {32, 256}
+    assert set(bench.FAMILIES) == {"attention", "kv_cache", "sampling"}
+    args = build_parser().parse_args(["bench", "--only", "kv_cache", "--only", "sampling"])
+    assert args.only == ["kv_cache", "sampling"]
 
 
 def test_cli_info_prints_build_info(capsys):

@@ -10,6 +10,7 @@ namespace nb = nanobind;
 
 namespace dlmfuse::bindings {
 void register_cuda_kv_cache(nb::module_& m);
+void register_cuda_sampling(nb::module_& m);
 }  // namespace dlmfuse::bindings
 
 NB_MODULE(_C_cuda, m) {
@@ -20,4 +21,5 @@ NB_MODULE(_C_cuda, m) {
   m.def("device_count", &dlmfuse::cuda::device_count,
         "Visible CUDA devices (0 without a driver or GPU).");
   dlmfuse::bindings::register_cuda_kv_cache(m);
+  dlmfuse::bindings::register_cuda_sampling(m);
 }

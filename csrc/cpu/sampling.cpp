@@ -10,7 +10,9 @@
 #include <vector>
 
 #include "cpu/cpu_features.h"
+#include "cpu/sampling_exact.h"
 #include "cpu/sampling_rows.h"
+#include "cpu/sampling_select.h"
 #include "cpu/thread_pool.h"
 #include "dlmfuse/dispatch.h"
 #include "dlmfuse/half_convert.h"
@@ -29,6 +31,9 @@ SampleRowFn row_pass_for(CpuIsa isa, DType dtype) {
     default: return baseline::sample_row_fn(dtype);
   }
 }
+
+// T' of the float64 formulas: T, or 1 when greedy.
+double tempered_divisor(const SamplingParams& p) { return p.temperature > 0.0 ? p.temperature : 1.0; }
 
 // Reads a row as float (what the fp32 pass sees) and as double (what exact scoring uses).
 struct RowReader {
@@ -54,80 +59,32 @@ struct RowReader {
   }
 };
 
+// 1 / T' in fp32 as the row pass computes it (T' = T, or 1 when greedy).
 float inverse_temperature(const SamplingParams& p) {
-  return p.temperature > 0.0f ? 1.0f / p.temperature : 1.0f;
+  return p.temperature > 0.0 ? static_cast<float>(1.0 / p.temperature) : 1.0f;
 }
 
-// (w, exp(w - w_max)) of a token that may be kept; w = l / T' exactly as the row pass computes it.
-struct ScoredToken {
-  float w;
-  float weight;
-};
-
-void eligible_tokens(const SamplingParams& p, const RowReader& reader, std::vector<ScoredToken>& out) {
+void eligible_tokens(const SamplingParams& p, const RowReader& reader,
+                     std::vector<ScoredToken<float>>& out) {
   out.resize(static_cast<size_t>(p.vocab));
   const float inv_t = inverse_temperature(p);
-  ScoredToken* next = out.data();
+  ScoredToken<float>* next = out.data();
   reader.with_type([&](auto logits) {
     for (int64_t j = 0; j < p.vocab; ++j) {
       const float l = static_cast<float>(to_double(logits[j]));
       if (!(l > -INFINITY) || (p.suppressed != nullptr && p.suppressed[j])) continue;
-      *next++ = {l * inv_t, 0.0f};
+      *next++ = {l * inv_t, 0.0};
     }
   });
   out.resize(static_cast<size_t>(next - out.data()));
 }
 
-// Largest value t such that the tokens with w >= t carry at least top_p of softmax(w):
-// a quickselect on probability mass (average O(V); the tokens are reordered in place).
-float top_p_cut(std::vector<ScoredToken>& tokens, double top_p) {
-  float w_max = -INFINITY;
-  for (const ScoredToken& t : tokens) w_max = std::max(w_max, t.w);
-  double total = 0.0;
-  for (ScoredToken& t : tokens) total += t.weight = std::exp(t.w - w_max);
-  const double target = top_p * total;
-  double above = 0.0;  // mass of the tokens already known to be above the current range
-  auto first = tokens.begin(), last = tokens.end();
-  while (first != last) {
-    const float pivot = (first + (last - first) / 2)->w;
-    // Three-way partition of [first, last): > pivot | == pivot | < pivot.
-    auto greater_end = std::partition(first, last, [pivot](const ScoredToken& t) { return t.w > pivot; });
-    auto equal_end = std::partition(greater_end, last, [pivot](const ScoredToken& t) { return t.w == pivot; });
-    double greater_mass = 0.0, equal_mass = 0.0;
-    for (auto it = first; it != greater_end; ++it) greater_mass += it->weight;
-    for (auto it = greater_end; it != equal_end; ++it) equal_mass += it->weight;
-    if (greater_end != first && above + greater_mass >= target) {
-      last = greater_end;  // the cut lies among the larger values
-    } else if (above + greater_mass + equal_mass >= target) {
-      return pivot;
-    } else {
-      above += greater_mass + equal_mass;
-      first = equal_end;
-    }
-  }
-  return -INFINITY;  // rounding left the target unreached: keep everything
-}
-
-float kept_cut(const SamplingParams& p, const RowReader& reader, std::vector<ScoredToken>& tokens) {
-  eligible_tokens(p, reader, tokens);
-  if (tokens.empty()) return -INFINITY;
-  float cut = -INFINITY;
-  if (p.top_p < 1.0) cut = top_p_cut(tokens, p.top_p);
-  if (p.top_k > 0 && p.top_k < static_cast<int64_t>(tokens.size())) {
-    auto kth = tokens.begin() + (p.top_k - 1);
-    std::nth_element(tokens.begin(), kth, tokens.end(),
-                     [](const ScoredToken& a, const ScoredToken& b) { return a.w > b.w; });
-    cut = std::max(cut, kth->w);
-  }
-  return cut;
-}
-
 // The exact score the float64 reference ranks by.
 double exact_score(const SamplingParams& p, const RowReader& reader, int64_t row, int64_t j) {
   const double l = reader.as_double(j);
-  if (p.temperature <= 0.0f) return l;
+  if (p.temperature <= 0.0) return l;
   const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, j));
-  return l / static_cast<double>(p.temperature) - std::log(-std::log(u));
+  return l / p.temperature - std::log(-std::log(u));
 }
 
 bool is_kept(const SamplingParams& p, const RowReader& reader, int64_t j, float cut) {
@@ -158,8 +115,9 @@ int64_t pick_token(const SamplingParams& p, const RowReader& reader, int64_t row
 
 float confidence_of(const SamplingParams& p, const RowReader& reader, int64_t token,
                     const RowPass& pass) {
-  const float l = reader.as_float(token);
-  const float c = p.tempered_confidence ? l * inverse_temperature(p) : l;
+  const double c = p.dtype == DType::kFloat64
+                       ? (p.tempered_confidence ? reader.as_double(token) / tempered_divisor(p) : reader.as_double(token))
+                       : static_cast<double>(reader.as_float(token) * (p.tempered_confidence ? inverse_temperature(p) : 1.0f));
   switch (p.confidence) {
     case ConfidenceKind::kProb: return static_cast<float>(std::exp(c - pass.c_max) / pass.z);
     case ConfidenceKind::kMargin:
@@ -168,6 +126,29 @@ float confidence_of(const SamplingParams& p, const RowReader& reader, int64_t to
     case ConfidenceKind::kLogit: return static_cast<float>(reader.as_double(token));
   }
   return NAN;
+}
+
+// Softmax statistics of the kept tokens recomputed in float64 (float64 logits: the fp32 pass
+// rounds logits of large magnitude, which would cost ~1e-4 relative in the confidence).
+void exact_stats(const SamplingParams& p, const RowReader& reader, float cut, RowPass& pass) {
+  double c_max = -INFINITY, c_second = -INFINITY;
+  for (int64_t j = 0; j < p.vocab; ++j) {
+    if (!is_kept(p, reader, j, cut)) continue;
+    const double c = p.tempered_confidence ? reader.as_double(j) / tempered_divisor(p) : reader.as_double(j);
+    if (c > c_max) c_second = c_max, c_max = c;
+    else if (c > c_second) c_second = c;
+  }
+  double z = 0.0, s = 0.0;
+  for (int64_t j = 0; j < p.vocab; ++j) {
+    if (!is_kept(p, reader, j, cut)) continue;
+    const double d = (p.tempered_confidence ? reader.as_double(j) / tempered_divisor(p) : reader.as_double(j)) - c_max;
+    z += std::exp(d);
+    s += std::exp(d) * d;
+  }
+  pass.c_max = c_max;
+  pass.c_second = c_second;
+  pass.z = z;
+  pass.s = s;
 }
 
 struct AlignedFree {
@@ -182,15 +163,31 @@ void sample_tokens(const SamplingParams& p) {
   std::unique_ptr<float, AlignedFree> scratch(
       static_cast<float*>(std::aligned_alloc(64, sizeof(float) * kSampleScratchFloats * workers)));
   if (!scratch) throw_runtime_error("sample_tokens: could not allocate scratch");
-  std::vector<std::vector<ScoredToken>> selection(workers);
+  std::vector<std::vector<ScoredToken<float>>> selection(workers);
   const bool filtered = p.top_k > 0 || p.top_p < 1.0;
+  // 1 / T outside [1e-30, 1e30] makes fp32 scores underflow or lose ties: float64 path.
+  const bool extreme_temperature = p.temperature > 0.0 && (p.temperature < 1e-30 || p.temperature > 1e30);
 
   parallel_for(p.rows, [&](int64_t row, int worker) {
+    if (extreme_temperature) {
+      sample_row_exact(p, row, p.tokens + row, p.confidence_out + row);
+      return;
+    }
     const RowReader reader{p, row};
-    const float cut = filtered ? kept_cut(p, reader, selection[worker]) : -INFINITY;
+    float cut = -INFINITY;
+    if (filtered) {
+      eligible_tokens(p, reader, selection[worker]);
+      cut = kept_cut(selection[worker], p.top_k, p.top_p);
+    }
     RowPass pass;
     row_pass(p, row, cut, scratch.get() + worker * kSampleScratchFloats, &pass);
+    if (pass.needs_exact) {
+      sample_row_exact(p, row, p.tokens + row, p.confidence_out + row);
+      return;
+    }
     const int64_t token = pass.kept > 0 ? pick_token(p, reader, row, cut, pass) : -1;
+    if (token >= 0 && p.confidence != ConfidenceKind::kLogit && p.dtype == DType::kFloat64)
+      exact_stats(p, reader, cut, pass);
     p.tokens[row] = token;
     p.confidence_out[row] = token >= 0 ? confidence_of(p, reader, token, pass) : -INFINITY;
   });

@@ -27,6 +27,15 @@ static_assert(B % (2 * W) == 0, "a block must hold whole Philox vectors");
 
 inline float load_as_float(const float* p, int64_t j) { return p[j]; }
 inline float load_as_float(const double* p, int64_t j) { return static_cast<float>(p[j]); }
+
+// float64 logits beyond fp32's range (finite in float64, inf in fp32) need the float64 path.
+template <typename T>
+inline bool beyond_fp32(const T*, int64_t, int) { return false; }
+inline bool beyond_fp32(const double* p, int64_t j0, int n) {
+  bool beyond = false;
+  for (int j = 0; j < n; ++j) beyond |= (p[j0 + j] > 3.4e38) & (p[j0 + j] < INFINITY) | (p[j0 + j] < -3.4e38) & (p[j0 + j] > -INFINITY);
+  return beyond;
+}
 inline float load_as_float(const bf16_t* p, int64_t j) { return to_float(p[j]); }
 inline float load_as_float(const fp16_t* p, int64_t j) { return to_float(p[j]); }
 
@@ -89,8 +98,8 @@ inline float max_of(const float* x) {
 template <typename T>
 void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch, RowPass* out) {
   const T* logits = static_cast<const T*>(p.logits) + row * p.row_stride;
-  const bool gumbel = p.temperature > 0.0f;
-  const float inv_t = gumbel ? 1.0f / p.temperature : 1.0f;
+  const bool gumbel = p.temperature > 0.0;
+  const float inv_t = gumbel ? static_cast<float>(1.0 / p.temperature) : 1.0f;
   const float conf_scale = p.tempered_confidence ? inv_t : 1.0f;
   float* w = scratch;            // [B] w = l / T' of kept tokens, -inf otherwise
   float* const score = gumbel ? scratch + B : w;  // [B] w + G, or w itself when greedy
@@ -100,7 +109,7 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
   const uint32_t seed_lo = static_cast<uint32_t>(p.seed), seed_hi = static_cast<uint32_t>(p.seed >> 32);
   const uint32_t off_lo = static_cast<uint32_t>(p.offset), off_hi = static_cast<uint32_t>(p.offset >> 32);
 
-  const vfloat neg_inf = vec::splat(-INFINITY), vcut = vec::splat(cut);
+  const vfloat neg_inf = vec::splat(-INFINITY), pos_inf = vec::splat(INFINITY), vcut = vec::splat(cut);
   RowPass r;
   float best = -INFINITY;
   vuint lane_index;
@@ -111,16 +120,22 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
     // Logits of the block as fp32 (padding and suppressed tokens -inf), then the kept test,
     // w and c, branch-free on whole vectors.
     for (int j = 0; j < n; ++j) raw[j] = load_as_float(logits, j0 + j);
+    r.needs_exact |= beyond_fp32(logits, j0, n);
     vec::fill(raw + n, raw + B, -INFINITY);
     if (p.suppressed != nullptr)
       for (int j = 0; j < n; ++j) raw[j] = p.suppressed[j0 + j] ? -INFINITY : raw[j];
+    vint out_of_range = {};
     for (int j = 0; j < B; j += W) {
       const vfloat l = vec::load(raw + j);
       const vfloat wj = l * inv_t;
+      const vfloat cj = l * conf_scale;
       const vint kept = (l > neg_inf) & (wj >= vcut);  // NaN fails both tests
       vec::store(w + j, kept ? wj : neg_inf);
-      vec::store(c + j, kept ? l * conf_scale : neg_inf);
+      vec::store(c + j, kept ? cj : neg_inf);
+      // A finite logit whose fp32 w or c overflows (extreme T) needs the float64 path.
+      out_of_range |= (l > neg_inf) & (l < pos_inf) & ((wj == pos_inf) | (wj == neg_inf) | (cj == pos_inf) | (cj == neg_inf));
     }
+    for (int i = 0; i < W; ++i) r.needs_exact |= out_of_range[i] != 0;
 
     // Noise only where it can matter: a block whose best w plus the largest possible Gumbel
     // value cannot reach the running best is skipped (most of a peaked LM distribution).
@@ -185,7 +200,8 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
       const vfloat e = vec::exp2(d * kLog2e);
       vz += e;
       const vint live = x > vec::splat(-INFINITY);
-      vs += live ? e * d : vfloat{};
+      // e * d -> 0 as d -> -inf; skip e == 0 so an fp32 overflow of d (-inf) cannot give NaN.
+      vs += (live & (e > vfloat{})) ? e * d : vfloat{};
       vcount += live ? vec::splat(1.0f) : vfloat{};
     }
     const double zb = vec::reduce_sum(vz), sb = vec::reduce_sum(vs);

@@ -26,6 +26,9 @@ struct RowPass {
   float candidate_scores[kSampleCandidates];
   int32_t n_candidates = 0;
   bool overflow = false;
+  // Some finite logit left fp32's range (as l, l / T or the confidence score): the dispatcher
+  // redoes the row in float64.
+  bool needs_exact = false;
 };
 
 // Scores of the approximate pass: score = w + G (Gumbel) or w (greedy), fp32.

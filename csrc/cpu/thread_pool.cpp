@@ -1,5 +1,7 @@
 #include "cpu/thread_pool.h"
 
+#include "dlmfuse/errors.h"
+
 #include <unistd.h>
 
 #include <algorithm>
@@ -122,7 +124,10 @@ int num_threads() {
   return n;
 }
 
-void set_num_threads(int n) { g_requested_threads.store(std::max(1, n)); }
+void set_num_threads(int n) {
+  if (n < 1) throw_value_error("set_num_threads: n must be >= 1, got ", n);
+  g_requested_threads.store(n);
+}
 
 void parallel_for(int64_t n_tasks, const std::function<void(int64_t, int)>& body) {
   const int n_threads = num_threads();

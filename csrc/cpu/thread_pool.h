@@ -9,7 +9,9 @@ namespace dlmfuse::cpu {
 
 // Threads used by parallel_for: env DLMFUSE_NUM_THREADS, else the hardware concurrency.
 int num_threads();
-void set_num_threads(int n);  // n >= 1; takes effect on the next call
+// n >= 1 (ValueError otherwise); takes effect on the next call, up to the pool's size (fixed at
+// first use: one thread per core, or DLMFUSE_NUM_THREADS).
+void set_num_threads(int n);
 
 // Runs body(task, worker) for every task in [0, n_tasks), tasks handed out dynamically;
 // worker is in [0, num_threads()). The caller's thread works too. Calls from several Python

@@ -46,3 +46,22 @@ def can_read_values(t: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or type(t) is not torch.Tensor or t.device.type == "meta":
         return False
     return not is_capturing_cuda_graph(t)
+
+
+def _dispatch_mode_active() -> bool:
+    # make_fx, FlopCounterMode, FakeTensorMode...: they must see the ops, so no fast path.
+    stack_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
+    return stack_len is not None and stack_len() > 0
+
+
+def needs_dispatcher(*tensors, differentiable: bool = False) -> bool:
+    """True when an op must go through torch.ops (its custom op) rather than call the kernel
+    directly: while compiling, under a dispatch mode, for tensor subclasses (fake, functional),
+    and for autograd when the op is differentiable and an input requires grad. Plain eager calls
+    skip the dispatcher and its ~25 us."""
+    if torch.compiler.is_compiling() or _dispatch_mode_active():
+        return True
+    present = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if any(type(t) is not torch.Tensor for t in present):
+        return True
+    return differentiable and torch.is_grad_enabled() and any(t.requires_grad for t in present)

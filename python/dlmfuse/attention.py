@@ -22,6 +22,7 @@ from ._checks import (
     expect_ndim,
     expect_same_device,
     expect_tensor,
+    needs_dispatcher,
 )
 from ._ext import ATTENTION_HEAD_DIMS, use_reference
 from .mask import Mask
@@ -72,7 +73,7 @@ def attention(
         torch.Size([1, 3, 2, 64])
     """
     args = _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale)
-    if _needs_dispatcher(q, k, v, bias):
+    if needs_dispatcher(q, k, v, bias, differentiable=True):
         out, lse = torch.ops.dlmfuse.attention(*args)
     else:
         out, lse = _attention_impl(*args)
@@ -112,7 +113,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
             raise ValueError(f"{op}: {name} must have shape {[B, H, L]}, got {list(t.shape)}")
     for name, t in (("out_a", out_a), ("out_b", out_b)):
         expect_last_dim_contiguous(op, name, t)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (out_a, out_b)):
+    if needs_dispatcher(out_a, lse_a, out_b, lse_b, differentiable=True):
         return torch.ops.dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b)
     return _merge_impl(out_a, lse_a, out_b, lse_b)
 
@@ -187,17 +188,6 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale) -> tuple:
     elif not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be finite, got {scale}")
     return (q, k, v, *labels, bias, kv_lens, float(scale))
-
-
-def _needs_dispatcher(*tensors) -> bool:
-    """The custom op (dispatcher) is needed when compiling, for autograd, and for fake/meta
-    tensors; otherwise eager calls go straight to the kernel."""
-    if torch.compiler.is_compiling():
-        return True
-    present = [t for t in tensors if t is not None]
-    if any(type(t) is not torch.Tensor for t in present):
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in present)
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -281,3 +271,29 @@ def _merge_attention_op(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tens
 @_merge_attention_op.register_fake
 def _(out_a, lse_a, out_b, lse_b):
     return out_a.new_empty(out_a.shape), lse_a.new_empty(lse_a.shape, dtype=torch.float32)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    out_a, lse_a, out_b, lse_b = inputs
+    out, lse = output
+    ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out, lse)
+
+
+def _merge_backward(ctx, grad_out, grad_lse):
+    # With w_a = exp(lse_a - lse): d out_a = w_a g_out, and
+    # d lse_a = w_a (g_lse + sum_d g_out (out_a - out)); the same for b. Empty rows: w = 0.
+    out_a, lse_a, out_b, lse_b, out, lse = ctx.saved_tensors
+    f32 = torch.float32
+    g_out = torch.zeros_like(out, dtype=f32) if grad_out is None else grad_out.to(f32)
+    g_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(f32)
+    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    grads = []
+    for part_out, part_lse in ((out_a, lse_a), (out_b, lse_b)):
+        weight = torch.where(torch.isfinite(lse), torch.exp(part_lse - safe_lse), torch.zeros_like(lse))  # [B, H, L]
+        weight_rows = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
+        along_d = (g_out * (part_out.to(f32) - out.to(f32))).sum(-1).transpose(1, 2)  # [B, H, L]
+        grads += [(weight_rows * g_out).to(part_out.dtype), weight * (g_lse + along_d)]
+    return grads[0], grads[1], grads[2], grads[3]
+
+
+_merge_attention_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)

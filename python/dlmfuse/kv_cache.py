@@ -16,7 +16,8 @@ from . import _C, reference
 from ._ext import ORDER_INFINITY, _C_cuda
 from .attention import attention
 from .mask import Mask
-from ._checks import can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor
+from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor,
+                      needs_dispatcher)
 from ._ext import use_reference
 
 _OP = "kv_scatter_"
@@ -47,7 +48,7 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
         True
     """
     _check_scatter_args(k_cache, v_cache, k_new, v_new, positions)
-    if torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in (k_cache, v_cache, k_new, v_new, positions)):
+    if needs_dispatcher(k_cache, v_cache, k_new, v_new, positions):
         torch.ops.dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate)
     else:
         _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)

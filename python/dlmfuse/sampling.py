@@ -15,8 +15,8 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from ._checks import expect_tensor
-from ._ext import use_reference
+from ._checks import can_read_values, expect_tensor, needs_dispatcher
+from ._ext import _C_cuda, use_reference
 
 _OP = "sample_tokens"
 #: Confidence kinds, in the order of the extension's codes (one source of truth: the extension).
@@ -48,8 +48,10 @@ def sample_tokens(
         top_p: keep the smallest set of most probable tokens (by softmax(logits / T), T = 1 when
             greedy) whose mass is >= top_p (ties at the boundary kept). With top_k too, a token
             must pass both.
-        seed, offset: Philox key and counter offset (ints in [0, 2**63)); seed None draws one
-            from torch's default generator. Advance `offset` between steps for fresh noise.
+        seed, offset: Philox key and counter offset (ints in [0, 2**63), or one-element int
+            tensors: on the logits' CUDA device they are read by the kernel, so a captured CUDA
+            graph can be replayed with new noise); seed None draws one from torch's default
+            generator. Advance `offset` between steps for fresh noise.
         confidence: "prob" (probability of the chosen token), "margin" (top-1 minus top-2
             probability), "neg_entropy" (sum p log p), or "logit" (raw logit of the token).
             Probabilities are those of softmax(logits) over the kept tokens (after
@@ -59,7 +61,8 @@ def sample_tokens(
 
     Returns:
         ``(tokens, confidence)``: int64 and float32 tensors of shape ``logits.shape[:-1]``.
-        A row in which no token can be emitted (all suppressed or -inf) raises ValueError.
+        A row in which no token can be emitted (all suppressed or -inf) raises ValueError on the
+        CPU; the CUDA kernel (no host sync) returns token -1 and confidence -inf for it.
 
     Example::
 
@@ -88,13 +91,13 @@ def sample_tokens(
     top_p_value = _top_p_value(top_p)
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"{_OP}: confidence must be one of {list(CONFIDENCE_KINDS)}, got {confidence!r}")
-    seed_value = _counter_int("seed", torch.randint(0, _MAX_SEED, ()).item() if seed is None else seed)
-    offset_value = _counter_int("offset", offset)
+    seed_value, seed_tensor = _counter("seed", torch.randint(0, _MAX_SEED, ()).item() if seed is None else seed, logits)
+    offset_value, offset_tensor = _counter("offset", offset, logits)
     suppressed = _suppressed_mask(suppress_tokens, logits.shape[-1], logits.device)
 
     args = (logits, float(temperature), top_k_code, top_p_value, suppressed, seed_value, offset_value,
-            CONFIDENCE_KINDS.index(confidence), bool(tempered_confidence))
-    if torch.compiler.is_compiling() or type(logits) is not torch.Tensor:
+            seed_tensor, offset_tensor, CONFIDENCE_KINDS.index(confidence), bool(tempered_confidence))
+    if needs_dispatcher(logits, suppressed, seed_tensor, offset_tensor):
         return torch.ops.dlmfuse.sample_tokens(*args)
     return _sample_impl(*args)
 
@@ -119,16 +122,20 @@ def _top_p_value(top_p) -> float:
     return float(top_p)
 
 
-def _counter_int(name: str, value) -> int:
+def _counter(name: str, value, logits: Tensor) -> Tuple[int, Optional[Tensor]]:
+    """(int value, device tensor or None). A one-element int tensor on the logits' CUDA device is
+    kept as a tensor (read by the kernel: no host sync, CUDA-graph friendly); others become ints."""
     if isinstance(value, Tensor):
-        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{_OP}: {name} tensor must hold one integer, got {value.dtype} of shape {list(value.shape)}")
+        if value.is_cuda and value.device == logits.device:
+            return 0, value.reshape(1).to(torch.int64)
         value = int(value.item())
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{_OP}: {name} must be an int (or a one-element int tensor), got {type(value).__name__}")
     if not 0 <= value <= _MAX_SEED:
         raise ValueError(f"{_OP}: {name} must be in [0, 2**63), got {value}")
-    return value
+    return value, None
 
 
 def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
@@ -138,7 +145,7 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{_OP}: suppress_tokens must hold integer token ids, got {ids.dtype}")
     ids = ids.reshape(-1).to(torch.int64)
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+    if ids.numel() and can_read_values(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = ids[(ids < 0) | (ids >= vocab)].tolist()
         raise ValueError(f"{_OP}: suppress_tokens must lie in [0, V={vocab}), got {bad}")
     mask = torch.zeros(vocab, dtype=torch.uint8, device=device)
@@ -146,9 +153,14 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
     return mask
 
 
-def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered):
+def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, kind, tempered):
     lead_shape = logits.shape[:-1]
-    if use_reference("sample_tokens", logits.device):
+    filtered = top_k > 0 or top_p < 1.0
+    cuda_kernel = logits.is_cuda and not filtered and not use_reference("sample_tokens", logits.device)
+    if not cuda_kernel:  # the CPU kernel and the reference take plain ints
+        seed = seed if seed_tensor is None else int(seed_tensor.item())
+        offset = offset if offset_tensor is None else int(offset_tensor.item())
+    if use_reference("sample_tokens", logits.device) or (logits.is_cuda and filtered):
         ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
         return reference.sample_tokens(
             logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
@@ -158,17 +170,25 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, ki
     rows = logits.detach().reshape(-1, logits.shape[-1])
     tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
-    _C.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered, tokens, conf)
+    if cuda_kernel:
+        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        _C_cuda.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor,
+                              offset_tensor, kind, tempered, tokens, conf, stream)
+    else:
+        _C.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered, tokens, conf)
     return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 
 
 @torch.library.custom_op("dlmfuse::sample_tokens", mutates_args=())
 def _sample_tokens_op(logits: Tensor, temperature: float, top_k: int, top_p: float, suppressed: Optional[Tensor],
-                      seed: int, offset: int, confidence_kind: int, tempered_confidence: bool) -> Tuple[Tensor, Tensor]:
-    return _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind, tempered_confidence)
+                      seed: int, offset: int, seed_tensor: Optional[Tensor], offset_tensor: Optional[Tensor],
+                      confidence_kind: int, tempered_confidence: bool) -> Tuple[Tensor, Tensor]:
+    return _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor,
+                        confidence_kind, tempered_confidence)
 
 
 @_sample_tokens_op.register_fake
-def _(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind, tempered_confidence):
+def _(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, confidence_kind,
+      tempered_confidence):
     shape = logits.shape[:-1]
     return logits.new_empty(shape, dtype=torch.int64), logits.new_empty(shape, dtype=torch.float32)

@@ -21,7 +21,7 @@ struct SamplingParams {
   const void* logits = nullptr;  // [rows, vocab], row stride below, column stride 1
   int64_t rows = 0, vocab = 0, row_stride = 0;
   DType dtype = DType::kFloat32;  // float32, bfloat16, float16 or float64
-  float temperature = 0.0f;       // 0: greedy
+  double temperature = 0.0;       // 0: greedy (double: tiny and huge values stay exact)
   int64_t top_k = 0;              // 0: off
   double top_p = 1.0;             // >= 1: off
   const uint8_t* suppressed = nullptr;  // [vocab], 1 = never emitted; null: none

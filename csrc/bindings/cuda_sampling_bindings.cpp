@@ -1,0 +1,49 @@
+// nanobind entry point of sample_tokens on CUDA: one launch on the caller's stream, no sync.
+// seed / offset may come from one-element int64 device tensors (CUDA-graph replay with new noise).
+#include "bindings/cuda_common.h"
+#include "bindings/sampling_args.h"
+#include "cuda/sampling.h"
+
+namespace dlmfuse::bindings {
+namespace {
+
+const int64_t* device_scalar(const std::optional<Array>& a, const char* name, int device_id) {
+  if (!a.has_value()) return nullptr;
+  expect_device("sample_tokens", name, *a, nb::device::cuda::value);
+  expect_dtype("sample_tokens", name, *a, nb::dlpack::dtype_code::Int, 64, "int64");
+  if (a->size() != 1 || a->device_id() != device_id)
+    throw_value_error("sample_tokens: ", name, " tensor must hold one int64 on cuda:", device_id,
+                      ", got shape ", shape_string(*a), " on cuda:", a->device_id());
+  return static_cast<const int64_t*>(a->data());
+}
+
+void sample_tokens(Array logits, double temperature, int64_t top_k, double top_p,
+                   std::optional<Array> suppressed, uint64_t seed, uint64_t offset,
+                   std::optional<Array> seed_tensor, std::optional<Array> offset_tensor,
+                   int confidence_kind, bool tempered_confidence, Array tokens, Array confidence,
+                   uint64_t stream) {
+  const SamplingParams p =
+      sampling_params(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind,
+                      tempered_confidence, tokens, confidence, nb::device::cuda::value);
+  if (p.top_k > 0 || p.top_p < 1.0)
+    throw_value_error("sample_tokens: the CUDA kernel has no top_k / top_p yet (use the reference)");
+  const int device = logits.device_id();
+  const int64_t* seed_ptr = device_scalar(seed_tensor, "seed", device);
+  const int64_t* offset_ptr = device_scalar(offset_tensor, "offset", device);
+  CudaDeviceGuard guard(device);
+  check_launch(cuda::sample_tokens(p, seed_ptr, offset_ptr, as_stream(stream)), "sample_tokens",
+               "sample_tokens_kernel");
+}
+
+}  // namespace
+
+void register_cuda_sampling(nb::module_& m) {
+  m.def("sample_tokens", &sample_tokens, nb::arg("logits"), nb::arg("temperature"),
+        nb::arg("top_k"), nb::arg("top_p"), nb::arg("suppressed").none(), nb::arg("seed"),
+        nb::arg("offset"), nb::arg("seed_tensor").none(), nb::arg("offset_tensor").none(),
+        nb::arg("confidence_kind"), nb::arg("tempered_confidence"), nb::arg("tokens").noconvert(),
+        nb::arg("confidence").noconvert(), nb::arg("stream"),
+        "Fills tokens [rows] and confidence [rows] on CUDA. Use dlmfuse.sample_tokens.");
+}
+
+}  // namespace dlmfuse::bindings

@@ -1,0 +1,78 @@
+// The float64 path of the CPU sampler: one row computed entirely in float64, exactly as the
+// contract (and python/dlmfuse/reference/sampling.py) defines it. Used for rows the fp32 pass
+// cannot represent (finite logits whose l, l / T or confidence score overflow fp32).
+#include <cmath>
+#include <vector>
+
+#include "cpu/sampling_exact.h"
+#include "cpu/sampling_select.h"
+#include "dlmfuse/half_convert.h"
+
+namespace dlmfuse::cpu {
+
+namespace {
+template <typename F>
+void for_each_logit(const SamplingParams& p, int64_t row, F&& f) {
+  const char* base = static_cast<const char*>(p.logits);
+  auto run = [&](auto ptr) {
+    for (int64_t j = 0; j < p.vocab; ++j) f(j, to_double(ptr[j]));
+  };
+  switch (p.dtype) {
+    case DType::kFloat32: return run(reinterpret_cast<const float*>(base) + row * p.row_stride);
+    case DType::kBFloat16: return run(reinterpret_cast<const bf16_t*>(base) + row * p.row_stride);
+    case DType::kFloat16: return run(reinterpret_cast<const fp16_t*>(base) + row * p.row_stride);
+    case DType::kFloat64: return run(reinterpret_cast<const double*>(base) + row * p.row_stride);
+  }
+}
+}  // namespace
+
+void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, float* confidence) {
+  const bool gumbel = p.temperature > 0.0;
+  const double divisor = gumbel ? p.temperature : 1.0;  // T'
+  auto eligible = [&](int64_t j, double l) {
+    return l > -INFINITY && !(p.suppressed != nullptr && p.suppressed[j]);  // NaN fails
+  };
+
+  double cut = -INFINITY;
+  if (p.top_k > 0 || p.top_p < 1.0) {
+    std::vector<ScoredToken<double>> tokens;
+    for_each_logit(p, row, [&](int64_t j, double l) {
+      if (eligible(j, l)) tokens.push_back({l / divisor, 0.0});
+    });
+    cut = kept_cut(tokens, p.top_k, p.top_p);
+  }
+
+  // Confidence statistics over the kept tokens, and the winner.
+  double c_max = -INFINITY, c_second = -INFINITY, best = -INFINITY;
+  int64_t best_index = -1;
+  for_each_logit(p, row, [&](int64_t j, double l) {
+    if (!eligible(j, l) || !(l / divisor >= cut)) return;
+    const double c = p.tempered_confidence ? l / divisor : l;
+    if (c > c_max) c_second = c_max, c_max = c;
+    else if (c > c_second) c_second = c;
+    const double score = gumbel ? l / divisor - std::log(-std::log(gumbel_uniform(gumbel_words(p.seed, p.offset, row, j)))) : l;
+    if (best_index < 0 || score > best) best = score, best_index = j;
+  });
+  *token = best_index;
+  if (best_index < 0) {
+    *confidence = -INFINITY;
+    return;
+  }
+  double z = 0.0, s = 0.0, chosen_c = 0.0, chosen_l = 0.0;
+  for_each_logit(p, row, [&](int64_t j, double l) {
+    if (!eligible(j, l) || !(l / divisor >= cut)) return;
+    const double c = p.tempered_confidence ? l / divisor : l;
+    const double d = c - c_max, e = std::exp(d);
+    z += e;
+    s += e * d;
+    if (j == best_index) chosen_c = c, chosen_l = l;
+  });
+  switch (p.confidence) {
+    case ConfidenceKind::kProb: *confidence = static_cast<float>(std::exp(chosen_c - c_max) / z); break;
+    case ConfidenceKind::kMargin: *confidence = static_cast<float>((1.0 - std::exp(c_second - c_max)) / z); break;
+    case ConfidenceKind::kNegEntropy: *confidence = static_cast<float>(s / z - std::log(z)); break;
+    case ConfidenceKind::kLogit: *confidence = static_cast<float>(chosen_l); break;
+  }
+}
+
+}  // namespace dlmfuse::cpu

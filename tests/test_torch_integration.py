@@ -1,0 +1,318 @@
+"""PyTorch integration of the attention ops: torch.library.opcheck, torch.compile(fullgraph=True),
+the eager fast path that skips the dispatcher, and (marked `cuda`) CUDA tensors and CUDA graphs."""
+
+import importlib
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dlmfuse
+from dlmfuse import Mask
+
+from conftest import check_attention
+
+attention_module = importlib.import_module("dlmfuse.attention")  # `dlmfuse.attention` is the function
+
+
+def make(batch, q_len, k_len, q_heads, kv_heads, head_dim=64, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(batch, q_len, q_heads, head_dim), (batch, k_len, kv_heads, head_dim), (batch, k_len, kv_heads, head_dim)]
+    return [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+
+
+def op_args(with_extras, dtype=torch.float32, requires_grad=True):
+    """Positional arguments of torch.ops.dlmfuse.attention."""
+    B, Lq, Lk, Hq, Hkv = 2, 9, 21, 4, 2
+    q, k, v = (t.requires_grad_(requires_grad) for t in make(B, Lq, Lk, Hq, Hkv, dtype=dtype))
+    if not with_extras:
+        return (q, k, v, None, None, None, None, None, None, 0.125)
+    g = torch.Generator().manual_seed(1)
+    labels = [torch.randint(0, 3, (b, n), generator=g, dtype=torch.int32)
+              for b, n in ((1, Lq), (B, Lq), (B, Lk), (1, Lk))]
+    bias = torch.randn(B, Hq, Lq, Lk, generator=g).to(dtype).requires_grad_(requires_grad)
+    kv_lens = torch.tensor([Lk, 15], dtype=torch.int32)
+    return (q, k, v, *labels, bias, kv_lens, 0.2)
+
+
+# ----------------------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "labels_bias_kv_lens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_opcheck_attention(with_extras, dtype):
+    torch.library.opcheck(torch.ops.dlmfuse.attention.default, op_args(with_extras, dtype))
+
+
+def test_opcheck_attention_broadcast_bias_without_grad():
+    args = list(op_args(True, requires_grad=False))
+    args[7] = torch.randn(1, 4, 1, 21).expand(2, 4, 9, 21)  # stride-0 view, as the public op passes it
+    torch.library.opcheck(torch.ops.dlmfuse.attention.default, tuple(args))
+
+
+def test_opcheck_merge_attention():
+    g = torch.Generator().manual_seed(0)
+    out_a, out_b = torch.randn(2, 5, 3, 64, generator=g), torch.randn(2, 5, 3, 64, generator=g)
+    lse_a, lse_b = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    lse_b[0, 1] = float("-inf")
+    torch.library.opcheck(torch.ops.dlmfuse.merge_attention.default, (out_a, lse_a, out_b, lse_b))
+
+
+def test_public_op_equals_custom_op():
+    args = op_args(True, requires_grad=False)
+    q, k, v, qo, qg, ko, kg, bias, kv_lens, scale = args
+    out, lse = torch.ops.dlmfuse.attention(*args)
+    public = dlmfuse.attention(q, k, v, mask=Mask(qo, qg, ko, kg), bias=bias, kv_lens=kv_lens, scale=scale,
+                               return_lse=True)
+    assert torch.equal(out, public[0]) and torch.equal(lse, public[1])
+
+
+def test_merge_attention_does_not_silently_drop_gradients():
+    """merge_attention on inputs that require grad must give correct gradients or raise; a
+    detached result (gradients silently lost) is a bug."""
+    g = torch.Generator().manual_seed(3)
+    tensors = [torch.randn(1, 4, 2, 64, generator=g), torch.randn(1, 2, 4, generator=g),
+               torch.randn(1, 4, 2, 64, generator=g), torch.randn(1, 2, 4, generator=g)]
+    inputs = [t.clone().requires_grad_(True) for t in tensors]
+    try:
+        out, lse = dlmfuse.merge_attention(*inputs)
+    except RuntimeError:
+        return  # not differentiable, and says so at the call
+    assert out.requires_grad and lse.requires_grad, (
+        "merge_attention returned a detached output for inputs that require grad")
+    try:
+        (out.sum() + lse.sum()).backward()
+    except RuntimeError as e:
+        assert "merge_attention" in str(e)
+        return  # not differentiable, and says so at backward
+    ref_inputs = [t.double().requires_grad_(True) for t in tensors]
+    ref_out, ref_lse = dlmfuse.reference.merge_attention(*ref_inputs)
+    (ref_out.sum() + ref_lse.sum()).backward()
+    for name, mine, ref in zip(("out_a", "lse_a", "out_b", "lse_b"), inputs, ref_inputs):
+        torch.testing.assert_close(mine.grad.double(), ref.grad, rtol=1e-5, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+
+
+# ----------------------------------------------------------------------------------- eager fast path
+@pytest.fixture
+def op_calls(monkeypatch):
+    """Counts the calls that go through torch.ops.dlmfuse.{attention, merge_attention}."""
+    calls = []
+    for name in ("attention", "merge_attention"):
+        op = getattr(torch.ops.dlmfuse, name)
+
+        def counting(*args, _op=op, _name=name, **kwargs):
+            calls.append(_name)
+            return _op(*args, **kwargs)
+
+        monkeypatch.setattr(torch.ops.dlmfuse, name, counting)
+    return calls
+
+
+def test_eager_fast_path_skips_dispatcher(op_calls):
+    q, k, v = make(1, 7, 11, 2, 2)
+    mask, bias = Mask.causal(11).gather_queries(torch.arange(4, 11)), torch.randn(11)
+    call = lambda: dlmfuse.attention(q, k, v, mask=mask, bias=bias, return_lse=True)  # noqa: E731
+
+    fast = call()
+    assert op_calls == [], "no grad needed: the eager call must not go through the dispatcher"
+    assert not attention_module.needs_dispatcher(q, k, v, bias, differentiable=True)
+
+    q.requires_grad_(True)
+    assert attention_module.needs_dispatcher(q, k, v, bias, differentiable=True)
+    slow = call()
+    assert op_calls == ["attention"], "q requires grad: the call must go through the custom op (autograd)"
+    assert slow[0].grad_fn is not None
+    assert torch.equal(fast[0], slow[0].detach()) and torch.equal(fast[1], slow[1].detach())
+
+    with torch.no_grad():
+        call()
+    with torch.inference_mode():
+        call()
+    assert op_calls == ["attention"], "under no_grad / inference_mode the eager call needs no dispatcher"
+
+    dlmfuse.merge_attention(*fast, *fast)
+    assert op_calls == ["attention"], "merge_attention's eager call must not go through the dispatcher"
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records every op that reaches the dispatcher's Python mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_dispatch_modes_see_the_ops():
+    """An active TorchDispatchMode (make_fx tracing, FlopCounterMode, logging) must see the op:
+    the eager fast path may only skip the dispatcher when nobody is watching."""
+    q, k, v = make(1, 5, 9, 2, 2)
+    with DispatchLog() as log:
+        out, lse = dlmfuse.attention(q, k, v, return_lse=True)
+        dlmfuse.merge_attention(out, lse, out, lse)
+    assert "dlmfuse.attention.default" in log.ops, log.ops
+    assert "dlmfuse.merge_attention.default" in log.ops, log.ops
+
+
+def test_make_fx_traces_the_op():
+    """make_fx (real tensors) must record the custom op, not bake the eager result into a graph."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def fn(q, k, v):
+        return dlmfuse.attention(q, k, v, mask=Mask.causal(6))
+
+    graph = make_fx(fn)(*make(1, 6, 6, 2, 2))
+    assert "dlmfuse.attention" in graph.code, graph.code
+    fresh = make(1, 6, 6, 2, 2, seed=9)
+    torch.testing.assert_close(graph(*fresh), fn(*fresh))
+
+
+def test_fake_tensors_go_through_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, v = torch.empty(2, 5, 4, 64), torch.empty(2, 8, 2, 64), torch.empty(2, 8, 2, 64)
+        out, lse = dlmfuse.attention(q, k, v, mask=Mask.bidirectional(5, 8), kv_lens=torch.zeros(2, dtype=torch.int32),
+                                     return_lse=True)
+    assert out.shape == (2, 5, 4, 64) and out.dtype == torch.float32
+    assert lse.shape == (2, 4, 5) and lse.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------------ torch.compile
+@pytest.mark.slow
+def test_torch_compile_fullgraph_matches_eager():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    B, L, Hq, Hkv = 2, 40, 4, 2
+    q, k, v = make(B, L, L, Hq, Hkv)
+    bias = torch.randn(Hq, 1, L)
+    kv_lens = torch.tensor([L, 31], dtype=torch.int32)
+
+    def fn(q, k, v, mask, bias, kv_lens):
+        return dlmfuse.attention(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, return_lse=True)
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True, dynamic=False)
+    for mask in (Mask.block_causal(L, 8, prefix_len=3), Mask.block_causal(L, 16)):
+        got = compiled(q, k, v, mask, bias, kv_lens)
+        expected = fn(q, k, v, mask, bias, kv_lens)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1, "new label values (same shapes) must not recompile"
+
+
+@pytest.mark.slow
+def test_torch_compile_backward_matches_eager():
+    B, L = 1, 24
+    q, k, v = make(B, L, L, 2, 1)
+    mask = Mask.clean_and_self(torch.arange(L)[None] % 3 == 0)
+    bias = torch.randn(2, L, L)
+
+    def loss(q, k, v, bias):
+        out, lse = dlmfuse.attention(q, k, v, mask=mask, bias=bias, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    def grads(fn):
+        ts = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        fn(*ts).backward()
+        return [t.grad for t in ts]
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for a, b in zip(grads(compiled), grads(loss)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- CUDA
+CUDA_CASES = [
+    # (B, Lq, Lk, Hq, Hkv, D, dtype, family)
+    (2, 97, 97, 4, 2, 64, torch.bfloat16, "block_causal"),
+    (2, 1, 1025, 4, 1, 128, torch.float16, "none"),
+    (1, 130, 130, 4, 4, 128, torch.float32, "causal"),
+    (2, 96, 96, 2, 1, 64, torch.bfloat16, "bd3_train"),
+    (2, 7, 130, 8, 2, 128, torch.bfloat16, "random"),
+]
+
+
+def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
+    q, k, v = make(B, Lq, Lk, Hq, Hkv, D, dtype, device)
+    g = torch.Generator().manual_seed(5)
+    masks = {
+        "none": None,
+        "block_causal": Mask.block_causal(Lq, 16, prefix_len=10),
+        "causal": Mask.causal(Lq),
+        "bd3_train": Mask.bd3_train(Lq // 2, 8),
+        "random": Mask(*(torch.randint(0, 3, (B, n), generator=g, dtype=torch.int32) for n in (Lq, Lq, Lk, Lk))),
+    }
+    mask = masks[family]
+    bias = torch.randn(Hq, 1, Lk, generator=g).to(device)
+    kv_lens = torch.tensor([Lk, max(0, Lk - 17)][:B], dtype=torch.int32, device=device)
+    return q, k, v, dict(mask=None if mask is None else mask.to(device), bias=bias, kv_lens=kv_lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
+def test_cuda_matches_reference_and_cpu(case):
+    q, k, v, kwargs = cuda_case_inputs(*case, device="cuda")
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    assert out.is_cuda and lse.is_cuda
+    check_attention(out, q, k, v, lse=lse, **kwargs)
+    cpu_kwargs = {name: (None if t is None else t.to("cpu")) for name, t in kwargs.items()}
+    cpu_out, cpu_lse = dlmfuse.attention(q.cpu(), k.cpu(), v.cpu(), return_lse=True, **cpu_kwargs)
+    tol = 1e-5 if q.dtype == torch.float32 else 2 ** -6
+    torch.testing.assert_close(out.cpu().double(), cpu_out.double(), rtol=tol, atol=tol * float(cpu_out.abs().max()))
+    finite = torch.isfinite(cpu_lse)
+    assert torch.equal(finite, torch.isfinite(lse.cpu()))
+    torch.testing.assert_close(lse.cpu()[finite], cpu_lse[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_kv_lens_zero_and_grads():
+    q, k, v = (t.requires_grad_(True) for t in make(2, 9, 33, 4, 2, 64, torch.float32, "cuda"))
+    kv_lens = torch.tensor([0, 20], dtype=torch.int32, device="cuda")
+    out, lse = dlmfuse.attention(q, k, v, kv_lens=kv_lens, return_lse=True)
+    assert torch.equal(out[0], torch.zeros_like(out[0])) and torch.isneginf(lse[0]).all()
+    out.square().sum().backward()
+    q64, k64, v64 = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+    dlmfuse.reference.attention(q64, k64, v64, kv_lens=kv_lens).square().sum().backward()
+    for a, b in ((q, q64), (k, k64), (v, v64)):
+        torch.testing.assert_close(a.grad.double(), b.grad, rtol=1e-4, atol=1e-4 * float(b.grad.abs().max()))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_and_replay():
+    B, L, Hq, Hkv, D = 2, 64, 4, 2, 128
+    q, k, v = make(B, L, L, Hq, Hkv, D, torch.bfloat16, "cuda")
+    is_clean = torch.zeros(B, L, dtype=torch.bool, device="cuda")
+    is_clean[:, :20] = True
+    mask = Mask.clean_and_self(is_clean)
+    kv_lens = torch.tensor([L, 50], dtype=torch.int32, device="cuda")
+    bias = torch.zeros(Hq, 1, L, device="cuda")
+
+    def step():
+        return dlmfuse.attention(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, return_lse=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+
+    # New values in the captured inputs (labels included): replay recomputes with them.
+    for trial in range(2):
+        g = torch.Generator().manual_seed(trial)
+        q.copy_(torch.randn(q.shape, generator=g).to(q))
+        is_clean.copy_(torch.rand(B, L, generator=g) < 0.5)
+        new = Mask.clean_and_self(is_clean)
+        for name in ("q_order", "q_group", "k_order", "k_group"):
+            getattr(mask, name).copy_(getattr(new, name))
+        kv_lens.copy_(torch.tensor([L - trial, 40 + trial], dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = dlmfuse.attention(q, k, v, mask=new, bias=bias, kv_lens=kv_lens, return_lse=True)
+        torch.testing.assert_close(out, expected[0])
+        torch.testing.assert_close(lse, expected[1])
+        check_attention(out, q, k, v, lse=lse, mask=new, bias=bias, kv_lens=kv_lens)
