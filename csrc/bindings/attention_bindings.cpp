@@ -1,159 +1,22 @@
-// nanobind entry points of the attention family (CPU). Python allocates the outputs and
-// broadcasts bias / labels to their full shapes as stride-0 views; this file checks every
-// invariant that memory safety depends on, fills AttentionParams and calls csrc/cpu.
-#include <nanobind/stl/optional.h>
-
-#include <optional>
-
-#include "bindings/tensor_checks.h"
+// nanobind entry points of the attention family (CPU).
+#include "bindings/attention_args.h"
 #include "cpu/attention.h"
-#include "dlmfuse/errors.h"
 
 namespace dlmfuse::bindings {
 namespace {
-
-constexpr const char* kOp = "attention";
-
-LabelView label_view(const char* name, const Array& a, int64_t batch, int64_t len) {
-  expect_cpu(kOp, name, a);
-  expect_dtype(kOp, name, a, nb::dlpack::dtype_code::Int, 32, "int32");
-  expect_ndim(kOp, name, a, 2, "[B or 1, L]");
-  const int64_t b = static_cast<int64_t>(a.shape(0));
-  if ((b != 1 && b != batch) || static_cast<int64_t>(a.shape(1)) != len)
-    throw_value_error(kOp, ": ", name, " must have shape [", batch, " or 1, ", len, "], got ",
-                      shape_string(a));
-  LabelView view;
-  view.data = static_cast<const int32_t*>(a.data());
-  view.batch_stride = b == 1 ? 0 : a.stride(0);
-  view.row_stride = a.stride(1);
-  return view;
-}
-
-void copy_strides3(int64_t (&dst)[3], const Array& a) {
-  for (int i = 0; i < 3; ++i) dst[i] = a.stride(i);
-}
 
 void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> q_group, std::optional<Array> k_order,
                        std::optional<Array> k_group, std::optional<Array> bias,
                        std::optional<Array> kv_lens, Array out, Array lse, float scale) {
-  AttentionParams p;
-  for (const auto& [name, a] : {std::pair<const char*, const Array*>{"q", &q}, {"k", &k},
-                                {"v", &v}, {"out", &out}}) {
-    expect_cpu(kOp, name, *a);
-    expect_ndim(kOp, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(kOp, name, *a);
-  }
-  p.dtype = float_dtype(kOp, "q", q);
-  for (const auto& [name, a] : {std::pair<const char*, const Array*>{"k", &k}, {"v", &v}, {"out", &out}})
-    if (float_dtype(kOp, name, *a) != p.dtype)
-      throw_type_error(kOp, ": ", name, " must have the dtype of q (", dtype_name(p.dtype), "), got ",
-                       dtype_string(*a));
-
-  p.batch = q.shape(0);
-  p.q_len = q.shape(1);
-  p.q_heads = q.shape(2);
-  p.head_dim = q.shape(3);
-  p.k_len = k.shape(1);
-  p.kv_heads = k.shape(2);
-  expect_shape(kOp, "k", k, {p.batch, p.k_len, p.kv_heads, p.head_dim});
-  expect_shape(kOp, "v", v, {p.batch, p.k_len, p.kv_heads, p.head_dim});
-  expect_shape(kOp, "out", out, {p.batch, p.q_len, p.q_heads, p.head_dim});
-  if (p.kv_heads == 0 || p.q_heads % p.kv_heads != 0)
-    throw_value_error(kOp, ": query heads (", p.q_heads, ") must be a multiple of kv heads (",
-                      p.kv_heads, ")");
-  expect_cpu(kOp, "lse", lse);
-  expect_dtype(kOp, "lse", lse, nb::dlpack::dtype_code::Float, 32, "float32");
-  expect_shape(kOp, "lse", lse, {p.batch, p.q_heads, p.q_len});
-  if (p.batch * p.q_heads * p.q_len > 0 &&
-      (lse.stride(2) != 1 || lse.stride(1) != p.q_len || lse.stride(0) != p.q_heads * p.q_len))
-    throw_value_error(kOp, ": lse must be contiguous");
-
-  p.q = q.data();
-  p.k = k.data();
-  p.v = v.data();
-  p.out = out.data();
-  p.lse = static_cast<float*>(lse.data());
-  copy_strides3(p.q_strides, q);
-  copy_strides3(p.k_strides, k);
-  copy_strides3(p.v_strides, v);
-  copy_strides3(p.out_strides, out);
-  p.scale = scale;
-
-  const int n_labels = q_order.has_value() + q_group.has_value() + k_order.has_value() + k_group.has_value();
-  if (n_labels != 0 && n_labels != 4)
-    throw_value_error(kOp, ": pass all four labels (q_order, q_group, k_order, k_group) or none, got ",
-                      n_labels);
-  if (n_labels == 4) {
-    p.has_labels = true;
-    p.q_order = label_view("q_order", *q_order, p.batch, p.q_len);
-    p.q_group = label_view("q_group", *q_group, p.batch, p.q_len);
-    p.k_order = label_view("k_order", *k_order, p.batch, p.k_len);
-    p.k_group = label_view("k_group", *k_group, p.batch, p.k_len);
-  }
-
-  if (bias.has_value()) {
-    expect_cpu(kOp, "bias", *bias);
-    p.bias_dtype = float_dtype(kOp, "bias", *bias);
-    expect_shape(kOp, "bias", *bias, {p.batch, p.q_heads, p.q_len, p.k_len});
-    p.bias = bias->data();
-    for (int i = 0; i < 4; ++i) p.bias_strides[i] = bias->stride(i);
-  }
-
-  if (kv_lens.has_value()) {
-    expect_cpu(kOp, "kv_lens", *kv_lens);
-    expect_dtype(kOp, "kv_lens", *kv_lens, nb::dlpack::dtype_code::Int, 32, "int32");
-    expect_shape(kOp, "kv_lens", *kv_lens, {p.batch});
-    if (p.batch > 1 && kv_lens->stride(0) != 1) throw_value_error(kOp, ": kv_lens must be contiguous");
-    p.kv_lens = static_cast<const int32_t*>(kv_lens->data());
-  }
-
+  const AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias,
+                                             kv_lens, out, lse, scale, nb::device::cpu::value);
   nb::gil_scoped_release release;
   cpu::attention_forward(p);
 }
 
 void merge_attention(Array out_a, Array lse_a, Array out_b, Array lse_b, Array out, Array lse) {
-  constexpr const char* op = "merge_attention";
-  MergeParams p;
-  for (const auto& [name, a] : {std::pair<const char*, const Array*>{"out_a", &out_a},
-                                {"out_b", &out_b}, {"out", &out}}) {
-    expect_cpu(op, name, *a);
-    expect_ndim(op, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(op, name, *a);
-  }
-  p.dtype = float_dtype(op, "out_a", out_a);
-  for (const auto& [name, a] : {std::pair<const char*, const Array*>{"out_b", &out_b}, {"out", &out}})
-    if (float_dtype(op, name, *a) != p.dtype)
-      throw_type_error(op, ": ", name, " must have the dtype of out_a (", dtype_name(p.dtype),
-                       "), got ", dtype_string(*a));
-  p.batch = out_a.shape(0);
-  p.seq_len = out_a.shape(1);
-  p.heads = out_a.shape(2);
-  p.head_dim = out_a.shape(3);
-  expect_shape(op, "out_b", out_b, {p.batch, p.seq_len, p.heads, p.head_dim});
-  expect_shape(op, "out", out, {p.batch, p.seq_len, p.heads, p.head_dim});
-  for (const auto& [name, a] : {std::pair<const char*, const Array*>{"lse_a", &lse_a},
-                                {"lse_b", &lse_b}, {"lse", &lse}}) {
-    expect_cpu(op, name, *a);
-    expect_dtype(op, name, *a, nb::dlpack::dtype_code::Float, 32, "float32");
-    expect_shape(op, name, *a, {p.batch, p.heads, p.seq_len});
-  }
-  p.out_a = out_a.data();
-  p.out_b = out_b.data();
-  p.out = out.data();
-  p.lse_a = static_cast<const float*>(lse_a.data());
-  p.lse_b = static_cast<const float*>(lse_b.data());
-  p.lse = static_cast<float*>(lse.data());
-  for (int i = 0; i < 4; ++i) {
-    p.out_a_strides[i] = out_a.stride(i);
-    p.out_b_strides[i] = out_b.stride(i);
-    p.out_strides[i] = out.stride(i);
-  }
-  for (int i = 0; i < 3; ++i) {
-    p.lse_a_strides[i] = lse_a.stride(i);
-    p.lse_b_strides[i] = lse_b.stride(i);
-    p.lse_strides[i] = lse.stride(i);
-  }
+  const MergeParams p = merge_params(out_a, lse_a, out_b, lse_b, out, lse, nb::device::cpu::value);
   nb::gil_scoped_release release;
   cpu::merge_attention(p);
 }

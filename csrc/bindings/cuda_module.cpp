@@ -9,6 +9,7 @@
 namespace nb = nanobind;
 
 namespace dlmfuse::bindings {
+void register_cuda_attention(nb::module_& m);
 void register_cuda_kv_cache(nb::module_& m);
 void register_cuda_sampling(nb::module_& m);
 }  // namespace dlmfuse::bindings
@@ -20,6 +21,7 @@ NB_MODULE(_C_cuda, m) {
         "CUDA runtime version compiled in, e.g. 13000.");
   m.def("device_count", &dlmfuse::cuda::device_count,
         "Visible CUDA devices (0 without a driver or GPU).");
+  dlmfuse::bindings::register_cuda_attention(m);
   dlmfuse::bindings::register_cuda_kv_cache(m);
   dlmfuse::bindings::register_cuda_sampling(m);
 }

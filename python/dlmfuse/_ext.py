@@ -36,7 +36,12 @@ _NATIVE_KERNELS = {
 # CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
 # with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
 # a device run has verified it.
-_UNVERIFIED_CUDA_KERNELS = {"kv_scatter_", "sample_tokens"}  # sample_tokens: no top_k / top_p
+_UNVERIFIED_CUDA_KERNELS = {
+    "attention",  # CUDA-core baseline kernel; the tensor-core kernel is still to come
+    "merge_attention",
+    "kv_scatter_",
+    "sample_tokens",  # no top_k / top_p yet: those calls use the reference
+}
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
 _UNVERIFIED_ENV = "DLMFUSE_CUDA_KERNELS"

@@ -24,7 +24,7 @@ from ._checks import (
     expect_tensor,
     needs_dispatcher,
 )
-from ._ext import ATTENTION_HEAD_DIMS, use_reference
+from ._ext import ATTENTION_HEAD_DIMS, _C_cuda, use_reference
 from .mask import Mask
 
 _OP = "attention"
@@ -204,7 +204,10 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     detached = [None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)]
-    _C.attention_forward(*detached, out, lse, scale)
+    if q.is_cuda:
+        _C_cuda.attention_forward(*detached, out, lse, scale, torch.cuda.current_stream(q.device).cuda_stream)
+    else:
+        _C.attention_forward(*detached, out, lse, scale)
     return out, lse
 
 
@@ -214,7 +217,11 @@ def _merge_impl(out_a, lse_a, out_b, lse_b):
         return out.contiguous(), lse.to(torch.float32).contiguous()
     out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
-    _C.merge_attention(out_a.detach(), lse_a.detach(), out_b.detach(), lse_b.detach(), out, lse)
+    args = (out_a.detach(), lse_a.detach(), out_b.detach(), lse_b.detach(), out, lse)
+    if out_a.is_cuda:
+        _C_cuda.merge_attention(*args, torch.cuda.current_stream(out_a.device).cuda_stream)
+    else:
+        _C.merge_attention(*args)
     return out, lse
 
 

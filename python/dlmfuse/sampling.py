@@ -162,11 +162,17 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, se
         offset = offset if offset_tensor is None else int(offset_tensor.item())
     if use_reference("sample_tokens", logits.device) or (logits.is_cuda and filtered):
         ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
-        return reference.sample_tokens(
+        tokens, conf = reference.sample_tokens(
             logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
             seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind], suppress_tokens=ids,
             tempered_confidence=tempered,
         )
+        if not logits.is_cuda:  # same contract as the CPU kernel
+            empty = (tokens.reshape(-1) < 0).nonzero()
+            if empty.numel():
+                raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
+                                 "(every logit is suppressed, -inf or NaN)")
+        return tokens, conf
     rows = logits.detach().reshape(-1, logits.shape[-1])
     tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)

@@ -7,5 +7,6 @@ kernels against these functions, and ``DLMFUSE_BACKEND=reference`` routes the pu
 from .attention import attention, merge_attention, visibility
 from .kv_cache import kv_scatter_
 from .unmask import select_unmask
+from .sampling import philox4x32_10, sample_tokens
 
-__all__ = ["attention", "merge_attention", "visibility", "kv_scatter_", "select_unmask"]
+__all__ = ["attention", "merge_attention", "visibility", "kv_scatter_", "select_unmask", "sample_tokens", "philox4x32_10"]

@@ -1,0 +1,23 @@
+// Checks the arguments of attention / merge_attention and fills their params structs (shared by
+// the CPU and CUDA modules). All arrays must live on `device_type`.
+#pragma once
+
+#include <nanobind/stl/optional.h>
+
+#include <optional>
+
+#include "bindings/tensor_checks.h"
+#include "dlmfuse/attention_params.h"
+
+namespace dlmfuse::bindings {
+
+AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
+                                 const std::optional<Array>& q_order, const std::optional<Array>& q_group,
+                                 const std::optional<Array>& k_order, const std::optional<Array>& k_group,
+                                 const std::optional<Array>& bias, const std::optional<Array>& kv_lens,
+                                 const Array& out, const Array& lse, float scale, int32_t device_type);
+
+MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& out_b, const Array& lse_b,
+                         const Array& out, const Array& lse, int32_t device_type);
+
+}  // namespace dlmfuse::bindings

@@ -1,0 +1,19 @@
+// CUDA launchers of the attention family. Validated AttentionParams in, cudaError_t out;
+// launched on the caller's stream, no allocation, no host sync.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "dlmfuse/attention_params.h"
+
+namespace dlmfuse::cuda {
+
+// Reference-grade CUDA kernel (fp32 math on CUDA cores, every dtype, head_dim 64 / 128): the
+// correctness baseline and the fp32 path; the tensor-core kernel comes next (issue: CUDA
+// attention on tensor cores).
+cudaError_t attention_forward_simple(const AttentionParams& params, cudaStream_t stream);
+
+// Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
+cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);
+
+}  // namespace dlmfuse::cuda
