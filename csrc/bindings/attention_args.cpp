@@ -25,9 +25,6 @@ LabelView label_view(const char* name, const Array& a, int64_t batch, int64_t le
   return view;
 }
 
-void copy_strides3(int64_t (&dst)[3], const Array& a) {
-  for (int i = 0; i < 3; ++i) dst[i] = a.stride(i);
-}
 
 }  // namespace
 
@@ -39,9 +36,7 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
   AttentionParams p;
   for (const auto& [name, a] : {std::pair<const char*, const Array*>{"q", &q}, {"k", &k},
                                 {"v", &v}, {"out", &out}}) {
-    expect_device(kOp, name, *a, device_type);
-    expect_ndim(kOp, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(kOp, name, *a);
+    expect_bhd_layout(kOp, name, *a, device_type);
   }
   p.dtype = float_dtype(kOp, "q", q);
   for (const auto& [name, a] : {std::pair<const char*, const Array*>{"k", &k}, {"v", &v}, {"out", &out}})
@@ -73,10 +68,10 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
   p.v = v.data();
   p.out = out.data();
   p.lse = static_cast<float*>(lse.data());
-  copy_strides3(p.q_strides, q);
-  copy_strides3(p.k_strides, k);
-  copy_strides3(p.v_strides, v);
-  copy_strides3(p.out_strides, out);
+  copy_strides(p.q_strides, q);
+  copy_strides(p.k_strides, k);
+  copy_strides(p.v_strides, v);
+  copy_strides(p.out_strides, out);
   p.scale = scale;
 
   const int n_labels = q_order.has_value() + q_group.has_value() + k_order.has_value() + k_group.has_value();
@@ -96,7 +91,7 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
     p.bias_dtype = float_dtype(kOp, "bias", *bias);
     expect_shape(kOp, "bias", *bias, {p.batch, p.q_heads, p.q_len, p.k_len});
     p.bias = bias->data();
-    for (int i = 0; i < 4; ++i) p.bias_strides[i] = bias->stride(i);
+    copy_strides(p.bias_strides, *bias);
   }
 
   if (kv_lens.has_value()) {
@@ -117,9 +112,7 @@ MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& ou
   MergeParams p;
   for (const auto& [name, a] : {std::pair<const char*, const Array*>{"out_a", &out_a},
                                 {"out_b", &out_b}, {"out", &out}}) {
-    expect_device(op, name, *a, device_type);
-    expect_ndim(op, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(op, name, *a);
+    expect_bhd_layout(op, name, *a, device_type);
   }
   p.dtype = float_dtype(op, "out_a", out_a);
   for (const auto& [name, a] : {std::pair<const char*, const Array*>{"out_b", &out_b}, {"out", &out}})
@@ -144,16 +137,12 @@ MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& ou
   p.lse_a = static_cast<const float*>(lse_a.data());
   p.lse_b = static_cast<const float*>(lse_b.data());
   p.lse = static_cast<float*>(lse.data());
-  for (int i = 0; i < 4; ++i) {
-    p.out_a_strides[i] = out_a.stride(i);
-    p.out_b_strides[i] = out_b.stride(i);
-    p.out_strides[i] = out.stride(i);
-  }
-  for (int i = 0; i < 3; ++i) {
-    p.lse_a_strides[i] = lse_a.stride(i);
-    p.lse_b_strides[i] = lse_b.stride(i);
-    p.lse_strides[i] = lse.stride(i);
-  }
+  copy_strides(p.out_a_strides, out_a);
+  copy_strides(p.out_b_strides, out_b);
+  copy_strides(p.out_strides, out);
+  copy_strides(p.lse_a_strides, lse_a);
+  copy_strides(p.lse_b_strides, lse_b);
+  copy_strides(p.lse_strides, lse);
   return p;
 }
 

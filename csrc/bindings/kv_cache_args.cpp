@@ -4,13 +4,7 @@
 
 namespace dlmfuse::bindings {
 namespace {
-
 constexpr const char* kOp = "kv_scatter_";
-
-void copy_strides3(int64_t (&dst)[3], const Array& a) {
-  for (int i = 0; i < 3; ++i) dst[i] = a.stride(i);
-}
-
 }  // namespace
 
 KvScatterParams kv_scatter_params(const Array& k_cache, const Array& v_cache, const Array& k_new,
@@ -19,9 +13,7 @@ KvScatterParams kv_scatter_params(const Array& k_cache, const Array& v_cache, co
   const std::pair<const char*, const Array*> tensors[] = {
       {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_new", &k_new}, {"v_new", &v_new}};
   for (const auto& [name, a] : tensors) {
-    expect_device(kOp, name, *a, device_type);
-    expect_ndim(kOp, name, *a, 4, "[B, L, H, D]");
-    expect_last_dim_contiguous(kOp, name, *a);
+    expect_bhd_layout(kOp, name, *a, device_type);
     if (a->dtype() != k_cache.dtype())
       throw_type_error(kOp, ": ", name, " must have the dtype of k_cache (", dtype_string(k_cache),
                        "), got ", dtype_string(*a));
@@ -47,10 +39,10 @@ KvScatterParams kv_scatter_params(const Array& k_cache, const Array& v_cache, co
   p.positions = positions.data();
   p.positions_int64 = pdt.bits == 64;
   p.element_size = k_cache.dtype().bits / 8;
-  copy_strides3(p.k_cache_strides, k_cache);
-  copy_strides3(p.v_cache_strides, v_cache);
-  copy_strides3(p.k_new_strides, k_new);
-  copy_strides3(p.v_new_strides, v_new);
+  copy_strides(p.k_cache_strides, k_cache);
+  copy_strides(p.v_cache_strides, v_cache);
+  copy_strides(p.k_new_strides, k_new);
+  copy_strides(p.v_new_strides, v_new);
   p.position_strides[0] = positions.stride(0);
   p.position_strides[1] = positions.stride(1);
 

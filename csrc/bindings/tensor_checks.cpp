@@ -59,6 +59,12 @@ void expect_device(const char* op, const char* name, const Array& a, int32_t dev
                      " tensor (DLPack device type ", a.device_type(), ")");
 }
 
+void expect_bhd_layout(const char* op, const char* name, const Array& a, int32_t device_type) {
+  expect_device(op, name, a, device_type);
+  expect_ndim(op, name, a, 4, "[B, L, H, D]");
+  expect_last_dim_contiguous(op, name, a);
+}
+
 void register_error_translator() {
   nb::register_exception_translator([](const std::exception_ptr& ptr, void*) {
     try {

@@ -36,6 +36,15 @@ void expect_shape(const char* op, const char* name, const Array& a,
 // ValueError unless the last dimension has stride 1 (or size <= 1).
 void expect_last_dim_contiguous(const char* op, const char* name, const Array& a);
 
+// A [B, L, H, D] tensor on `device_type` with a contiguous head_dim (device, rank, stride checks).
+void expect_bhd_layout(const char* op, const char* name, const Array& a, int32_t device_type);
+
+// Copies the first N element strides of `a` (e.g. batch, row, head of a [B, L, H, D] tensor).
+template <size_t N>
+void copy_strides(int64_t (&dst)[N], const Array& a) {
+  for (size_t i = 0; i < N; ++i) dst[i] = a.stride(i);
+}
+
 // Turns dlmfuse::Error into TypeError / ValueError / RuntimeError (call once per module).
 void register_error_translator();
 

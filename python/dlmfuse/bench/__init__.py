@@ -86,6 +86,16 @@ def add_arguments(parser: argparse.ArgumentParser, *, families: bool = True) -> 
                         help="device whose workloads run (default: cuda if available, else cpu)")
 
 
+def script_main(family: str, description: str) -> int:
+    """Entry point of the thin per-family scripts in bench/ (same flags as ``python -m dlmfuse
+    bench``, minus ``--only``)."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser, families=False)
+    args = parser.parse_args()
+    args.only = [family]
+    return main(args, command=reproducer(["python", sys.argv[0]], sys.argv[1:]))
+
+
 def main(args: argparse.Namespace, command: str) -> int:
     """Run the families selected by parsed ``args`` (from :func:`add_arguments`)."""
     device = resolve_device(args.device)
