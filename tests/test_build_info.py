@@ -99,3 +99,11 @@ def test_import_and_build_info_never_touch_the_gpu():
     )
     result = run_python("-c", code)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_order_infinity_is_one_constant():
+    """The extension exports ORDER_INFINITY; mask.py (torch-only, shared with the reference)
+    spells it INT32_MAX: both must agree."""
+    from dlmfuse import mask
+
+    assert dlmfuse.ORDER_INFINITY == mask.INT32_MAX == 2**31 - 1

@@ -12,7 +12,7 @@ Public API (contract: DESIGN.md):
     dlmfuse.build_info()               what this build contains
 """
 
-from ._ext import __version__, build_info
+from ._ext import ORDER_INFINITY, __version__, build_info
 from .mask import Mask
 from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
@@ -20,4 +20,4 @@ from .sampling import sample_tokens
 from .unmask import select_unmask
 from . import reference
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "build_info", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "build_info", "ORDER_INFINITY", "__version__"]

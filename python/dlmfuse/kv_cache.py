@@ -15,7 +15,7 @@ from torch import Tensor
 from . import _C, reference
 from ._ext import ORDER_INFINITY, _C_cuda
 from .attention import attention
-from .mask import Mask
+from .mask import INT32_MIN, Mask
 from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor,
                       needs_dispatcher)
 from ._ext import use_reference
@@ -112,7 +112,7 @@ class CacheView(NamedTuple):
 
 
 #: Group label of cache slots never written: no query may use it, so such slots stay invisible.
-UNWRITTEN_GROUP = -(2**31)
+UNWRITTEN_GROUP = INT32_MIN
 
 
 class KVCache:
