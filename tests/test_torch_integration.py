@@ -231,6 +231,7 @@ CUDA_CASES = [
     (1, 130, 130, 4, 4, 128, torch.float32, "causal"),
     (2, 96, 96, 2, 1, 64, torch.bfloat16, "bd3_train"),
     (2, 7, 130, 8, 2, 128, torch.bfloat16, "random"),
+    (3, 200, 333, 4, 2, 64, torch.float16, "random"),  # several query and key tiles, ragged ends
 ]
 
 
@@ -251,8 +252,10 @@ def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "simple"])  # bf16/fp16: tensor cores, or CUDA cores
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
-def test_cuda_matches_reference_and_cpu(case):
+def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
     q, k, v, kwargs = cuda_case_inputs(*case, device="cuda")
     out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
     assert out.is_cuda and lse.is_cuda

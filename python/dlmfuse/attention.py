@@ -8,6 +8,7 @@ the kernel directly.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -205,7 +206,9 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     detached = [None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)]
     if q.is_cuda:
-        _C_cuda.attention_forward(*detached, out, lse, scale, torch.cuda.current_stream(q.device).cuda_stream)
+        # DLMFUSE_CUDA_ATTENTION=simple forces the CUDA-core kernel (A/B checks of the tensor-core one).
+        tensor_cores = os.environ.get("DLMFUSE_CUDA_ATTENTION", "auto") != "simple"
+        _C_cuda.attention_forward(*detached, out, lse, scale, tensor_cores, torch.cuda.current_stream(q.device).cuda_stream)
     else:
         _C.attention_forward(*detached, out, lse, scale)
     return out, lse

@@ -13,6 +13,10 @@ namespace dlmfuse::cuda {
 // attention on tensor cores).
 cudaError_t attention_forward_simple(const AttentionParams& params, cudaStream_t stream);
 
+// Tensor-core kernel (mma.sync, sm_80+): bf16 / fp16, head_dim 64 / 128, rows 16-byte aligned.
+bool attention_sm80_supports(const AttentionParams& params);
+cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t stream);
+
 // Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
 cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);
 

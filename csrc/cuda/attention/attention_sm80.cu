@@ -1,0 +1,277 @@
+// Attention forward on tensor cores (sm_80 mma.sync; runs on A100 and H100), bf16 / fp16 in,
+// fp32 accumulation, head_dim 64 / 128. FlashAttention-2 structure:
+//
+//   CTA = 4 warps = 64 query rows of one (batch, head); warp w owns rows 16w .. 16w + 15.
+//   Q tile -> shared -> registers once. For each 64-key tile: the key labels are staged first and
+//   the tile is classified from their min/max (dlmfuse/visibility.h): SKIP tiles load nothing,
+//   FULL tiles skip the per-element rule. K and V tiles arrive by cp.async into XOR-swizzled
+//   shared memory; S = Q K^T with m16n8k16 MMAs, scale / bias / labels / kv_lens applied on the
+//   accumulator fragments, online softmax in base 2 per row (quad shuffles), then O += P V with P
+//   re-packed from the S fragments into A operands.
+//
+// Not yet: double-buffered K/V, split-KV for few query rows, GQA packing, sm_90 wgmma/TMA.
+#include "cuda/attention/attention.h"
+#include "cuda/attention/mma_sm80.cuh"
+#include "dlmfuse/online_softmax.h"
+#include "dlmfuse/visibility.h"
+
+namespace dlmfuse::cuda {
+namespace {
+
+using namespace sm80;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kBlockM = 16 * kWarps;  // query rows per CTA
+constexpr int kBlockN = 64;           // keys per tile
+
+// Element offset of (row, col) in a [rows][D] tile whose 16-byte chunks are XOR-swizzled by
+// row % 8, so that ldmatrix's 8 row addresses hit 8 different bank groups.
+template <int D>
+__device__ __forceinline__ int swizzled(int row, int col) {
+  return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
+}
+
+// rows x D tile from global (row stride in elements) into swizzled shared memory; rows at and
+// past `valid_rows` are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t row_stride, int rows,
+                                                int valid_rows) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+    const int row = c / kChunks, chunk = c % kChunks;
+    const bool valid = row < valid_rows;
+    const T* from = src + (valid ? row * row_stride + chunk * 8 : 0);
+    cp_async_16(smem_address(tile + swizzled<D>(row, chunk * 8)), from, valid ? 16 : 0);
+  }
+}
+
+__device__ __forceinline__ int warp_reduce_min(int x) {
+  for (int d = 16; d > 0; d /= 2) x = min(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+__device__ __forceinline__ int warp_reduce_max(int x) {
+  for (int d = 16; d > 0; d /= 2) x = max(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+__device__ __forceinline__ LabelRange warp_reduce(LabelRange r) {
+  return {warp_reduce_min(r.order_min), warp_reduce_max(r.order_max), warp_reduce_min(r.group_min),
+          warp_reduce_max(r.group_max)};
+}
+// Max / sum over the 4 lanes of a quad (the threads sharing a row of an MMA fragment).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+__device__ __forceinline__ float bias_at(const AttentionParams& p, int64_t offset) {
+  switch (p.bias_dtype) {
+    case DType::kBFloat16: return to_float(static_cast<const bf16_t*>(p.bias)[offset]);
+    case DType::kFloat16: return to_float(static_cast<const fp16_t*>(p.bias)[offset]);
+    default: return static_cast<const float*>(p.bias)[offset];
+  }
+}
+
+template <int D>
+constexpr int shared_bytes() {
+  return 3 * kBlockM * D * 2 + 2 * kBlockN * 4;  // Q, K, V tiles (16-bit) + key labels
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  T* q_tile = reinterpret_cast<T*>(shared_raw);  // [kBlockM, D] swizzled
+  T* k_tile = q_tile + kBlockM * D;              // [kBlockN, D]
+  T* v_tile = k_tile + kBlockN * D;              // [kBlockN, D]
+  int32_t* k_order = reinterpret_cast<int32_t*>(v_tile + kBlockN * D);  // [kBlockN]
+  int32_t* k_group = k_order + kBlockN;                                  // [kBlockN]
+  __shared__ LabelRange q_range;
+  __shared__ int tile_kind;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
+  const int q_rows = static_cast<int>(p.q_len - q0 < kBlockM ? p.q_len - q0 : kBlockM);
+  int64_t k_len = p.k_len;
+  if (p.kv_lens != nullptr) {
+    const int64_t len = p.kv_lens[b];
+    k_len = len < 0 ? 0 : (len < p.k_len ? len : p.k_len);
+  }
+
+  const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
+  const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
+  const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
+  load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kBlockM, q_rows);
+  cp_async_commit();
+
+  // The two fragment rows of this thread (tile-local) and their labels.
+  const int row_in_tile[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  int32_t q_order[2] = {0, 0}, q_group[2] = {0, 0};
+  if (p.has_labels) {
+    for (int r = 0; r < 2; ++r)
+      if (row_in_tile[r] < q_rows) {
+        q_order[r] = p.q_order.at(b, q0 + row_in_tile[r]);
+        q_group[r] = p.q_group.at(b, q0 + row_in_tile[r]);
+      }
+    if (warp == 0) {
+      LabelRange range = LabelRange::empty();
+      for (int i = lane; i < q_rows; i += 32) range.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
+      range = warp_reduce(range);
+      if (lane == 0) q_range = range;
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();
+
+  uint32_t q_frag[D / 16][4];
+  for (int ks = 0; ks < D / 16; ++ks)
+    ldmatrix_x4(q_frag[ks], smem_address(q_tile + swizzled<D>(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                              ks * 16 + (lane / 16) * 8)));
+
+  float o[D / 8][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const float score_scale = p.scale * kLog2e;
+
+  for (int64_t k0 = 0; k0 < k_len; k0 += kBlockN) {
+    const int cols = static_cast<int>(k_len - k0 < kBlockN ? k_len - k0 : kBlockN);
+    TileKind kind = TileKind::kFull;
+    if (p.has_labels) {
+      if (threadIdx.x < kBlockN) {
+        const bool valid = threadIdx.x < cols;
+        k_order[threadIdx.x] = valid ? p.k_order.at(b, k0 + threadIdx.x) : 0;
+        k_group[threadIdx.x] = valid ? p.k_group.at(b, k0 + threadIdx.x) : 0;
+      }
+      __syncthreads();
+      if (warp == 0) {
+        LabelRange range = LabelRange::empty();
+        for (int j = lane; j < cols; j += 32) range.add(k_order[j], k_group[j]);
+        range = warp_reduce(range);
+        if (lane == 0) tile_kind = static_cast<int>(classify_tile(q_range, range));
+      }
+      __syncthreads();
+      kind = static_cast<TileKind>(tile_kind);
+      if (kind == TileKind::kSkip) continue;  // uniform across the CTA
+    }
+    load_tile_async<T, D>(k_tile, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN, cols);
+    load_tile_async<T, D>(v_tile, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN, cols);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    // S = Q K^T: 16 x 64 per warp, eight n8 tiles.
+    float s[kBlockN / 8][4] = {};
+    for (int ks = 0; ks < D / 16; ++ks)
+      for (int pair = 0; pair < kBlockN / 16; ++pair) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, smem_address(k_tile + swizzled<D>(pair * 16 + (lane / 16) * 8 + lane % 8,
+                                                          ks * 16 + ((lane / 8) % 2) * 8)));
+        mma_16x8x16<T>(s[2 * pair], q_frag[ks], kb[0], kb[1]);
+        mma_16x8x16<T>(s[2 * pair + 1], q_frag[ks], kb[2], kb[3]);
+      }
+
+    // Scale, bias, visibility; then the online softmax of each of the thread's two rows.
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
+        bool visible = col < cols && row_in_tile[r] < q_rows;
+        if (visible && kind == TileKind::kPartial)
+          visible = is_visible(q_order[r], q_group[r], k_order[col], k_group[col]);
+        float x = s[nt][e] * score_scale;
+        if (visible && p.bias != nullptr)
+          x += kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
+                                       (q0 + row_in_tile[r]) * p.bias_strides[2] + (k0 + col) * p.bias_strides[3]);
+        s[nt][e] = visible ? x : -INFINITY;
+      }
+    for (int r = 0; r < 2; ++r) {
+      float tile_max = -INFINITY;
+      for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      const float m_new = fmaxf(row_max[r], quad_max(tile_max));
+      const float offset = softmax_offset(m_new);
+      float tile_sum = 0.0f;
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[nt][e] = exp2f(s[nt][e] - offset);
+          tile_sum += s[nt][e];
+        }
+      const float alpha = softmax_rescale(row_max[r], m_new);
+      row_sum[r] = row_sum[r] * alpha + quad_sum(tile_sum);
+      row_max[r] = m_new;
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][2 * r] *= alpha;
+        o[dt][2 * r + 1] *= alpha;
+      }
+    }
+
+    // O += P V: P's C fragments become A fragments, 16 keys per MMA k-step.
+    for (int kk = 0; kk < kBlockN / 16; ++kk) {
+      const uint32_t pa[4] = {MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                              MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                              MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      for (int pair = 0; pair < D / 16; ++pair) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, smem_address(v_tile + swizzled<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                                pair * 16 + (lane / 16) * 8)));
+        mma_16x8x16<T>(o[2 * pair], pa, vb[0], vb[1]);
+        mma_16x8x16<T>(o[2 * pair + 1], pa, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // the next tile overwrites k_tile, v_tile and the labels
+  }
+
+  for (int r = 0; r < 2; ++r) {
+    if (row_in_tile[r] >= q_rows) continue;
+    const float inv = softmax_inv_sum(row_sum[r]);
+    T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row_in_tile[r]) * p.out_strides[1] + h * p.out_strides[2];
+    for (int dt = 0; dt < D / 8; ++dt) {
+      const int col = dt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<uint32_t*>(out + col) = MmaType<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    }
+    if (lane % 4 == 0) p.lse[(b * p.q_heads + h) * p.q_len + q0 + row_in_tile[r]] = softmax_lse(row_max[r], row_sum[r]);
+  }
+}
+
+template <typename T, int D>
+cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int bytes = shared_bytes<D>();
+  auto kernel = attention_sm80_kernel<T, D>;
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (attr != cudaSuccess) return attr;
+  const dim3 grid(static_cast<unsigned>((p.q_len + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.q_heads),
+                  static_cast<unsigned>(p.batch));
+  kernel<<<grid, kThreads, bytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// cp.async moves 16 bytes: every row of q / k / v must start on a 16-byte boundary.
+bool rows_are_16_byte_aligned(const AttentionParams& p) {
+  const void* ptrs[] = {p.q, p.k, p.v};
+  const int64_t* strides[] = {p.q_strides, p.k_strides, p.v_strides};
+  for (int t = 0; t < 3; ++t) {
+    if (reinterpret_cast<uintptr_t>(ptrs[t]) % 16 != 0) return false;
+    for (int d = 0; d < 3; ++d)
+      if (strides[t][d] % 8 != 0) return false;  // 8 elements of 16 bits
+  }
+  return true;
+}
+
+}  // namespace
+
+bool attention_sm80_supports(const AttentionParams& p) {
+  return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
+         (p.head_dim == 64 || p.head_dim == 128) && rows_are_16_byte_aligned(p) &&
+         p.q_len <= static_cast<int64_t>(65535) * kBlockM && p.q_heads <= 65535 && p.batch <= 65535;
+}
+
+cudaError_t attention_forward_sm80(const AttentionParams& p, cudaStream_t stream) {
+  if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64>(p, stream) : launch_sm80<fp16_t, 64>(p, stream);
+  return bf16 ? launch_sm80<bf16_t, 128>(p, stream) : launch_sm80<fp16_t, 128>(p, stream);
+}
+
+}  // namespace dlmfuse::cuda
