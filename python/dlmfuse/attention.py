@@ -60,6 +60,10 @@ def attention(
         ``out [B, Lq, Hq, D]`` in q's dtype, or ``(out, lse)``. A row with no visible key gives
         output 0 and lse -inf. Differentiable w.r.t. q, k, v and bias.
 
+    Keys at index >= kv_lens[b] are never read. Keys hidden by labels or a -inf bias are still
+    read as whole tiles and enter with weight 0, so they must hold finite values (as with
+    FlashAttention); use kv_lens for uninitialised memory past the end.
+
     Example (sparse queries: only the masked rows of a sequence, attending to clean keys and
     themselves)::
 
