@@ -8,6 +8,8 @@ Public API (contract: DESIGN.md):
     dlmfuse.KVCache                    per-layer K/V cache with key labels and lengths
     dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
     dlmfuse.select_unmask(conf, cand)  which masked positions to unmask this step (k / threshold / factor)
+    dlmfuse.nn                         DenoiserAttention / DenoiserBlock / DenoiserLM layers
+    dlmfuse.integrations.transformers  attn_implementation="dlmfuse" for transformers models
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
 """
@@ -18,6 +20,6 @@ from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
 from .sampling import sample_tokens
 from .unmask import select_unmask
-from . import reference
+from . import integrations, nn, reference
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "build_info", "ORDER_INFINITY", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "integrations", "build_info", "ORDER_INFINITY", "__version__"]
