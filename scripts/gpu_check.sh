@@ -27,9 +27,15 @@ step() {  # step NAME SECONDS COMMAND...
 step info 60 python3 -m dlmfuse info
 step nvidia_smi 30 nvidia-smi
 # The tests import the installed wheel (PYTHONPATH), not the source tree.
-step pytest_cuda 240 python3 -m pytest -m cuda -q -p no:cacheprovider tests
+step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
+step pytest_cuda_simple_attn 60 env DLMFUSE_CUDA_ATTENTION=simple \
+  python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+# Sanitizers on small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
+sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_kv_cache.py tests/test_sampling.py"
 step sanitizer_memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_kv_cache.py -k "cuda and not graph"
+  python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
+step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
 step bench 240 python3 -m dlmfuse bench --quick --device cuda --json "$OUT/bench_cuda.jsonl"
 
 echo "== summary (logs in $OUT)"

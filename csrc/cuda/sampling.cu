@@ -178,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SamplingP
   const RowStats row_stats = block_merge(st, shared_stats);
 
   // Exact float64 re-scoring of every token within the margin of the best fp32 score.
-  const float floor = row_stats.best - score_margin(row_stats.best);
+  // A +inf best (a +inf logit) would make best - margin NaN: re-score every +inf token instead.
+  const float floor = row_stats.best == INFINITY ? INFINITY : row_stats.best - score_margin(row_stats.best);
   double exact = -INFINITY;
   int64_t exact_index = -1;
   auto consider = [&](int64_t j) {

@@ -40,7 +40,7 @@ _UNVERIFIED_CUDA_KERNELS = {
     "attention",  # CUDA-core baseline kernel; the tensor-core kernel is still to come
     "merge_attention",
     "kv_scatter_",
-    "sample_tokens",  # no top_k / top_p yet: those calls use the reference
+    "sample_tokens",  # no top_k / top_p, float64 logits or extreme T yet: those use the reference
 }
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"

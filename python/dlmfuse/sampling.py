@@ -156,11 +156,14 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
 def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, kind, tempered):
     lead_shape = logits.shape[:-1]
     filtered = top_k > 0 or top_p < 1.0
-    cuda_kernel = logits.is_cuda and not filtered and not use_reference("sample_tokens", logits.device)
+    # The CUDA kernel scores in fp32 with float64 re-scoring of the near-best tokens; float64
+    # logits and extreme temperatures (whose fp32 scores overflow) take the reference there.
+    fp32_safe = logits.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
+    cuda_kernel = logits.is_cuda and not filtered and fp32_safe and not use_reference("sample_tokens", logits.device)
     if not cuda_kernel:  # the CPU kernel and the reference take plain ints
         seed = seed if seed_tensor is None else int(seed_tensor.item())
         offset = offset if offset_tensor is None else int(offset_tensor.item())
-    if use_reference("sample_tokens", logits.device) or (logits.is_cuda and filtered):
+    if use_reference("sample_tokens", logits.device) or (logits.is_cuda and not cuda_kernel):
         ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
         tokens, conf = reference.sample_tokens(
             logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,

@@ -247,8 +247,12 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// cp.async moves 16 bytes: every row of q / k / v must start on a 16-byte boundary.
+// cp.async moves 16 bytes: every row of q / k / v must start on a 16-byte boundary; the epilogue
+// stores pairs of outputs as 4-byte words.
 bool rows_are_16_byte_aligned(const AttentionParams& p) {
+  if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (p.out_strides[d] % 2 != 0) return false;
   const void* ptrs[] = {p.q, p.k, p.v};
   const int64_t* strides[] = {p.q_strides, p.k_strides, p.v_strides};
   for (int t = 0; t < 3; ++t) {

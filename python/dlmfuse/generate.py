@@ -1,0 +1,277 @@
+"""dlmfuse.generate: the denoising loop around a step sampler (DESIGN.md section 5).
+
+The loop appends ``sampler.gen_length`` mask tokens to the prompts and calls ``sampler.step``
+until the sampler is done. Every network call asks the model only for the rows the step uses
+(``logits_for``); ragged prompts are left padded and their pad tokens are hidden from every query
+through the key labels (``Mask``), with positions counted from each row's first real token, so a
+padded row computes what it would compute alone.
+
+Cache modes (``cache=``):
+
+- ``"none"``: exact. Every call recomputes the whole sequence: the reference semantics of each
+  published sampler (LLaDA's ``generate`` token for token under greedy decoding).
+- ``"prefix"`` (Fast-dLLM PrefixCache): the first call of each block runs the whole sequence and
+  stores every K/V in a :class:`dlmfuse.KVCache`; later calls of the block recompute only the
+  block and what follows it, attending to the cached prefix.
+- ``"dual"`` (Fast-dLLM DualCache): as prefix, but later calls recompute only the current block;
+  the suffix K/V come from the block's first call too.
+
+Both cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.DenoiserLM`:
+``forward(input_ids, positions, mask, cache, logits_for)`` and ``config.num_layers``,
+``num_kv_heads``, ``head_dim``) and apply to samplers with blocks semantics (LLaDA, FastDLLM;
+Dream and MDLM treat the whole generation as one block, so only the prompt is cached).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from .kv_cache import KVCache
+from .mask import INT32_MAX, INT32_MIN, Mask
+from .samplers.base import Sampler, SamplerState, _check_seed
+
+__all__ = ["generate", "CACHE_MODES"]
+
+_OP = "generate"
+CACHE_MODES = ("none", "prefix", "dual")
+
+
+@torch.no_grad()
+def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler, *, cache: str = "none",
+             seed: int = 0, attention_mask: Optional[Tensor] = None, prompt_lens: Optional[Tensor] = None,
+             callback: Optional[Callable[[int, int, Tensor], None]] = None, progress: bool = False) -> Tensor:
+    """Generate ``sampler.gen_length`` tokens after each prompt.
+
+    Args:
+        model: ``model(input_ids, logits_for=rows) -> logits [B, n, V]`` (a
+            :class:`dlmfuse.nn.DenoiserLM` or any module with that forward; ``positions=`` and
+            ``mask=`` keywords are passed only for ragged prompts or samplers with their own
+            attention mask, ``cache=`` only in the cache modes).
+        prompt_ids: int64 ``[B, P]`` prompts, left padded when ragged.
+        sampler: a :mod:`dlmfuse.samplers` policy (LLaDA, FastDLLM, Dream, MDLM, EsoLM).
+        cache: ``"none"`` (exact), ``"prefix"`` or ``"dual"`` (see the module docstring).
+        seed: Philox key of every random draw (same seed, same tokens; see dlmfuse.samplers.base).
+        attention_mask: optional ``[B, P]`` (bool or 0/1 ints): 1 for real prompt tokens, 0 for
+            left padding.
+        prompt_lens: optional int ``[B]`` (or a list): the number of real tokens at the end of
+            each row (an alternative to attention_mask).
+        callback: called after every step as ``callback(step, total_steps, tokens)`` with the
+            number of steps done, the sampler's step count (an upper bound for FastDLLM) and the
+            current tokens ``[B, P + gen_length]`` (a live view: copy it to keep it).
+        progress: show a tqdm bar (only when tqdm is installed).
+
+    Returns:
+        int64 ``[B, P + gen_length]``: the prompts followed by the generated tokens.
+
+    Example::
+
+        >>> import torch, dlmfuse
+        >>> torch.manual_seed(0)
+        <torch._C.Generator object at ...>
+        >>> model = dlmfuse.nn.DenoiserLM(vocab_size=64, hidden_size=64, num_layers=1, num_heads=1,
+        ...                               num_kv_heads=1, intermediate_size=128)
+        >>> sampler = dlmfuse.samplers.LLaDA(steps=8, gen_length=8, block_length=4, mask_token_id=63)
+        >>> out = dlmfuse.generate(model, torch.randint(0, 63, (2, 5)), sampler)
+        >>> out.shape, bool((out[:, 5:] == 63).any())
+        (torch.Size([2, 13]), False)
+    """
+    prompt_ids = _check_prompt(prompt_ids)
+    if not isinstance(sampler, Sampler):
+        raise TypeError(f"{_OP}: sampler must be a dlmfuse.samplers sampler (LLaDA, FastDLLM, Dream, MDLM, EsoLM), "
+                        f"got {type(sampler).__name__}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"{_OP}: cache must be one of {list(CACHE_MODES)}, got {cache!r}")
+    if cache != "none" and not sampler.supports_block_cache:
+        raise ValueError(f"{_OP}: cache={cache!r} does not apply to {type(sampler).__name__} (use cache='none')")
+    seed = _check_seed(seed)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"{_OP}: callback must be callable, got {type(callback).__name__}")
+
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    valid_prompt = _prompt_validity(prompt_ids, attention_mask, prompt_lens)
+    if sampler.shift_logits and prompt_len > 0 and not bool(valid_prompt[:, -1].all()):
+        raise ValueError(f"{_OP}: {type(sampler).__name__} predicts each token from the previous column "
+                         "(shift_logits), so every row needs at least one prompt token")
+    if sampler.shift_logits and prompt_len == 0:
+        raise ValueError(f"{_OP}: {type(sampler).__name__} uses shift_logits and needs a prompt of length >= 1")
+
+    gen = torch.full((batch, sampler.gen_length), sampler.mask_token_id, dtype=torch.int64, device=device)
+    x = torch.cat([prompt_ids, gen], dim=1)
+    valid = torch.cat([valid_prompt, torch.ones_like(gen, dtype=torch.bool)], dim=1)
+    state = sampler.start(x, prompt_len, seed=seed)
+    runner = _Runner(model, sampler, state, valid, prompt_len, cache)
+
+    bar = _progress_bar(state.total_steps) if progress else None
+    try:
+        while not state.done:
+            sampler.step(state, runner.forward)
+            if callback is not None:
+                callback(state.step, state.total_steps, state.x)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return state.x
+
+
+class _Runner:
+    """Turns ``forward(rows, mask)`` requests of a sampler into model calls: padding labels,
+    positions, classifier-free guidance and the KV-cache modes."""
+
+    def __init__(self, model, sampler: Sampler, state: SamplerState, valid: Tensor, prompt_len: int, cache: str):
+        self.model, self.sampler, self.state, self.cache_mode = model, sampler, state, cache
+        batch, length = valid.shape
+        self.padded = not bool(valid.all())
+        device = valid.device
+        self.positions = (valid.cumsum(dim=1) - 1).clamp(min=0) if self.padded else \
+            torch.arange(length, device=device).expand(batch, length)
+        # Pad keys: order INT32_MAX (after every query) and a group no query uses.
+        self.pad_k_order = torch.where(valid, 0, INT32_MAX).to(torch.int32)
+        self.pad_k_group = torch.where(valid, 0, INT32_MIN).to(torch.int32)
+        self.prompt_cols = torch.zeros_like(valid)
+        self.prompt_cols[:, :prompt_len] = valid[:, :prompt_len]
+        self.guided = sampler.cfg_scale > 0
+        self.kv: Optional[KVCache] = None
+        self.cached_block = None
+
+    # -------------------------------------------------------------------------------- inputs
+    def _ids(self) -> Tensor:
+        x = self.state.x
+        if not self.guided:
+            return x
+        unconditional = torch.where(self.prompt_cols, self.sampler.mask_token_id, x)
+        return torch.cat([x, unconditional], dim=0)
+
+    def _twice(self, t: Tensor) -> Tensor:
+        return torch.cat([t, t], dim=0) if self.guided else t
+
+    def _full_mask(self, mask: Optional[Mask]) -> Optional[Mask]:
+        """The sampler's mask (or bidirectional) with the pad keys hidden; None when neither."""
+        if mask is None and not self.padded:
+            return None
+        batch, length = self.state.x.shape
+        if mask is None:
+            zeros = torch.zeros((1, length), dtype=torch.int32, device=self.state.x.device)
+            mask = Mask(zeros, zeros, zeros, zeros)
+        if self.padded:
+            k_order = torch.where(self.pad_k_order == 0, mask.k_order.expand(batch, -1), self.pad_k_order)
+            k_group = torch.where(self.pad_k_group == 0, mask.k_group.expand(batch, -1), self.pad_k_group)
+            mask = Mask(mask.q_order, mask.q_group, k_order, k_group)
+        if self.guided:
+            mask = Mask(*(self._twice(t.expand(batch, -1)) for t in (mask.q_order, mask.q_group, mask.k_order,
+                                                                       mask.k_group)))
+        return mask
+
+    # ------------------------------------------------------------------------------- forward
+    def forward(self, rows: Tensor, mask: Optional[Mask] = None) -> Tensor:
+        """Logits ``[B, n, V]`` of ``rows`` (int64 ``[B, n]`` columns) for the current tokens."""
+        if self.cache_mode == "none" or (mask is not None):
+            logits = self._call(self._ids(), self._twice(rows), mask=self._full_mask(mask),
+                                positions=self.positions if self.padded else None)
+        else:
+            logits = self._cached(rows)
+        if not self.guided:
+            return logits
+        cond, uncond = logits.chunk(2, dim=0)
+        return uncond + (self.sampler.cfg_scale + 1) * (cond - uncond)
+
+    def _call(self, ids: Tensor, rows: Tensor, **kwargs) -> Tensor:
+        kwargs = {name: value for name, value in kwargs.items() if value is not None}
+        if "positions" in kwargs:
+            kwargs["positions"] = self._twice(kwargs["positions"])
+        return self.model(ids, logits_for=rows, **kwargs)
+
+    def _cached(self, rows: Tensor) -> Tensor:
+        ids = self._ids()
+        if self.kv is None:
+            self.kv = _new_cache(self.model, ids.shape[0], ids.shape[1], self.cache_mode)
+        block = self.state.block
+        if block != self.cached_block:  # refresh: the whole sequence, every K/V stored
+            self.kv.reset()
+            self.cached_block = block
+            return self._call(ids, self._twice(rows), mask=self._full_mask(None), positions=self.positions,
+                              cache=self.kv)
+        start = block[0] - (1 if self.sampler.shift_logits else 0)
+        end = block[1] if self.cache_mode == "dual" else ids.shape[1]
+        return self._call(ids[:, start:end], self._twice(rows) - start, positions=self.positions[:, start:end],
+                          cache=self.kv)
+
+
+def _new_cache(model, batch: int, length: int, mode: str) -> KVCache:
+    config = getattr(model, "config", None)
+    needed = ("num_layers", "num_kv_heads", "head_dim")
+    if config is None or not all(hasattr(config, name) for name in needed):
+        raise TypeError(f"{_OP}: cache={mode!r} needs a model with dlmfuse's KV-cache protocol "
+                        f"(dlmfuse.nn.DenoiserLM: config.num_layers / num_kv_heads / head_dim and a cache= "
+                        f"forward argument); got {type(model).__name__}")
+    parameter = next(model.parameters())
+    return KVCache(config.num_layers, batch, length, config.num_kv_heads, config.head_dim,
+                   dtype=parameter.dtype, device=parameter.device)
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="dlmfuse.generate", unit="step")
+
+
+# ---------------------------------------------------------------------------------- arguments
+def _check_prompt(prompt_ids) -> Tensor:
+    if not isinstance(prompt_ids, Tensor):
+        raise TypeError(f"{_OP}: prompt_ids must be a torch.Tensor, got {type(prompt_ids).__name__}")
+    if prompt_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{_OP}: prompt_ids must be int64 (or int32), got {prompt_ids.dtype}")
+    if prompt_ids.dim() != 2 or prompt_ids.shape[0] == 0:
+        raise ValueError(f"{_OP}: prompt_ids must have shape [B, P] with B >= 1, got {list(prompt_ids.shape)}")
+    if prompt_ids.numel() and int(prompt_ids.min()) < 0:
+        raise ValueError(f"{_OP}: prompt_ids must be token ids >= 0, got {int(prompt_ids.min())}")
+    return prompt_ids.to(torch.int64)
+
+
+def _prompt_validity(prompt_ids: Tensor, attention_mask, prompt_lens) -> Tensor:
+    """bool ``[B, P]``: True at the real prompt tokens (left padding before them)."""
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    if attention_mask is not None and prompt_lens is not None:
+        raise ValueError(f"{_OP}: give attention_mask or prompt_lens, not both")
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"{_OP}: attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dtype.is_floating_point or attention_mask.dtype.is_complex:
+            raise TypeError(f"{_OP}: attention_mask must be bool or integer 0/1, got {attention_mask.dtype}")
+        if tuple(attention_mask.shape) != (batch, prompt_len):
+            raise ValueError(f"{_OP}: attention_mask must have the prompt's shape {[batch, prompt_len]}, "
+                             f"got {list(attention_mask.shape)}")
+        mask = attention_mask.to(device)
+        if mask.dtype != torch.bool:
+            if bool(((mask != 0) & (mask != 1)).any()):
+                raise ValueError(f"{_OP}: attention_mask must hold 0 and 1 only, got values "
+                                 f"{sorted(set(mask.unique().tolist()))}")
+            mask = mask.bool()
+        if prompt_len > 1 and bool((mask[:, 1:] < mask[:, :-1]).any()):
+            row = int((mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero()[0])
+            raise ValueError(f"{_OP}: attention_mask must be left padding (zeros, then ones) in every row; "
+                             f"row {row} is {mask[row].int().tolist()}")
+        return mask
+    if prompt_lens is not None:
+        if isinstance(prompt_lens, Tensor):
+            if prompt_lens.dtype.is_floating_point or prompt_lens.dtype == torch.bool:
+                raise TypeError(f"{_OP}: prompt_lens must hold integers, got {prompt_lens.dtype}")
+            lens = prompt_lens.reshape(-1).tolist()
+        else:
+            lens = list(prompt_lens)
+        if len(lens) != batch or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in lens):
+            raise ValueError(f"{_OP}: prompt_lens must be {batch} ints, got {lens}")
+        if any(not 0 <= n <= prompt_len for n in lens):
+            raise ValueError(f"{_OP}: prompt_lens must lie in [0, P={prompt_len}], got {lens}")
+        lens_t = torch.tensor(lens, device=device).unsqueeze(1)
+        return torch.arange(prompt_len, device=device).unsqueeze(0) >= prompt_len - lens_t
+    return torch.ones((batch, prompt_len), dtype=torch.bool, device=device)
