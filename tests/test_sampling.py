@@ -621,3 +621,18 @@ def test_cuda_graph_capture_with_seed_offset_tensors(extra):
         expected, expected_conf = dlmfuse.sample_tokens(logits.cpu(), temperature=1.0, seed=2024, offset=step, **extra)
         assert torch.equal(tokens.cpu(), expected), f"replay with offset {step} differs from the CPU tokens"
         torch.testing.assert_close(conf.cpu(), expected_conf, rtol=CONF_RTOL, atol=CONF_ATOL)
+
+
+@pytest.mark.cuda
+def test_cuda_extreme_inputs_give_the_cpu_tokens():
+    """Inputs whose fp32 scores overflow (tiny T, +inf logits, huge logits) must not give -1."""
+    cases = (
+        (torch.tensor([[0.0, 1.0, 2.0]]), 1e-40),
+        (torch.tensor([[0.0, float("inf"), 1.0, float("inf")]]), 1.0),
+        (torch.randn(4, 1000, generator=torch.Generator().manual_seed(0)) * 1e4, 1.0),
+        (torch.tensor([[1e300, -1e300, 0.0]], dtype=torch.float64), 1.0),
+    )
+    for logits, temperature in cases:
+        cpu_tokens, _ = dlmfuse.sample_tokens(logits, temperature=temperature, seed=3)
+        cuda_tokens, _ = dlmfuse.sample_tokens(logits.cuda(), temperature=temperature, seed=3)
+        assert torch.equal(cpu_tokens, cuda_tokens.cpu()), (logits, temperature)
