@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# One device run (DEVICE.md): install the prebuilt wheel from .whl/, run the CUDA tests with the
-# not-yet-verified CUDA kernels enabled, compute-sanitizer on a subset, then the benchmarks.
-# Everything it produces goes under $OUT (default ./gpu_out). Each step has its own timeout so
-# one hang cannot eat the budget; the summary table is printed last.
+# Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
+# then, with the not-yet-verified CUDA kernels enabled:
+#   bash scripts/gpu_check.sh tests   CUDA tests (both attention kernels, forced split-KV), sanitizers
+#   bash scripts/gpu_check.sh bench   the benchmarks, JSONL for bench/results/
+#   bash scripts/gpu_check.sh all     both (only when one call may take ~9 minutes)
+# Everything goes under $OUT (default ./gpu_out). Each step has its own timeout so one hang cannot
+# eat the 15-minute budget; the summary table is printed last.
 #
-#   device tool: run(command="bash scripts/gpu_check.sh", carry=[".whl"], timeout_s=540)
+#   device tool: run(command="bash scripts/gpu_check.sh tests", carry=[".whl"], timeout_s=420)
 set -uo pipefail
+mode="${1:-tests}"
+case "$mode" in tests | bench | all) ;; *) echo "usage: $0 tests|bench|all" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
@@ -26,17 +31,29 @@ step() {  # step NAME SECONDS COMMAND...
 
 step info 60 python3 -m dlmfuse info
 step nvidia_smi 30 nvidia-smi
+if [[ "$mode" != bench ]]; then
 # The tests import the installed wheel (PYTHONPATH), not the source tree.
 step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
 step pytest_cuda_simple_attn 60 env DLMFUSE_CUDA_ATTENTION=simple \
+  python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+# The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) again with split-KV forced
+# (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS).
+step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
   python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
 # Sanitizers on small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
 sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_kv_cache.py tests/test_sampling.py"
 step sanitizer_memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
   python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
+# Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
+step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  python3 -m pytest -m cuda -q -x -p no:cacheprovider -k "not Lk2048" \
+  tests/test_torch_integration.py::test_cuda_split_kv_matches_reference_and_cpu
 step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
   python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
-step bench 240 python3 -m dlmfuse bench --quick --device cuda --json "$OUT/bench_cuda.jsonl"
+fi
+if [[ "$mode" != tests ]]; then
+  step bench 300 python3 -m dlmfuse bench --quick --device cuda --json "$OUT/bench_cuda.jsonl"
+fi
 
 echo "== summary (logs in $OUT)"
 printf '%s\n' "${status[@]}"

@@ -319,3 +319,156 @@ def test_cuda_graph_capture_and_replay():
         torch.testing.assert_close(out, expected[0])
         torch.testing.assert_close(lse, expected[1])
         check_attention(out, q, k, v, lse=lse, mask=new, bias=bias, kv_lens=kv_lens)
+
+
+# ------------------------------------------------------------------------------ split-KV (CUDA)
+needs_cuda_build = pytest.mark.skipif(dlmfuse._ext._C_cuda is None, reason="needs the CUDA extension (nvcc build)")
+
+
+@needs_cuda_build
+def test_split_heuristic():
+    """attention_num_splits: shapes only; splits only grids too small for the GPU, at least two key
+    tiles per split, never past ATTENTION_MAX_SPLITS or gridDim.z."""
+    splits, most = dlmfuse._ext._C_cuda.attention_num_splits, dlmfuse._ext._C_cuda.ATTENTION_MAX_SPLITS
+    # (B, Hq, Lq, Lk, D, SMs) -> S: A4 sparse steps on an H100 (132 SMs) and an A100 (108 SMs)
+    assert splits(8, 32, 32, 2048, 128, 132) == 2
+    assert splits(8, 32, 32, 2048, 128, 108) == 2
+    assert splits(1, 32, 32, 2048, 128, 132) == most  # 32 CTAs: split as far as allowed
+    for Lq in (128, 512, 2048):  # enough CTAs already: no split, no workspace
+        assert splits(8, 32, Lq, 2048, 128, 132) == 1
+    assert splits(1, 32, 2048, 2048, 128, 132) == 1  # A1 dense
+    assert splits(1, 1, 1, 64, 128, 132) == 1  # one key tile
+    assert splits(1, 1, 1, 256, 64, 132) == 2  # four key tiles: two per split
+    assert splits(1, 1, 1, 2048, 96, 132) == 1  # no tensor-core kernel for head_dim 96
+    for args in ((0, 32, 32, 2048, 128, 132), (8, 32, 0, 2048, 128, 132), (8, 32, 32, 0, 128, 132),
+                 (8, 32, 32, 2048, 128, 0)):
+        assert splits(*args) == 1
+    assert splits(40000, 1, 1, 1 << 20, 128, 1 << 20) == 1  # batch * S must fit gridDim.z
+    for B in (1, 2, 5, 8, 64):
+        for Lq in (1, 8, 65, 128):
+            for Lk in (1, 63, 130, 1025, 4096):
+                S = splits(B, 8, Lq, Lk, 64, 132)
+                assert 1 <= S <= most and (S == 1 or 2 * 64 * (S - 1) < Lk), (B, Lq, Lk, S)
+
+
+@needs_cuda_build
+def test_split_count_override(monkeypatch):
+    q, k, _ = make(1, 4, 300, 2, 2, 64, torch.bfloat16)
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", "3")
+    assert attention_module.cuda_num_splits(q, k) == 3
+    assert attention_module.cuda_num_splits(q.float(), k.float()) == 1  # fp32: CUDA-core kernel
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "simple")
+    assert attention_module.cuda_num_splits(q, k) == 1
+    monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
+    for bad in ("0", "17", "two", "-1"):
+        monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", bad)
+        with pytest.raises(ValueError, match="DLMFUSE_ATTENTION_SPLITS"):
+            attention_module.cuda_num_splits(q, k)
+
+
+@pytest.fixture
+def split_calls(monkeypatch):
+    """Runs the native CUDA attention (DLMFUSE_CUDA_KERNELS=1) and records the num_splits and
+    workspace shapes of each call."""
+    _C_cuda = dlmfuse._ext._C_cuda
+    monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "auto")
+    calls, forward = [], _C_cuda.attention_forward
+
+    def recording(*args, num_splits=1, partial_out=None, partial_lse=None, **kwargs):
+        calls.append((num_splits, None if partial_out is None else tuple(partial_out.shape),
+                      None if partial_lse is None else tuple(partial_lse.shape)))
+        return forward(*args, num_splits=num_splits, partial_out=partial_out, partial_lse=partial_lse, **kwargs)
+
+    monkeypatch.setattr(_C_cuda, "attention_forward", recording)
+    return calls
+
+
+def sparse_step_inputs(B, n, Lk, Hq, Hkv, D, dtype, device, seed=0):
+    """A sparse mask-only step: n masked rows per sequence attend to the clean keys and themselves;
+    kv_lens ragged (Lk, a non-multiple of 64, 0, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = make(B, n, Lk, Hq, Hkv, D, dtype, device, seed)
+    is_clean = torch.rand(B, Lk, generator=g) < 0.5
+    rows = torch.stack([torch.randperm(Lk, generator=g)[:n].sort().values for _ in range(B)])
+    is_clean.scatter_(1, rows, False)
+    mask = Mask.clean_and_self(is_clean).gather_queries(rows).to(device)
+    lens = [Lk, max(1, Lk - 100), 0, Lk // 3][:B]
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    return q, k, v, dict(mask=mask, kv_lens=kv_lens)
+
+
+SPLIT_CASES = [
+    # (B, n, Lk, Hq, Hkv, D, dtype)
+    (2, 5, 333, 4, 2, 64, torch.float16),  # ragged keys, GQA
+    (3, 97, 1025, 8, 1, 128, torch.bfloat16),  # two query tiles, MQA, a batch with kv_lens 0
+    (4, 32, 2048, 8, 8, 128, torch.bfloat16),  # A4-shaped rows (fewer heads)
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", [1, 3, 8])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[f"B{c[0]}-n{c[1]}-Lk{c[2]}-D{c[5]}" for c in SPLIT_CASES])
+def test_cuda_split_kv_matches_reference_and_cpu(case, splits, split_calls, monkeypatch):
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", str(splits))
+    B, n, Lk, Hq, Hkv, D, dtype = case
+    q, k, v, kwargs = sparse_step_inputs(*case, device="cuda")
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    workspace = None if splits == 1 else ((splits, B, Hq, n, D), (splits, B, Hq, n))
+    assert split_calls == [(splits, *(workspace or (None, None)))]
+    check_attention(out, q, k, v, lse=lse, **kwargs)
+    assert torch.equal(out[2:3], torch.zeros_like(out[2:3])) and torch.isneginf(lse[2:3]).all()
+    cpu_kwargs = {name: t.to("cpu") for name, t in kwargs.items()}
+    cpu_out, cpu_lse = dlmfuse.attention(q.cpu(), k.cpu(), v.cpu(), return_lse=True, **cpu_kwargs)
+    tol = 2 ** -6
+    torch.testing.assert_close(out.cpu().double(), cpu_out.double(), rtol=tol, atol=tol * float(cpu_out.abs().max()))
+    finite = torch.isfinite(cpu_lse)
+    assert torch.equal(finite, torch.isfinite(lse.cpu()))
+    torch.testing.assert_close(lse.cpu()[finite], cpu_lse[finite], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_cuda_split_kv_heuristic_splits_few_rows(split_calls, monkeypatch):
+    """Without the override, a one-sequence sparse step (32 CTAs) is split, and agrees with the
+    unsplit kernel."""
+    monkeypatch.delenv("DLMFUSE_ATTENTION_SPLITS", raising=False)
+    q, k, v, kwargs = sparse_step_inputs(1, 32, 2048, 32, 32, 128, torch.bfloat16, "cuda")
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    assert split_calls[0][0] > 1, split_calls
+    check_attention(out, q, k, v, lse=lse, **kwargs)
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", "1")
+    one_out, one_lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    torch.testing.assert_close(out, one_out, rtol=2 ** -7, atol=2 ** -7 * float(one_out.abs().max()))
+    torch.testing.assert_close(lse, one_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_split_kv_graph_capture_and_replay(split_calls, monkeypatch):
+    """The workspace is allocated inside the capture (graph pool); replays with new labels and
+    kv_lens recompute."""
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", "4")
+    B, n, Lk = 2, 16, 520
+    q, k, v, kwargs = sparse_step_inputs(B, n, Lk, 4, 2, 64, torch.bfloat16, "cuda")
+    mask, kv_lens = kwargs["mask"], kwargs["kv_lens"]
+
+    def step():
+        return dlmfuse.attention(q, k, v, mask=mask, kv_lens=kv_lens, return_lse=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    assert all(call[0] == 4 for call in split_calls), split_calls
+
+    for trial in range(2):
+        _, _, _, new = sparse_step_inputs(B, n, Lk, 4, 2, 64, torch.bfloat16, "cuda", seed=10 + trial)
+        for name in ("q_order", "q_group", "k_order", "k_group"):
+            getattr(mask, name).copy_(getattr(new["mask"], name))
+        kv_lens.copy_(torch.tensor([Lk - 7 * trial, 64 + trial], dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_attention(out, q, k, v, lse=lse, mask=new["mask"], kv_lens=kv_lens)

@@ -1,5 +1,5 @@
-// nanobind entry points of the attention family on CUDA: one launch on the caller's stream,
-// no allocation, no host sync.
+// nanobind entry points of the attention family on CUDA: one launch on the caller's stream (two
+// with split-KV: the kernel, then the merge), no allocation, no host sync.
 #include "bindings/attention_args.h"
 #include "bindings/cuda_common.h"
 #include "cuda/attention/attention.h"
@@ -7,17 +7,52 @@
 namespace dlmfuse::bindings {
 namespace {
 
+// Split-KV workspace (Python allocates it when num_splits > 1): float32, contiguous, on CUDA.
+void set_split_workspace(AttentionParams& p, int num_splits, const std::optional<Array>& partial_out,
+                         const std::optional<Array>& partial_lse) {
+  constexpr const char* op = "attention";
+  if (num_splits < 1 || num_splits > cuda::kAttentionMaxSplits)
+    throw_value_error(op, ": num_splits must lie in [1, ", cuda::kAttentionMaxSplits, "], got ", num_splits);
+  p.num_splits = num_splits;
+  if (num_splits == 1) return;
+  if (!partial_out.has_value() || !partial_lse.has_value())
+    throw_value_error(op, ": num_splits=", num_splits, " needs the partial_out and partial_lse workspaces");
+  const int64_t S = num_splits;
+  const std::pair<const char*, const Array*> workspaces[] = {{"partial_out", &*partial_out},
+                                                             {"partial_lse", &*partial_lse}};
+  for (const auto& [name, a] : workspaces) {
+    expect_device(op, name, *a, nb::device::cuda::value);
+    expect_dtype(op, name, *a, nb::dlpack::dtype_code::Float, 32, "float32");
+  }
+  expect_shape(op, "partial_out", *partial_out, {S, p.batch, p.q_heads, p.q_len, p.head_dim});
+  expect_shape(op, "partial_lse", *partial_lse, {S, p.batch, p.q_heads, p.q_len});
+  for (const auto& [name, a] : workspaces) {
+    int64_t expected = 1;
+    for (size_t d = a->ndim(); d-- > 0;) {
+      if (a->shape(d) > 1 && a->stride(d) != expected)
+        throw_value_error(op, ": ", name, " must be contiguous, got stride ", a->stride(d), " in dim ", d,
+                          " of shape ", shape_string(*a));
+      expected *= static_cast<int64_t>(a->shape(d));
+    }
+  }
+  p.partial_out = static_cast<float*>(partial_out->data());
+  p.partial_lse = static_cast<float*>(partial_lse->data());
+}
+
 void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> q_group, std::optional<Array> k_order,
                        std::optional<Array> k_group, std::optional<Array> bias,
                        std::optional<Array> kv_lens, Array out, Array lse, float scale,
-                       bool tensor_cores, uint64_t stream) {
-  const AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias,
-                                             kv_lens, out, lse, scale, nb::device::cuda::value);
+                       bool tensor_cores, uint64_t stream, int num_splits,
+                       std::optional<Array> partial_out, std::optional<Array> partial_lse) {
+  AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens,
+                                       out, lse, scale, nb::device::cuda::value);
+  set_split_workspace(p, num_splits, partial_out, partial_lse);
   CudaDeviceGuard guard(q.device_id());
   if (tensor_cores && cuda::attention_sm80_supports(p))
-    check_launch(cuda::attention_forward_sm80(p, as_stream(stream)), "attention", "attention_sm80_kernel");
-  else
+    check_launch(cuda::attention_forward_sm80(p, as_stream(stream)), "attention",
+                 p.num_splits > 1 ? "attention_sm80_kernel (split-KV) / merge_splits_kernel" : "attention_sm80_kernel");
+  else  // the CUDA-core kernel ignores the split workspace
     check_launch(cuda::attention_forward_simple(p, as_stream(stream)), "attention", "attention_simple_kernel");
 }
 
@@ -35,9 +70,17 @@ void register_cuda_attention(nb::module_& m) {
         nb::arg("q_order").none(), nb::arg("q_group").none(), nb::arg("k_order").none(),
         nb::arg("k_group").none(), nb::arg("bias").none(), nb::arg("kv_lens").none(),
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("scale"),
-        nb::arg("tensor_cores"), nb::arg("stream"),
+        nb::arg("tensor_cores"), nb::arg("stream"), nb::arg("num_splits") = 1,
+        nb::arg("partial_out").none() = nb::none(), nb::arg("partial_lse").none() = nb::none(),
         "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] on CUDA (tensor cores for bf16 / fp16 when "
-        "tensor_cores and the layout allows; else the CUDA-core kernel). Use dlmfuse.attention.");
+        "tensor_cores and the layout allows; else the CUDA-core kernel). num_splits > 1 splits the "
+        "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
+        "partial_lse [S, B, Hq, Lq], S = num_splits). Use dlmfuse.attention.");
+  m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
+        nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"),
+        "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "
+        "(1: no split, no workspace).");
+  m.attr("ATTENTION_MAX_SPLITS") = cuda::kAttentionMaxSplits;
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("stream"),
         "Fills out and lse with the exact merge of two partial attentions on CUDA.");

@@ -7,6 +7,7 @@ the kernel directly.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional, Tuple
@@ -29,6 +30,7 @@ from ._ext import ATTENTION_HEAD_DIMS, _C_cuda, use_reference
 from .mask import Mask
 
 _OP = "attention"
+_SPLITS_ENV = "DLMFUSE_ATTENTION_SPLITS"  # forces the CUDA split-KV count (see cuda_num_splits)
 
 
 def attention(
@@ -210,12 +212,42 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     detached = [None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)]
     if q.is_cuda:
-        # DLMFUSE_CUDA_ATTENTION=simple forces the CUDA-core kernel (A/B checks of the tensor-core one).
-        tensor_cores = os.environ.get("DLMFUSE_CUDA_ATTENTION", "auto") != "simple"
-        _C_cuda.attention_forward(*detached, out, lse, scale, tensor_cores, torch.cuda.current_stream(q.device).cuda_stream)
+        splits = cuda_num_splits(q, k)
+        workspace = {}
+        if splits > 1:  # split-KV: each split's partial (out, lse) in float32, merged by the kernel
+            workspace = dict(partial_out=torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device),
+                             partial_lse=torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device))
+        _C_cuda.attention_forward(*detached, out, lse, scale, _cuda_tensor_cores(),
+                                  torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits, **workspace)
     else:
         _C.attention_forward(*detached, out, lse, scale)
     return out, lse
+
+
+def _cuda_tensor_cores() -> bool:
+    """DLMFUSE_CUDA_ATTENTION=simple forces the CUDA-core kernel (A/B checks of the tensor-core one)."""
+    return os.environ.get("DLMFUSE_CUDA_ATTENTION", "auto") != "simple"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def cuda_num_splits(q: Tensor, k: Tensor) -> int:
+    """Split-KV count the CUDA attention uses for q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]``:
+    the extension's heuristic (shapes and the SM count only, no host sync), or
+    ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run."""
+    if q.dtype not in (torch.bfloat16, torch.float16) or not _cuda_tensor_cores():
+        return 1
+    B, Lq, Hq, D = q.shape
+    override = os.environ.get(_SPLITS_ENV, "")
+    if override:
+        most = _C_cuda.ATTENTION_MAX_SPLITS
+        if not override.isdigit() or not 1 <= int(override) <= most:
+            raise ValueError(f"{_OP}: {_SPLITS_ENV} must be an integer in [1, {most}], got {override!r}")
+        return int(override)
+    return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index))
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b):

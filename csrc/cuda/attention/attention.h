@@ -14,8 +14,18 @@ namespace dlmfuse::cuda {
 cudaError_t attention_forward_simple(const AttentionParams& params, cudaStream_t stream);
 
 // Tensor-core kernel (mma.sync, sm_80+): bf16 / fp16, head_dim 64 / 128, rows 16-byte aligned.
+// With params.num_splits > 1 it splits each row's key range and merges the partials (split-KV).
 bool attention_sm80_supports(const AttentionParams& params);
 cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t stream);
+
+// Most key splits one call may use (the merge kernel keeps one split per lane of a warp).
+constexpr int kAttentionMaxSplits = 16;
+
+// Split count for the tensor-core kernel from the shapes alone (no host sync): enough CTAs for
+// about two waves on `sm_count` SMs, at least two key tiles per split, 1 when splitting cannot
+// help. Python sizes the workspace (AttentionParams::partial_out / partial_lse) from it.
+int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
+                         int sm_count);
 
 // Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
 cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);

@@ -9,11 +9,19 @@
 //   accumulator fragments, online softmax in base 2 per row (quad shuffles), then O += P V with P
 //   re-packed from the S fragments into A operands.
 //
-// Not yet: double-buffered K/V, split-KV for few query rows, GQA packing, sm_90 wgmma/TMA.
+// Split-KV (flash-decoding) for calls with few query rows: with num_splits = S > 1 the grid gains
+// S CTAs per (batch, head, query tile), split s attending to its own run of key tiles of the row's
+// kv_lens-clamped key range; each writes its normalised partial (out_s, lse_s) in fp32 to the
+// workspace, and merge_splits_kernel combines the S partials exactly (the S-part generalisation of
+// merge_weights in dlmfuse/online_softmax.h) into out and lse.
+//
+// Not yet: double-buffered K/V, GQA packing, sm_90 wgmma/TMA.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/mma_sm80.cuh"
 #include "dlmfuse/online_softmax.h"
 #include "dlmfuse/visibility.h"
+
+#include <type_traits>
 
 namespace dlmfuse::cuda {
 namespace {
@@ -24,6 +32,19 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kBlockM = 16 * kWarps;  // query rows per CTA
 constexpr int kBlockN = 64;           // keys per tile
+
+// Grid: (query tiles, q_heads, batch * num_splits), each dim kept within 65535 (CUDA's cap on y, z).
+constexpr int64_t kMaxGridDim = 65535;
+// Split-KV heuristic: the split count that brings the grid nearest to this many CTAs per SM (two
+// waves: at D = 128 the kernel's ~217 registers per thread keep 2 CTAs resident per SM), with at
+// least this many key tiles per split (each split also writes and the merge reads 64 x D floats).
+constexpr int64_t kSplitTargetCtasPerSm = 4;
+constexpr int64_t kSplitMinKeyTiles = 2;
+// Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
+constexpr int kMergeWarps = 4;
+static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per lane");
+
+DLMFUSE_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Element offset of (row, col) in a [rows][D] tile whose 16-byte chunks are XOR-swizzled by
 // row % 8, so that ldmatrix's 8 row addresses hit 8 different bank groups.
@@ -54,6 +75,14 @@ __device__ __forceinline__ int warp_reduce_max(int x) {
   for (int d = 16; d > 0; d /= 2) x = max(x, __shfl_xor_sync(0xffffffffu, x, d));
   return x;
 }
+__device__ __forceinline__ float warp_reduce_max(float x) {
+  for (int d = 16; d > 0; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+__device__ __forceinline__ float warp_reduce_sum(float x) {
+  for (int d = 16; d > 0; d /= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
+  return x;
+}
 __device__ __forceinline__ LabelRange warp_reduce(LabelRange r) {
   return {warp_reduce_min(r.order_min), warp_reduce_max(r.order_max), warp_reduce_min(r.group_min),
           warp_reduce_max(r.group_max)};
@@ -76,6 +105,24 @@ __device__ __forceinline__ float bias_at(const AttentionParams& p, int64_t offse
   }
 }
 
+// Split-KV epilogue: the normalised partial out_s = O / l (0 for an empty row) and lse_s of the
+// thread's two fragment rows, fp32, at workspace row `row0 + row_in_tile` ([S, B, Hq, Lq] order).
+template <int D>
+__device__ __forceinline__ void write_partial(const AttentionParams& p, const float (&o)[D / 8][4],
+                                              const float (&row_max)[2], const float (&row_sum)[2],
+                                              int64_t row0, const int (&row_in_tile)[2], int q_rows, int lane) {
+  for (int r = 0; r < 2; ++r) {
+    if (row_in_tile[r] >= q_rows) continue;
+    const int64_t row = row0 + row_in_tile[r];
+    const float inv = softmax_inv_sum(row_sum[r]);
+    float* out = p.partial_out + row * D;
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<float2*>(out + dt * 8 + 2 * (lane % 4)) =
+          make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    if (lane % 4 == 0) p.partial_lse[row] = softmax_lse(row_max[r], row_sum[r]);
+  }
+}
+
 template <int D>
 constexpr int shared_bytes() {
   return 3 * kBlockM * D * 2 + 2 * kBlockN * 4;  // Q, K, V tiles (16-bit) + key labels
@@ -93,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   __shared__ int tile_kind;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits, h = blockIdx.y;
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
   const int q_rows = static_cast<int>(p.q_len - q0 < kBlockM ? p.q_len - q0 : kBlockM);
@@ -102,6 +149,10 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     const int64_t len = p.kv_lens[b];
     k_len = len < 0 ? 0 : (len < p.k_len ? len : p.k_len);
   }
+  // This split's keys [k_begin, k_end): a run of whole tiles (all of them when num_splits = 1).
+  const int64_t tiles_per_split = ceil_div(ceil_div(k_len, kBlockN), p.num_splits);
+  const int64_t k_begin = split * tiles_per_split * kBlockN;
+  const int64_t k_end = k_begin + tiles_per_split * kBlockN < k_len ? k_begin + tiles_per_split * kBlockN : k_len;
 
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
@@ -137,8 +188,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float score_scale = p.scale * kLog2e;
 
-  for (int64_t k0 = 0; k0 < k_len; k0 += kBlockN) {
-    const int cols = static_cast<int>(k_len - k0 < kBlockN ? k_len - k0 : kBlockN);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockN) {
+    const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
     TileKind kind = TileKind::kFull;
     if (p.has_labels) {
       if (threadIdx.x < kBlockN) {
@@ -223,6 +274,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     __syncthreads();  // the next tile overwrites k_tile, v_tile and the labels
   }
 
+  if (p.num_splits > 1) {
+    write_partial<D>(p, o, row_max, row_sum, ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
+                     row_in_tile, q_rows, lane);
+    return;
+  }
   for (int r = 0; r < 2; ++r) {
     if (row_in_tile[r] >= q_rows) continue;
     const float inv = softmax_inv_sum(row_sum[r]);
@@ -235,21 +291,63 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   }
 }
 
+// out, lse of one (batch, head, query row) per warp from the S partials:
+//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) out_s;  all parts empty: 0 and -inf.
+template <typename T, int D>
+__global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const AttentionParams p) {
+  constexpr int kPerLane = D / 32;  // consecutive output elements per lane (2 or 4)
+  static_assert(kPerLane == 2 || kPerLane == 4, "head_dim 64 or 128");
+  using Vec = typename std::conditional<kPerLane == 4, float4, float2>::type;
+  const int64_t rows = p.batch * p.q_heads * p.q_len;  // [B, Hq, Lq] order, as lse
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
+  if (row >= rows) return;  // uniform across the warp
+  const int lane = threadIdx.x % 32;
+
+  const float part_lse = lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
+  const float lse_max = warp_reduce_max(part_lse);
+  const float e = lse_max == -INFINITY ? 0.0f : expf(part_lse - lse_max);
+  const float sum = warp_reduce_sum(e);
+  const float weight = sum > 0.0f ? e / sum : 0.0f;
+
+  float acc[kPerLane] = {};
+  for (int s = 0; s < p.num_splits; ++s) {
+    const float w = __shfl_sync(0xffffffffu, weight, s);
+    if (w == 0.0f) continue;  // an empty split, or one whose weight underflows
+    const Vec part = *reinterpret_cast<const Vec*>(p.partial_out + (s * rows + row) * D + lane * kPerLane);
+    const float* x = reinterpret_cast<const float*>(&part);
+    for (int j = 0; j < kPerLane; ++j) acc[j] += w * x[j];
+  }
+
+  const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
+  T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2] +
+           lane * kPerLane;
+  for (int j = 0; j < kPerLane; j += 2) *reinterpret_cast<uint32_t*>(out + j) = MmaType<T>::pack(acc[j], acc[j + 1]);
+  if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
+}
+
 template <typename T, int D>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   constexpr int bytes = shared_bytes<D>();
   auto kernel = attention_sm80_kernel<T, D>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(static_cast<unsigned>((p.q_len + kBlockM - 1) / kBlockM), static_cast<unsigned>(p.q_heads),
-                  static_cast<unsigned>(p.batch));
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kBlockM)), static_cast<unsigned>(p.q_heads),
+                  static_cast<unsigned>(p.batch * p.num_splits));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
+  if (p.num_splits == 1) return cudaGetLastError();
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  const int64_t rows = p.batch * p.q_heads * p.q_len;
+  merge_splits_kernel<T, D><<<static_cast<unsigned>(ceil_div(rows, kMergeWarps)), 32 * kMergeWarps, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
 // cp.async moves 16 bytes: every row of q / k / v must start on a 16-byte boundary; the epilogue
-// stores pairs of outputs as 4-byte words.
+// stores pairs of outputs as 4-byte words; the merge reads the split workspace as float4 / float2.
 bool rows_are_16_byte_aligned(const AttentionParams& p) {
+  if (p.num_splits > 1 && (reinterpret_cast<uintptr_t>(p.partial_out) % 16 != 0 ||
+                           reinterpret_cast<uintptr_t>(p.partial_lse) % 4 != 0))
+    return false;
   if (reinterpret_cast<uintptr_t>(p.out) % 4 != 0) return false;
   for (int d = 0; d < 3; ++d)
     if (p.out_strides[d] % 2 != 0) return false;
@@ -265,10 +363,24 @@ bool rows_are_16_byte_aligned(const AttentionParams& p) {
 
 }  // namespace
 
+int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
+                         int sm_count) {
+  if (batch <= 0 || q_heads <= 0 || q_len <= 0 || k_len <= 0 || sm_count <= 0) return 1;
+  if (head_dim != 64 && head_dim != 128) return 1;  // the CUDA-core kernel runs: it never splits
+  const int64_t ctas = batch * q_heads * ceil_div(q_len, kBlockM);
+  int64_t splits = (kSplitTargetCtasPerSm * sm_count + ctas / 2) / ctas;  // nearest to the target
+  const int64_t most_by_keys = ceil_div(ceil_div(k_len, kBlockN), kSplitMinKeyTiles);
+  splits = splits < most_by_keys ? splits : most_by_keys;
+  splits = splits < kAttentionMaxSplits ? splits : kAttentionMaxSplits;
+  splits = splits < kMaxGridDim / batch ? splits : kMaxGridDim / batch;
+  return splits > 1 ? static_cast<int>(splits) : 1;
+}
+
 bool attention_sm80_supports(const AttentionParams& p) {
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) && rows_are_16_byte_aligned(p) &&
-         p.q_len <= static_cast<int64_t>(65535) * kBlockM && p.q_heads <= 65535 && p.batch <= 65535;
+         p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits &&
+         p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }
 
 cudaError_t attention_forward_sm80(const AttentionParams& p, cudaStream_t stream) {

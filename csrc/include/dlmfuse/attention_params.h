@@ -48,6 +48,14 @@ struct AttentionParams {
 
   int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 1.0f;  // multiplies q.k before the bias is added
+
+  // Split-KV workspace (CUDA tensor-core kernel only; the CPU and CUDA-core kernels ignore it).
+  // num_splits > 1: split s attends to its own chunk of each row's key range and writes its
+  // normalised partial (out_s, lse_s) here (an empty chunk: 0 and -inf); a merge kernel then
+  // writes out and lse. Allocated by Python (float32, contiguous).
+  int32_t num_splits = 1;
+  float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
+  float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
 };
 
 // Arguments of merge_attention: (out_a, lse_a) and (out_b, lse_b) -> (out, lse).

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 
 import dlmfuse
 
+from .._ext import use_reference
+from ..attention import cuda_num_splits
 from .common import DLMFUSE, Case, Impl, Workload
 
 FAMILY = "attention"
@@ -78,8 +80,9 @@ def workload(spec: AttnSpec) -> Workload:
     if spec.pattern == "sparse" and not 0 < spec.n <= spec.L - spec.L // 2:
         raise ValueError(f"attention bench: sparse n must be in [1, {spec.L - spec.L // 2}] "
                          f"(the masked half of L={spec.L}), got {spec.n}")
-    return Workload(id=spec.id, desc=spec.desc, family=FAMILY, params=asdict(spec),
-                    setup=functools.partial(_setup, spec))
+    params = asdict(spec)
+    return Workload(id=spec.id, desc=spec.desc, family=FAMILY, params=params,
+                    setup=functools.partial(_setup, spec, params))
 
 
 def workloads(device: torch.device, quick: bool) -> list[Workload]:
@@ -99,8 +102,9 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
     return [workload(spec) for spec in specs]
 
 
-def _setup(spec: AttnSpec, device: torch.device) -> Case:
-    """Allocate the inputs of ``spec`` on ``device`` and list the implementations to time."""
+def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
+    """Allocate the inputs of ``spec`` on ``device`` and list the implementations to time; on
+    CUDA, record in ``params`` (the rows' copy) the split-KV count dlmfuse uses."""
     gen = torch.Generator(device=device).manual_seed(SEED)
     dtype = getattr(torch, spec.dtype)
     Lq = spec.n if spec.pattern == "sparse" else spec.L
@@ -110,6 +114,8 @@ def _setup(spec: AttnSpec, device: torch.device) -> Case:
 
     q, k, v = randn(spec.B, Lq, spec.H, spec.D), randn(spec.B, spec.L, spec.H, spec.D), \
         randn(spec.B, spec.L, spec.H, spec.D)
+    if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
+        params["num_splits"] = None if use_reference("attention", device) else cuda_num_splits(q, k)
     mask = bias = None
     if spec.pattern == "bias":
         bias = randn(1, spec.H, spec.L, spec.L)
