@@ -9,6 +9,8 @@ Public API (contract: DESIGN.md):
     dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
     dlmfuse.select_unmask(conf, cand)  which masked positions to unmask this step (k / threshold / factor)
     dlmfuse.nn                         DenoiserAttention / DenoiserBlock / DenoiserLM layers
+    dlmfuse.samplers                   LLaDA, FastDLLM, Dream, MDLM, EsoLM step samplers
+    dlmfuse.generate(model, prompt, s) the denoising loop (cache="none" | "prefix" | "dual")
     dlmfuse.integrations.transformers  attn_implementation="dlmfuse" for transformers models
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
@@ -20,6 +22,7 @@ from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
 from .sampling import sample_tokens
 from .unmask import select_unmask
-from . import integrations, nn, reference
+from .generate import generate
+from . import integrations, nn, reference, samplers
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "integrations", "build_info", "ORDER_INFINITY", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "integrations", "build_info", "ORDER_INFINITY", "__version__"]

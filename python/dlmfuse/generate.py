@@ -16,10 +16,14 @@ Cache modes (``cache=``):
 - ``"dual"`` (Fast-dLLM DualCache): as prefix, but later calls recompute only the current block;
   the suffix K/V come from the block's first call too.
 
-Both cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.DenoiserLM`:
+A step that asks for a column outside the recomputed window (a mask token in the prompt, or a
+column the model refilled with the mask token) refreshes the cache first. Dream and MDLM treat
+the whole generation as one block, so only the prompt is cached. For Eso-LM variant B,
+``cache="prefix"`` is Eso-LM's exact KV cache (see :mod:`dlmfuse.samplers.eso`).
+
+The cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.DenoiserLM`:
 ``forward(input_ids, positions, mask, cache, logits_for)`` and ``config.num_layers``,
-``num_kv_heads``, ``head_dim``) and apply to samplers with blocks semantics (LLaDA, FastDLLM;
-Dream and MDLM treat the whole generation as one block, so only the prompt is cached).
+``num_kv_heads``, ``head_dim``).
 """
 
 from __future__ import annotations
@@ -70,14 +74,14 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     Example::
 
         >>> import torch, dlmfuse
-        >>> torch.manual_seed(0)
-        <torch._C.Generator object at ...>
+        >>> _ = torch.manual_seed(0)
         >>> model = dlmfuse.nn.DenoiserLM(vocab_size=64, hidden_size=64, num_layers=1, num_heads=1,
         ...                               num_kv_heads=1, intermediate_size=128)
         >>> sampler = dlmfuse.samplers.LLaDA(steps=8, gen_length=8, block_length=4, mask_token_id=63)
-        >>> out = dlmfuse.generate(model, torch.randint(0, 63, (2, 5)), sampler)
-        >>> out.shape, bool((out[:, 5:] == 63).any())
-        (torch.Size([2, 13]), False)
+        >>> prompt = torch.randint(0, 63, (2, 5))
+        >>> out = dlmfuse.generate(model, prompt, sampler)
+        >>> out.shape, torch.equal(out[:, :5], prompt)
+        (torch.Size([2, 13]), True)
     """
     prompt_ids = _check_prompt(prompt_ids)
     if not isinstance(sampler, Sampler):
@@ -85,8 +89,9 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
                         f"got {type(sampler).__name__}")
     if cache not in CACHE_MODES:
         raise ValueError(f"{_OP}: cache must be one of {list(CACHE_MODES)}, got {cache!r}")
-    if cache != "none" and not sampler.supports_block_cache:
-        raise ValueError(f"{_OP}: cache={cache!r} does not apply to {type(sampler).__name__} (use cache='none')")
+    if cache != "none" and cache not in sampler.cache_modes:
+        raise ValueError(f"{_OP}: cache={cache!r} does not apply to {sampler!r} (its modes: "
+                         f"{['none', *sampler.cache_modes]})")
     seed = _check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"{_OP}: callback must be callable, got {type(callback).__name__}")
@@ -129,8 +134,13 @@ class _Runner:
         batch, length = valid.shape
         self.padded = not bool(valid.all())
         device = valid.device
-        self.positions = (valid.cumsum(dim=1) - 1).clamp(min=0) if self.padded else \
-            torch.arange(length, device=device).expand(batch, length)
+        if self.padded:
+            # Real tokens count from 0 in each row (as alone); pads take the positions after the
+            # row's last token, so every position (also a cache slot) is unique in its row.
+            after_last = valid.sum(dim=1, keepdim=True) + (~valid).cumsum(dim=1) - 1
+            self.positions = torch.where(valid, valid.cumsum(dim=1) - 1, after_last)
+        else:
+            self.positions = torch.arange(length, device=device).expand(batch, length)
         # Pad keys: order INT32_MAX (after every query) and a group no query uses.
         self.pad_k_order = torch.where(valid, 0, INT32_MAX).to(torch.int32)
         self.pad_k_group = torch.where(valid, 0, INT32_MIN).to(torch.int32)
@@ -171,9 +181,11 @@ class _Runner:
     # ------------------------------------------------------------------------------- forward
     def forward(self, rows: Tensor, mask: Optional[Mask] = None) -> Tensor:
         """Logits ``[B, n, V]`` of ``rows`` (int64 ``[B, n]`` columns) for the current tokens."""
-        if self.cache_mode == "none" or (mask is not None):
+        if self.cache_mode == "none":
             logits = self._call(self._ids(), self._twice(rows), mask=self._full_mask(mask),
-                                positions=self.positions if self.padded else None)
+                                positions=self._twice(self.positions) if self.padded else None)
+        elif self.sampler.incremental_cache:
+            logits = self._incremental(rows, mask)
         else:
             logits = self._cached(rows)
         if not self.guided:
@@ -183,24 +195,46 @@ class _Runner:
 
     def _call(self, ids: Tensor, rows: Tensor, **kwargs) -> Tensor:
         kwargs = {name: value for name, value in kwargs.items() if value is not None}
-        if "positions" in kwargs:
-            kwargs["positions"] = self._twice(kwargs["positions"])
         return self.model(ids, logits_for=rows, **kwargs)
 
-    def _cached(self, rows: Tensor) -> Tensor:
-        ids = self._ids()
+    def _refresh(self, ids: Tensor, rows: Tensor, mask: Optional[Mask]) -> Tensor:
+        """The whole sequence through the model, every K/V stored in a fresh cache."""
         if self.kv is None:
             self.kv = _new_cache(self.model, ids.shape[0], ids.shape[1], self.cache_mode)
+        self.kv.reset()
+        return self._call(ids, self._twice(rows), mask=mask, positions=self._twice(self.positions), cache=self.kv)
+
+    def _cached(self, rows: Tensor) -> Tensor:
+        """Fast-dLLM prefix / dual cache over ``state.block``."""
+        ids = self._ids()
         block = self.state.block
-        if block != self.cached_block:  # refresh: the whole sequence, every K/V stored
-            self.kv.reset()
-            self.cached_block = block
-            return self._call(ids, self._twice(rows), mask=self._full_mask(None), positions=self.positions,
-                              cache=self.kv)
         start = block[0] - (1 if self.sampler.shift_logits else 0)
         end = block[1] if self.cache_mode == "dual" else ids.shape[1]
-        return self._call(ids[:, start:end], self._twice(rows) - start, positions=self.positions[:, start:end],
-                          cache=self.kv)
+        # Refresh at a new block, or when a step asks for a column outside the recomputed window
+        # (a masked prompt column, or one the model refilled with the mask token).
+        if self.kv is None or block != self.cached_block or int(rows.min()) < start or int(rows.max()) >= end:
+            self.cached_block = block
+            return self._refresh(ids, rows, self._full_mask(None))
+        return self._call(ids[:, start:end], self._twice(rows) - start,
+                          positions=self._twice(self.positions[:, start:end]), cache=self.kv)
+
+    def _incremental(self, rows: Tensor, mask: Optional[Mask]) -> Tensor:
+        """Eso-LM B: a full pass fills the cache, later steps feed only the columns the sampler
+        names (their key labels written, their queries under the sampler's labels)."""
+        ids, full = self._ids(), self._full_mask(mask)
+        columns = self.sampler.incremental_columns(self.state)
+        if self.kv is None or columns is None:
+            return self._refresh(ids, rows, full)
+        if full is None:
+            zeros = torch.zeros((1, ids.shape[1]), dtype=torch.int32, device=ids.device)
+            full = Mask(zeros, zeros, zeros, zeros)
+        fed_columns = self._twice(columns)
+        fed = Mask(*(labels.expand(ids.shape[0], -1).gather(1, fed_columns)
+                     for labels in (full.q_order, full.q_group, full.k_order, full.k_group)))
+        # Each requested row's index among the fed columns.
+        within = (fed_columns[:, :, None] == self._twice(rows)[:, None, :]).to(torch.int64).argmax(dim=1)
+        return self._call(ids.gather(1, fed_columns), within, mask=fed,
+                          positions=self._twice(self.positions.gather(1, columns)), cache=self.kv)
 
 
 def _new_cache(model, batch: int, length: int, mode: str) -> KVCache:

@@ -15,13 +15,14 @@ counting every step of the generation, including steps that make no network call
 first step use ``stream`` itself (step ``s = -1``).
 
 - ``TOKENS``: the Gumbel noise of ``sample_tokens`` over the step's logits ``[B, n, V]``:
-  Philox row ``b * n + i`` is the i-th requested row of batch row b (rows are requested in
-  ascending column order, padded to the batch's largest count ``n``).
-- ``CONFIDENCE``, ``TRANSFER``, ``ORDER``: uniforms ``u[b, j]`` in (0, 1), float64, Philox row b
-  and column j = the generated column's index ``x_col - gen_start`` (so they do not depend on
-  which rows are requested). CONFIDENCE: LLaDA's random remasking, Dream's alg_temp Gumbel noise.
-  TRANSFER: per-position unmasking coins (Dream origin, MDLM) and Eso-LM's binomial counts (grid
-  step s, row 0). ORDER: Eso-LM's generation order (drawn once).
+  Philox row ``b * n + i`` is the i-th requested column of batch row b (columns are requested in
+  ascending order, padded to the batch's largest count ``n``; Eso-LM requests its chunk in
+  generation order).
+- ``CONFIDENCE``, ``TRANSFER``: uniforms ``u[b, j]`` in (0, 1), float64, Philox row b and column
+  j = the column of x (so they do not depend on which columns are requested). CONFIDENCE: LLaDA's
+  random remasking, Dream's alg_temp Gumbel noise. TRANSFER: per-column unmasking coins (Dream
+  origin, MDLM); Eso-LM's binomial count of grid step j reads row 0, columns ``[0, remaining)``.
+- ``ORDER``: Eso-LM's generation order, ``u[b, j]`` for generated column ``gen_start + j``.
 """
 
 from __future__ import annotations
@@ -85,28 +86,38 @@ class SamplerState:
         """The Philox offset of `stream` at the current step."""
         return NUM_STREAMS * (self.step + 1) + stream
 
-    def uniforms(self, stream: int, *, step: Optional[int] = None, rows: Optional[int] = None) -> Tensor:
-        """float64 ``[B, gen_length]`` uniforms of `stream` at the current step (or `step`; -1 for
-        the draws made before the first step), column j = generated column j."""
+    def uniforms(self, stream: int, *, step: Optional[int] = None, rows: Optional[int] = None,
+                 cols: Optional[int] = None) -> Tensor:
+        """float64 ``[B, L]`` uniforms of `stream` at the current step (or `step`; -1 for the draws
+        made before the first step); ``rows`` / ``cols`` take fewer rows / columns."""
         s = self.step if step is None else step
-        cols = self.x.shape[1] - self.gen_start
-        return philox_uniforms(self.x.shape[0] if rows is None else rows, cols, self.seed,
-                               NUM_STREAMS * (s + 1) + stream, self.x.device)
+        return philox_uniforms(self.x.shape[0] if rows is None else rows, self.x.shape[1] if cols is None else cols,
+                               self.seed, NUM_STREAMS * (s + 1) + stream, self.x.device)
 
 
 class Sampler:
     """Base class of the step samplers (see the module docstring for the protocol).
 
-    Class attributes used by :func:`dlmfuse.generate`: ``cfg_scale`` (classifier-free guidance
-    weight, 0 = off), ``shift_logits`` (token i is predicted by the logits of row i - 1, Dream's
-    convention), ``supports_block_cache`` (the Fast-dLLM prefix / dual KV caches apply).
+    Attributes used by :func:`dlmfuse.generate`: ``cfg_scale`` (classifier-free guidance weight,
+    0 = off), ``shift_logits`` (token i is predicted by the logits of row i - 1, Dream's
+    convention), ``cache_modes`` (the KV-cache modes that apply besides "none"; by default
+    Fast-dLLM's "prefix" / "dual" over ``state.block``) and ``incremental_cache`` (the cache is
+    instead fed :meth:`incremental_columns`).
     """
 
     gen_length: int
     mask_token_id: int
     cfg_scale: float = 0.0
     shift_logits: bool = False
-    supports_block_cache: bool = True
+    cache_modes: Tuple[str, ...] = ("prefix", "dual")
+    incremental_cache: bool = False
+
+    def incremental_columns(self, state: SamplerState) -> Optional[Tensor]:
+        """For samplers with an exact incremental KV cache (Eso-LM B): the columns whose K/V
+        this step must (re)compute, int64 ``[B, m]`` (the requested rows among them), or None
+        when the step needs a full pass. Block samplers return None (their caches are windows
+        of ``state.block``)."""
+        return None
 
     def start(self, x: Tensor, gen_start: int, *, seed: int = 0) -> SamplerState:
         """A new state for ``x`` (int64 ``[B, gen_start + gen_length]``, generated columns masked)."""
@@ -120,17 +131,18 @@ class Sampler:
         raise NotImplementedError
 
     def step(self, state: SamplerState, forward: Forward) -> Tensor:
-        """One denoising step: returns bool ``[B, L]``, the columns unmasked by this step."""
+        """One denoising step: returns bool ``[B, L]``, the columns written by this step (unmasked,
+        unless the model proposed the mask token itself, which LLaDA and Dream allow)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------------------- helpers
-    def _rows_for_model(self, state: SamplerState, rows: Tensor) -> Tensor:
+    def _rows_for_model(self, rows: Tensor) -> Tensor:
         """Columns whose logits predict ``rows`` (``rows - 1`` with shift_logits, row 0 itself)."""
         return (rows - 1).clamp(min=0) if self.shift_logits else rows
 
     def _call(self, state: SamplerState, forward: Forward, rows: Tensor, mask: Optional[Mask] = None) -> Tensor:
         state.network_calls += 1
-        model_rows = self._rows_for_model(state, rows)
+        model_rows = self._rows_for_model(rows)
         return forward(model_rows) if mask is None else forward(model_rows, mask)
 
     def _finish_step(self, state: SamplerState) -> None:
@@ -140,16 +152,14 @@ class Sampler:
 
 
 # ------------------------------------------------------------------------------------ compaction
-def compact(selected: Tensor, n: Optional[int] = None) -> Tuple[Tensor, Tensor, int]:
+def compact(selected: Tensor) -> Tuple[Tensor, Tensor, int]:
     """Per row, the indices of the True entries of ``selected [B, W]`` in ascending order, padded
-    to ``n`` (default: the largest count, read on the host) with the scratch index W.
+    to n = the largest count (one host read) with the scratch index W.
 
-    Returns ``(slots [B, n] int64, valid [B, n] bool, n)``; ``slots`` index a ``[B, W + 1]``
-    buffer, so scatters from padded slots land in the scratch column.
+    Returns ``(slots [B, n] int64, valid [B, n] bool, n)``.
     """
     width = selected.shape[1]
-    if n is None:
-        n = int(selected.sum(dim=1).max()) if selected.numel() else 0
+    n = int(selected.sum(dim=1).max()) if selected.numel() else 0
     cols = torch.arange(width, device=selected.device).expand_as(selected)
     key = torch.where(selected, cols, torch.full_like(cols, width))
     slots = key.sort(dim=1).values[:, :n]

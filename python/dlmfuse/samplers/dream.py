@@ -1,7 +1,8 @@
 """Dream's sampler (Ye et al. 2025, ``DreamGenerationMixin._sample`` of github.com/DreamLM/Dream).
 
 Times ``t_i`` on ``torch.linspace(1, eps, steps + 1)`` (float32, as Dream); at step i (t = t_i,
-s = t_{i+1}) with M_b masked columns in row b:
+s = t_{i+1}) with M_b masked columns in row b (every mask token of the row, as Dream; the model
+may propose the mask token, which leaves the column masked):
 
 - ``origin``: each masked column is unmasked with probability ``1 - s / t`` (1 at the last step)
   and takes a token sampled from the model (stream TRANSFER decides; columns that stay masked
@@ -99,8 +100,7 @@ class Dream(Sampler):
         """One Dream step: returns bool ``[B, L]``, the columns unmasked."""
         if state.done:
             raise RuntimeError("Dream.step: generation already finished")
-        gen = state.gen_start
-        masked = state.x[:, gen:] == self.mask_token_id  # [B, G]
+        masked = state.x == self.mask_token_id  # [B, L]
         fraction = self.transfer_fraction(state.step)
         written = torch.zeros_like(state.x, dtype=torch.bool)
         if self.alg == "origin":
@@ -108,7 +108,7 @@ class Dream(Sampler):
             slots, valid, n = compact(chosen)
             if n > 0:
                 tokens, _ = self._propose(state, forward, slots, valid, "prob")
-                written = scatter_tokens(state.x, gen, slots, valid, tokens)
+                written = scatter_tokens(state.x, 0, slots, valid, tokens)
         else:
             slots, valid, n = compact(masked)
             if n > 0:
@@ -123,13 +123,12 @@ class Dream(Sampler):
                     gumbel = -torch.log(-torch.log(state.uniforms(CONFIDENCE)))
                     key = key / self.alg_temp + gumbel.gather(1, slots.clamp(max=gumbel.shape[1] - 1))
                 take = select_unmask(key.masked_fill(~valid, float("-inf")), valid, k=k)
-                written = scatter_tokens(state.x, gen, slots, take, tokens)
+                written = scatter_tokens(state.x, 0, slots, take, tokens)
         self._finish_step(state)
         return written
 
     def _propose(self, state: SamplerState, forward: Forward, slots: Tensor, valid: Tensor, kind: str):
-        gen = state.gen_start
-        rows = torch.where(valid, slots + gen, torch.full_like(slots, gen))
+        rows = torch.where(valid, slots, torch.full_like(slots, state.gen_start))
         logits = self._call(state, forward, rows)
         return sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                              seed=state.seed, offset=state.offset(TOKENS), confidence=kind,

@@ -18,6 +18,11 @@ to each other bidirectionally while masks attend causally in the order and see e
 
 With ``alpha_0 == 1`` the last grid step has probability 1 and everything is diffusion;
 ``alpha_0 == 0`` is pure left-to-right generation.
+
+KV cache (variant B, ``dlmfuse.generate(..., cache="prefix")``): a token only ever attends to
+tokens earlier in the order, so the K/V of clean tokens never change. The first step runs the
+whole sequence; every later step feeds only the previous chunk (now clean, its K/V written once
+more) and the current chunk, attending to the cache: exact, as Eso-LM's cache.
 """
 
 from __future__ import annotations
@@ -56,8 +61,6 @@ class EsoLM(Sampler):
         EsoLM(steps=8, gen_length=16, alpha_0=0.5, variant='B', temperature=1.0)
     """
 
-    supports_block_cache = False
-
     def __init__(self, steps: int, gen_length: int, *, mask_token_id: int, alpha_0: float = 1.0,
                  variant: str = "B", temperature: float = 1.0, top_p: Optional[float] = None,
                  top_k: Optional[int] = None, suppress_tokens: Optional[Sequence[int]] = None):
@@ -71,6 +74,24 @@ class EsoLM(Sampler):
         self.top_k = optional_top_k("EsoLM", top_k)
         extra = check_token_ids("EsoLM", "suppress_tokens", suppress_tokens) or ()
         self.suppress_tokens = tuple(sorted({self.mask_token_id, *extra}))
+
+    incremental_cache = True
+
+    @property
+    def cache_modes(self):
+        """Variant B has Eso-LM's exact KV cache (``cache="prefix"``: the clean tokens are a
+        prefix of the generation order); variant A none (its clean tokens attend both ways)."""
+        return ("prefix",) if self.variant == "B" else ()
+
+    def incremental_columns(self, state: SamplerState) -> Optional[Tensor]:
+        """Variant B: the previous chunk (now clean: its K/V are recomputed once, as Eso-LM's
+        cache does) and the current chunk; None at the first step (a full pass)."""
+        if state.step == 0:
+            return None
+        ext = state.extra
+        first = ext["starts"][state.step - 1]
+        last = ext["starts"][state.step] + ext["chunks"][state.step]
+        return ext["order"][:, first:last] + state.gen_start
 
     def __repr__(self) -> str:
         return (f"EsoLM(steps={self.steps}, gen_length={self.gen_length}, alpha_0={self.alpha_0}, "
@@ -94,18 +115,18 @@ class EsoLM(Sampler):
             raise ValueError("EsoLM.start: every generated column must hold the mask token")
         counts, remaining = [], self.gen_length
         for j in range(self.steps):
-            coins = state.uniforms(TRANSFER, step=j, rows=1)[0, :remaining]
+            coins = state.uniforms(TRANSFER, step=j, rows=1, cols=self.gen_length)[0, :remaining]
             k = int((coins < self.unmask_probability(j)).sum())
             if k:
                 counts.append(k)
                 remaining -= k
         diffusion = self.gen_length - remaining
         chunks = counts + [1] * remaining
-        order = state.uniforms(ORDER, step=-1).argsort(dim=1)  # [B, G] random order of generated columns
+        order = state.uniforms(ORDER, step=-1, cols=self.gen_length).argsort(dim=1)  # [B, G] random order
         order = torch.cat([order[:, :diffusion], order[:, diffusion:].sort(dim=1).values], dim=1)
-        rank = torch.arange(length, device=state.x.device).repeat(batch, 1)  # prompt: by position
-        slot = torch.arange(gen, length, device=state.x.device).expand(batch, -1)
-        rank[:, gen:] = torch.empty_like(order).scatter_(1, order, slot)
+        rank = torch.arange(length, dtype=torch.int32, device=state.x.device).repeat(batch, 1)  # prompt: by position
+        slot = rank[:, gen:].clone()
+        rank[:, gen:] = torch.empty_like(slot).scatter_(1, order, slot)
         starts = [sum(chunks[:c]) for c in range(len(chunks))]
         state.extra.update(chunks=chunks, starts=starts, diffusion_tokens=diffusion, order=order, rank=rank)
         state.total_steps = len(chunks)
@@ -130,4 +151,4 @@ class EsoLM(Sampler):
         ext = state.extra
         clean_slots = min(ext["starts"][state.step], ext["diffusion_tokens"])
         is_clean = ext["rank"] < state.gen_start + clean_slots
-        return Mask.eso(ext["rank"].to(torch.int32), is_clean, self.variant)
+        return Mask.eso(ext["rank"], is_clean, self.variant)

@@ -2,13 +2,21 @@
 LLaDA's semi-autoregressive blocks, but the number of columns unmasked per step is decided by the
 model's confidence instead of a fixed schedule; a block takes as many steps as it needs.
 
-Per step, among the block's masked columns (confidence = probability of the proposed token, as
-LLaDA):
+Per step, among the masked columns before the block's end (LLaDA's candidates; confidence = the
+probability of the proposed token, as LLaDA):
 
 - threshold rule: every column with ``confidence >= threshold`` (Fast-dLLM's
   ``get_transfer_index`` drops those below it), and always the most confident one;
 - factor rule: with the confidences sorted ``c(1) >= c(2) >= ...``, the longest prefix with
-  ``c(m) >= 1 - factor / (m + 1)`` (``dlmfuse.select_unmask(factor=...)``; m = 1 always).
+  ``c(m) >= 1 - factor / (m + 1)`` (``dlmfuse.select_unmask(factor=...)``; m = 1 always). Fast-dLLM's
+  ``get_transfer_index_dynamic`` differs in one corner: when only the last candidate fails the
+  test it still takes all of them; here that candidate stays masked, as the rule says.
+
+A block ends when none of its columns is masked. Fast-dLLM's code may propose the mask token
+itself (the column then stays masked, and under greedy decoding the loop can run forever); here
+the proposal is the most likely other token, while the confidence is still its probability under
+the full softmax, as Fast-dLLM computes it. For a model that does not predict the mask token
+(every trained one) this is Fast-dLLM exactly; every step unmasks at least one column per row.
 
 The KV-cache variants (prefix / dual cache) are modes of :func:`dlmfuse.generate`.
 """
@@ -18,7 +26,6 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-import torch
 from torch import Tensor
 
 from ..unmask import select_unmask
@@ -39,7 +46,7 @@ class FastDLLM(LLaDA):
         temperature, remasking, cfg_scale, mask_token_id, suppress_tokens: as :class:`LLaDA`.
 
     A generation takes between ``num_blocks`` and ``gen_length`` steps; ``state.total_steps``
-    is the upper bound ``gen_length``.
+    is that upper bound (the number of mask tokens in the sequence).
 
     Example::
 
@@ -68,9 +75,14 @@ class FastDLLM(LLaDA):
                 f"remasking={self.remasking!r})")
 
     def _init(self, state: SamplerState) -> None:
-        state.total_steps = self.gen_length  # an upper bound: at least one column per step
+        # An upper bound: every step unmasks at least one column of every row that has candidates.
+        state.total_steps = int((state.x == self.mask_token_id).sum(dim=1).max())
         self._begin_block(state, 0)
         self._advance(state)
+
+    def _proposal_suppress(self) -> Sequence[int]:
+        """The mask token is never proposed (so every step makes progress); see the module docstring."""
+        return tuple(sorted({self.mask_token_id, *(self.suppress_tokens or ())}))
 
     def _begin_block(self, state: SamplerState, index: int) -> None:
         start = state.gen_start + index * self.block_length
@@ -81,20 +93,15 @@ class FastDLLM(LLaDA):
         """One Fast-dLLM step: returns bool ``[B, L]``, the columns unmasked."""
         if state.done:
             raise RuntimeError("FastDLLM.step: generation already finished")
-        start, end = state.block
-        candidates = state.x[:, start:end] == self.mask_token_id
-        slots, valid, n = compact(candidates)
-        written = torch.zeros_like(state.x, dtype=torch.bool)
-        if n > 0:
-            tokens, confidence = self._propose(state, forward, slots, valid)
-            if self.threshold is not None:
-                # select_unmask keeps confidence > t; the largest double below the threshold turns
-                # that into Fast-dLLM's confidence >= threshold, exactly.
-                below = math.nextafter(self.threshold, -math.inf)
-                take = select_unmask(confidence, valid, threshold=below)
-            else:
-                take = select_unmask(confidence, valid, factor=self.factor)
-            written = scatter_tokens(state.x, start, slots, take, tokens)
+        slots, valid, _ = compact(self.candidates(state))  # the current block has a masked column
+        tokens, confidence = self._propose(state, forward, slots, valid)
+        if self.threshold is not None:
+            # select_unmask keeps confidence > t; the largest double below the threshold turns that
+            # into Fast-dLLM's confidence >= threshold, exactly.
+            take = select_unmask(confidence, valid, threshold=math.nextafter(self.threshold, -math.inf))
+        else:
+            take = select_unmask(confidence, valid, factor=self.factor)
+        written = scatter_tokens(state.x, 0, slots, take, tokens)
         state.step += 1
         self._advance(state)
         return written

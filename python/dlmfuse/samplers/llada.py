@@ -8,13 +8,16 @@ num_blocks`` steps of that block:
    unconditional pass with the prompt replaced by mask tokens; done by :func:`dlmfuse.generate`);
 2. a token per masked column: greedy at temperature 0, else Gumbel-max from
    ``softmax(logits / temperature)`` (:func:`dlmfuse.sample_tokens`, stream TOKENS);
-3. confidence: ``low_confidence`` = the softmax probability of that token (untempered, as
-   LLaDA), ``random`` = a uniform (stream CONFIDENCE); columns outside the block never compete;
-4. the ``k_i`` most confident masked columns of the block take their token, with the schedule
+3. confidence: ``low_confidence`` = the softmax probability of that token (untempered, float64
+   as LLaDA), ``random`` = a uniform (stream CONFIDENCE); columns after the block never compete;
+4. the ``k_i`` most confident masked columns take their token, with the schedule
    ``k_i = M // s + (1 if i < M % s else 0)`` (M = masked columns of the block at its start, per
    row; s = steps per block).
 
-Steps whose ``k_i`` is 0 in every row make no network call (they change nothing in LLaDA either).
+As in LLaDA's loop, the candidates are all masked columns before the block's end (normally just
+the block's; also mask tokens of the prompt), and the mask token itself may be proposed (the
+column then stays masked). Steps whose ``k_i`` is 0 in every row make no network call (they
+change nothing in LLaDA either).
 ``suppress_tokens`` (e.g. LLaDA's EOS 126081 and EoT 126348) are never emitted and are left out
 of the confidence softmax, which is what LLaDA's ``logits_eos_inf`` does for EOS and what its
 ``confidence_eos_eot_inf`` intends for both.
@@ -37,6 +40,8 @@ __all__ = ["LLaDA", "transfer_schedule", "LLADA_MASK_TOKEN_ID"]
 #: LLaDA-8B's [MASK] id (the default of its published generate).
 LLADA_MASK_TOKEN_ID = 126336
 REMASKING = ("low_confidence", "random")
+#: Rows of float64 logits materialised at a time by token_probability (~64 MiB).
+_FLOAT64_CHUNK_ELEMENTS = 1 << 23
 
 
 def transfer_schedule(mask_count: Tensor, steps: int) -> Tensor:
@@ -102,30 +107,31 @@ class LLaDA(Sampler):
     def _begin_block(self, state: SamplerState, index: int) -> None:
         start = state.gen_start + index * self.block_length
         state.block = (start, start + self.block_length)
-        masked = state.x[:, start:start + self.block_length] == self.mask_token_id
-        count = masked.sum(dim=1)
+        count = (state.x[:, start:start + self.block_length] == self.mask_token_id).sum(dim=1)
         schedule = transfer_schedule(count, self.steps_per_block)
-        # One host read per block: afterwards every step's row count is known without a sync
-        # (each step transfers exactly min(k, remaining) columns of a row).
+        # One host read per block tells which steps transfer nothing (and need no network call).
         state.extra.update(block_index=index, block_step=0, schedule=schedule,
-                           host_schedule=schedule.tolist(), remaining=count.tolist())
+                           idle=[not any(column) for column in schedule.t().tolist()])
+
+    def candidates(self, state: SamplerState) -> Tensor:
+        """bool ``[B, block_end]``: the masked columns before the end of the current block (LLaDA
+        gives every later column -inf confidence; earlier columns are masked only if the prompt
+        holds mask tokens or the model proposed the mask token)."""
+        return state.x[:, :state.block[1]] == self.mask_token_id
 
     def step(self, state: SamplerState, forward: Forward) -> Tensor:
-        """One LLaDA step: returns bool ``[B, L]``, the columns unmasked."""
+        """One LLaDA step: returns bool ``[B, L]``, the columns written."""
         if state.done:
             raise RuntimeError(f"{type(self).__name__}.step: generation already finished")
         ext = state.extra
-        i, remaining = ext["block_step"], ext["remaining"]
-        k_host = [row[i] for row in ext["host_schedule"]]
+        i = ext["block_step"]
         written = torch.zeros_like(state.x, dtype=torch.bool)
-        if any(min(k, r) > 0 for k, r in zip(k_host, remaining)):
-            start, end = state.block
-            candidates = state.x[:, start:end] == self.mask_token_id
-            slots, valid, _ = compact(candidates, max(remaining))
-            tokens, confidence = self._propose(state, forward, slots, valid)
-            take = select_unmask(confidence, valid, k=ext["schedule"][:, i])
-            written = scatter_tokens(state.x, start, slots, take, tokens)
-        ext["remaining"] = [r - min(k, r) for k, r in zip(k_host, remaining)]
+        if not ext["idle"][i]:
+            slots, valid, n = compact(self.candidates(state))
+            if n > 0:
+                tokens, confidence = self._propose(state, forward, slots, valid)
+                take = select_unmask(confidence, valid, k=ext["schedule"][:, i])
+                written = scatter_tokens(state.x, 0, slots, take, tokens)
         ext["block_step"] = i + 1
         self._finish_step(state)
         if not state.done and ext["block_step"] == self.steps_per_block:
@@ -133,17 +139,38 @@ class LLaDA(Sampler):
         return written
 
     # --------------------------------------------------------------------------------- helpers
+    def _proposal_suppress(self) -> Optional[Sequence[int]]:
+        """Token ids never proposed (LLaDA: only suppress_tokens; the mask token may be proposed)."""
+        return self.suppress_tokens
+
     def _propose(self, state: SamplerState, forward: Forward, slots: Tensor, valid: Tensor):
-        """Tokens and confidences ``[B, n]`` for the block columns ``slots`` (padded slots get
-        -inf confidence)."""
-        start = state.block[0]
-        rows = torch.where(valid, slots + start, torch.full_like(slots, start))
+        """Tokens and confidences ``[B, n]`` for the columns ``slots`` (padded slots get -inf
+        confidence and ask for the block's first row)."""
+        rows = torch.where(valid, slots, torch.full_like(slots, state.block[0]))
         logits = self._call(state, forward, rows)
-        tokens, confidence = sample_tokens(logits, temperature=self.temperature, seed=state.seed,
-                                           offset=state.offset(TOKENS), confidence="prob",
-                                           suppress_tokens=self.suppress_tokens)
+        tokens, _ = sample_tokens(logits, temperature=self.temperature, seed=state.seed,
+                                  offset=state.offset(TOKENS), suppress_tokens=self._proposal_suppress())
         if self.remasking == "random":
-            uniforms = state.uniforms(CONFIDENCE)
-            column = (rows - state.gen_start).clamp(0, uniforms.shape[1] - 1)
-            confidence = uniforms.gather(1, column)
+            confidence = state.uniforms(CONFIDENCE).gather(1, rows)
+        else:
+            confidence = token_probability(logits, tokens, self.suppress_tokens)
         return tokens, confidence.masked_fill(~valid, float("-inf"))
+
+
+def token_probability(logits: Tensor, tokens: Tensor, suppress_tokens: Optional[Sequence[int]] = None) -> Tensor:
+    """float64 ``softmax(logits)[token]`` per row (suppressed ids left out), as LLaDA computes it.
+
+    The remasking order compares these probabilities; confident tokens have p within 1e-7 of 1,
+    where float32 (sample_tokens' confidence) would round many of them to the same value and tie.
+    Evaluated as ``1 / sum_j exp(l_j - l_token)`` in float64, a bounded number of rows at a time.
+    """
+    vocab = logits.shape[-1]
+    flat, chosen = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
+    out = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
+    chunk = max(1, _FLOAT64_CHUNK_ELEMENTS // vocab)
+    for first in range(0, flat.shape[0], chunk):
+        rows = flat[first:first + chunk].to(torch.float64)
+        if suppress_tokens:
+            rows[:, list(suppress_tokens)] = float("-inf")
+        out[first:first + chunk] = 1.0 / torch.exp(rows - rows.gather(1, chosen[first:first + chunk])).sum(dim=1)
+    return out.reshape(tokens.shape)

@@ -81,17 +81,16 @@ class MDLM(Sampler):
         """One ancestral step: returns bool ``[B, L]``, the columns unmasked."""
         if state.done:
             raise RuntimeError("MDLM.step: generation already finished")
-        gen = state.gen_start
-        masked = state.x[:, gen:] == self.mask_token_id
+        masked = state.x == self.mask_token_id
         unmask = masked & (state.uniforms(TRANSFER) < self.unmask_probability(state.step))
         slots, valid, n = compact(unmask)
         written = torch.zeros_like(state.x, dtype=torch.bool)
         if n > 0:
-            rows = torch.where(valid, slots + gen, torch.full_like(slots, gen))
+            rows = torch.where(valid, slots, torch.full_like(slots, state.gen_start))
             logits = self._call(state, forward, rows)
             tokens, _ = sample_tokens(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                       seed=state.seed, offset=state.offset(TOKENS),
                                       suppress_tokens=self.suppress_tokens)
-            written = scatter_tokens(state.x, gen, slots, valid, tokens)
+            written = scatter_tokens(state.x, 0, slots, valid, tokens)
         self._finish_step(state)
         return written
