@@ -23,6 +23,18 @@ def test_readme_example_runs():
     assert unmask.dtype == torch.bool and unmask.sum(dim=1).tolist() == [4, 4]
 
 
+def test_readme_generate_example_runs():
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    assert len(blocks) >= 2, "README has no generate example"
+    namespace: dict = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    exact, quick = namespace["exact"], namespace["quick"]
+    assert exact.shape == quick.shape == (2, 44)
+    assert torch.equal(exact[:, :12], namespace["prompt"])
+    # FastDLLM never proposes the mask token; LLaDA (faithful to its published loop) may.
+    assert not (quick[:, 12:] == 999).any(), "masks left"
+
+
 def test_ci_runs_the_readme_commands():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
