@@ -25,8 +25,6 @@ void sample_tokens(Array logits, double temperature, int64_t top_k, double top_p
   const SamplingParams p =
       sampling_params(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind,
                       tempered_confidence, tokens, confidence, nb::device::cuda::value);
-  if (p.top_k > 0 || p.top_p < 1.0)
-    throw_value_error("sample_tokens: the CUDA kernel has no top_k / top_p yet (use the reference)");
   const int device = logits.device_id();
   const int64_t* seed_ptr = device_scalar(seed_tensor, "seed", device);
   const int64_t* offset_ptr = device_scalar(offset_tensor, "offset", device);

@@ -1,4 +1,4 @@
-// CUDA launcher of sample_tokens (no top_k / top_p yet: those calls use the reference).
+// CUDA launcher of sample_tokens (top_k / top_p by radix selection in the kernel).
 #pragma once
 
 #include <cuda_runtime.h>

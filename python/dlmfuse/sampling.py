@@ -155,11 +155,10 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
 
 def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, kind, tempered):
     lead_shape = logits.shape[:-1]
-    filtered = top_k > 0 or top_p < 1.0
     # The CUDA kernel scores in fp32 with float64 re-scoring of the near-best tokens; float64
     # logits and extreme temperatures (whose fp32 scores overflow) take the reference there.
     fp32_safe = logits.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
-    cuda_kernel = logits.is_cuda and not filtered and fp32_safe and not use_reference("sample_tokens", logits.device)
+    cuda_kernel = logits.is_cuda and fp32_safe and not use_reference("sample_tokens", logits.device)
     if not cuda_kernel:  # the CPU kernel and the reference take plain ints
         seed = seed if seed_tensor is None else int(seed_tensor.item())
         offset = offset if offset_tensor is None else int(offset_tensor.item())
