@@ -7,6 +7,7 @@
 // columns. Tiles are classified from label min/max first (dlmfuse/visibility.h): SKIP tiles are
 // never loaded.
 #include "cuda/attention/attention.h"
+#include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/half_convert.h"
 #include "dlmfuse/online_softmax.h"
 #include "dlmfuse/visibility.h"
@@ -26,31 +27,6 @@ __device__ __forceinline__ int64_t max_i64(int64_t a, int64_t b) { return a > b 
 template <typename T>
 __device__ __forceinline__ float load_float(const void* base, int64_t index) {
   return to_float(static_cast<const T*>(base)[index]);
-}
-
-__device__ __forceinline__ float load_bias(const AttentionParams& p, int64_t index) {
-  switch (p.bias_dtype) {
-    case DType::kBFloat16: return load_float<bf16_t>(p.bias, index);
-    case DType::kFloat16: return load_float<fp16_t>(p.bias, index);
-    default: return load_float<float>(p.bias, index);
-  }
-}
-
-__device__ __forceinline__ float warp_max(float x) {
-  for (int delta = 16; delta > 0; delta /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, delta));
-  return x;
-}
-__device__ __forceinline__ float warp_sum(float x) {
-  for (int delta = 16; delta > 0; delta /= 2) x += __shfl_xor_sync(0xffffffffu, x, delta);
-  return x;
-}
-__device__ __forceinline__ int warp_min_int(int x) {
-  for (int delta = 16; delta > 0; delta /= 2) x = min(x, __shfl_xor_sync(0xffffffffu, x, delta));
-  return x;
-}
-__device__ __forceinline__ int warp_max_int(int x) {
-  for (int delta = 16; delta > 0; delta /= 2) x = max(x, __shfl_xor_sync(0xffffffffu, x, delta));
-  return x;
 }
 
 template <typename T, int D>
@@ -85,10 +61,7 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     LabelRange r = LabelRange::empty();
     if (p.has_labels)
       for (int i = lane; i < rows; i += 32) r.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
-    r.order_min = warp_min_int(r.order_min);
-    r.order_max = warp_max_int(r.order_max);
-    r.group_min = warp_min_int(r.group_min);
-    r.group_max = warp_max_int(r.group_max);
+    r = warp_reduce(r);
     if (lane == 0) q_range = r;
   }
 
@@ -113,12 +86,9 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     if (warp == 0) {
       int kind = static_cast<int>(TileKind::kFull);
       if (p.has_labels) {
-        LabelRange kr;
-        kr.order_min = warp_min_int(key_valid ? k_order : INT32_MAX);
-        kr.order_max = warp_max_int(key_valid ? k_order : INT32_MIN);
-        kr.group_min = warp_min_int(key_valid ? k_group : INT32_MAX);
-        kr.group_max = warp_max_int(key_valid ? k_group : INT32_MIN);
-        kind = static_cast<int>(classify_tile(q_range, kr));
+        LabelRange kr = LabelRange::empty();
+        if (key_valid) kr.add(k_order, k_group);
+        kind = static_cast<int>(classify_tile(q_range, warp_reduce(kr)));
       }
       if (lane == 0) tile_kind = kind;
     }
@@ -144,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
           for (int d = 0; d < D; ++d) dot += q_rows[row][d] * k_tile[lane][d];
           s = dot;
           if (p.bias != nullptr)
-            s += kLog2e * load_bias(p, b * p.bias_strides[0] + h * p.bias_strides[1] + (q0 + row) * p.bias_strides[2] + key * p.bias_strides[3]);
+            s += kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] + (q0 + row) * p.bias_strides[2] + key * p.bias_strides[3]);
         }
         const float m_new = fmaxf(m[r], warp_max(s));
         const float prob = exp2f(s - softmax_offset(m_new));

@@ -18,6 +18,7 @@
 // Not yet: double-buffered K/V, GQA packing, sm_90 wgmma/TMA.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/mma_sm80.cuh"
+#include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/online_softmax.h"
 #include "dlmfuse/visibility.h"
 
@@ -67,26 +68,6 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
   }
 }
 
-__device__ __forceinline__ int warp_reduce_min(int x) {
-  for (int d = 16; d > 0; d /= 2) x = min(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
-__device__ __forceinline__ int warp_reduce_max(int x) {
-  for (int d = 16; d > 0; d /= 2) x = max(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
-__device__ __forceinline__ float warp_reduce_max(float x) {
-  for (int d = 16; d > 0; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
-__device__ __forceinline__ float warp_reduce_sum(float x) {
-  for (int d = 16; d > 0; d /= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
-  return x;
-}
-__device__ __forceinline__ LabelRange warp_reduce(LabelRange r) {
-  return {warp_reduce_min(r.order_min), warp_reduce_max(r.order_max), warp_reduce_min(r.group_min),
-          warp_reduce_max(r.group_max)};
-}
 // Max / sum over the 4 lanes of a quad (the threads sharing a row of an MMA fragment).
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -95,14 +76,6 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
-__device__ __forceinline__ float bias_at(const AttentionParams& p, int64_t offset) {
-  switch (p.bias_dtype) {
-    case DType::kBFloat16: return to_float(static_cast<const bf16_t*>(p.bias)[offset]);
-    case DType::kFloat16: return to_float(static_cast<const fp16_t*>(p.bias)[offset]);
-    default: return static_cast<const float*>(p.bias)[offset];
-  }
 }
 
 // Split-KV epilogue: the normalised partial out_s = O / l (0 for an empty row) and lse_s of the
@@ -304,9 +277,9 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   const int lane = threadIdx.x % 32;
 
   const float part_lse = lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
-  const float lse_max = warp_reduce_max(part_lse);
+  const float lse_max = warp_max(part_lse);
   const float e = lse_max == -INFINITY ? 0.0f : expf(part_lse - lse_max);
-  const float sum = warp_reduce_sum(e);
+  const float sum = warp_sum(e);
   const float weight = sum > 0.0f ? e / sum : 0.0f;
 
   float acc[kPerLane] = {};
