@@ -2,7 +2,7 @@
 # Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
 # then, with the not-yet-verified CUDA kernels enabled:
 #   bash scripts/gpu_check.sh tests   CUDA tests (both attention kernels, forced split-KV), sanitizers
-#   bash scripts/gpu_check.sh bench   the benchmarks, JSONL for bench/results/
+#   bash scripts/gpu_check.sh bench   the benchmarks (kernels, then E1), JSONL for bench/results/
 #   bash scripts/gpu_check.sh all     both (only when one call may take ~9 minutes)
 # Everything goes under $OUT (default ./gpu_out). Each step has its own timeout so one hang cannot
 # eat the 15-minute budget; the summary table is printed last.
@@ -52,7 +52,9 @@ step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 
   python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
 fi
 if [[ "$mode" != tests ]]; then
-  step bench 300 python3 -m dlmfuse bench --quick --device cuda --json "$OUT/bench_cuda.jsonl"
+  step bench 240 python3 -m dlmfuse bench --quick --device cuda --only attention --only kv_cache \
+    --only sampling --json "$OUT/bench_cuda.jsonl"
+  step bench_e1 300 python3 -m dlmfuse bench --quick --device cuda --only generate --json "$OUT/bench_e1.jsonl"
 fi
 
 echo "== summary (logs in $OUT)"

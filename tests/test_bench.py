@@ -13,7 +13,7 @@ import dlmfuse
 from dlmfuse import bench
 from dlmfuse.__main__ import build_parser, main as cli_main
 from dlmfuse.bench import common
-from dlmfuse.bench import kv_cache, sampling
+from dlmfuse.bench import generate as gen_bench, kv_cache, sampling
 from dlmfuse.bench.attention import AttnSpec, workload, workloads
 
 CPU = torch.device("cpu")
@@ -202,7 +202,7 @@ def test_kv_cache_and_sampling_workloads_follow_design():
         assert {(p["V"], p["dtype"]) for p in cpu if p["top_k"] is None} == \
             {(32000, "float32"), (32000, "bfloat16")}
         assert {w.params["n"] for w in kv_cache.workloads(CPU, quick)} == {32, 256}
-    assert set(bench.FAMILIES) == {"attention", "kv_cache", "sampling"}
+    assert set(bench.FAMILIES) == {"attention", "kv_cache", "sampling", "generate"}
     args = build_parser().parse_args(["bench", "--only", "kv_cache", "--only", "sampling"])
     assert args.only == ["kv_cache", "sampling"]
 
@@ -219,3 +219,125 @@ def test_cli_help(argv, capsys):
         cli_main(argv)
     assert exit_info.value.code == 0
     assert "bench" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ generate (E1)
+GEN_TINY = gen_bench.GenSpec("T1", B=2, prompt=6, gen=8, block=4, steps=8, vocab=97, hidden=64, layers=1,
+                             heads=1, kv_heads=1, mlp=96, mask_token_id=96)
+
+
+def test_harness_workload_timing_and_stats():
+    """A workload's own timing replaces the run's; Case.stats lands in the rows and the table."""
+    x = torch.ones(4)
+
+    def setup(device):
+        return common.Case(impls=[common.Impl("dlmfuse", lambda: lambda: x * 2, kind="dlmfuse"),
+                                  common.Impl("other", lambda: lambda: x + x)],
+                           stats=lambda seconds: {name: {"calls": 1, "inverse": 1 / s}
+                                                  for name, s in seconds.items()})
+    own = common.Workload("X1", "own timing", "toy", {}, setup, timing=common.Timing(warmup=0, repeats=3))
+    plain = common.Workload("X2", "run timing", "toy", {}, setup)
+    out = io.StringIO()
+    rows = bench.run([own, plain], device=CPU, timing=TINY_TIMING, out=out, progress=io.StringIO())
+    for row in rows:
+        repeats = 3 if row["workload"] == "X1" else TINY_TIMING.repeats
+        assert row["repeats"] == repeats and len(row["times_ms"]) == repeats
+        assert row["stats"]["calls"] == 1
+        assert row["stats"]["inverse"] == pytest.approx(1e3 / row["time_ms"])
+    table = out.getvalue()
+    assert "X1 own timing: median of 3 runs after 0 warm-up" in table
+    assert "stats:" in table and "X2 run timing / other: calls=1, inverse=" in table
+
+
+def test_generate_tiny_rows(tmp_path):
+    out = io.StringIO()
+    json_path = tmp_path / "rows.jsonl"
+    rows = bench.run([gen_bench.workload(GEN_TINY)], device=CPU, timing=TINY_TIMING, command="pytest",
+                     json_path=str(json_path), out=out, progress=io.StringIO())
+    assert [json.loads(line) for line in json_path.read_text().splitlines()] == json.loads(json.dumps(rows))
+    by = {r["impl"]: r for r in rows}
+    assert list(by) == [name for name, _ in gen_bench.ROWS]
+    tokens = GEN_TINY.B * GEN_TINY.gen
+    for name, row in by.items():
+        assert ROW_KEYS <= row.keys() and row["status"] == "ok", row["error"]
+        assert row["family"] == "generate" and math.isfinite(row["time_ms"])
+        stats = row["stats"]
+        assert stats["tokens_per_s"] == pytest.approx(tokens / (row["time_ms"] / 1e3))
+        assert stats["ms_per_step"] == pytest.approx(row["time_ms"] / stats["steps"])
+        if name != "dlmfuse":
+            assert 0.0 <= stats["same_tokens_vs_exact"] <= 1.0
+        if name != "llada-loop":
+            assert stats["speedup_vs_llada_loop"] == pytest.approx(by["llada-loop"]["time_ms"] / row["time_ms"])
+    loop = by["llada-loop"]
+    # The reference loop gives the exact mode's tokens, and its ratio is the exact mode's speedup.
+    assert loop["max_abs_diff_vs_dlmfuse"] == 0.0 and loop["stats"]["same_tokens_vs_exact"] == 1.0
+    assert loop["ratio_vs_dlmfuse"] == pytest.approx(by["dlmfuse"]["stats"]["speedup_vs_llada_loop"])
+    for name in ("dlmfuse", "llada-loop", "dlmfuse.prefix", "dlmfuse.dual"):
+        assert by[name]["stats"]["steps"] == GEN_TINY.steps
+    assert GEN_TINY.gen // GEN_TINY.block <= by["dlmfuse.dual+threshold"]["stats"]["steps"] <= GEN_TINY.gen
+    table = out.getvalue()
+    assert GEN_TINY.desc in table and "speedup_vs_llada_loop=" in table and "failed" not in table
+
+
+@pytest.mark.parametrize("steps, gen_length, block_length", [(8, 8, 4), (4, 8, 4), (3, 12, 12)])
+def test_llada_loop_equals_exact_generate(steps, gen_length, block_length):
+    """The bench's reference loop is LLaDA's: same tokens as dlmfuse.generate(cache="none")
+    under greedy decoding, also with several tokens per step."""
+    model = gen_bench.build_model(GEN_TINY, CPU)
+    prompt = torch.randint(0, GEN_TINY.mask_token_id, (3, 5), generator=torch.Generator().manual_seed(1))
+    sampler = dlmfuse.samplers.LLaDA(steps, gen_length, block_length, mask_token_id=GEN_TINY.mask_token_id)
+    expected = dlmfuse.generate(model, prompt, sampler, cache="none")
+    got = gen_bench.llada_loop(model, prompt, steps=steps, gen_length=gen_length, block_length=block_length,
+                               mask_id=GEN_TINY.mask_token_id)
+    assert torch.equal(got, expected)
+    assert not (got[:, 5:] == GEN_TINY.mask_token_id).all()
+
+
+def test_generate_model_is_seeded_and_sized():
+    before = torch.random.get_rng_state()
+    a, b = gen_bench.build_model(GEN_TINY, CPU), gen_bench.build_model(GEN_TINY, CPU)
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global RNG is left alone
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert not any(p.requires_grad for p in a.parameters())
+    assert GEN_TINY.parameter_count() == sum(p.numel() for p in a.parameters())
+    std = a.lm_head.weight.std().item() * math.sqrt(GEN_TINY.hidden)
+    assert std == pytest.approx(gen_bench.LOGIT_STD, rel=0.1)
+
+
+def test_generate_workloads_follow_design():
+    """DESIGN.md §8 E1 on CUDA (LLaDA-8B shape, bf16), the small model on CPU; nothing allocated."""
+    for quick in (False, True):
+        gpu = gen_bench.workloads(torch.device("cuda"), quick)
+        assert sorted(w.params["B"] for w in gpu) == [1, 8]
+        for w in gpu:
+            assert w.id == "E1" and w.timing is not None and w.family == "generate"
+            assert {k: w.params[k] for k in ("layers", "hidden", "heads", "kv_heads", "mlp", "vocab", "dtype",
+                                             "prompt", "gen", "block", "steps")} == dict(
+                layers=32, hidden=4096, heads=32, kv_heads=32, mlp=12288, vocab=126464, dtype="bfloat16",
+                prompt=512, gen=256, block=32, steps=256)
+        cpu = gen_bench.workloads(CPU, quick)
+        assert sorted(w.params["B"] for w in cpu) == [1, 4]
+        for w in cpu:
+            p = w.params
+            assert p["dtype"] == "float32" and p["hidden"] // p["heads"] in (64, 128) and p["steps"] == p["gen"]
+    e1 = gen_bench.GenSpec(B=8, **gen_bench.GPU_SETTINGS, **gen_bench.LLADA_8B)
+    assert 7.9e9 < e1.parameter_count() < 8.1e9
+    assert gen_bench.loop_peak_bytes(e1) > 30 * 2**30
+
+
+def test_generate_memory_guard_says_why():
+    assert gen_bench.memory_refusal(10 * 2**30, 80 * 2**30, "the model") is None
+    reason = gen_bench.memory_refusal(70 * 2**30, 40 * 2**30, "the reference loop")
+    assert reason.startswith("skipped: the reference loop needs ~70.0 GiB") and "40.0 GiB free" in reason
+
+
+def test_generate_rows_that_do_not_fit_record_why(monkeypatch):
+    """On a GPU with too little free memory the E1 rows are skipped with the reason (the check
+    runs before the model is built, so this never touches a GPU)."""
+    monkeypatch.setattr(gen_bench, "_free_gpu_bytes", lambda device: 4 * 2**30)
+    e1 = gen_bench.GenSpec(B=1, **gen_bench.GPU_SETTINGS, **gen_bench.LLADA_8B)
+    rows = common.run_workload(gen_bench.workload(e1), torch.device("cuda"), TINY_TIMING)
+    assert [r["impl"] for r in rows] == [name for name, _ in gen_bench.ROWS]
+    for row in rows:
+        assert row["status"] == "error" and row["time_ms"] is None and row["stats"] is None
+        assert row["error"].startswith("SkippedRow: skipped: the bfloat16 model needs ~14.9 GiB")

@@ -10,6 +10,10 @@ and reported, identically for every family:
   the median of the repeats is reported (CPU: ``time.perf_counter``; CUDA: CUDA events);
 * peers are checked against dlmfuse's output (max abs difference) in the same run;
 * one row per (workload, implementation), with the environment and a reproducer command.
+
+Two hooks serve end-to-end rows (``generate``), whose calls take seconds: a workload may carry
+its own :class:`Timing`, and a case may add family-specific numbers to its rows (``stats``:
+tokens/s, steps, speedups over a reference loop), printed below the table.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ class Case:
     flops_dense: Optional[float] = None    # as if every (query, key) pair were computed
     flops_visible: Optional[float] = None  # only the visible pairs (DESIGN.md §8 "effective")
     bytes_read: Optional[float] = None     # minimum bytes an implementation must read, for GB/s
+    # {impl name: median seconds} of the implementations that ran -> {impl name: {stat: value}},
+    # stored in those rows' "stats" (called once, after every implementation ran).
+    stats: Optional[Callable[[dict], dict]] = None
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Workload:
     family: str       # op family, e.g. "attention"
     params: dict      # shapes and dtypes, copied into every JSONL row
     setup: Callable[[torch.device], Case]
+    timing: Optional[Timing] = None  # replaces the run's warm-up/repeats (seconds-long calls)
 
 
 @dataclass
@@ -194,7 +202,8 @@ def run_workload(workload: Workload, device: torch.device, timing: Timing,
                "impl": impl.name, "kind": impl.kind, "params": workload.params,
                "status": "ok", "error": None, "time_ms": None, "times_ms": None,
                "tflops_dense": None, "tflops_visible": None, "gbps": None,
-               "ratio_vs_dlmfuse": None, "max_abs_diff_vs_dlmfuse": None}
+               "ratio_vs_dlmfuse": None, "max_abs_diff_vs_dlmfuse": None,
+               "warmup": timing.warmup, "repeats": timing.repeats, "stats": None}
         rows.append(row)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -226,6 +235,10 @@ def run_workload(workload: Workload, device: torch.device, timing: Timing,
     for row in rows:
         if base is not None and row["time_ms"] is not None and row["kind"] != DLMFUSE:
             row["ratio_vs_dlmfuse"] = row["time_ms"] / base
+    if case.stats is not None:
+        stats = case.stats({r["impl"]: r["time_ms"] / 1e3 for r in rows if r["status"] == "ok"})
+        for row in rows:
+            row["stats"] = stats.get(row["impl"])
     return rows
 
 
@@ -251,7 +264,8 @@ def run(workloads: Sequence[Workload], *, device: torch.device, timing: Timing,
         for i, workload in enumerate(workloads, 1):
             print(f"[{i}/{len(workloads)}] {workload.id} {workload.desc} ...", end=" ",
                   file=progress, flush=True)
-            new_rows = [{**row, **env} for row in run_workload(workload, device, timing, skip)]
+            own_timing = workload.timing if workload.timing is not None else timing
+            new_rows = [{**row, **env} for row in run_workload(workload, device, own_timing, skip)]
             print(_progress_summary(new_rows), file=progress, flush=True)
             rows.extend(new_rows)
             if json_file is not None:
@@ -289,7 +303,7 @@ def _progress_summary(rows: Sequence[dict]) -> str:
     for row in rows:
         if row["status"] != "ok":
             parts.append(f"{row['impl']} failed")
-        elif row["kind"] == DLMFUSE:
+        elif row["impl"] == DLMFUSE:
             parts.append(format_time(row["time_ms"]))
         else:
             parts.append(f"{row['impl']} {format_time(row['time_ms'])}")
@@ -331,16 +345,35 @@ def print_table(rows: Sequence[dict], env: dict, timing: Timing, out: TextIO) ->
 
     print(f"\ndlmfuse {env['dlmfuse']} on {env['device']}; torch {env['torch']}, "
           f"CUDA {env['cuda']}, Python {env['python']}, git {env['git_sha'][:12]}", file=out)
-    print(f"median of {timing.repeats} runs after {timing.warmup} warm-up; "
+    # Workloads may carry their own timing; name it per workload when the rows disagree.
+    timings = {(r["workload"], r["desc"]): (r["repeats"], r["warmup"]) for r in rows}
+    repeats, warmup = (next(iter(timings.values())) if len(set(timings.values())) == 1
+                       else (timing.repeats, timing.warmup))
+    print(f"median of {repeats} runs after {warmup} warm-up; "
           "ratio = peer time / dlmfuse time (>1: dlmfuse faster); "
           "max |diff| = largest peer-vs-dlmfuse output difference", file=out)
+    for (wid, desc), (own_repeats, own_warmup) in timings.items():
+        if (own_repeats, own_warmup) != (repeats, warmup):
+            print(f"  {wid} {desc}: median of {own_repeats} runs after {own_warmup} warm-up", file=out)
     for line in [header] + lines:
         print("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip(), file=out)
+    detailed = [r for r in rows if r["stats"]]
+    if detailed:
+        print("stats:", file=out)
+        for r in detailed:
+            values = ", ".join(f"{name}={_format_stat(value)}" for name, value in r["stats"].items())
+            print(f"  {r['workload']} {r['desc']} / {r['impl']}: {values}", file=out)
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         print("failed:", file=out)
         for r in failures:
             print(f"  {r['workload']} {r['desc']} / {r['impl']}: {r['error']}", file=out)
+
+
+def _format_stat(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)
 
 
 class MissingMatplotlib(RuntimeError):
