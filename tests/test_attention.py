@@ -618,3 +618,27 @@ def test_backend_reference_override(monkeypatch):
     merged = dlmfuse.merge_attention(ref_out, ref_lse, ref_out, ref_lse)
     torch.testing.assert_close(merged[0], ref_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(merged[1], ref_lse + math.log(2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("head_dim", [1, 8, 16, 40, 96, 200, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_any_head_dim_on_cpu(head_dim, dtype):
+    """Head dims other than 64 / 128 run in the next wider tile (zero-padded) on every CPU ISA."""
+    g = torch.Generator().manual_seed(head_dim)
+    B, Lq, Lk, Hq, Hkv = 2, 70, 97, 4, 2
+    q = torch.randn(B, Lq, Hq, head_dim, generator=g).to(dtype)
+    k = torch.randn(B, Lk, Hkv, head_dim, generator=g).to(dtype)
+    v = torch.randn(B, Lk, Hkv, head_dim, generator=g).to(dtype)
+    mask = Mask.block_causal(Lk, 16, prefix_len=20).gather_queries(torch.arange(Lk - Lq, Lk).expand(B, Lq))
+    bias = torch.randn(Hq, 1, Lk, generator=g)
+    original = dlmfuse._C.cpu_isa()
+    try:
+        for isa in dlmfuse._C.COMPILED_CPU_ISAS.split(","):
+            try:
+                dlmfuse._C.set_cpu_isa(isa)
+            except ValueError:  # compiled but not supported by this CPU
+                continue
+            out, lse = dlmfuse.attention(q, k, v, mask=mask, bias=bias, return_lse=True)
+            check_attention(out, q, k, v, lse=lse, mask=mask, bias=bias)
+    finally:
+        dlmfuse._C.set_cpu_isa(original)

@@ -61,8 +61,10 @@ def test_cpu_fields_are_consistent():
     assert info["cpu_isa"] == dlmfuse._C.cpu_isa()
     assert info["cpu_isa"] in info["compiled_cpu_isas"]
     assert "baseline" in info["compiled_cpu_isas"]
-    assert info["attention_head_dims"] == list(dlmfuse._C.ATTENTION_HEAD_DIMS)
-    assert {64, 128} <= set(info["attention_head_dims"])
+    assert info["attention_max_head_dim"] == dlmfuse._C.ATTENTION_MAX_HEAD_DIM == 256
+    assert info["attention_tile_dims"] == list(dlmfuse._C.ATTENTION_TILE_DIMS)
+    if info["cuda"]:
+        assert info["cuda_attention_head_dims"] == [64, 128]
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
 
 

@@ -4,6 +4,7 @@
 #include <nanobind/nanobind.h>
 
 #include "bindings/tensor_checks.h"
+#include "dlmfuse/attention_params.h"
 #include "cuda/device_info.h"
 
 namespace nb = nanobind;
@@ -17,6 +18,7 @@ void register_cuda_sampling(nb::module_& m);
 NB_MODULE(_C_cuda, m) {
   dlmfuse::bindings::register_error_translator();
   m.attr("CUDA_ARCHS") = DLMFUSE_CUDA_ARCHS;
+  m.attr("ATTENTION_HEAD_DIMS") = nb::make_tuple(DLMFUSE_CUDA_ATTENTION_HEAD_DIMS);
   m.def("runtime_version", &dlmfuse::cuda::runtime_version,
         "CUDA runtime version compiled in, e.g. 13000.");
   m.def("device_count", &dlmfuse::cuda::device_count,

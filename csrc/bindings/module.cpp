@@ -23,7 +23,8 @@ NB_MODULE(_C, m) {
 
   m.attr("__version__") = DLMFUSE_VERSION;
   m.attr("ORDER_INFINITY") = kOrderInfinity;
-  m.attr("ATTENTION_HEAD_DIMS") = nb::make_tuple(DLMFUSE_ATTENTION_HEAD_DIMS);
+  m.attr("ATTENTION_TILE_DIMS") = nb::make_tuple(DLMFUSE_ATTENTION_TILE_DIMS);
+  m.attr("ATTENTION_MAX_HEAD_DIM") = kAttentionMaxHeadDim;
   m.attr("COMPILED_CPU_ISAS") = cpu::compiled_cpu_isas();
 
   m.def("cpu_isa", [] { return std::string(cpu::cpu_isa_name(cpu::active_cpu_isa())); },

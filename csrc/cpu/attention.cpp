@@ -46,7 +46,9 @@ struct AlignedFree {
 void attention_forward(const AttentionParams& p) {
   // Loud errors for values without a compiled kernel (the bindings check them first too).
   dispatch_dtype(p.dtype, "attention", [](auto) {});
-  dispatch_head_dim<DLMFUSE_ATTENTION_HEAD_DIMS>(p.head_dim, "attention", [](auto) {});
+  if (p.head_dim < 1 || p.head_dim > kAttentionMaxHeadDim)
+    throw_value_error("attention: head_dim=", p.head_dim, " unsupported (supported: 1 to ",
+                      kAttentionMaxHeadDim, ")");
   const AttentionTaskFn kernel = kernel_for(active_cpu_isa(), p.dtype, p.head_dim);
 
   AttentionPlan plan;

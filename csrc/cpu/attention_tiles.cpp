@@ -81,21 +81,23 @@ void qk_tile(const float* q, const float* kt, float* s, int rows) {
 // O[rows, D] += P[rows, :cols] x V[:cols, D]
 template <int D>
 void pv_tile(const float* p, const float* v, float* o, int rows, int cols) {
+  constexpr int kPvCols = D / W < kCols ? D / W : kCols;  // narrow tiles (D = 32 on AVX-512)
+  static_assert(D % (kPvCols * W) == 0, "tile width must fit the register block");
   for (int i0 = 0; i0 < rows; i0 += kRows) {
-    for (int d0 = 0; d0 < D; d0 += kCols * W) {
-      vfloat acc[kRows][kCols];
+    for (int d0 = 0; d0 < D; d0 += kPvCols * W) {
+      vfloat acc[kRows][kPvCols];
       for (int r = 0; r < kRows; ++r)
-        for (int c = 0; c < kCols; ++c) acc[r][c] = vec::load(o + (i0 + r) * D + d0 + c * W);
+        for (int c = 0; c < kPvCols; ++c) acc[r][c] = vec::load(o + (i0 + r) * D + d0 + c * W);
       for (int j = 0; j < cols; ++j) {
-        vfloat vv[kCols];
-        for (int c = 0; c < kCols; ++c) vv[c] = vec::load(v + j * D + d0 + c * W);
+        vfloat vv[kPvCols];
+        for (int c = 0; c < kPvCols; ++c) vv[c] = vec::load(v + j * D + d0 + c * W);
         for (int r = 0; r < kRows; ++r) {
           const vfloat pb = vec::splat(p[(i0 + r) * N + j]);
-          for (int c = 0; c < kCols; ++c) acc[r][c] += pb * vv[c];
+          for (int c = 0; c < kPvCols; ++c) acc[r][c] += pb * vv[c];
         }
       }
       for (int r = 0; r < kRows; ++r)
-        for (int c = 0; c < kCols; ++c) vec::store(o + (i0 + r) * D + d0 + c * W, acc[r][c]);
+        for (int c = 0; c < kPvCols; ++c) vec::store(o + (i0 + r) * D + d0 + c * W, acc[r][c]);
     }
   }
 }
@@ -187,10 +189,17 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   const T* k_base = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
   const T* v_base = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
 
+  // The tile width D may exceed head_dim: the padding columns of Q, K^T and V stay zero, so
+  // they add nothing to Q K^T and their outputs are never stored.
+  const int head = static_cast<int>(p.head_dim);
   const float q_factor = p.scale * kLog2e;
+  vec::fill(ws.q, ws.q + rows_padded * D, 0.0f);
   for (int i = 0; i < rows; ++i)
-    load_scaled_row(ws.q + i * D, q_base + (q0 + i) * p.q_strides[1], D, q_factor);
-  vec::fill(ws.q + rows * D, ws.q + rows_padded * D, 0.0f);
+    load_scaled_row(ws.q + i * D, q_base + (q0 + i) * p.q_strides[1], head, q_factor);
+  if (head < D) {
+    vec::fill(ws.kt + head * N, ws.kt + D * N, 0.0f);
+    vec::fill(ws.v, ws.v + N * D, 0.0f);
+  }
   vec::fill(ws.o, ws.o + rows_padded * D, 0.0f);
   vec::fill(ws.row_max, ws.row_max + M, -INFINITY);
   vec::fill(ws.row_sum, ws.row_sum + M, 0.0f);
@@ -207,9 +216,9 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
 
     for (int j = 0; j < cols; ++j) {
       const T* k_row = k_base + (k0 + j) * p.k_strides[1];
-      for (int d = 0; d < D; ++d) ws.kt[d * N + j] = to_float(k_row[d]);
+      for (int d = 0; d < head; ++d) ws.kt[d * N + j] = to_float(k_row[d]);
     }
-    for (int d = 0; d < D && cols < N; ++d) vec::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
+    for (int d = 0; d < head && cols < N; ++d) vec::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
     qk_tile<D>(ws.q, ws.kt, ws.s, rows_padded);
 
     if (kind == TileKind::kPartial) {
@@ -237,7 +246,7 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
     vec::fill(ws.s + rows * N, ws.s + rows_padded * N, 0.0f);  // padding rows contribute nothing
 
     for (int j = 0; j < cols; ++j)
-      load_scaled_row(ws.v + j * D, v_base + (k0 + j) * p.v_strides[1], D, 1.0f);
+      load_scaled_row(ws.v + j * D, v_base + (k0 + j) * p.v_strides[1], head, 1.0f);
     pv_tile<D>(ws.s, ws.v, ws.o, rows_padded, cols);
   }
 
@@ -246,15 +255,16 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   for (int i = 0; i < rows; ++i) {
     const float inv_sum = softmax_inv_sum(ws.row_sum[i]);
     T* out_row = out_base + (q0 + i) * p.out_strides[1];
-    for (int d = 0; d < D; ++d) out_row[d] = from_float<T>(ws.o[i * D + d] * inv_sum);
+    for (int d = 0; d < head; ++d) out_row[d] = from_float<T>(ws.o[i * D + d] * inv_sum);
     lse_row[i] = softmax_lse(ws.row_max[i], ws.row_sum[i]);
   }
 }
 
-template <typename T, int... Dims>
-AttentionTaskFn pick_head_dim(int64_t head_dim) {
+// The kernel of the narrowest tile width that holds head_dim (widths listed in increasing order).
+template <typename T, int... Widths>
+AttentionTaskFn pick_tile_width(int64_t head_dim) {
   AttentionTaskFn fn = nullptr;
-  ((head_dim == Dims ? (fn = &attention_task_impl<T, Dims>, 0) : 0), ...);
+  ((fn == nullptr && head_dim <= Widths ? (fn = &attention_task_impl<T, Widths>, 0) : 0), ...);
   return fn;
 }
 
@@ -262,9 +272,9 @@ AttentionTaskFn pick_head_dim(int64_t head_dim) {
 
 AttentionTaskFn attention_task_fn(DType dtype, int64_t head_dim) {
   switch (dtype) {
-    case DType::kFloat32: return pick_head_dim<float, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
-    case DType::kBFloat16: return pick_head_dim<bf16_t, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
-    case DType::kFloat16: return pick_head_dim<fp16_t, DLMFUSE_ATTENTION_HEAD_DIMS>(head_dim);
+    case DType::kFloat32: return pick_tile_width<float, DLMFUSE_ATTENTION_TILE_DIMS>(head_dim);
+    case DType::kBFloat16: return pick_tile_width<bf16_t, DLMFUSE_ATTENTION_TILE_DIMS>(head_dim);
+    case DType::kFloat16: return pick_tile_width<fp16_t, DLMFUSE_ATTENTION_TILE_DIMS>(head_dim);
   }
   return nullptr;
 }

@@ -26,18 +26,27 @@ inline int64_t attention_task_count(const AttentionParams& p, const AttentionPla
   return p.batch * p.q_heads * plan.n_q_tiles;
 }
 
+// The narrowest compiled tile width holding head_dim (head_dim in [1, kAttentionMaxHeadDim]).
+inline int64_t attention_tile_width(int64_t head_dim) {
+  constexpr int64_t kWidths[] = {DLMFUSE_ATTENTION_TILE_DIMS};
+  for (int64_t width : kWidths)
+    if (head_dim <= width) return width;
+  return kAttentionMaxHeadDim;
+}
+
 // fp32 scratch a thread needs for one task (64-byte aligned by the caller).
 inline size_t attention_scratch_floats(int64_t head_dim) {
-  const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(head_dim);
+  const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
   // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels (2 x n int32).
   return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 2 * n + 64;
 }
 
-// One task of one (dtype, head_dim) instantiation.
+// One task of one (dtype, tile width) instantiation.
 using AttentionTaskFn = void (*)(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
                                  float* scratch);
 
-// Each ISA namespace returns its kernel for (dtype, head_dim), or null when none is compiled
+// Each ISA namespace returns its kernel for (dtype, head_dim): the narrowest tile width that holds
+// head_dim, or null when none does
 // (the dispatcher has already raised a clear error for unsupported values by then).
 #define DLMFUSE_DECLARE_ATTENTION_ISA(isa) \
   namespace isa {                          \

@@ -20,8 +20,10 @@ except ImportError:  # built without nvcc
 
 __version__: str = _C.__version__
 
-#: Head dims with a compiled attention kernel (exported by the extension: one source of truth).
-ATTENTION_HEAD_DIMS: tuple = tuple(_C.ATTENTION_HEAD_DIMS)
+#: Largest head_dim of the CPU attention (any head_dim from 1 up to it; exported by the extension).
+ATTENTION_MAX_HEAD_DIM: int = int(_C.ATTENTION_MAX_HEAD_DIM)
+#: Head dims of the CUDA attention kernels (others run the reference on CUDA).
+CUDA_ATTENTION_HEAD_DIMS: tuple = tuple(_C_cuda.ATTENTION_HEAD_DIMS) if _C_cuda is not None else ()
 #: Key order label meaning "after every query": never visible by order (padding, BD3-LM x_t keys).
 ORDER_INFINITY: int = int(_C.ORDER_INFINITY)
 
@@ -81,7 +83,9 @@ def build_info() -> dict:
         "cpu_isa": _C.cpu_isa(),
         "compiled_cpu_isas": _C.COMPILED_CPU_ISAS.split(","),
         "num_threads": _C.num_threads(),
-        "attention_head_dims": list(ATTENTION_HEAD_DIMS),
+        "attention_max_head_dim": ATTENTION_MAX_HEAD_DIM,
+        "attention_tile_dims": list(_C.ATTENTION_TILE_DIMS),
+        "cuda_attention_head_dims": list(CUDA_ATTENTION_HEAD_DIMS),
         "backend_override": os.environ.get(_BACKEND_ENV) or None,
         # op -> device -> "native" (a compiled kernel runs) or "reference" (pure PyTorch, correct
         # but slow), as dispatch decides now

@@ -26,7 +26,7 @@ from ._checks import (
     expect_tensor,
     needs_dispatcher,
 )
-from ._ext import ATTENTION_HEAD_DIMS, _C_cuda, use_reference
+from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, use_reference
 from .mask import Mask
 
 _OP = "attention"
@@ -48,7 +48,8 @@ def attention(
     ``k_order[j] < q_order[i] or k_group[j] == q_group[i]`` (see :class:`dlmfuse.Mask`).
 
     Args:
-        q: ``[B, Lq, Hq, D]`` float32 / bfloat16 / float16, last dim contiguous.
+        q: ``[B, Lq, Hq, D]`` float32 / bfloat16 / float16, last dim contiguous; D from 1 to 256
+            (the CUDA kernels take D = 64 and 128; other D run the reference on CUDA).
         k, v: ``[B, Lk, Hkv, D]``, same dtype and device; ``Hq % Hkv == 0`` (GQA / MQA).
         mask: a :class:`dlmfuse.Mask` with q labels of length Lq and k labels of length Lk
             (batch 1 broadcasts). ``None``: bidirectional.
@@ -147,8 +148,8 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale) -> tuple:
         raise ValueError(f"{_OP}: v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"{_OP}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if D not in ATTENTION_HEAD_DIMS:
-        raise ValueError(f"{_OP}: head_dim={D} unsupported (supported: {', '.join(map(str, ATTENTION_HEAD_DIMS))})")
+    if not 1 <= D <= ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"{_OP}: head_dim={D} unsupported (supported: 1 to {ATTENTION_MAX_HEAD_DIM})")
 
     labels = (None, None, None, None)
     if mask is not None:
@@ -201,7 +202,7 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale) -> tuple:
 
 
 def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale):
-    if use_reference("attention", q.device):
+    if use_reference("attention", q.device) or (q.is_cuda and q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS):
         mask = None if q_order is None else Mask(q_order, q_group, k_order, k_group)
         out, lse = reference.attention(
             q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale, return_lse=True

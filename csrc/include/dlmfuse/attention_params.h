@@ -5,10 +5,15 @@
 #include "dlmfuse/config.h"
 #include "dlmfuse/dtype.h"
 
-// Head dims with a compiled kernel (one template instantiation each). Exported to Python.
-#define DLMFUSE_ATTENTION_HEAD_DIMS 64, 128
+// CPU: any head_dim in [1, kAttentionMaxHeadDim], computed in the smallest of these tile widths
+// (one template instantiation each; rows are zero-padded). Exported to Python.
+#define DLMFUSE_ATTENTION_TILE_DIMS 32, 64, 128, 256
+// CUDA kernels: exactly these head dims (others use the reference on CUDA). Exported to Python.
+#define DLMFUSE_CUDA_ATTENTION_HEAD_DIMS 64, 128
 
 namespace dlmfuse {
+
+constexpr int64_t kAttentionMaxHeadDim = 256;
 
 // Strided [B, L] int32 label tensor; batch_stride = 0 broadcasts a batch-1 label set.
 struct LabelView {
