@@ -170,3 +170,38 @@ def test_importing_dlmfuse_does_not_import_transformers():
     code = ("import sys, dlmfuse, dlmfuse.nn, dlmfuse.integrations.transformers; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_integration_reachable_as_attribute_without_import():
+    """DESIGN.md spells it dlmfuse.integrations.transformers.register(): no explicit import."""
+    code = (
+        "import sys, dlmfuse\n"
+        "assert 'transformers' not in sys.modules\n"
+        "dlmfuse.integrations.transformers.register()\n"
+        "assert 'transformers' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_tiny_head_dim_matches_sdpa(family):
+    """Tiny test models often have head_dim 8 or 16: the CPU kernel takes any head_dim <= 256."""
+    import transformers
+
+    config_cls, model_cls = ((transformers.LlamaConfig, transformers.LlamaForCausalLM) if family == "llama"
+                             else (transformers.Qwen2Config, transformers.Qwen2ForCausalLM))
+    config = config_cls(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    ids = torch.randint(0, 100, (2, 11))
+    attention_mask = torch.ones(2, 11, dtype=torch.long)
+    attention_mask[1, :3] = 0  # left padding
+    dlmfuse_hf.register()
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(ids, attention_mask=attention_mask).logits
+        model.set_attn_implementation("dlmfuse")
+        got = model(ids, attention_mask=attention_mask).logits
+    torch.testing.assert_close(got[0], expected[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[1, 3:], expected[1, 3:], rtol=1e-4, atol=1e-5)
