@@ -274,3 +274,16 @@ def test_gradients_are_finite_and_match_finite_differences():
     for t in (q, k, v, bias):
         assert not t.grad.isnan().any()
     assert torch.equal(q.grad[0, 2], torch.zeros_like(q.grad[0, 2]))
+
+
+def test_reference_never_reads_keys_past_kv_lens():
+    """The reference is the CUDA fallback: like the kernels, it must ignore garbage past kv_lens."""
+    from dlmfuse import reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 5, 2, 64, generator=g) for _ in range(3))
+    kv_lens = torch.tensor([5, 3], dtype=torch.int32)
+    expected = reference.attention(q, k, v, kv_lens=kv_lens)
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 3:], v2[1, 3:] = float("nan"), float("inf")
+    torch.testing.assert_close(reference.attention(q, k2, v2, kv_lens=kv_lens), expected, rtol=0, atol=0)

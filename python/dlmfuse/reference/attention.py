@@ -105,6 +105,12 @@ def attention(
     k_c = k.to(compute_dtype).transpose(1, 2).repeat_interleave(heads_per_kv, dim=1)  # [B, Hq, Lk, D]
     v_c = v.to(compute_dtype).transpose(1, 2).repeat_interleave(heads_per_kv, dim=1)  # [B, Hq, Lk, D]
 
+    if kv_lens is not None:  # keys past kv_lens are never read (they may hold garbage, even NaN)
+        lens = torch.as_tensor(kv_lens, device=k.device).reshape(-1, 1)
+        in_range = (torch.arange(k_len, device=k.device)[None, :] < lens)[:, None, :, None]  # [B, 1, Lk, 1]
+        zero = torch.zeros((), dtype=compute_dtype, device=k.device)
+        k_c, v_c = torch.where(in_range, k_c, zero), torch.where(in_range, v_c, zero)
+
     scores = torch.matmul(q_c, k_c.transpose(-1, -2)) * scale  # [B, Hq, Lq, Lk]
     if bias is not None:
         scores = scores + bias.to(compute_dtype)
