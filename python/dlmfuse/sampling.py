@@ -174,7 +174,7 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, se
             if empty.numel():
                 raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
                                  "(every logit is suppressed, -inf or NaN)")
-        return tokens, conf
+        return tokens.to(logits.device), conf.to(logits.device)  # the reference computes on the CPU
     rows = logits.detach().reshape(-1, logits.shape[-1])
     tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
