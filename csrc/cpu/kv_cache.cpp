@@ -26,23 +26,41 @@ void kv_scatter_validate(const KvScatterParams& p) {
   }
 }
 
+namespace {
+
+// Rows per task: enough bytes per task that the pool's hand-off is noise (a row is K and V of
+// all heads, e.g. 8 KiB for 8 heads x 128 x fp32).
+constexpr int64_t kScatterBytesPerTask = 64 * 1024;
+
+// K and V of new row i of sequence b, all heads; skipped when its position is out of range.
+void copy_row(const KvScatterParams& p, size_t row_bytes, int64_t b, int64_t i) {
+  const int64_t pos = p.position(b, i);
+  if (pos < 0 || pos >= p.max_len) return;
+  char* k_cache = static_cast<char*>(p.k_cache);
+  char* v_cache = static_cast<char*>(p.v_cache);
+  const char* k_new = static_cast<const char*>(p.k_new);
+  const char* v_new = static_cast<const char*>(p.v_new);
+  for (int64_t h = 0; h < p.heads; ++h) {
+    const int64_t src_k = b * p.k_new_strides[0] + i * p.k_new_strides[1] + h * p.k_new_strides[2];
+    const int64_t src_v = b * p.v_new_strides[0] + i * p.v_new_strides[1] + h * p.v_new_strides[2];
+    const int64_t dst_k = b * p.k_cache_strides[0] + pos * p.k_cache_strides[1] + h * p.k_cache_strides[2];
+    const int64_t dst_v = b * p.v_cache_strides[0] + pos * p.v_cache_strides[1] + h * p.v_cache_strides[2];
+    std::memcpy(k_cache + dst_k * p.element_size, k_new + src_k * p.element_size, row_bytes);
+    std::memcpy(v_cache + dst_v * p.element_size, v_new + src_v * p.element_size, row_bytes);
+  }
+}
+
+}  // namespace
+
 void kv_scatter(const KvScatterParams& p) {
   const size_t row_bytes = static_cast<size_t>(p.head_dim * p.element_size);
-  // One task per (batch, new row): both K and V of that row, all heads.
-  parallel_for(p.batch * p.n_new, [&](int64_t task, int) {
-    const int64_t b = task / p.n_new, i = task % p.n_new;
-    const int64_t pos = p.position(b, i);
-    if (pos < 0 || pos >= p.max_len) return;
-    for (int64_t h = 0; h < p.heads; ++h) {
-      const int64_t src_k = b * p.k_new_strides[0] + i * p.k_new_strides[1] + h * p.k_new_strides[2];
-      const int64_t src_v = b * p.v_new_strides[0] + i * p.v_new_strides[1] + h * p.v_new_strides[2];
-      const int64_t dst_k = b * p.k_cache_strides[0] + pos * p.k_cache_strides[1] + h * p.k_cache_strides[2];
-      const int64_t dst_v = b * p.v_cache_strides[0] + pos * p.v_cache_strides[1] + h * p.v_cache_strides[2];
-      std::memcpy(static_cast<char*>(p.k_cache) + dst_k * p.element_size,
-                  static_cast<const char*>(p.k_new) + src_k * p.element_size, row_bytes);
-      std::memcpy(static_cast<char*>(p.v_cache) + dst_v * p.element_size,
-                  static_cast<const char*>(p.v_new) + src_v * p.element_size, row_bytes);
-    }
+  const int64_t rows = p.batch * p.n_new;
+  const int64_t bytes_per_row = std::max<int64_t>(1, 2 * p.heads * static_cast<int64_t>(row_bytes));
+  const int64_t rows_per_task = std::max<int64_t>(1, kScatterBytesPerTask / bytes_per_row);
+  // Each task copies rows_per_task consecutive (batch, new row) pairs.
+  parallel_for((rows + rows_per_task - 1) / rows_per_task, [&](int64_t task, int) {
+    const int64_t end = std::min(rows, (task + 1) * rows_per_task);
+    for (int64_t row = task * rows_per_task; row < end; ++row) copy_row(p, row_bytes, row / p.n_new, row % p.n_new);
   });
 }
 
