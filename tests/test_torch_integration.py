@@ -202,6 +202,19 @@ def test_torch_compile_fullgraph_matches_eager():
     assert counter.frame_count == 1, "new label values (same shapes) must not recompile"
 
 
+def test_torch_compile_fullgraph_merge_attention():
+    q, k, v = make(2, 9, 30, 4, 2)
+    halves = [dlmfuse.attention(q, k[:, s], v[:, s], return_lse=True) for s in (slice(0, 13), slice(13, 30))]
+
+    def fn(out_a, lse_a, out_b, lse_b):
+        return dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b)
+
+    got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*halves[0], *halves[1])
+    expected = fn(*halves[0], *halves[1])
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_torch_compile_backward_matches_eager():
     B, L = 1, 24
