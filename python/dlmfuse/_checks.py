@@ -14,6 +14,13 @@ def expect_tensor(op: str, name: str, value) -> torch.Tensor:
     return value
 
 
+def expect_positive_int(op: str, name: str, value) -> int:
+    """ValueError unless ``value`` is a Python int > 0 (bools rejected); returns it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return value
+
+
 def expect_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")

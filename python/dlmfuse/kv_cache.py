@@ -16,8 +16,8 @@ from . import _C, reference
 from ._ext import ORDER_INFINITY, _C_cuda
 from .attention import attention
 from .mask import INT32_MIN, Mask
-from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_same_device, expect_tensor,
-                      needs_dispatcher)
+from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
+                      expect_same_device, expect_tensor, needs_dispatcher)
 from ._ext import use_reference
 
 _OP = "kv_scatter_"
@@ -144,8 +144,7 @@ class KVCache:
                  dtype: torch.dtype = torch.bfloat16, device=None):
         for name, value in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+            expect_positive_int("KVCache", name, value)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
         device = torch.device("cpu" if device is None else device)

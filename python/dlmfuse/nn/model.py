@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .._checks import can_read_values
+from .._checks import can_read_values, expect_positive_int
 from ..kv_cache import KVCache
 from ..mask import Mask
 from .layers import DenoiserBlock, RMSNorm, RotaryEmbedding, cache_mask, default_positions
@@ -17,12 +17,6 @@ from .layers import DenoiserBlock, RMSNorm, RotaryEmbedding, cache_mask, default
 __all__ = ["DenoiserLM"]
 
 _OP = "DenoiserLM"
-
-
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{_OP}: {name} must be a positive int, got {value!r}")
-    return value
 
 
 def _expect_int_tensor(name: str, value, layout: str) -> Tensor:
@@ -70,8 +64,8 @@ class DenoiserLM(nn.Module):
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("intermediate_size", intermediate_size)):
-            _positive_int(name, value)
-        head_dim = _positive_int("head_dim", head_dim) if head_dim is not None else hidden_size // num_heads
+            expect_positive_int(_OP, name, value)
+        head_dim = expect_positive_int(_OP, "head_dim", head_dim) if head_dim is not None else hidden_size // num_heads
         self.config = SimpleNamespace(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                            rope_theta=float(rope_theta), head_dim=head_dim, rms_norm_eps=rms_norm_eps,
