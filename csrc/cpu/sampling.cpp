@@ -11,10 +11,11 @@
 
 #include "cpu/cpu_features.h"
 #include "cpu/sampling_exact.h"
+#include "cpu/sampling_row.h"
 #include "cpu/sampling_rows.h"
 #include "cpu/sampling_select.h"
 #include "cpu/thread_pool.h"
-#include "dlmfuse/dispatch.h"
+#include "dlmfuse/errors.h"
 #include "dlmfuse/half_convert.h"
 
 namespace dlmfuse::cpu {
@@ -31,33 +32,6 @@ SampleRowFn row_pass_for(CpuIsa isa, DType dtype) {
     default: return baseline::sample_row_fn(dtype);
   }
 }
-
-// T' of the float64 formulas: T, or 1 when greedy.
-double tempered_divisor(const SamplingParams& p) { return p.temperature > 0.0 ? p.temperature : 1.0; }
-
-// Reads a row as float (what the fp32 pass sees) and as double (what exact scoring uses).
-struct RowReader {
-  const SamplingParams& p;
-  int64_t row;
-
-  template <typename F>
-  decltype(auto) with_type(F&& f) const {
-    const char* base = static_cast<const char*>(p.logits);
-    switch (p.dtype) {
-      case DType::kFloat32: return f(reinterpret_cast<const float*>(base) + row * p.row_stride);
-      case DType::kBFloat16: return f(reinterpret_cast<const bf16_t*>(base) + row * p.row_stride);
-      case DType::kFloat16: return f(reinterpret_cast<const fp16_t*>(base) + row * p.row_stride);
-      case DType::kFloat64: break;
-    }
-    return f(reinterpret_cast<const double*>(base) + row * p.row_stride);
-  }
-  float as_float(int64_t j) const {
-    return with_type([j](auto ptr) { return static_cast<float>(to_double(ptr[j])); });
-  }
-  double as_double(int64_t j) const {
-    return with_type([j](auto ptr) { return to_double(ptr[j]); });
-  }
-};
 
 // 1 / T' in fp32 as the row pass computes it (T' = T, or 1 when greedy).
 float inverse_temperature(const SamplingParams& p) {
@@ -79,14 +53,6 @@ void eligible_tokens(const SamplingParams& p, const RowReader& reader,
   out.resize(static_cast<size_t>(next - out.data()));
 }
 
-// The exact score the float64 reference ranks by.
-double exact_score(const SamplingParams& p, const RowReader& reader, int64_t row, int64_t j) {
-  const double l = reader.as_double(j);
-  if (p.temperature <= 0.0) return l;
-  const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, j));
-  return l / p.temperature - std::log(-std::log(u));
-}
-
 bool is_kept(const SamplingParams& p, const RowReader& reader, int64_t j, float cut) {
   const float l = reader.as_float(j);
   if (!(l > -INFINITY) || (p.suppressed != nullptr && p.suppressed[j])) return false;
@@ -98,7 +64,7 @@ int64_t pick_token(const SamplingParams& p, const RowReader& reader, int64_t row
   int64_t best = -1;
   double best_score = -INFINITY;
   auto consider = [&](int64_t j) {
-    const double score = exact_score(p, reader, row, j);
+    const double score = exact_score(p, row, j, reader.as_double(j));
     if (best < 0 || score > best_score || (score == best_score && j < best)) {
       best = j;
       best_score = score;
@@ -116,7 +82,7 @@ int64_t pick_token(const SamplingParams& p, const RowReader& reader, int64_t row
 float confidence_of(const SamplingParams& p, const RowReader& reader, int64_t token,
                     const RowPass& pass) {
   const double c = p.dtype == DType::kFloat64
-                       ? (p.tempered_confidence ? reader.as_double(token) / tempered_divisor(p) : reader.as_double(token))
+                       ? confidence_score(p, reader.as_double(token))
                        : static_cast<double>(reader.as_float(token) * (p.tempered_confidence ? inverse_temperature(p) : 1.0f));
   switch (p.confidence) {
     case ConfidenceKind::kProb: return static_cast<float>(std::exp(c - pass.c_max) / pass.z);
@@ -134,16 +100,16 @@ void exact_stats(const SamplingParams& p, const RowReader& reader, float cut, Ro
   double c_max = -INFINITY, c_second = -INFINITY;
   for (int64_t j = 0; j < p.vocab; ++j) {
     if (!is_kept(p, reader, j, cut)) continue;
-    const double c = p.tempered_confidence ? reader.as_double(j) / tempered_divisor(p) : reader.as_double(j);
+    const double c = confidence_score(p, reader.as_double(j));
     if (c > c_max) c_second = c_max, c_max = c;
     else if (c > c_second) c_second = c;
   }
   double z = 0.0, s = 0.0;
   for (int64_t j = 0; j < p.vocab; ++j) {
     if (!is_kept(p, reader, j, cut)) continue;
-    const double d = (p.tempered_confidence ? reader.as_double(j) / tempered_divisor(p) : reader.as_double(j)) - c_max;
-    z += std::exp(d);
-    s += std::exp(d) * d;
+    const double d = confidence_score(p, reader.as_double(j)) - c_max, e = std::exp(d);
+    z += e;
+    s += e * d;
   }
   pass.c_max = c_max;
   pass.c_second = c_second;

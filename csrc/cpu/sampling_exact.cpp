@@ -5,30 +5,14 @@
 #include <vector>
 
 #include "cpu/sampling_exact.h"
+#include "cpu/sampling_row.h"
 #include "cpu/sampling_select.h"
-#include "dlmfuse/half_convert.h"
 
 namespace dlmfuse::cpu {
 
-namespace {
-template <typename F>
-void for_each_logit(const SamplingParams& p, int64_t row, F&& f) {
-  const char* base = static_cast<const char*>(p.logits);
-  auto run = [&](auto ptr) {
-    for (int64_t j = 0; j < p.vocab; ++j) f(j, to_double(ptr[j]));
-  };
-  switch (p.dtype) {
-    case DType::kFloat32: return run(reinterpret_cast<const float*>(base) + row * p.row_stride);
-    case DType::kBFloat16: return run(reinterpret_cast<const bf16_t*>(base) + row * p.row_stride);
-    case DType::kFloat16: return run(reinterpret_cast<const fp16_t*>(base) + row * p.row_stride);
-    case DType::kFloat64: return run(reinterpret_cast<const double*>(base) + row * p.row_stride);
-  }
-}
-}  // namespace
-
 void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, float* confidence) {
-  const bool gumbel = p.temperature > 0.0;
-  const double divisor = gumbel ? p.temperature : 1.0;  // T'
+  const double divisor = tempered_divisor(p);  // T'
+  const RowReader reader{p, row};
   auto eligible = [&](int64_t j, double l) {
     return l > -INFINITY && !(p.suppressed != nullptr && p.suppressed[j]);  // NaN fails
   };
@@ -36,7 +20,7 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
   double cut = -INFINITY;
   if (p.top_k > 0 || p.top_p < 1.0) {
     std::vector<ScoredToken<double>> tokens;
-    for_each_logit(p, row, [&](int64_t j, double l) {
+    reader.for_each([&](int64_t j, double l) {
       if (eligible(j, l)) tokens.push_back({l / divisor, 0.0});
     });
     cut = kept_cut(tokens, p.top_k, p.top_p);
@@ -45,12 +29,12 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
   // Confidence statistics over the kept tokens, and the winner.
   double c_max = -INFINITY, c_second = -INFINITY, best = -INFINITY;
   int64_t best_index = -1;
-  for_each_logit(p, row, [&](int64_t j, double l) {
+  reader.for_each([&](int64_t j, double l) {
     if (!eligible(j, l) || !(l / divisor >= cut)) return;
-    const double c = p.tempered_confidence ? l / divisor : l;
+    const double c = confidence_score(p, l);
     if (c > c_max) c_second = c_max, c_max = c;
     else if (c > c_second) c_second = c;
-    const double score = gumbel ? l / divisor - std::log(-std::log(gumbel_uniform(gumbel_words(p.seed, p.offset, row, j)))) : l;
+    const double score = exact_score(p, row, j, l);
     if (best_index < 0 || score > best) best = score, best_index = j;
   });
   *token = best_index;
@@ -59,9 +43,9 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
     return;
   }
   double z = 0.0, s = 0.0, chosen_c = 0.0, chosen_l = 0.0;
-  for_each_logit(p, row, [&](int64_t j, double l) {
+  reader.for_each([&](int64_t j, double l) {
     if (!eligible(j, l) || !(l / divisor >= cut)) return;
-    const double c = p.tempered_confidence ? l / divisor : l;
+    const double c = confidence_score(p, l);
     const double d = c - c_max, e = std::exp(d);
     z += e;
     s += e * d;
