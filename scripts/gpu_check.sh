@@ -1,61 +1,93 @@
 #!/usr/bin/env bash
 # Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
-# then, with the not-yet-verified CUDA kernels enabled:
-#   bash scripts/gpu_check.sh tests   CUDA tests (both attention kernels, forced split-KV), sanitizers
-#   bash scripts/gpu_check.sh bench   the benchmarks (kernels, then E1), JSONL for bench/results/
-#   bash scripts/gpu_check.sh all     both (only when one call may take ~9 minutes)
-# Everything goes under $OUT (default ./gpu_out). Each step has its own timeout so one hang cannot
-# eat the 15-minute budget; the summary table is printed last.
+# then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
+#   tests     CUDA tests (both attention kernels, forced split-KV)
+#   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
+#   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
+#   e1        the end-to-end LLaDA-8B-shaped generate benchmark (several minutes)
+#   all       tests sanitize bench e1
+# JSONL and one logs.tar.gz go under $OUT (default ./gpu_out; the device tool returns at most 8
+# files); failing steps print their log's tail before the summary. Each step has its own timeout, and no step runs
+# past GPU_CHECK_BUDGET seconds from the start (default 540), so one hang cannot eat the 15-minute
+# budget; the summary table is printed last.
 #
-#   device tool: run(command="bash scripts/gpu_check.sh tests", carry=[".whl"], timeout_s=420)
+#   device tool: run(command="GPU_CHECK_BUDGET=400 bash scripts/gpu_check.sh tests bench",
+#                    carry=[".whl"], timeout_s=420)
 set -uo pipefail
-mode="${1:-tests}"
-case "$mode" in tests | bench | all) ;; *) echo "usage: $0 tests|bench|all" >&2; exit 2 ;; esac
+parts=("$@")
+[[ ${#parts[@]} -eq 0 ]] && parts=(tests)
+[[ " ${parts[*]} " == *" all "* ]] && parts=(tests sanitize bench e1)
+for part in "${parts[@]}"; do
+  case "$part" in tests | sanitize | bench | e1) ;; *) echo "usage: $0 [tests|sanitize|bench|e1|all]..." >&2; exit 2 ;; esac
+done
+wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
+budget="${GPU_CHECK_BUDGET:-540}"
+logs="$(mktemp -d)"
 mkdir -p "$OUT"
 site=/tmp/dlmfuse-site
-python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$OUT/install.log" 2>&1
+python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
 export DLMFUSE_CUDA_KERNELS=1  # use the compiled CUDA kernels that this run verifies
 status=()
 
-step() {  # step NAME SECONDS COMMAND...
+step() {  # step NAME SECONDS COMMAND...  (the timeout is cut to what is left of the budget)
   local name=$1 seconds=$2
   shift 2
+  local left=$((budget - SECONDS))
+  if ((left < 10)); then
+    status+=("$(printf '%-26s not run: budget spent' "$name")")
+    return
+  fi
+  ((seconds > left)) && seconds=$left
   local start=$SECONDS
-  timeout "$seconds" "$@" >"$OUT/$name.log" 2>&1
+  timeout "$seconds" "$@" >"$logs/$name.log" 2>&1
   local rc=$?
-  status+=("$(printf '%-22s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$OUT/$name.log")")")
+  if ((rc != 0)); then
+    echo "== $name failed (rc=$rc); last lines of its log:"
+    grep -E "^(FAILED|ERROR)|Error|error:|========= " "$logs/$name.log" | head -n 40
+    tail -n 25 "$logs/$name.log"
+  fi
+  status+=("$(printf '%-26s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$logs/$name.log")")")
 }
 
 step info 60 python3 -m dlmfuse info
 step nvidia_smi 30 nvidia-smi
-if [[ "$mode" != bench ]]; then
-# The tests import the installed wheel (PYTHONPATH), not the source tree.
-step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
-step pytest_cuda_simple_attn 60 env DLMFUSE_CUDA_ATTENTION=simple \
-  python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-# The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) again with split-KV forced
-# (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS).
-step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
-  python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-# Sanitizers on small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
-sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_kv_cache.py tests/test_sampling.py"
-step sanitizer_memcheck 120 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
-# Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
-step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
-  python3 -m pytest -m cuda -q -x -p no:cacheprovider -k "not Lk2048" \
-  tests/test_torch_integration.py::test_cuda_split_kv_matches_reference_and_cpu
-step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-  python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
+if wants tests; then
+  # The tests import the installed wheel (PYTHONPATH), not the source tree.
+  step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
+  step pytest_cuda_simple_attn 60 env DLMFUSE_CUDA_ATTENTION=simple \
+    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+  # The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) again with split-KV
+  # forced (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS).
+  step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
+    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
 fi
-if [[ "$mode" != tests ]]; then
-  step bench 240 python3 -m dlmfuse bench --quick --device cuda --only attention --only kv_cache \
-    --only sampling --json "$OUT/bench_cuda.jsonl"
+if wants sanitize; then
+  # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
+  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_kv_cache.py tests/test_sampling.py"
+  step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
+  # Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
+  step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider -k "not Lk2048" \
+    tests/test_torch_integration.py::test_cuda_split_kv_matches_reference_and_cpu
+  step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
+fi
+if wants bench; then
+  # The cheap families first, so that their rows come back even if the attention peers' compiles
+  # (FlexAttention under inductor) run out of time.
+  step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
+    --json "$OUT/bench_ops.jsonl"
+  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
+    --json "$OUT/bench_attention.jsonl"
+fi
+if wants e1; then
   step bench_e1 300 python3 -m dlmfuse bench --quick --device cuda --only generate --json "$OUT/bench_e1.jsonl"
 fi
 
-echo "== summary (logs in $OUT)"
+tar czf "$OUT/logs.tar.gz" -C "$logs" .
+echo "== summary (logs in $OUT/logs.tar.gz)"
 printf '%s\n' "${status[@]}"

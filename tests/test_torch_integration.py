@@ -296,6 +296,28 @@ def test_cuda_kv_lens_zero_and_grads():
 
 
 @pytest.mark.cuda
+def test_cuda_torch_compile_fullgraph():
+    # aot_eager: the compiled graph calls the CUDA kernel through the registered op (fake-tensor
+    # tracing on CUDA included) without spending device minutes on Triton code generation.
+    B, L, Hq, Hkv, D = 2, 80, 4, 2, 64
+    q, k, v = make(B, L, L, Hq, Hkv, D, torch.bfloat16, "cuda")
+    bias = torch.randn(Hq, 1, L, device="cuda")
+    kv_lens = torch.tensor([L, 57], dtype=torch.int32, device="cuda")
+
+    def fn(q, k, v, mask, bias, kv_lens):
+        return dlmfuse.attention(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, return_lse=True)
+
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)
+    for mask in (Mask.block_causal(L, 16, prefix_len=5), Mask.block_causal(L, 32)):
+        mask = mask.to("cuda")
+        got = compiled(q, k, v, mask, bias, kv_lens)
+        expected = fn(q, k, v, mask, bias, kv_lens)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        check_attention(got[0], q, k, v, lse=got[1], mask=mask, bias=bias, kv_lens=kv_lens)
+
+
+@pytest.mark.cuda
 def test_cuda_graph_capture_and_replay():
     B, L, Hq, Hkv, D = 2, 64, 4, 2, 128
     q, k, v = make(B, L, L, Hq, Hkv, D, torch.bfloat16, "cuda")
