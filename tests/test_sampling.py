@@ -560,8 +560,10 @@ def test_cuda_matches_cpu(dtype):
         logits = random_logits(shape, dtype, seed=shape[-1])
         for kwargs in (dict(), dict(temperature=1.0), dict(temperature=0.5, top_k=20),
                        dict(temperature=2.0, top_p=0.9, confidence="margin"),
-                       dict(temperature=1.0, top_k=40, top_p=0.8, suppress_tokens=torch.tensor([0, 5]),
-                            confidence="neg_entropy", tempered_confidence=True),
+                       dict(temperature=1.0, top_k=40, top_p=0.8, confidence="neg_entropy",
+                            tempered_confidence=True,
+                            # ids inside V (a V=1 row would suppress its only token)
+                            suppress_tokens=torch.tensor([t for t in (0, 5) if t < shape[-1] - 1])),
                        dict(temperature=1.0, confidence="logit")):
             cpu_tokens, cpu_conf = dlmfuse.sample_tokens(logits, seed=123, offset=4, **kwargs)
             cuda_kwargs = dict(kwargs)

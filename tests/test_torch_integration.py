@@ -251,16 +251,18 @@ CUDA_CASES = [
 def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
     q, k, v = make(B, Lq, Lk, Hq, Hkv, D, dtype, device)
     g = torch.Generator().manual_seed(5)
-    masks = {
-        "none": None,
-        "block_causal": Mask.block_causal(Lq, 16, prefix_len=10),
-        "causal": Mask.causal(Lq),
-        "bd3_train": Mask.bd3_train(Lq // 2, 8),
-        "random": Mask(*(torch.randint(0, 3, (B, n), generator=g, dtype=torch.int32) for n in (Lq, Lq, Lk, Lk))),
+    masks = {  # built only for the case's family (block_causal needs Lq >= its prefix)
+        "none": lambda: None,
+        "block_causal": lambda: Mask.block_causal(Lq, 16, prefix_len=10),
+        "causal": lambda: Mask.causal(Lq),
+        "bd3_train": lambda: Mask.bd3_train(Lq // 2, 8),
+        "random": lambda: Mask(*(torch.randint(0, 3, (B, n), generator=g, dtype=torch.int32)
+                                 for n in (Lq, Lq, Lk, Lk))),
     }
-    mask = masks[family]
+    mask = masks[family]()
     bias = torch.randn(Hq, 1, Lk, generator=g).to(device)
-    kv_lens = torch.tensor([Lk, max(0, Lk - 17)][:B], dtype=torch.int32, device=device)
+    # Full, shortened and (from the third row on) 5-key lengths.
+    kv_lens = torch.tensor(([Lk, max(0, Lk - 17)] + [min(Lk, 5)] * B)[:B], dtype=torch.int32, device=device)
     return q, k, v, dict(mask=None if mask is None else mask.to(device), bias=bias, kv_lens=kv_lens)
 
 
