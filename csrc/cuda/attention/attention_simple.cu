@@ -56,7 +56,9 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     q_rows[r][d] = r < rows ? load_float<T>(p.q, b * p.q_strides[0] + (q0 + r) * p.q_strides[1] + h * p.q_strides[2] + d) * q_factor : 0.0f;
   }
   // Label range of the query tile (warp 0 reduces, everyone reads after the first barrier).
-  __shared__ LabelRange q_range;
+  // Own 16-byte slot: a widened LDS.128 of an unaligned q_range also read tile_kind, a hazard
+  // with lane 0's write of it that racecheck reports.
+  __shared__ alignas(16) LabelRange q_range;
   if (warp == 0) {
     LabelRange r = LabelRange::empty();
     if (p.has_labels)

@@ -15,7 +15,8 @@
 // workspace, and merge_splits_kernel combines the S partials exactly (the S-part generalisation of
 // merge_weights in dlmfuse/online_softmax.h) into out and lse.
 //
-// Not yet: double-buffered K/V, GQA packing, sm_90 wgmma/TMA.
+// Pipelined like FlashAttention-2 (V_j loads during Q K_j^T, K_j+1 during P V_j); not yet: GQA
+// packing, sm_90 wgmma/TMA.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/mma_sm80.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -109,7 +110,9 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   T* v_tile = k_tile + kBlockN * D;              // [kBlockN, D]
   int32_t* k_order = reinterpret_cast<int32_t*>(v_tile + kBlockN * D);  // [kBlockN]
   int32_t* k_group = k_order + kBlockN;                                  // [kBlockN]
-  __shared__ LabelRange q_range;
+  // Own 16-byte slot: a widened LDS.128 of an unaligned q_range also read tile_kind, a hazard
+  // with lane 0's write of it that racecheck reports.
+  __shared__ alignas(16) LabelRange q_range;
   __shared__ int tile_kind;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -161,10 +164,14 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float score_scale = p.scale * kLog2e;
 
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockN) {
-    const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
-    TileKind kind = TileKind::kFull;
-    if (p.has_labels) {
+  // The first tile at or after `from` that the labels do not skip (k_end if none), its keys'
+  // labels staged in k_order / k_group and its kind in `kind`. Has barriers: call it from every
+  // thread. Without labels every tile is FULL and nothing is staged.
+  auto next_tile = [&](int64_t from, TileKind& kind) -> int64_t {
+    kind = TileKind::kFull;
+    if (!p.has_labels) return from;
+    for (int64_t k0 = from; k0 < k_end; k0 += kBlockN) {
+      const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
       if (threadIdx.x < kBlockN) {
         const bool valid = threadIdx.x < cols;
         k_order[threadIdx.x] = valid ? p.k_order.at(b, k0 + threadIdx.x) : 0;
@@ -178,13 +185,38 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         if (lane == 0) tile_kind = static_cast<int>(classify_tile(q_range, range));
       }
       __syncthreads();
-      kind = static_cast<TileKind>(tile_kind);
-      if (kind == TileKind::kSkip) continue;  // uniform across the CTA
+      kind = static_cast<TileKind>(tile_kind);  // uniform across the CTA
+      if (kind != TileKind::kSkip) return k0;
     }
-    load_tile_async<T, D>(k_tile, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN, cols);
+    return k_end;
+  };
+
+  // Software pipeline (FlashAttention-2's): V of tile j streams in while S = Q K_j^T and the
+  // softmax run; K of the next visible tile streams in while O += P V_j runs. One K and one V
+  // buffer; the barriers below say which reads must end before a buffer is refilled.
+  TileKind kind;
+  int64_t k0 = next_tile(k_begin, kind);
+  if (k0 < k_end) load_tile_async<T, D>(k_tile, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN,
+                                        static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN));
+  cp_async_commit();
+  while (k0 < k_end) {
+    const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
     load_tile_async<T, D>(v_tile, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN, cols);
     cp_async_commit();
-    cp_async_wait_all();
+    // The bias of the thread's S fragment, loaded now so that its latency hides behind the wait
+    // for K_j and the MMAs (read after them, each load would stall the softmax).
+    float bias[kBlockN / 8][4];
+    if (p.bias != nullptr)
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
+          const bool inside = col < cols && row_in_tile[r] < q_rows;
+          bias[nt][e] = inside ? kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
+                                                         (q0 + row_in_tile[r]) * p.bias_strides[2] +
+                                                         (k0 + col) * p.bias_strides[3])
+                               : 0.0f;
+        }
+    cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
     __syncthreads();
 
     // S = Q K^T: 16 x 64 per warp, eight n8 tiles.
@@ -206,9 +238,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         if (visible && kind == TileKind::kPartial)
           visible = is_visible(q_order[r], q_group[r], k_order[col], k_group[col]);
         float x = s[nt][e] * score_scale;
-        if (visible && p.bias != nullptr)
-          x += kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
-                                       (q0 + row_in_tile[r]) * p.bias_strides[2] + (k0 + col) * p.bias_strides[3]);
+        if (p.bias != nullptr) x += bias[nt][e];
         s[nt][e] = visible ? x : -INFINITY;
       }
     for (int r = 0; r < 2; ++r) {
@@ -231,6 +261,15 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       }
     }
 
+    cp_async_wait<0>();  // V_j has landed
+    __syncthreads();     // ... for every thread; and every warp is done with k_tile and the labels
+    TileKind next_kind;
+    const int64_t k_next = next_tile(k0 + kBlockN, next_kind);
+    if (k_next < k_end)
+      load_tile_async<T, D>(k_tile, k_src + k_next * p.k_strides[1], p.k_strides[1], kBlockN,
+                            static_cast<int>(k_end - k_next < kBlockN ? k_end - k_next : kBlockN));
+    cp_async_commit();
+
     // O += P V: P's C fragments become A fragments, 16 keys per MMA k-step.
     for (int kk = 0; kk < kBlockN / 16; ++kk) {
       const uint32_t pa[4] = {MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]),
@@ -244,8 +283,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         mma_16x8x16<T>(o[2 * pair + 1], pa, vb[2], vb[3]);
       }
     }
-    __syncthreads();  // the next tile overwrites k_tile, v_tile and the labels
+    __syncthreads();  // the next iteration's V load overwrites v_tile
+    k0 = k_next;
+    kind = next_kind;
   }
+  cp_async_wait<0>();  // nothing left in flight (the last commit is an empty group)
 
   if (p.num_splits > 1) {
     write_partial<D>(p, o, row_max, row_sum, ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
