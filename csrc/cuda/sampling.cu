@@ -2,10 +2,20 @@
 //
 // Each thread walks its columns keeping (a) online softmax statistics of the confidence scores,
 // (b) the two largest confidence scores, and (c) its best and second-best fp32 Gumbel scores.
+// The pass reads 8-column chunks with 16-byte loads when the row is 16-byte aligned: thread t
+// owns chunks t, t + kThreads, ... and loads two of them before using either (one for fp64,
+// whose chunk is four loads already), so several loads are in flight per thread; one Philox call
+// gives the noise of a column pair, four per chunk. The columns after the last whole chunk, and
+// every column of an unaligned row, go through the scalar loop over column pairs
+// (2t, 2t + 1) + 2 kThreads k. Both loops feed each column to the same per-column update
+// (add_column), in increasing column order within a thread. The fp32 Gumbel noise uses the
+// special function unit's log2 (gumbel_fp32); score_margin covers its error.
 // After a block reduction gives the best fp32 score S, every token whose fp32 score lies within
 // the error margin of S is re-scored exactly in float64 (the thread's best alone in the common
 // case; a rescan of the thread's columns when its second-best is within the margin too), so the
 // chosen token equals the float64 reference's, as on the CPU (csrc/cpu/sampling.cpp).
+#include <cuda_fp16.h>
+
 #include <cfloat>
 #include <cmath>
 
@@ -17,6 +27,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
+constexpr int kChunk = 8;  // columns per vector chunk: 16 bytes of bf16 / fp16
 
 struct RowStats {
   float c_max, z, s;          // softmax statistics of c: max, sum exp(c - max), sum exp(c - max) (c - max)
@@ -26,24 +37,307 @@ struct RowStats {
   int32_t kept;
 };
 
-__device__ __forceinline__ float score_margin(float best) { return 5e-5f + 1e-6f * fabsf(best); }
+// Screening width around the best fp32 score S; the float64 re-scoring decides among the tokens
+// inside it. Error budget of one fp32 score against its float64 value: the scaled logit
+// w = l * (1/T) and the final add carry <= 4 roundings, 2.4e-7 |score| + 1.8e-7 |g|, and the fp32
+// Gumbel noise g (gumbel_fp32) is off by <= 7e-6 + 3e-7 |g|; with |g| <= 36.8 one score is off by
+// <= 2.5e-5 + 2.4e-7 |score|. The winner's and S's errors together, 5e-5 + 4.8e-7 |S|, stay
+// inside the margin with room to spare; a wider margin only re-scores a few more tokens.
+__device__ __forceinline__ float score_margin(float best) { return 1e-4f + 4e-6f * fabsf(best); }
 
+// log2 on the special function unit: __log2f's instruction without its rescaling of subnormal
+// arguments (no argument here is below 2^-53). Error, as CUDA documents for __log2f: <= 2^-22
+// absolute on [1/2, 2], else <= 2 ulp (<= 2^-22 relative).
+__device__ __forceinline__ float fast_log2(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Gumbel noise -log(-log u) in fp32, for screening only (the winner is re-scored in float64).
+// Error, from fast_log2's bounds: m below is within 2^-23 relative of min(u, 1 - u); -log2 u is
+// within 5.4e-6 relative (u in [1/2, 15/16], log2 u >= 0.093 in size), 6e-7 elsewhere (series,
+// or u < 1/2); the outer log adds 2.4e-7 relative of |log2(-log2 u)| and a rounding. So
+// |g error| <= 7e-6 + 3e-7 |g| (score_margin's budget).
 __device__ __forceinline__ float gumbel_fp32(GumbelWords w) {
-  const uint32_t low_bits = (w.lo >> 12) * 2u;
-  const float u = static_cast<float>(w.hi) * 0x1.0p-32f + static_cast<float>(low_bits + 1u) * 0x1.0p-53f;
-  const float one_minus_u = static_cast<float>(~w.hi) * 0x1.0p-32f +
-                            static_cast<float>((1u << 21) - 1u - low_bits) * 0x1.0p-53f;
-  const float minus_log_u = u >= 0.5f ? -log1pf(-one_minus_u) : -logf(u);
-  return -logf(minus_log_u);
+  // Complementing both words maps u to 1 - u exactly (the layout's a becomes 2^52 - 1 - a), so
+  // m = min(u, 1 - u) comes from the words with the top bit of hi clear: u > 1/2 iff it is set.
+  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(w.hi) >> 31);
+  const uint32_t hi = w.hi ^ flip, lo = w.lo ^ flip;
+  // (2 (lo >> 12) + 1) 2^-53 exactly, without an int-to-float conversion: it is the fraction of
+  // the float 1 + (2 (lo >> 12) + 1) 2^-21, scaled by 2^-32.
+  const float one_plus_low = __uint_as_float(0x3f800000u | ((lo >> 9) & 0x7ffff8u) | 4u);
+  const float low = fmaf(one_plus_low, 0x1.0p-32f, -0x1.0p-32f);
+  const float m = fmaf(static_cast<float>(hi), 0x1.0p-32f, low);  // min(u, 1 - u), in (0, 1/2)
+  const bool u_above_half = flip != 0;
+  // -log2 u = log2(e) (v + v^2/2 + ... + v^5/5) for u > 15/16, v = 1 - u = m: no cancellation,
+  // unlike the log of a u near 1; truncation < 1.7e-7 relative for v < 1/16.
+  float series = 0.28853901f;             // log2(e) / 5
+  series = fmaf(m, series, 0.36067376f);  // log2(e) / 4
+  series = fmaf(m, series, 0.48089835f);  // log2(e) / 3
+  series = fmaf(m, series, 0.72134752f);  // log2(e) / 2
+  series = fmaf(m, series, 1.44269504f);  // log2(e)
+  series *= m;
+  const float u = u_above_half ? 1.0f - m : m;  // u in (1/2, 15/16] comes out within 2^-25
+  const float minus_log2_u = u_above_half && m < 0.0625f ? series : -fast_log2(u);
+  // -log E for E = -log u = minus_log2_u ln 2:  -ln 2 log2(minus_log2_u) - log(ln 2)
+  return fmaf(fast_log2(minus_log2_u), -0.69314718f, 0.36651292f);
 }
 
 __device__ __forceinline__ double gumbel_fp64(GumbelWords w) {
   return -log(-log(gumbel_uniform(w)));
 }
 
+// A logit as fp32 (exact for bf16 / fp16 / fp32; float64 rounds to nearest).
+__device__ __forceinline__ float logit_float(bf16_t x) { return to_float(x); }
+__device__ __forceinline__ float logit_float(fp16_t x) {  // the hardware conversion: exact, like to_float
+  return __half2float(__ushort_as_half(x.bits));
+}
+__device__ __forceinline__ float logit_float(float x) { return x; }
+__device__ __forceinline__ float logit_float(double x) { return static_cast<float>(x); }
+
 template <typename T>
 __device__ __forceinline__ float load_logit(const T* row, int64_t j) {
-  return static_cast<float>(to_double(row[j]));
+  return logit_float(row[j]);
+}
+
+// ---------------------------------------------------------------- 16-byte chunk loads
+
+// The raw 16-byte words of one 8-column chunk: 1 for bf16 / fp16, 2 for fp32, 4 for fp64.
+template <typename T>
+struct ChunkBits {
+  static constexpr int kWords = kChunk * static_cast<int>(sizeof(T)) / 16;
+  uint4 word[kWords];
+};
+
+template <typename T>
+__device__ __forceinline__ ChunkBits<T> load_chunk(const T* row, int64_t chunk) {
+  const uint4* src = reinterpret_cast<const uint4*>(row + chunk * kChunk);
+  ChunkBits<T> bits;
+#pragma unroll
+  for (int i = 0; i < ChunkBits<T>::kWords; ++i) bits.word[i] = __ldg(src + i);
+  return bits;
+}
+
+// 32-bit word i (compile-time after unrolling) of the chunk, in memory order.
+template <typename T>
+__device__ __forceinline__ uint32_t chunk_word(const ChunkBits<T>& bits, int i) {
+  const uint4& v = bits.word[i / 4];
+  switch (i % 4) {
+    case 0: return v.x;
+    case 1: return v.y;
+    case 2: return v.z;
+    default: return v.w;
+  }
+}
+
+// Logit e (0..7) of a chunk as fp32, the same value load_logit gives (little-endian: the lower
+// half of a 32-bit word is the lower column).
+__device__ __forceinline__ float chunk_logit(const ChunkBits<bf16_t>& bits, int e) {
+  const uint32_t word = chunk_word(bits, e / 2);
+  return __uint_as_float(e % 2 ? word & 0xffff0000u : word << 16);
+}
+__device__ __forceinline__ float chunk_logit(const ChunkBits<fp16_t>& bits, int e) {
+  const uint32_t word = chunk_word(bits, e / 2);
+  return logit_float(fp16_t{static_cast<uint16_t>(e % 2 ? word >> 16 : word & 0xffffu)});
+}
+__device__ __forceinline__ float chunk_logit(const ChunkBits<float>& bits, int e) {
+  return __uint_as_float(chunk_word(bits, e));
+}
+__device__ __forceinline__ float chunk_logit(const ChunkBits<double>& bits, int e) {
+  const double l = __hiloint2double(static_cast<int>(chunk_word(bits, 2 * e + 1)),
+                                    static_cast<int>(chunk_word(bits, 2 * e)));
+  return logit_float(l);
+}
+
+// ---------------------------------------------------------------- the per-column update
+
+// What every column of the row is tested and scored against.
+struct RowScan {
+  float inv_t;       // 1 / T, 1 when greedy
+  float conf_scale;  // c = l * conf_scale
+  float cut;         // top-k / top-p: kept tokens have w = l * inv_t >= cut (-inf: no filter)
+  const uint8_t* suppressed;
+
+  // w = l / T' in fp32: the value the cut and the fp32 score use (never fused into an FMA, so
+  // every pass gets the same w).
+  __device__ __forceinline__ float scaled(float l) const { return __fmul_rn(l, inv_t); }
+  // Eligible: not suppressed, logit not -inf / NaN.
+  __device__ __forceinline__ bool eligible(int64_t j, float l) const {
+    return l > -INFINITY && !(suppressed != nullptr && suppressed[j]);
+  }
+  // Kept: eligible and through the cut (w = scaled(l)).
+  __device__ __forceinline__ bool kept(int64_t j, float l, float w) const { return eligible(j, l) && w >= cut; }
+  // The fp32 score the pass ranks by (w = scaled(l)); every pass over a column computes it so.
+  template <bool kGumbel>
+  __device__ __forceinline__ float score(float w, GumbelWords words) const {
+    return kGumbel ? __fadd_rn(w, gumbel_fp32(words)) : w;
+  }
+};
+
+// Adds column j (logit l, Gumbel words `words`, unused when greedy) to the thread's statistics if
+// it is kept. Columns must come in increasing j so best_index keeps the lowest index among equal
+// scores (strict >), as merge_stats does across threads.
+// The top-2 updates use fmaxf / fminf instead of if / else-if chains: the same values for any
+// c and score that are not NaN, and a kept column's are not (a NaN c = l / T' or score needs a
+// NaN w, which fails w >= cut).
+template <bool kGumbel>
+__device__ __forceinline__ void add_column(RowStats& st, const RowScan& rs, int64_t j, float l, GumbelWords words) {
+  const float w = rs.scaled(l);
+  if (!rs.kept(j, l, w)) return;
+  const float c = l * rs.conf_scale;
+  if (c > st.c_max) {
+    st.s = st.z > 0.0f ? __expf(st.c_max - c) * (st.s + (st.c_max - c) * st.z) : 0.0f;
+    st.z = st.z > 0.0f ? st.z * __expf(st.c_max - c) + 1.0f : 1.0f;
+    st.c_max = c;
+  } else {
+    const float d = c - st.c_max, ex = __expf(d);
+    st.z += ex;
+    st.s += ex * d;
+  }
+  st.c_second = fmaxf(st.c_second, fminf(st.c_first, c));
+  st.c_first = fmaxf(st.c_first, c);
+  const float score = rs.score<kGumbel>(w, words);
+  if (score > st.best) st.best_index = j;
+  st.second = fmaxf(st.second, fminf(st.best, score));
+  st.best = fmaxf(st.best, score);
+  ++st.kept;
+}
+
+// Philox4x32-10 of one row: counter (pair, row, offset lo, offset hi), key = seed; the same bits
+// as philox4x32_10. Only the counter's first word changes along the row, so what the first two
+// rounds compute from the other words is done once per row.
+struct RowNoise {
+  uint32_t k0, k1;      // the key (seed)
+  uint32_t round1_c2;   // offset hi ^ k1: round 1's c2 is mulhi(kMul0, pair) ^ this
+  uint32_t round2_c0;   // round 2's c0 is mulhi(kMul1, c2) ^ this
+  uint32_t round2_c2;   // round 2's c2 is (kMul0 * pair) ^ this
+  uint32_t round2_c3;   // round 2's c3
+
+  // (hi, lo) words of the 64-bit product a * b: ptxas fuses the two into one wide multiply
+  // (written as a uint64_t product, as in philox4x32_10, it added a register copy after most).
+  __device__ static __forceinline__ void mul_wide(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+    hi = __umulhi(a, b);
+    lo = a * b;
+  }
+
+  __device__ RowNoise(uint32_t row, uint64_t offset, uint64_t seed)
+      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)) {
+    using namespace philox_detail;
+    const uint32_t offset_lo = static_cast<uint32_t>(offset), offset_hi = static_cast<uint32_t>(offset >> 32);
+    // Round 1 (key k0, k1): c0 = mulhi(kMul1, offset lo) ^ row ^ k0, c1 = kMul1 * offset lo.
+    uint32_t c0, c1, hi, lo;
+    mul_wide(kMul1, offset_lo, c0, c1);
+    c0 ^= row ^ k0;
+    round1_c2 = offset_hi ^ k1;
+    // Round 2 (key + Weyl): c0 = mulhi(kMul1, c2) ^ c1 ^ k0', c2 = mulhi(kMul0, c0) ^ c3 ^ k1',
+    // c3 = kMul0 * c0, with round 1's c0, c1 fixed.
+    round2_c0 = c1 ^ (k0 + kWeyl0);
+    mul_wide(kMul0, c0, hi, lo);
+    round2_c2 = hi ^ (k1 + kWeyl1);
+    round2_c3 = lo;
+  }
+
+  // Outputs 0, 1 are the words of column 2 pair, outputs 2, 3 those of column 2 pair + 1.
+  __device__ __forceinline__ Philox4x32 pair(uint32_t pair_index) const {
+    using namespace philox_detail;
+    // Round 1: c0, c1 are row constants (folded into round2_*); c2 = mulhi ^ .., c3 = kMul0 * pair.
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_wide(kMul0, pair_index, hi0, lo0);
+    const uint32_t r1_c2 = hi0 ^ round1_c2;
+    // Round 2
+    mul_wide(kMul1, r1_c2, hi1, lo1);
+    uint32_t c0 = hi1 ^ round2_c0, c1 = lo1, c2 = lo0 ^ round2_c2, c3 = round2_c3;
+    uint32_t key0 = k0 + kWeyl0, key1 = k1 + kWeyl1;
+#pragma unroll
+    for (int round = 2; round < 10; ++round) {
+      key0 += kWeyl0;
+      key1 += kWeyl1;
+      mul_wide(kMul0, c0, hi0, lo0);
+      mul_wide(kMul1, c2, hi1, lo1);
+      c0 = hi1 ^ c1 ^ key0;
+      c1 = lo1;
+      c2 = hi0 ^ c3 ^ key1;
+      c3 = lo0;
+    }
+    return {{c0, c1, c2, c3}};
+  }
+
+  // The words of one column, as gumbel_words(seed, offset, row, column) gives them.
+  __device__ __forceinline__ GumbelWords words(int64_t column) const {
+    const Philox4x32 r = pair(static_cast<uint32_t>(column >> 1));
+    return (column & 1) ? GumbelWords{r.x[2], r.x[3]} : GumbelWords{r.x[0], r.x[1]};
+  }
+};
+
+// The 8 columns of chunk `chunk`, in increasing order: one Philox call per column pair.
+template <bool kGumbel, typename T>
+__device__ __forceinline__ void scan_chunk(RowStats& st, const RowScan& rs, const RowNoise& noise,
+                                           int64_t chunk, const ChunkBits<T>& bits) {
+  const int64_t j0 = chunk * kChunk;  // even, so the chunk holds the pairs j0 / 2 .. j0 / 2 + 3
+  float l[kChunk];  // converted first: for fp64 this frees the 16 registers of the raw chunk
+#pragma unroll
+  for (int e = 0; e < kChunk; ++e) l[e] = chunk_logit(bits, e);
+#pragma unroll
+  for (int q = 0; q < kChunk / 2; ++q) {
+    const Philox4x32 r = kGumbel ? noise.pair(static_cast<uint32_t>((j0 >> 1) + q)) : Philox4x32{{0, 0, 0, 0}};
+    add_column<kGumbel>(st, rs, j0 + 2 * q, l[2 * q], GumbelWords{r.x[0], r.x[1]});
+    add_column<kGumbel>(st, rs, j0 + 2 * q + 1, l[2 * q + 1], GumbelWords{r.x[2], r.x[3]});
+  }
+}
+
+// Chunks threadIdx.x + kThreads k of [0, n_chunks), kStep of them loaded before any is used.
+template <bool kGumbel, typename T>
+__device__ __forceinline__ void scan_chunks(RowStats& st, const RowScan& rs, const RowNoise& noise,
+                                            const T* row, int64_t n_chunks) {
+  constexpr int kStep = sizeof(T) <= 4 ? 2 : 1;  // 32 (bf16 / fp16) or 64 bytes in flight per thread
+  int64_t chunk = threadIdx.x;
+  for (; chunk + (kStep - 1) * kThreads < n_chunks; chunk += kStep * kThreads) {
+    ChunkBits<T> bits[kStep];
+#pragma unroll
+    for (int k = 0; k < kStep; ++k) bits[k] = load_chunk(row, chunk + k * kThreads);
+#pragma unroll
+    for (int k = 0; k < kStep; ++k) scan_chunk<kGumbel>(st, rs, noise, chunk + k * kThreads, bits[k]);
+  }
+  if (kStep > 1 && chunk < n_chunks) scan_chunk<kGumbel>(st, rs, noise, chunk, load_chunk(row, chunk));
+}
+
+// Columns [begin, vocab) one at a time (begin even): thread t takes the pairs starting at
+// begin + 2 t + 2 kThreads k, one Philox call per pair.
+template <bool kGumbel, typename T>
+__device__ __forceinline__ void scan_pairs(RowStats& st, const RowScan& rs, const RowNoise& noise,
+                                           const T* row, int64_t begin, int64_t vocab) {
+  for (int64_t j0 = begin + 2 * static_cast<int64_t>(threadIdx.x); j0 < vocab; j0 += 2 * kThreads) {
+    const Philox4x32 r = kGumbel ? noise.pair(static_cast<uint32_t>(j0 >> 1)) : Philox4x32{{0, 0, 0, 0}};
+    add_column<kGumbel>(st, rs, j0, load_logit(row, j0), GumbelWords{r.x[0], r.x[1]});
+    if (j0 + 1 < vocab) add_column<kGumbel>(st, rs, j0 + 1, load_logit(row, j0 + 1), GumbelWords{r.x[2], r.x[3]});
+  }
+}
+
+// Calls f(j) for every column the thread owns in the pass (the chunks, then the scalar pairs),
+// for the rare rescan: kept rolled up, since f holds a float64 re-scoring and unrolled copies
+// would only add code and register pressure.
+template <typename F>
+__device__ __forceinline__ void for_each_owned_column(int64_t n_chunks, int64_t vocab, F&& f) {
+#pragma unroll 1
+  for (int64_t chunk = threadIdx.x; chunk < n_chunks; chunk += kThreads)
+#pragma unroll 1
+    for (int e = 0; e < kChunk; ++e) f(chunk * kChunk + e);
+#pragma unroll 1
+  for (int64_t j0 = n_chunks * kChunk + 2 * static_cast<int64_t>(threadIdx.x); j0 < vocab; j0 += 2 * kThreads) {
+    f(j0);
+    if (j0 + 1 < vocab) f(j0 + 1);
+  }
+}
+
+// The thread's statistics over the columns it owns.
+template <bool kGumbel, typename T>
+__device__ __forceinline__ RowStats scan_row(const RowScan& rs, const RowNoise& noise, const T* row,
+                                             int64_t n_chunks, int64_t vocab) {
+  RowStats st{-INFINITY, 0.0f, 0.0f, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -1, 0};
+  scan_chunks<kGumbel>(st, rs, noise, row, n_chunks);
+  scan_pairs<kGumbel>(st, rs, noise, row, n_chunks * kChunk, vocab);
+  return st;
 }
 
 __device__ __forceinline__ void merge_stats(RowStats& a, const RowStats& b) {
@@ -83,8 +377,10 @@ __device__ RowStats shuffle_down(const RowStats& v, int delta) {
   return o;
 }
 
-// Block-wide merge; the result is valid in every thread.
-__device__ RowStats block_merge(RowStats v, RowStats* shared) {
+// Block-wide merge into shared[0], which stays valid (nothing writes `shared` afterwards); returns
+// the merged best fp32 score, valid in every thread. The rest is read back from shared[0] where it
+// is used, rather than held in registers through the re-scoring.
+__device__ float block_merge(RowStats v, RowStats* shared) {
   for (int delta = 16; delta > 0; delta /= 2) merge_stats(v, shuffle_down(v, delta));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) shared[warp] = v;
@@ -96,9 +392,7 @@ __device__ RowStats block_merge(RowStats v, RowStats* shared) {
     if (lane == 0) shared[0] = v;
   }
   __syncthreads();
-  const RowStats out = shared[0];
-  __syncthreads();
-  return out;
+  return shared[0].best;
 }
 
 // (score, index) max with ties to the lower index, block-wide; valid in every thread.
@@ -220,9 +514,9 @@ __device__ float select_cut(const SamplingParams& p, int64_t eligible, W&& w_of,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SamplingParams p,
-                                                                 const int64_t* seed_device,
-                                                                 const int64_t* offset_device) {
+__global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const SamplingParams p,
+                                                                    const int64_t* seed_device,
+                                                                    const int64_t* offset_device) {
   __shared__ RowStats shared_stats[kWarps];
   __shared__ double shared_score[kWarps];
   __shared__ int64_t shared_index[kWarps];
@@ -233,24 +527,17 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SamplingP
   const bool gumbel = p.temperature > 0.0;
   const float inv_t = gumbel ? static_cast<float>(1.0 / p.temperature) : 1.0f;
   const float conf_scale = p.tempered_confidence ? inv_t : 1.0f;
+  RowScan rs{inv_t, conf_scale, -INFINITY, p.suppressed};
+  const RowNoise noise(static_cast<uint32_t>(row), offset, seed);
 
-  // Thread t owns the column pairs (2t, 2t + 1) + 2 kThreads k: one Philox call per pair.
-  auto fp32_score = [&](int64_t j, float l, GumbelWords words) {
-    return l * inv_t + (gumbel ? gumbel_fp32(words) : 0.0f);
-  };
-  auto is_kept = [&](int64_t j, float l) {  // eligible: not suppressed, logit not -inf / NaN
-    return l > -INFINITY && !(p.suppressed != nullptr && p.suppressed[j]);
-  };
-
-  float cut = -INFINITY;
   if (p.top_k > 0 || p.top_p < 1.0) {
     __shared__ SelectShared select_shared;
     __shared__ double reduce_scratch[kWarps];
     // w of an eligible token (not suppressed, logit not -inf / NaN), exactly as the main pass.
     auto w_of = [&](int64_t j, float& w) {
       const float l = load_logit(logits, j);
-      w = l * inv_t;
-      return is_kept(j, l);
+      w = rs.scaled(l);
+      return rs.eligible(j, l);
     };
     double w_max = -INFINITY, eligible = 0.0;
     for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) {
@@ -268,58 +555,34 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SamplingP
       mass = block_reduce(mass, false, reduce_scratch);
     }
     if (eligible > 0.0)
-      cut = select_cut(p, static_cast<int64_t>(eligible), w_of, static_cast<float>(w_max), mass, select_shared);
+      rs.cut = select_cut(p, static_cast<int64_t>(eligible), w_of, static_cast<float>(w_max), mass, select_shared);
   }
 
-  RowStats st{-INFINITY, 0.0f, 0.0f, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -1, 0};
-  for (int64_t j0 = 2 * static_cast<int64_t>(threadIdx.x); j0 < p.vocab; j0 += 2 * kThreads) {
-    const Philox4x32 r = gumbel ? philox4x32_10(static_cast<uint32_t>(j0 >> 1), static_cast<uint32_t>(row),
-                                                static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
-                                                static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32))
-                                : Philox4x32{{0, 0, 0, 0}};
-    for (int e = 0; e < 2 && j0 + e < p.vocab; ++e) {
-      const int64_t j = j0 + e;
-      const float l = load_logit(logits, j);
-      if (!is_kept(j, l) || !(l * inv_t >= cut)) continue;
-      const float c = l * conf_scale;
-      if (c > st.c_max) {
-        st.s = st.z > 0.0f ? __expf(st.c_max - c) * (st.s + (st.c_max - c) * st.z) : 0.0f;
-        st.z = st.z > 0.0f ? st.z * __expf(st.c_max - c) + 1.0f : 1.0f;
-        st.c_max = c;
-      } else {
-        const float d = c - st.c_max, ex = __expf(d);
-        st.z += ex;
-        st.s += ex * d;
-      }
-      if (c > st.c_first) st.c_second = st.c_first, st.c_first = c;
-      else if (c > st.c_second) st.c_second = c;
-      const float score = fp32_score(j, l, e ? GumbelWords{r.x[2], r.x[3]} : GumbelWords{r.x[0], r.x[1]});
-      if (score > st.best) st.second = st.best, st.best = score, st.best_index = j;
-      else if (score > st.second) st.second = score;
-      ++st.kept;
-    }
-  }
-  const RowStats row_stats = block_merge(st, shared_stats);
+  // 16-byte loads need a 16-byte aligned row; otherwise every column takes the scalar loop.
+  const bool row_aligned = reinterpret_cast<uintptr_t>(logits) % 16 == 0;
+  const int64_t n_chunks = row_aligned ? p.vocab / kChunk : 0;
+  const RowStats st = gumbel ? scan_row<true>(rs, noise, logits, n_chunks, p.vocab)
+                             : scan_row<false>(rs, noise, logits, n_chunks, p.vocab);
+  const float row_best = block_merge(st, shared_stats);
 
   // Exact float64 re-scoring of every token within the margin of the best fp32 score.
   // A +inf best (a +inf logit) would make best - margin NaN: re-score every +inf token instead.
-  const float floor = row_stats.best == INFINITY ? INFINITY : row_stats.best - score_margin(row_stats.best);
+  const float floor = row_best == INFINITY ? INFINITY : row_best - score_margin(row_best);
   double exact = -INFINITY;
   int64_t exact_index = -1;
   auto consider = [&](int64_t j) {
     const double l = to_double(logits[j]);
-    const double sj = gumbel ? l / p.temperature + gumbel_fp64(gumbel_words(seed, offset, row, j)) : l;
+    const double sj = gumbel ? l / p.temperature + gumbel_fp64(noise.words(j)) : l;
     if (exact_index < 0 || sj > exact || (sj == exact && j < exact_index)) exact = sj, exact_index = j;
   };
   if (st.best_index >= 0 && st.best >= floor) {
     if (st.second >= floor) {  // rare: several near-best tokens in this thread's columns
-      for (int64_t j = 2 * static_cast<int64_t>(threadIdx.x); j < p.vocab; j += 2 * kThreads)
-        for (int e = 0; e < 2 && j + e < p.vocab; ++e) {
-          const float l = load_logit(logits, j + e);
-          if (is_kept(j + e, l) && l * inv_t >= cut &&
-              fp32_score(j + e, l, gumbel_words(seed, offset, row, j + e)) >= floor)
-            consider(j + e);
-        }
+      for_each_owned_column(n_chunks, p.vocab, [&](int64_t j) {
+        const float l = load_logit(logits, j), w = rs.scaled(l);
+        if (rs.kept(j, l, w) && (gumbel ? rs.score<true>(w, noise.words(j))
+                                        : rs.score<false>(w, GumbelWords{0, 0})) >= floor)
+          consider(j);
+      });
     } else {
       consider(st.best_index);
     }
@@ -327,6 +590,7 @@ __global__ void __launch_bounds__(kThreads) sample_tokens_kernel(const SamplingP
   block_argmax(exact, exact_index, shared_score, shared_index);
 
   if (threadIdx.x == 0) {
+    const RowStats row_stats = shared_stats[0];
     p.tokens[row] = exact_index;
     float conf = -INFINITY;
     if (exact_index >= 0) {
