@@ -563,7 +563,7 @@ def test_cuda_matches_cpu(dtype):
                        dict(temperature=1.0, top_k=40, top_p=0.8, confidence="neg_entropy",
                             tempered_confidence=True,
                             # ids inside V (a V=1 row would suppress its only token)
-                            suppress_tokens=torch.tensor([t for t in (0, 5) if t < shape[-1] - 1])),
+                            suppress_tokens=torch.tensor([t for t in (0, 5) if t < shape[-1] - 1], dtype=torch.long)),
                        dict(temperature=1.0, confidence="logit")):
             cpu_tokens, cpu_conf = dlmfuse.sample_tokens(logits, seed=123, offset=4, **kwargs)
             cuda_kwargs = dict(kwargs)

@@ -26,7 +26,7 @@ from ._checks import (
     expect_tensor,
     needs_dispatcher,
 )
-from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, use_reference
+from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, dlpack, use_reference
 from .mask import Mask
 
 _OP = "attention"
@@ -211,17 +211,19 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     B, Lq, Hq, D = q.shape
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    detached = [None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)]
+    args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
+                  out, lse)
     if q.is_cuda:
         splits = cuda_num_splits(q, k)
         workspace = {}
         if splits > 1:  # split-KV: each split's partial (out, lse) in float32, merged by the kernel
-            workspace = dict(partial_out=torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device),
-                             partial_lse=torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device))
-        _C_cuda.attention_forward(*detached, out, lse, scale, _cuda_tensor_cores(),
+            partial_out = torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device)
+            partial_lse = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+            workspace = dict(zip(("partial_out", "partial_lse"), dlpack(partial_out, partial_lse)))
+        _C_cuda.attention_forward(*args, scale, _cuda_tensor_cores(),
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits, **workspace)
     else:
-        _C.attention_forward(*detached, out, lse, scale)
+        _C.attention_forward(*args, scale)
     return out, lse
 
 
@@ -257,7 +259,7 @@ def _merge_impl(out_a, lse_a, out_b, lse_b):
         return out.contiguous(), lse.to(torch.float32).contiguous()
     out = torch.empty(out_a.shape, dtype=out_a.dtype, device=out_a.device)
     lse = torch.empty(lse_a.shape, dtype=torch.float32, device=out_a.device)
-    args = (out_a.detach(), lse_a.detach(), out_b.detach(), lse_b.detach(), out, lse)
+    args = dlpack(out_a.detach(), lse_a.detach(), out_b.detach(), lse_b.detach(), out, lse)
     if out_a.is_cuda:
         _C_cuda.merge_attention(*args, torch.cuda.current_stream(out_a.device).cuda_stream)
     else:

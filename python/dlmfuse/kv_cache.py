@@ -18,7 +18,7 @@ from .attention import attention
 from .mask import INT32_MIN, Mask
 from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
-from ._ext import use_reference
+from ._ext import dlpack, use_reference
 
 _OP = "kv_scatter_"
 
@@ -84,11 +84,11 @@ def _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate: bool) 
         return
     if k_cache.is_cuda:
         if validate and can_read_values(positions):  # one small device-to-host copy
-            _C.kv_scatter_validate(positions.cpu(), k_cache.shape[1])
+            _C.kv_scatter_validate(*dlpack(positions.cpu()), k_cache.shape[1])
         stream = torch.cuda.current_stream(k_cache.device).cuda_stream
-        _C_cuda.kv_scatter(k_cache, v_cache, k_new.detach(), v_new.detach(), positions, stream)
+        _C_cuda.kv_scatter(*dlpack(k_cache, v_cache, k_new.detach(), v_new.detach(), positions), stream)
         return
-    _C.kv_scatter(k_cache, v_cache, k_new.detach(), v_new.detach(), positions, validate)
+    _C.kv_scatter(*dlpack(k_cache, v_cache, k_new.detach(), v_new.detach(), positions), validate)
 
 
 @torch.library.custom_op("dlmfuse::kv_scatter_", mutates_args=("k_cache", "v_cache"))

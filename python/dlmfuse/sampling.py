@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _C, reference
 from ._checks import can_read_values, expect_tensor, needs_dispatcher
-from ._ext import _C_cuda, use_reference
+from ._ext import _C_cuda, dlpack, use_reference
 
 _OP = "sample_tokens"
 #: Confidence kinds, in the order of the extension's codes (one source of truth: the extension).
@@ -180,10 +180,13 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, se
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
     if cuda_kernel:
         stream = torch.cuda.current_stream(logits.device).cuda_stream
-        _C_cuda.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor,
-                              offset_tensor, kind, tempered, tokens, conf, stream)
+        rows_, suppressed_, seed_, offset_, tokens_, conf_ = dlpack(rows, suppressed, seed_tensor, offset_tensor,
+                                                                    tokens, conf)
+        _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, seed_, offset_, kind,
+                              tempered, tokens_, conf_, stream)
     else:
-        _C.sample_tokens(rows, temperature, top_k, top_p, suppressed, seed, offset, kind, tempered, tokens, conf)
+        rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
+        _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, kind, tempered, tokens_, conf_)
     return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 
 
