@@ -11,4 +11,9 @@ trap 'rm -rf "$venv"' EXIT
 "$venv/bin/python" -m pip install -q build
 rm -rf .whl && mkdir -p .whl
 DLMFUSE_CUDA=ON CUDAARCHS="${CUDAARCHS:-80;90a-real}" "$venv/bin/python" -m build --wheel --outdir .whl .
+# The commit the wheel is built from (with -dirty for uncommitted changes): gpu_check.sh reports it
+# in the bench rows, since the device's copy of the checkout may carry stale git metadata.
+sha="$(git rev-parse HEAD)"
+git diff --quiet HEAD -- csrc python CMakeLists.txt pyproject.toml || sha="$sha-dirty"
+echo "$sha" > .whl/GIT_SHA
 ls -l .whl

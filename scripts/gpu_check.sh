@@ -29,7 +29,8 @@ mkdir -p "$OUT"
 site=/tmp/dlmfuse-site
 python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
-export DLMFUSE_CUDA_KERNELS=1  # use the compiled CUDA kernels that this run verifies
+[[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
+export DLMFUSE_CUDA_KERNELS=1  # also the compiled CUDA kernels not yet verified (merge_attention)
 status=()
 
 step() {  # step NAME SECONDS COMMAND...  (the timeout is cut to what is left of the budget)

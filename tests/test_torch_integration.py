@@ -412,9 +412,18 @@ def split_calls(monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "auto")
     calls, forward = [], _C_cuda.attention_forward
 
+    def shape_and_capsule(capsule):
+        # The extension takes DLPack capsules (dlmfuse._ext.dlpack); a capsule is consumed when
+        # imported, so re-export the tensor for the real call.
+        if capsule is None:
+            return None, None
+        workspace = torch.utils.dlpack.from_dlpack(capsule)
+        return tuple(workspace.shape), torch.utils.dlpack.to_dlpack(workspace)
+
     def recording(*args, num_splits=1, partial_out=None, partial_lse=None, **kwargs):
-        calls.append((num_splits, None if partial_out is None else tuple(partial_out.shape),
-                      None if partial_lse is None else tuple(partial_lse.shape)))
+        out_shape, partial_out = shape_and_capsule(partial_out)
+        lse_shape, partial_lse = shape_and_capsule(partial_lse)
+        calls.append((num_splits, out_shape, lse_shape))
         return forward(*args, num_splits=num_splits, partial_out=partial_out, partial_lse=partial_lse, **kwargs)
 
     monkeypatch.setattr(_C_cuda, "attention_forward", recording)

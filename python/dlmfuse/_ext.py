@@ -44,19 +44,17 @@ def dlpack(*tensors):
 # Which ops have a native kernel per device (verified by the test suite on that device); the
 # others run dlmfuse.reference there.
 _NATIVE_KERNELS = {
-    "attention": {"cpu"},
+    # CUDA: verified on an H200 (2026-11-26, scripts/gpu_check.sh; bench/results/h200-2026-11-26.md)
+    "attention": {"cpu", "cuda"},
     "merge_attention": {"cpu"},
-    "kv_scatter_": {"cpu"},
-    "sample_tokens": {"cpu"},
+    "kv_scatter_": {"cpu", "cuda"},
+    "sample_tokens": {"cpu", "cuda"},  # float64 logits and extreme temperatures use the reference
 }
 # CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
 # with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
 # a device run has verified it.
 _UNVERIFIED_CUDA_KERNELS = {
-    "attention",  # CUDA-core baseline kernel; the tensor-core kernel is still to come
-    "merge_attention",
-    "kv_scatter_",
-    "sample_tokens",  # float64 logits and extreme temperatures use the reference
+    "merge_attention",  # the standalone merge kernel (split-KV's in-kernel merge is verified)
 }
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
@@ -75,8 +73,11 @@ def use_reference(op: str, device: torch.device) -> bool:
     """
     if os.environ.get(_BACKEND_ENV, "") == "reference":
         return True
-    if device.type == "cuda" and _cuda_kernel_enabled(op):
-        return False
+    if device.type == "cuda":
+        if _C_cuda is None:  # a build without nvcc
+            return True
+        if _cuda_kernel_enabled(op):
+            return False
     return device.type not in _NATIVE_KERNELS[op]
 
 

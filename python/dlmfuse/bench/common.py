@@ -137,7 +137,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_sha() -> str:
-    """HEAD of the checkout dlmfuse was loaded from (else of the cwd), or "unknown"."""
+    """DLMFUSE_GIT_SHA when set (scripts/gpu_check.sh sets it to the commit the carried wheel was
+    built from: a device machine's copy of the checkout may carry stale git metadata), else HEAD
+    of the checkout dlmfuse was loaded from (else of the cwd), or "unknown"."""
+    if os.environ.get("DLMFUSE_GIT_SHA"):
+        return os.environ["DLMFUSE_GIT_SHA"]
     package_dir = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for where in (package_dir, os.getcwd()):
         try:
