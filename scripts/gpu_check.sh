@@ -4,7 +4,8 @@
 #   tests     CUDA tests (both attention kernels, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
-#   e1        the end-to-end LLaDA-8B-shaped generate benchmark (several minutes)
+#   e1        the end-to-end LLaDA-8B-shaped generate benchmark (H200: the B=1 row took ~70 s,
+#             B=8 did not finish in the ~165 s left); DLMFUSE_E1_BATCHES=8 runs one row
 #   all       tests sanitize bench e1
 # JSONL and one logs.tar.gz go under $OUT (default ./gpu_out; the device tool returns at most 8
 # files); failing steps print their log's tail before the summary. Each step has its own timeout, and no step runs

@@ -325,6 +325,18 @@ def test_generate_workloads_follow_design():
     assert gen_bench.loop_peak_bytes(e1) > 30 * 2**30
 
 
+def test_generate_batches_override(monkeypatch):
+    """DLMFUSE_E1_BATCHES picks the E1 rows (a device run's minutes go to the rows it names)."""
+    monkeypatch.setenv("DLMFUSE_E1_BATCHES", "8")
+    assert [w.params["B"] for w in gen_bench.workloads(torch.device("cuda"), True)] == [8]
+    monkeypatch.setenv("DLMFUSE_E1_BATCHES", "2, 3")
+    assert [w.params["B"] for w in gen_bench.workloads(CPU, True)] == [2, 3]
+    for bad in ("0", "eight", "1,,8", "-1"):
+        monkeypatch.setenv("DLMFUSE_E1_BATCHES", bad)
+        with pytest.raises(ValueError, match="DLMFUSE_E1_BATCHES"):
+            gen_bench.workloads(CPU, True)
+
+
 def test_generate_memory_guard_says_why():
     assert gen_bench.memory_refusal(10 * 2**30, 80 * 2**30, "the model") is None
     reason = gen_bench.memory_refusal(70 * 2**30, 40 * 2**30, "the reference loop")

@@ -212,7 +212,8 @@ class _Runner:
         end = block[1] if self.cache_mode == "dual" else ids.shape[1]
         # Refresh at a new block, or when a step asks for a column outside the recomputed window
         # (a masked prompt column, or one the model refilled with the mask token).
-        if self.kv is None or block != self.cached_block or int(rows.min()) < start or int(rows.max()) >= end:
+        # (One host read for the window test, not two: each is a device sync on CUDA.)
+        if self.kv is None or block != self.cached_block or bool(((rows < start) | (rows >= end)).any()):
             self.cached_block = block
             return self._refresh(ids, rows, self._full_mask(None))
         return self._call(ids[:, start:end], self._twice(rows) - start,

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import asdict, dataclass
 from typing import Optional
 
@@ -127,14 +128,27 @@ def workload(spec: GenSpec, timing: Optional[Timing] = None) -> Workload:
                     setup=functools.partial(_setup, spec), timing=timing)
 
 
+def batches(device: torch.device) -> tuple:
+    """E1's batch sizes: DLMFUSE_E1_BATCHES (e.g. "8", "1,8") when set, so that a device run can
+    spend its minutes on one row, else B = 1, 8 on CUDA and 1, 4 on CPU."""
+    override = os.environ.get("DLMFUSE_E1_BATCHES", "")
+    if not override:
+        return GPU_BATCHES if device.type == "cuda" else CPU_BATCHES
+    parts = [part.strip() for part in override.split(",")]
+    if not all(part.isdigit() and int(part) > 0 for part in parts):
+        raise ValueError(f"generate bench: DLMFUSE_E1_BATCHES must be positive integers separated by "
+                         f"commas, got {override!r}")
+    return tuple(int(part) for part in parts)
+
+
 def workloads(device: torch.device, quick: bool) -> list[Workload]:
     """E1 at the LLaDA-8B shape on CUDA (B = 1, 8), the small model on CPU (B = 1, 4); quick
     only lowers the repeats (each call is a whole generation)."""
     timing = TIMINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
     if device.type == "cuda":
-        specs = [GenSpec(B=b, **GPU_SETTINGS, **LLADA_8B) for b in GPU_BATCHES]
+        specs = [GenSpec(B=b, **GPU_SETTINGS, **LLADA_8B) for b in batches(device)]
     else:
-        specs = [GenSpec(B=b) for b in CPU_BATCHES]
+        specs = [GenSpec(B=b) for b in batches(device)]
     return [workload(spec, timing) for spec in specs]
 
 
