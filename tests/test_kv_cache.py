@@ -11,6 +11,7 @@ labels. CUDA tests (marked) repeat the core checks on the GPU and capture kv_sca
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlmfuse
 from dlmfuse import KVCache, kv_scatter_
@@ -526,6 +527,54 @@ def test_cuda_graph_capture_of_kv_scatter():
         torch.cuda.synchronize()
         assert_bits_equal(k_cache.cpu(), k_ref, "k_cache")
         assert_bits_equal(v_cache.cpu(), v_ref, "v_cache")
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor values (``.item()``, ``bool(t)``, ``int(t)``): device syncs on CUDA."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_attend_does_not_read_lengths_back():
+    """KVCache.attend passes the cache's own lengths (in range by construction) without reading
+    their values: on CUDA that read would be a device sync per layer of every denoising step.
+    Public attention with the same kv_lens still checks them (and so reads them)."""
+    cache = KVCache(1, 2, 16, 2, 64, torch.float32, "cpu")
+    pos = unique_positions(2, 12, 4)
+    cache.write(0, pos, randn(2, 4, 2, 64), randn(2, 4, 2, 64), order=0, group=0)
+    q, labels = randn(2, 3, 2, 64, seed=2), torch.ones(1, 3, dtype=torch.int32)
+    with HostReads() as reads:
+        out = cache.attend(0, q, labels, labels)
+    assert reads.count == 0
+    view = cache.view(0)
+    with HostReads() as reads:
+        expected = dlmfuse.attention(q, view.k, view.v, mask=cache.mask(labels, labels), kv_lens=view.kv_lens)
+    assert reads.count > 0, "the public op's kv_lens check should read the values (control)"
+    assert torch.equal(out, expected)
+    bad = torch.tensor([3, 17], dtype=torch.int32)
+    with pytest.raises(ValueError, match="kv_lens"):
+        dlmfuse.attention(q, view.k, view.v, kv_lens=bad)
+
+
+@pytest.mark.cuda
+def test_cuda_kv_cache_attend_has_no_sync():
+    cache = KVCache(1, 2, 32, 2, 64, torch.bfloat16, "cuda")
+    cache.write(0, unique_positions(2, 20, 6, device="cuda"), randn(2, 6, 2, 64, dtype=torch.bfloat16, device="cuda"),
+                randn(2, 6, 2, 64, dtype=torch.bfloat16, seed=1, device="cuda"), order=0, group=0, validate=False)
+    q = randn(2, 3, 2, 64, dtype=torch.bfloat16, seed=3, device="cuda")
+    labels = torch.ones(1, 3, dtype=torch.int32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.attend(0, q, labels, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.cuda

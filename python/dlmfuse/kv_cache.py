@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _C, reference
 from ._ext import ORDER_INFINITY, _C_cuda
-from .attention import attention
+from .attention import attention_unchecked_kv_lens
 from .mask import INT32_MIN, Mask
 from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
@@ -229,9 +229,13 @@ class KVCache:
 
     def attend(self, layer: int, q: Tensor, q_order: Tensor, q_group: Tensor, **kwargs):
         """``dlmfuse.attention(q, K, V, mask=self.mask(q_order, q_group), kv_lens=self.lengths)``
-        for one layer; other keyword arguments (bias, scale, return_lse) pass through."""
+        for one layer; other keyword arguments (bias, scale, return_lse) pass through. The
+        lengths' values are not read back (no host sync)."""
         view = self.view(layer)
-        return attention(q, view.k, view.v, mask=self.mask(q_order, q_group), kv_lens=view.kv_lens, **kwargs)
+        # lengths stay in [0, max_len] (write() only raises them to an in-range position + 1), so
+        # their values are not read back: that would be a host sync per layer on CUDA.
+        return attention_unchecked_kv_lens(q, view.k, view.v, mask=self.mask(q_order, q_group),
+                                           kv_lens=view.kv_lens, **kwargs)
 
     def __repr__(self) -> str:
         L, B, Lmax, H, D = self.k.shape

@@ -189,10 +189,10 @@ class DenoiserLM(nn.Module):
                 raise ValueError(f"{_OP}: logits_for must have shape [B={batch}, n], got {list(logits_for.shape)}")
             if logits_for.device != device:
                 raise TypeError(f"{_OP}: logits_for is on {logits_for.device} but the model is on {device}")
-            if can_read_values(logits_for) and logits_for.numel():
+            # One host read on the common path (a device sync on CUDA); the range only for the message.
+            if can_read_values(logits_for) and bool(((logits_for < 0) | (logits_for >= length)).any()):
                 low, high = int(logits_for.min()), int(logits_for.max())
-                if low < 0 or high >= length:
-                    raise ValueError(f"{_OP}: logits_for values must lie in [0, L={length}), got range [{low}, {high}]")
+                raise ValueError(f"{_OP}: logits_for values must lie in [0, L={length}), got range [{low}, {high}]")
         return batch, length
 
     def extra_repr(self) -> str:
