@@ -6,6 +6,8 @@
 #   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark (H200: the B=1 row took ~70 s,
 #             B=8 did not finish in the ~165 s left); DLMFUSE_E1_BATCHES=8 runs one row
+#   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
+#             kernel on its benchmark shape (scripts/profile_kernels.py), ~1-2 minutes
 #   all       tests sanitize bench e1
 # JSONL and one logs.tar.gz go under $OUT (default ./gpu_out; the device tool returns at most 8
 # files); failing steps print their log's tail before the summary. Each step has its own timeout, and no step runs
@@ -19,7 +21,7 @@ parts=("$@")
 [[ ${#parts[@]} -eq 0 ]] && parts=(tests)
 [[ " ${parts[*]} " == *" all "* ]] && parts=(tests sanitize bench e1)
 for part in "${parts[@]}"; do
-  case "$part" in tests | sanitize | bench | e1) ;; *) echo "usage: $0 [tests|sanitize|bench|e1|all]..." >&2; exit 2 ;; esac
+  case "$part" in tests | sanitize | bench | e1 | profile) ;; *) echo "usage: $0 [tests|sanitize|bench|e1|profile|all]..." >&2; exit 2 ;; esac
 done
 wants() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
@@ -85,6 +87,13 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
     --json "$OUT/bench_attention.jsonl"
+fi
+if wants profile; then
+  # The text report comes back inside logs.tar.gz (profile.log).
+  step profile 240 ncu --kernel-name regex:'attention_sm80|kv_scatter|sample_tokens' \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    python3 scripts/profile_kernels.py
 fi
 if wants e1; then
   step bench_e1 300 python3 -m dlmfuse bench --quick --device cuda --only generate --json "$OUT/bench_e1.jsonl"
