@@ -272,6 +272,9 @@ def test_generate_tiny_rows(tmp_path):
     # The reference loop gives the exact mode's tokens, and its ratio is the exact mode's speedup.
     assert loop["max_abs_diff_vs_dlmfuse"] == 0.0 and loop["stats"]["same_tokens_vs_exact"] == 1.0
     assert loop["ratio_vs_dlmfuse"] == pytest.approx(by["dlmfuse"]["stats"]["speedup_vs_llada_loop"])
+    # The first-step probe: logits_for rows against the all-rows LM head (fp32 here: same argmax).
+    probe = by["dlmfuse"]["stats"]
+    assert 0.0 <= probe["first_step_logits_max_diff"] < 1e-3 and probe["first_step_argmax_agree"] == 1.0
     for name in ("dlmfuse", "llada-loop", "dlmfuse.prefix", "dlmfuse.dual"):
         assert by[name]["stats"]["steps"] == GEN_TINY.steps
     assert GEN_TINY.gen // GEN_TINY.block <= by["dlmfuse.dual+threshold"]["stats"]["steps"] <= GEN_TINY.gen

@@ -300,6 +300,19 @@ def _setup(spec: GenSpec, device: torch.device) -> Case:
     def generated(out: torch.Tensor) -> torch.Tensor:
         return out[:, spec.prompt:]
 
+    @torch.no_grad()
+    def first_step_probe() -> dict:
+        """Where exact mode's tokens can part from the loop's: the first step's logits of the
+        first block from the all-rows LM head (the loop) and from ``logits_for`` (exact mode), on
+        the same hidden states. In bf16 a different GEMM shape may round a logit differently."""
+        x = torch.full((spec.B, spec.prompt + spec.gen), mask, dtype=torch.long, device=device)
+        x[:, :spec.prompt] = prompt
+        rows = torch.arange(spec.prompt, spec.prompt + spec.block, device=device).expand(spec.B, -1)
+        every_row = model(x)[:, spec.prompt:spec.prompt + spec.block].float()
+        only_rows = model(x, logits_for=rows).float()
+        return {"first_step_logits_max_diff": (every_row - only_rows).abs().max().item(),
+                "first_step_argmax_agree": (every_row.argmax(-1) == only_rows.argmax(-1)).double().mean().item()}
+
     def stats(seconds: dict) -> dict:
         tokens = spec.B * spec.gen
         exact = outputs.get(DLMFUSE)
@@ -312,6 +325,8 @@ def _setup(spec: GenSpec, device: torch.device) -> Case:
             if name != DLMFUSE and exact is not None:
                 same = generated(outputs[name]) == generated(exact)
                 row["same_tokens_vs_exact"] = same.double().mean().item()
+            if name == DLMFUSE and LOOP in seconds:
+                row.update(first_step_probe())
             result[name] = row
         return result
 
