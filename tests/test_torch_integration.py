@@ -267,7 +267,8 @@ def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "simple"])  # bf16/fp16: tensor cores, or CUDA cores
+# bf16/fp16: tensor cores (one or two K/V buffers), or CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "double_buffer"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -386,6 +387,19 @@ def test_split_heuristic():
             for Lk in (1, 63, 130, 1025, 4096):
                 S = splits(B, 8, Lq, Lk, 64, 132)
                 assert 1 <= S <= most and (S == 1 or 2 * 64 * (S - 1) < Lk), (B, Lq, Lk, S)
+
+
+def test_cuda_attention_kernel_choice(monkeypatch):
+    """DLMFUSE_CUDA_ATTENTION picks the CUDA kernel; a typo is an error, not a silent default."""
+    monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION", raising=False)
+    assert attention_module.cuda_attention_kernel() == "auto"
+    for kernel in attention_module.CUDA_ATTENTION_KERNELS:
+        monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
+        assert attention_module.cuda_attention_kernel() == kernel
+    assert attention_module._cuda_kv_stages() == 2 and attention_module._cuda_tensor_cores()
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
+    with pytest.raises(ValueError, match="DLMFUSE_CUDA_ATTENTION"):
+        attention_module.cuda_attention_kernel()
 
 
 @needs_cuda_build

@@ -44,10 +44,12 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> k_group, std::optional<Array> bias,
                        std::optional<Array> kv_lens, Array out, Array lse, float scale,
                        bool tensor_cores, uint64_t stream, int num_splits,
-                       std::optional<Array> partial_out, std::optional<Array> partial_lse) {
+                       std::optional<Array> partial_out, std::optional<Array> partial_lse, int kv_stages) {
   AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens,
                                        out, lse, scale, nb::device::cuda::value);
   set_split_workspace(p, num_splits, partial_out, partial_lse);
+  if (kv_stages != 1 && kv_stages != 2) throw_value_error("attention", ": kv_stages must be 1 or 2, got ", kv_stages);
+  p.kv_stages = kv_stages;
   CudaDeviceGuard guard(q.device_id());
   if (tensor_cores && cuda::attention_sm80_supports(p))
     check_launch(cuda::attention_forward_sm80(p, as_stream(stream)), "attention",
@@ -72,10 +74,12 @@ void register_cuda_attention(nb::module_& m) {
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("scale"),
         nb::arg("tensor_cores"), nb::arg("stream"), nb::arg("num_splits") = 1,
         nb::arg("partial_out").none() = nb::none(), nb::arg("partial_lse").none() = nb::none(),
+        nb::arg("kv_stages") = 1,
         "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] on CUDA (tensor cores for bf16 / fp16 when "
         "tensor_cores and the layout allows; else the CUDA-core kernel). num_splits > 1 splits the "
         "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
-        "partial_lse [S, B, Hq, Lq], S = num_splits). Use dlmfuse.attention.");
+        "partial_lse [S, B, Hq, Lq], S = num_splits); kv_stages = 2 double-buffers K and V on "
+        "tensor cores. Use dlmfuse.attention.");
   m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
         nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"),
         "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "

@@ -231,15 +231,33 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
             partial_lse = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
             workspace = dict(zip(("partial_out", "partial_lse"), dlpack(partial_out, partial_lse)))
         _C_cuda.attention_forward(*args, scale, _cuda_tensor_cores(),
-                                  torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits, **workspace)
+                                  torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
+                                  kv_stages=_cuda_kv_stages(), **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
 
 
+_KERNEL_ENV = "DLMFUSE_CUDA_ATTENTION"
+# auto: the tensor-core kernel where it applies; simple: the CUDA-core kernel (A/B checks);
+# double_buffer: the tensor-core kernel with two K/V buffers (kv_stages = 2; not yet the default).
+CUDA_ATTENTION_KERNELS = ("auto", "simple", "double_buffer")
+
+
+def cuda_attention_kernel() -> str:
+    """The CUDA attention kernel DLMFUSE_CUDA_ATTENTION asks for (default ``"auto"``)."""
+    kernel = os.environ.get(_KERNEL_ENV, "") or "auto"
+    if kernel not in CUDA_ATTENTION_KERNELS:
+        raise ValueError(f"{_OP}: {_KERNEL_ENV} must be one of {list(CUDA_ATTENTION_KERNELS)}, got {kernel!r}")
+    return kernel
+
+
 def _cuda_tensor_cores() -> bool:
-    """DLMFUSE_CUDA_ATTENTION=simple forces the CUDA-core kernel (A/B checks of the tensor-core one)."""
-    return os.environ.get("DLMFUSE_CUDA_ATTENTION", "auto") != "simple"
+    return cuda_attention_kernel() != "simple"
+
+
+def _cuda_kv_stages() -> int:
+    return 2 if cuda_attention_kernel() == "double_buffer" else 1
 
 
 @functools.lru_cache(maxsize=None)

@@ -15,8 +15,10 @@
 // workspace, and merge_splits_kernel combines the S partials exactly (the S-part generalisation of
 // merge_weights in dlmfuse/online_softmax.h) into out and lse.
 //
-// Pipelined like FlashAttention-2 (V_j loads during Q K_j^T, K_j+1 during P V_j); not yet: GQA
-// packing, sm_90 wgmma/TMA.
+// Pipelined like FlashAttention-2 (V_j loads during Q K_j^T, K_j+1 during P V_j), or with
+// AttentionParams::kv_stages = 2 double-buffered (K, V and labels of the next visible tile load
+// during the whole of tile j; DLMFUSE_CUDA_ATTENTION=double_buffer). Not yet: GQA packing, 32 rows
+// per warp, sm_90 wgmma/TMA.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/mma_sm80.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -97,19 +99,126 @@ __device__ __forceinline__ void write_partial(const AttentionParams& p, const fl
   }
 }
 
-template <int D>
+// Q tile, kStages K and V tiles (16-bit), kStages pairs of key-label rows.
+template <int D, int kStages>
 constexpr int shared_bytes() {
-  return 3 * kBlockM * D * 2 + 2 * kBlockN * 4;  // Q, K, V tiles (16-bit) + key labels
+  return (kBlockM * D + 2 * kStages * kBlockN * D) * 2 + 2 * kStages * kBlockN * 4;
 }
 
+// ---------------------------------------------------------------- one key tile, per warp
+// The thread's fragment covers rows row_in_tile[0..1] (lane / 4 and lane / 4 + 8 of the warp's
+// 16) and, in n8 tile nt, columns nt * 8 + 2 * (lane % 4) + {0, 1}: element e of s[nt] is row
+// e / 2, column offset e % 2.
+
+// S = Q K^T for the warp's 16 rows and the tile's 64 keys (eight n8 tiles).
 template <typename T, int D>
+__device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uint32_t (&q_frag)[D / 16][4],
+                                           const T* k_tile, int lane) {
+  for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+  for (int ks = 0; ks < D / 16; ++ks)
+    for (int pair = 0; pair < kBlockN / 16; ++pair) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, smem_address(k_tile + swizzled<D>(pair * 16 + (lane / 16) * 8 + lane % 8,
+                                                        ks * 16 + ((lane / 8) % 2) * 8)));
+      mma_16x8x16<T>(s[2 * pair], q_frag[ks], kb[0], kb[1]);
+      mma_16x8x16<T>(s[2 * pair + 1], q_frag[ks], kb[2], kb[3]);
+    }
+}
+
+// The bias of the thread's S fragment in log2 units (0 outside the tile's rows and keys), loaded
+// ahead of the MMAs so that its latency hides behind them.
+__device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+                                          int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
+                                          int q_rows, int cols, int lane) {
+  for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
+      const bool inside = col < cols && row_in_tile[r] < q_rows;
+      bias[nt][e] = inside ? kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
+                                                     (q0 + row_in_tile[r]) * p.bias_strides[2] +
+                                                     (k0 + col) * p.bias_strides[3])
+                           : 0.0f;
+    }
+}
+
+// Scale into log2 units, add the bias, hide what the labels (PARTIAL tiles), the row count and
+// the key count hide.
+struct RowLabels {
+  int32_t order[2], group[2];
+};
+__device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const float (&bias)[kBlockN / 8][4],
+                                            bool has_bias, float score_scale, TileKind kind,
+                                            const int32_t* k_order, const int32_t* k_group,
+                                            const RowLabels& rows, const int (&row_in_tile)[2], int q_rows,
+                                            int cols, int lane) {
+  for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
+      bool visible = col < cols && row_in_tile[r] < q_rows;
+      if (visible && kind == TileKind::kPartial)
+        visible = is_visible(rows.order[r], rows.group[r], k_order[col], k_group[col]);
+      float x = s[nt][e] * score_scale;
+      if (has_bias) x += bias[nt][e];
+      s[nt][e] = visible ? x : -INFINITY;
+    }
+}
+
+// Online softmax (base 2) of the thread's two rows: s becomes the tile's probabilities relative
+// to the new running max, o and the running sum are rescaled.
+template <int D>
+__device__ __forceinline__ void softmax_update(float (&s)[kBlockN / 8][4], float (&o)[D / 8][4],
+                                               float (&row_max)[2], float (&row_sum)[2]) {
+  for (int r = 0; r < 2; ++r) {
+    float tile_max = -INFINITY;
+    for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    const float m_new = fmaxf(row_max[r], quad_max(tile_max));
+    const float offset = softmax_offset(m_new);
+    float tile_sum = 0.0f;
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - offset);
+        tile_sum += s[nt][e];
+      }
+    const float alpha = softmax_rescale(row_max[r], m_new);
+    row_sum[r] = row_sum[r] * alpha + quad_sum(tile_sum);
+    row_max[r] = m_new;
+    for (int dt = 0; dt < D / 8; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// O += P V: P's C fragments become A fragments, 16 keys per MMA k-step.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float (&s)[kBlockN / 8][4],
+                                              const T* v_tile, int lane) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    const uint32_t pa[4] = {MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]),
+                            MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                            MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+    for (int pair = 0; pair < D / 16; ++pair) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, smem_address(v_tile + swizzled<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                              pair * 16 + (lane / 16) * 8)));
+      mma_16x8x16<T>(o[2 * pair], pa, vb[0], vb[1]);
+      mma_16x8x16<T>(o[2 * pair + 1], pa, vb[2], vb[3]);
+    }
+  }
+}
+
+// kStages = 1: one K and one V buffer (V_j loads during Q K_j^T, K_j+1 during P V_j).
+// kStages = 2: two of each; K and V of the next visible tile load during the whole of tile j.
+template <typename T, int D, int kStages>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
+  static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* q_tile = reinterpret_cast<T*>(shared_raw);  // [kBlockM, D] swizzled
-  T* k_tile = q_tile + kBlockM * D;              // [kBlockN, D]
-  T* v_tile = k_tile + kBlockN * D;              // [kBlockN, D]
-  int32_t* k_order = reinterpret_cast<int32_t*>(v_tile + kBlockN * D);  // [kBlockN]
-  int32_t* k_group = k_order + kBlockN;                                  // [kBlockN]
+  T* q_tile = reinterpret_cast<T*>(shared_raw);      // [kBlockM, D] swizzled
+  T* k_tiles = q_tile + kBlockM * D;                 // [kStages][kBlockN, D]
+  T* v_tiles = k_tiles + kStages * kBlockN * D;      // [kStages][kBlockN, D]
+  int32_t* k_orders = reinterpret_cast<int32_t*>(v_tiles + kStages * kBlockN * D);  // [kStages][kBlockN]
+  int32_t* k_groups = k_orders + kStages * kBlockN;                                  // [kStages][kBlockN]
   // Own 16-byte slot: a widened LDS.128 of an unaligned q_range also read tile_kind, a hazard
   // with lane 0's write of it that racecheck reports.
   __shared__ alignas(16) LabelRange q_range;
@@ -138,12 +247,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
 
   // The two fragment rows of this thread (tile-local) and their labels.
   const int row_in_tile[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
-  int32_t q_order[2] = {0, 0}, q_group[2] = {0, 0};
+  RowLabels row_labels = {{0, 0}, {0, 0}};
   if (p.has_labels) {
     for (int r = 0; r < 2; ++r)
       if (row_in_tile[r] < q_rows) {
-        q_order[r] = p.q_order.at(b, q0 + row_in_tile[r]);
-        q_group[r] = p.q_group.at(b, q0 + row_in_tile[r]);
+        row_labels.order[r] = p.q_order.at(b, q0 + row_in_tile[r]);
+        row_labels.group[r] = p.q_group.at(b, q0 + row_in_tile[r]);
       }
     if (warp == 0) {
       LabelRange range = LabelRange::empty();
@@ -165,11 +274,13 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const float score_scale = p.scale * kLog2e;
 
   // The first tile at or after `from` that the labels do not skip (k_end if none), its keys'
-  // labels staged in k_order / k_group and its kind in `kind`. Has barriers: call it from every
-  // thread. Without labels every tile is FULL and nothing is staged.
-  auto next_tile = [&](int64_t from, TileKind& kind) -> int64_t {
+  // labels staged in label buffer `stage` and its kind in `kind`. Has barriers: call it from
+  // every thread. Without labels every tile is FULL and nothing is staged.
+  auto next_tile = [&](int64_t from, TileKind& kind, int stage) -> int64_t {
     kind = TileKind::kFull;
     if (!p.has_labels) return from;
+    int32_t* k_order = k_orders + stage * kBlockN;
+    int32_t* k_group = k_groups + stage * kBlockN;
     for (int64_t k0 = from; k0 < k_end; k0 += kBlockN) {
       const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
       if (threadIdx.x < kBlockN) {
@@ -190,102 +301,79 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     }
     return k_end;
   };
+  auto tile_cols = [&](int64_t k0) { return static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN); };
+  auto load_k = [&](int64_t k0, int stage) {
+    load_tile_async<T, D>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN,
+                          tile_cols(k0));
+  };
+  auto load_v = [&](int64_t k0, int stage) {
+    load_tile_async<T, D>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN,
+                          tile_cols(k0));
+  };
+  const bool has_bias = p.bias != nullptr;
 
-  // Software pipeline (FlashAttention-2's): V of tile j streams in while S = Q K_j^T and the
-  // softmax run; K of the next visible tile streams in while O += P V_j runs. One K and one V
-  // buffer; the barriers below say which reads must end before a buffer is refilled.
   TileKind kind;
-  int64_t k0 = next_tile(k_begin, kind);
-  if (k0 < k_end) load_tile_async<T, D>(k_tile, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN,
-                                        static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN));
+  int64_t k0 = next_tile(k_begin, kind, 0);
+  if (k0 < k_end) {
+    load_k(k0, 0);
+    if (kStages == 2) load_v(k0, 0);
+  }
   cp_async_commit();
-  while (k0 < k_end) {
-    const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
-    load_tile_async<T, D>(v_tile, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN, cols);
-    cp_async_commit();
-    // The bias of the thread's S fragment, loaded now so that its latency hides behind the wait
-    // for K_j and the MMAs (read after them, each load would stall the softmax).
-    float bias[kBlockN / 8][4];
-    if (p.bias != nullptr)
-      for (int nt = 0; nt < kBlockN / 8; ++nt)
-        for (int e = 0; e < 4; ++e) {
-          const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
-          const bool inside = col < cols && row_in_tile[r] < q_rows;
-          bias[nt][e] = inside ? kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
-                                                         (q0 + row_in_tile[r]) * p.bias_strides[2] +
-                                                         (k0 + col) * p.bias_strides[3])
-                               : 0.0f;
-        }
-    cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
-    __syncthreads();
-
-    // S = Q K^T: 16 x 64 per warp, eight n8 tiles.
-    float s[kBlockN / 8][4] = {};
-    for (int ks = 0; ks < D / 16; ++ks)
-      for (int pair = 0; pair < kBlockN / 16; ++pair) {
-        uint32_t kb[4];
-        ldmatrix_x4(kb, smem_address(k_tile + swizzled<D>(pair * 16 + (lane / 16) * 8 + lane % 8,
-                                                          ks * 16 + ((lane / 8) % 2) * 8)));
-        mma_16x8x16<T>(s[2 * pair], q_frag[ks], kb[0], kb[1]);
-        mma_16x8x16<T>(s[2 * pair + 1], q_frag[ks], kb[2], kb[3]);
-      }
-
-    // Scale, bias, visibility; then the online softmax of each of the thread's two rows.
-    for (int nt = 0; nt < kBlockN / 8; ++nt)
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
-        bool visible = col < cols && row_in_tile[r] < q_rows;
-        if (visible && kind == TileKind::kPartial)
-          visible = is_visible(q_order[r], q_group[r], k_order[col], k_group[col]);
-        float x = s[nt][e] * score_scale;
-        if (p.bias != nullptr) x += bias[nt][e];
-        s[nt][e] = visible ? x : -INFINITY;
-      }
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = -INFINITY;
-      for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      const float m_new = fmaxf(row_max[r], quad_max(tile_max));
-      const float offset = softmax_offset(m_new);
-      float tile_sum = 0.0f;
-      for (int nt = 0; nt < kBlockN / 8; ++nt)
-        for (int e = 2 * r; e < 2 * r + 2; ++e) {
-          s[nt][e] = exp2f(s[nt][e] - offset);
-          tile_sum += s[nt][e];
-        }
-      const float alpha = softmax_rescale(row_max[r], m_new);
-      row_sum[r] = row_sum[r] * alpha + quad_sum(tile_sum);
-      row_max[r] = m_new;
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
+  if (kStages == 1) {
+    // FlashAttention-2's pipeline: V of tile j streams in while S = Q K_j^T and the softmax run;
+    // K of the next visible tile streams in while O += P V_j runs. The barriers say which reads
+    // must end before a buffer is refilled.
+    while (k0 < k_end) {
+      const int cols = tile_cols(k0);
+      load_v(k0, 0);
+      cp_async_commit();
+      float bias[kBlockN / 8][4];
+      if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
+      __syncthreads();
+      float s[kBlockN / 8][4];
+      score_tile<T, D>(s, q_frag, k_tiles, lane);
+      mask_scores(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows, cols, lane);
+      softmax_update<D>(s, o, row_max, row_sum);
+      cp_async_wait<0>();  // V_j has landed
+      __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
+      TileKind next_kind;
+      const int64_t k_next = next_tile(k0 + kBlockN, next_kind, 0);
+      if (k_next < k_end) load_k(k_next, 0);
+      cp_async_commit();
+      accumulate_pv<T, D>(o, s, v_tiles, lane);
+      __syncthreads();  // the next iteration's V load overwrites the V tile
+      k0 = k_next;
+      kind = next_kind;
     }
-
-    cp_async_wait<0>();  // V_j has landed
-    __syncthreads();     // ... for every thread; and every warp is done with k_tile and the labels
-    TileKind next_kind;
-    const int64_t k_next = next_tile(k0 + kBlockN, next_kind);
-    if (k_next < k_end)
-      load_tile_async<T, D>(k_tile, k_src + k_next * p.k_strides[1], p.k_strides[1], kBlockN,
-                            static_cast<int>(k_end - k_next < kBlockN ? k_end - k_next : kBlockN));
-    cp_async_commit();
-
-    // O += P V: P's C fragments become A fragments, 16 keys per MMA k-step.
-    for (int kk = 0; kk < kBlockN / 16; ++kk) {
-      const uint32_t pa[4] = {MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]), MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]),
-                              MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-      for (int pair = 0; pair < D / 16; ++pair) {
-        uint32_t vb[4];
-        ldmatrix_x4_trans(vb, smem_address(v_tile + swizzled<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8,
-                                                                pair * 16 + (lane / 16) * 8)));
-        mma_16x8x16<T>(o[2 * pair], pa, vb[0], vb[1]);
-        mma_16x8x16<T>(o[2 * pair + 1], pa, vb[2], vb[3]);
+  } else {
+    // Two buffers: tile j computes from buffer `stage` while K, V and the labels of the next
+    // visible tile load into the other one, a whole tile's work ahead.
+    int stage = 0;
+    while (k0 < k_end) {
+      const int cols = tile_cols(k0);
+      TileKind next_kind;
+      const int64_t k_next = next_tile(k0 + kBlockN, next_kind, stage ^ 1);
+      if (k_next < k_end) {
+        load_k(k_next, stage ^ 1);
+        load_v(k_next, stage ^ 1);
       }
+      cp_async_commit();
+      float bias[kBlockN / 8][4];
+      if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      cp_async_wait<1>();  // tile j's K and V have landed (the next tile's may be in flight)
+      __syncthreads();
+      float s[kBlockN / 8][4];
+      score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
+      mask_scores(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
+                  row_labels, row_in_tile, q_rows, cols, lane);
+      softmax_update<D>(s, o, row_max, row_sum);
+      accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
+      __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it
+      k0 = k_next;
+      kind = next_kind;
+      stage ^= 1;
     }
-    __syncthreads();  // the next iteration's V load overwrites v_tile
-    k0 = k_next;
-    kind = next_kind;
   }
   cp_async_wait<0>();  // nothing left in flight (the last commit is an empty group)
 
@@ -340,10 +428,10 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
-template <typename T, int D>
+template <typename T, int D, int kStages>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int bytes = shared_bytes<D>();
-  auto kernel = attention_sm80_kernel<T, D>;
+  constexpr int bytes = shared_bytes<D, kStages>();
+  auto kernel = attention_sm80_kernel<T, D, kStages>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kBlockM)), static_cast<unsigned>(p.q_heads),
@@ -394,15 +482,19 @@ int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t 
 bool attention_sm80_supports(const AttentionParams& p) {
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) && rows_are_16_byte_aligned(p) &&
-         p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits &&
+         p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits && (p.kv_stages == 1 || p.kv_stages == 2) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }
 
 cudaError_t attention_forward_sm80(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64>(p, stream) : launch_sm80<fp16_t, 64>(p, stream);
-  return bf16 ? launch_sm80<bf16_t, 128>(p, stream) : launch_sm80<fp16_t, 128>(p, stream);
+  if (p.kv_stages == 2) {
+    if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64, 2>(p, stream) : launch_sm80<fp16_t, 64, 2>(p, stream);
+    return bf16 ? launch_sm80<bf16_t, 128, 2>(p, stream) : launch_sm80<fp16_t, 128, 2>(p, stream);
+  }
+  if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64, 1>(p, stream) : launch_sm80<fp16_t, 64, 1>(p, stream);
+  return bf16 ? launch_sm80<bf16_t, 128, 1>(p, stream) : launch_sm80<fp16_t, 128, 1>(p, stream);
 }
 
 }  // namespace dlmfuse::cuda

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import dlmfuse
 
 from .._ext import use_reference
-from ..attention import cuda_num_splits
+from ..attention import cuda_attention_kernel, cuda_num_splits
 from .common import DLMFUSE, Case, Impl, Workload
 
 FAMILY = "attention"
@@ -116,6 +116,7 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         randn(spec.B, spec.L, spec.H, spec.D)
     if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
         params["num_splits"] = None if use_reference("attention", device) else cuda_num_splits(q, k)
+        params["cuda_attention"] = cuda_attention_kernel()  # DLMFUSE_CUDA_ATTENTION (A/B runs)
     mask = bias = None
     if spec.pattern == "bias":
         bias = randn(1, spec.H, spec.L, spec.L)
