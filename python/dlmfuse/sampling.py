@@ -145,8 +145,9 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{_OP}: suppress_tokens must hold integer token ids, got {ids.dtype}")
     ids = ids.reshape(-1).to(torch.int64)
-    if ids.numel() and can_read_values(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-        bad = ids[(ids < 0) | (ids >= vocab)].tolist()
+    outside = (ids < 0) | (ids >= vocab)
+    if ids.numel() and can_read_values(ids) and bool(outside.any()):  # one host read (a sync on CUDA)
+        bad = ids[outside].tolist()
         raise ValueError(f"{_OP}: suppress_tokens must lie in [0, V={vocab}), got {bad}")
     mask = torch.zeros(vocab, dtype=torch.uint8, device=device)
     mask[ids] = 1
