@@ -26,7 +26,7 @@ TINY = [AttnSpec("T1", "dense", L=64, H=2),
 ROW_KEYS = {"family", "workload", "desc", "impl", "kind", "params", "status", "error", "time_ms",
             "times_ms", "tflops_dense", "tflops_visible", "gbps", "ratio_vs_dlmfuse",
             "max_abs_diff_vs_dlmfuse", "device", "torch", "cuda", "python", "dlmfuse",
-            "build_info", "git_sha", "timestamp", "command"}
+            "build_info", "git_sha", "timestamp", "command", "graph_time_ms", "graph_gbps", "graph_error"}
 
 
 def run_tiny(specs, tmp_path, **kwargs):
@@ -326,6 +326,22 @@ def test_generate_workloads_follow_design():
     e1 = gen_bench.GenSpec(B=8, **gen_bench.GPU_SETTINGS, **gen_bench.LLADA_8B)
     assert 7.9e9 < e1.parameter_count() < 8.1e9
     assert gen_bench.loop_peak_bytes(e1) > 30 * 2**30
+
+
+def test_graph_timing_is_cuda_only_and_printed():
+    """Rows of graph-capturable implementations report a CUDA-graph replay time on CUDA only; the
+    table lists it (or why the capture failed) below the eager timings."""
+    rows = bench.run([kv_cache.workload(kv_cache.KVSpec("K1", n=2, B=1, Lmax=16, H=1, D=8, validate=False))],
+                     device=CPU, timing=TINY_TIMING, command="pytest", out=io.StringIO(), progress=io.StringIO())
+    assert all(r["graph_time_ms"] is None and r["graph_error"] is None for r in rows)
+    ok = dict(rows[0], graph_time_ms=0.02, graph_gbps=2500.0)
+    refused = dict(rows[1], graph_time_ms=None, graph_error="RuntimeError: capture")
+    out = io.StringIO()
+    common.print_table([ok, refused, rows[2]], common.environment(CPU, "pytest"), TINY_TIMING, out)
+    text = out.getvalue()
+    assert "CUDA-graph replay (device time without launch overhead):" in text
+    assert f"/ {ok['impl']}: 20.0 us, 2500 GB/s" in text
+    assert f"/ {refused['impl']}: not captured: RuntimeError: capture" in text
 
 
 def test_generate_batches_override(monkeypatch):

@@ -52,6 +52,9 @@ class Impl:
     prepare: Callable[[], Callable[[], Any]]
     to_common: Optional[Callable[[Any], torch.Tensor]] = None
     kind: str = "peer"
+    # The call can be captured in a CUDA graph (no host sync): on CUDA its row also reports
+    # graph_time_ms, the time of a graph replay, i.e. the device time without launch overhead.
+    graph: bool = False
 
 
 @dataclass
@@ -98,6 +101,21 @@ def default_timing(device: torch.device, quick: bool) -> Timing:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def measure_graph(fn: Callable[[], Any], device: torch.device, timing: Timing) -> list[float]:
+    """Seconds per replay of ``fn`` captured in a CUDA graph: the device time of the call without
+    the host's launch overhead (which the eager timing includes when the host is the slower side)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # capture wants a warm-up call off the default stream
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return measure(graph.replay, device, timing)
 
 
 def measure(fn: Callable[[], Any], device: torch.device, timing: Timing) -> list[float]:
@@ -207,7 +225,8 @@ def run_workload(workload: Workload, device: torch.device, timing: Timing,
                "status": "ok", "error": None, "time_ms": None, "times_ms": None,
                "tflops_dense": None, "tflops_visible": None, "gbps": None,
                "ratio_vs_dlmfuse": None, "max_abs_diff_vs_dlmfuse": None,
-               "warmup": timing.warmup, "repeats": timing.repeats, "stats": None}
+               "warmup": timing.warmup, "repeats": timing.repeats, "stats": None,
+               "graph_time_ms": None, "graph_gbps": None, "graph_error": None}
         rows.append(row)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -219,6 +238,15 @@ def run_workload(workload: Workload, device: torch.device, timing: Timing,
             except Exception as error:  # a failing peer is a result, not a crash
                 row.update(status="error", error=_describe_failure(error, caught))
                 continue
+        if impl.graph and device.type == "cuda":
+            try:
+                graph_seconds = statistics.median(measure_graph(fn, device, timing))
+                row["graph_time_ms"] = graph_seconds * 1e3
+                if case.bytes_read is not None:
+                    row["graph_gbps"] = case.bytes_read / graph_seconds / 1e9
+            except Exception as error:  # the eager timing stands; say why the graph one is missing
+                torch.cuda.synchronize(device)
+                row["graph_error"] = _describe_failure(error, [])
         seconds = statistics.median(times)
         row["time_ms"] = seconds * 1e3
         row["times_ms"] = [t * 1e3 for t in times]
@@ -367,6 +395,15 @@ def print_table(rows: Sequence[dict], env: dict, timing: Timing, out: TextIO) ->
         for r in detailed:
             values = ", ".join(f"{name}={_format_stat(value)}" for name, value in r["stats"].items())
             print(f"  {r['workload']} {r['desc']} / {r['impl']}: {values}", file=out)
+    replayed = [r for r in rows if r["graph_time_ms"] is not None or r["graph_error"] is not None]
+    if replayed:
+        print("CUDA-graph replay (device time without launch overhead):", file=out)
+        for r in replayed:
+            if r["graph_time_ms"] is None:
+                print(f"  {r['workload']} {r['desc']} / {r['impl']}: not captured: {r['graph_error']}", file=out)
+                continue
+            rate = f", {r['graph_gbps']:.0f} GB/s" if r["graph_gbps"] is not None else ""
+            print(f"  {r['workload']} {r['desc']} / {r['impl']}: {format_time(r['graph_time_ms'])}{rate}", file=out)
     failures = [r for r in rows if r["status"] != "ok"]
     if failures:
         print("failed:", file=out)

@@ -134,7 +134,8 @@ def _setup(spec: KVSpec, device: torch.device) -> Case:
         k_cache[batch_index, positions] = k_new
         v_cache[batch_index, positions] = v_new
 
-    impls = [Impl(DLMFUSE, fresh(dlmfuse_call), to_common=caches, kind=DLMFUSE),
-             Impl("index_copy_", fresh(index_copy_call), to_common=caches),
-             Impl("index_put_", fresh(index_put_call), to_common=caches)]
+    # validate=True reads the positions on the host: no CUDA graph for it.
+    impls = [Impl(DLMFUSE, fresh(dlmfuse_call), to_common=caches, kind=DLMFUSE, graph=not spec.validate),
+             Impl("index_copy_", fresh(index_copy_call), to_common=caches, graph=True),
+             Impl("index_put_", fresh(index_put_call), to_common=caches, graph=True)]
     return Case(impls=impls, bytes_read=spec.moved_bytes)

@@ -121,12 +121,12 @@ def _setup(spec: SampleSpec, device: torch.device) -> Case:
     logits = torch.randn(spec.B, spec.L, spec.V, generator=gen, device=device,
                          dtype=getattr(torch, spec.dtype))
     T = spec.temperature
-    floor = Impl("floor.amax", lambda: lambda: logits.amax(dim=-1))
+    floor = Impl("floor.amax", lambda: lambda: logits.amax(dim=-1), graph=True)
     bytes_read = logits.numel() * logits.element_size()
     if spec.filtered:
         impls = [Impl(DLMFUSE, lambda: lambda: dlmfuse.sample_tokens(
                      logits, temperature=T, top_k=spec.top_k, top_p=spec.top_p, seed=SEED),
-                     kind=DLMFUSE),
+                     kind=DLMFUSE, graph=True),
                  Impl("dream-topk-topp", lambda: functools.partial(
                      _dream_sample, logits, T, spec.top_k, spec.top_p)),
                  floor]
@@ -151,11 +151,11 @@ def _setup(spec: SampleSpec, device: torch.device) -> Case:
 
     impls = [Impl(DLMFUSE, lambda: lambda: dlmfuse.sample_tokens(
                  logits, temperature=T, seed=SEED, confidence="prob"),
-                 to_common=dlmfuse_sampled, kind=DLMFUSE),
+                 to_common=dlmfuse_sampled, kind=DLMFUSE, graph=True),
              Impl("llada-fp64", lambda: llada_call, to_common=llada_same_noise),
              Impl("dlmfuse.greedy", lambda: lambda: dlmfuse.sample_tokens(logits),
-                  to_common=lambda out: _pair(*out), kind=DLMFUSE),
-             Impl("torch-greedy", lambda: torch_greedy, to_common=lambda out: _pair(*out)),
+                  to_common=lambda out: _pair(*out), kind=DLMFUSE, graph=True),
+             Impl("torch-greedy", lambda: torch_greedy, to_common=lambda out: _pair(*out), graph=True),
              floor]
     return Case(impls=impls, bytes_read=bytes_read)
 
