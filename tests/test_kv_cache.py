@@ -529,6 +529,21 @@ def test_cuda_graph_capture_of_kv_scatter():
         assert_bits_equal(v_cache.cpu(), v_ref, "v_cache")
 
 
+def test_write_without_length_update():
+    """update_lengths=False (a model's later layers) writes K/V only; lengths stay as they were."""
+    cache = KVCache(2, 2, 16, 1, 8, torch.float32, "cpu")
+    pos = unique_positions(2, 12, 3, seed=4)
+    k, v = randn(2, 3, 1, 8, seed=5), randn(2, 3, 1, 8, seed=6)
+    cache.write(0, pos, k, v, order=0, group=0)
+    lengths, order = cache.lengths.clone(), cache.k_order.clone()
+    cache.write(1, pos, k * 2, v * 2, update_lengths=False)
+    assert torch.equal(cache.lengths, lengths) and torch.equal(cache.k_order, order)
+    assert torch.equal(cache.k[1].gather(1, pos[:, :, None, None].expand(2, 3, 1, 8)), k * 2)
+    fresh = KVCache(1, 2, 16, 1, 8, torch.float32, "cpu")
+    fresh.write(0, pos, k, v, update_lengths=False)
+    assert fresh.lengths.tolist() == [0, 0], "nothing was marked written"
+
+
 class HostReads(TorchDispatchMode):
     """Counts host reads of tensor values (``.item()``, ``bool(t)``, ``int(t)``): device syncs on CUDA."""
 

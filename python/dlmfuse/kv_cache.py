@@ -181,12 +181,14 @@ class KVCache:
         self.lengths.zero_()
 
     def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor, order: Optional[Tensor] = None,
-              group: Optional[Tensor] = None, *, validate: bool = True) -> None:
+              group: Optional[Tensor] = None, *, validate: bool = True, update_lengths: bool = True) -> None:
         """Write ``k, v [B, n, Hkv, D]`` of `layer` at ``positions [B, n]`` (int32/int64) with
         :func:`kv_scatter_`; set the key labels of those slots when `order` / `group` are given
         (int ``[B, n]``, or ``[1, n]`` / scalars broadcast; labels are shared by all layers, so
         passing them on one layer's write is enough); grow ``lengths``. No host sync when
-        ``validate=False``."""
+        ``validate=False``. ``update_lengths=False`` leaves ``lengths`` alone: for the later
+        layers of a model that writes the same positions on every layer (a few launches less
+        per layer)."""
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"KVCache.write: layer must be an int in [0, {self.num_layers}), got {layer!r}")
         expect_tensor("KVCache.write", "positions", positions)
@@ -194,12 +196,14 @@ class KVCache:
                   for name, value, store in (("order", order, self._order), ("group", group, self._group))
                   if value is not None]  # checked before anything is written
         kv_scatter_(self.k[layer], self.v[layer], k, v, positions, validate=validate)
+        if not labels and not update_lengths:
+            return
         pos = positions.to(torch.int64)
         in_range = (pos >= 0) & (pos < self.max_len)
         slot = torch.where(in_range, pos, torch.full_like(pos, self.max_len))
         for store, values in labels:
             store.scatter_(1, slot, values)
-        if pos.shape[1] > 0:
+        if update_lengths and pos.shape[1] > 0:
             written_end = torch.where(in_range, pos + 1, torch.zeros_like(pos)).amax(dim=1)
             torch.maximum(self.lengths, written_end.to(torch.int32), out=self.lengths)
 

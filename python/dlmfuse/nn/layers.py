@@ -154,9 +154,10 @@ class DenoiserAttention(nn.Module):
                 caller): Q, attention and o_proj are computed only for these rows (K/V still for
                 all L rows).
             rope: precomputed ``RotaryEmbedding(positions)`` (a model computes it once for all layers).
-            write_labels: with a cache, also write the key labels and range-check the positions
-                (labels and slots are shared by all layers of a cache, so a model does both on its
-                first layer only; the check reads the positions on the host).
+            write_labels: with a cache, also write the key labels, range-check the positions and
+                grow the cache's lengths (labels, slots and lengths are shared by all layers of a
+                cache, so a model does this on its first layer only; the check reads the
+                positions on the host).
         """
         batch, length, _ = x.shape
         if positions is None:
@@ -181,8 +182,9 @@ class DenoiserAttention(nn.Module):
         self._check_cache(cache, batch, k.dtype)
         mask = _gather_queries(cache_mask(length, q.device) if mask is None else mask, query_rows)
         labels = (mask.k_order, mask.k_group) if write_labels else (None, None)
+        # Labels, the range check and lengths are shared by all layers: the first layer does them.
         cache.write(self.layer_idx, positions.expand(batch, length).contiguous(), k, v, *labels,
-                    validate=write_labels)
+                    validate=write_labels, update_lengths=write_labels)
         return cache.attend(self.layer_idx, q, mask.q_order, mask.q_group)
 
     def _check_cache(self, cache, batch: int, dtype: torch.dtype) -> None:
