@@ -80,16 +80,16 @@ def attention(
         >>> dlmfuse.attention(q, k, v, mask=mask).shape
         torch.Size([1, 3, 2, 64])
     """
-    return attention_unchecked_kv_lens(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale,
-                                       return_lse=return_lse, check_kv_lens_values=True)
+    return _attention(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale, return_lse=return_lse,
+                      check_kv_lens_values=True)
 
 
-def attention_unchecked_kv_lens(q, k, v, *, mask=None, bias=None, kv_lens=None, scale=None, return_lse=False,
-                                check_kv_lens_values: bool = False):
-    """:func:`attention` for callers whose ``kv_lens`` are in [0, Lk] by construction
-    (``KVCache.lengths``): it skips reading their values, a host sync per call on CUDA (one per
-    layer per denoising step). Every other check still runs, and the kernels clamp ``kv_lens`` to
-    [0, Lk] anyway, so a bad value cannot read out of bounds."""
+def _attention(q, k, v, *, mask=None, bias=None, kv_lens=None, scale=None, return_lse=False,
+               check_kv_lens_values: bool = True):
+    """:func:`attention`; ``check_kv_lens_values=False`` is for callers whose ``kv_lens`` are in
+    [0, Lk] by construction (``KVCache.attend``): reading the values would be a host sync per call
+    on CUDA, one per layer per denoising step. Every other check still runs, and the kernels clamp
+    ``kv_lens`` to [0, Lk] anyway, so a bad value cannot read out of bounds."""
     args = _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_values)
     if needs_dispatcher(q, k, v, bias, differentiable=True):
         out, lse = torch.ops.dlmfuse.attention(*args)

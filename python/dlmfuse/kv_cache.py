@@ -14,7 +14,7 @@ from torch import Tensor
 
 from . import _C, reference
 from ._ext import ORDER_INFINITY, _C_cuda
-from .attention import attention_unchecked_kv_lens
+from .attention import _attention
 from .mask import INT32_MIN, Mask
 from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
@@ -238,8 +238,8 @@ class KVCache:
         view = self.view(layer)
         # lengths stay in [0, max_len] (write() only raises them to an in-range position + 1), so
         # their values are not read back: that would be a host sync per layer on CUDA.
-        return attention_unchecked_kv_lens(q, view.k, view.v, mask=self.mask(q_order, q_group),
-                                           kv_lens=view.kv_lens, **kwargs)
+        return _attention(q, view.k, view.v, mask=self.mask(q_order, q_group), kv_lens=view.kv_lens,
+                          check_kv_lens_values=False, **kwargs)
 
     def __repr__(self) -> str:
         L, B, Lmax, H, D = self.k.shape
