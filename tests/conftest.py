@@ -17,6 +17,7 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlmfuse
 
@@ -136,3 +137,15 @@ def run_and_check(q, k, v, **kwargs):
     out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
     check_attention(out, q, k, v, lse=lse, **kwargs)
     return out, lse
+
+
+class DispatchLog(TorchDispatchMode):
+    """Records every op that reaches the dispatcher's Python mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))

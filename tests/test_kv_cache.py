@@ -11,14 +11,13 @@ labels. CUDA tests (marked) repeat the core checks on the GPU and capture kv_sca
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlmfuse
 from dlmfuse import KVCache, kv_scatter_
 from dlmfuse._ext import ORDER_INFINITY
 from dlmfuse.kv_cache import UNWRITTEN_GROUP
 
-from conftest import DTYPE_IDS, DTYPES, assert_fp32_close
+from conftest import DTYPE_IDS, DTYPES, DispatchLog, assert_fp32_close
 
 POS_DTYPES = (torch.int32, torch.int64)
 # (B, Lmax, H, D, n)
@@ -544,16 +543,9 @@ def test_write_without_length_update():
     assert fresh.lengths.tolist() == [0, 0], "nothing was marked written"
 
 
-class HostReads(TorchDispatchMode):
-    """Counts host reads of tensor values (``.item()``, ``bool(t)``, ``int(t)``): device syncs on CUDA."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
+def host_reads(log: DispatchLog) -> int:
+    """Host reads of tensor values (``.item()``, ``bool(t)``, ``int(t)``): device syncs on CUDA."""
+    return log.ops.count(str(torch.ops.aten._local_scalar_dense.default))
 
 
 def test_attend_does_not_read_lengths_back():
@@ -564,13 +556,13 @@ def test_attend_does_not_read_lengths_back():
     pos = unique_positions(2, 12, 4)
     cache.write(0, pos, randn(2, 4, 2, 64), randn(2, 4, 2, 64), order=0, group=0)
     q, labels = randn(2, 3, 2, 64, seed=2), torch.ones(1, 3, dtype=torch.int32)
-    with HostReads() as reads:
+    with DispatchLog() as log:
         out = cache.attend(0, q, labels, labels)
-    assert reads.count == 0
+    assert host_reads(log) == 0
     view = cache.view(0)
-    with HostReads() as reads:
+    with DispatchLog() as log:
         expected = dlmfuse.attention(q, view.k, view.v, mask=cache.mask(labels, labels), kv_lens=view.kv_lens)
-    assert reads.count > 0, "the public op's kv_lens check should read the values (control)"
+    assert host_reads(log) > 0, "the public op's kv_lens check should read the values (control)"
     assert torch.equal(out, expected)
     bad = torch.tensor([3, 17], dtype=torch.int32)
     with pytest.raises(ValueError, match="kv_lens"):

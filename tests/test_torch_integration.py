@@ -5,12 +5,11 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import dlmfuse
 from dlmfuse import Mask
 
-from conftest import check_attention
+from conftest import DispatchLog, check_attention
 
 attention_module = importlib.import_module("dlmfuse.attention")  # `dlmfuse.attention` is the function
 
@@ -130,18 +129,6 @@ def test_eager_fast_path_skips_dispatcher(op_calls):
 
     dlmfuse.merge_attention(*fast, *fast)
     assert op_calls == ["attention"], "merge_attention's eager call must not go through the dispatcher"
-
-
-class DispatchLog(TorchDispatchMode):
-    """Records every op that reaches the dispatcher's Python mode."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def test_dispatch_modes_see_the_ops():
