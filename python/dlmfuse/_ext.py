@@ -29,7 +29,6 @@ CUDA_ATTENTION_HEAD_DIMS: tuple = tuple(_C_cuda.ATTENTION_HEAD_DIMS) if _C_cuda 
 ORDER_INFINITY: int = int(_C.ORDER_INFINITY)
 
 
-
 def dlpack(*tensors):
     """DLPack capsules of ``tensors`` (None stays None) for the extension's arguments.
 

@@ -179,14 +179,12 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, se
     rows = logits.detach().reshape(-1, logits.shape[-1])
     tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+    rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
     if cuda_kernel:
         stream = torch.cuda.current_stream(logits.device).cuda_stream
-        rows_, suppressed_, seed_, offset_, tokens_, conf_ = dlpack(rows, suppressed, seed_tensor, offset_tensor,
-                                                                    tokens, conf)
-        _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, seed_, offset_, kind,
-                              tempered, tokens_, conf_, stream)
+        _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset,
+                              *dlpack(seed_tensor, offset_tensor), kind, tempered, tokens_, conf_, stream)
     else:
-        rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
         _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, kind, tempered, tokens_, conf_)
     return tokens.reshape(lead_shape), conf.reshape(lead_shape)
 

@@ -145,11 +145,8 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
     """E1 at the LLaDA-8B shape on CUDA (B = 1, 8), the small model on CPU (B = 1, 4); quick
     only lowers the repeats (each call is a whole generation)."""
     timing = TIMINGS[("cuda" if device.type == "cuda" else "cpu", quick)]
-    if device.type == "cuda":
-        specs = [GenSpec(B=b, **GPU_SETTINGS, **LLADA_8B) for b in batches(device)]
-    else:
-        specs = [GenSpec(B=b) for b in batches(device)]
-    return [workload(spec, timing) for spec in specs]
+    shape = dict(**GPU_SETTINGS, **LLADA_8B) if device.type == "cuda" else {}  # CPU: GenSpec's defaults
+    return [workload(GenSpec(B=b, **shape), timing) for b in batches(device)]
 
 
 # ------------------------------------------------------------------------------ reference loop
