@@ -67,8 +67,8 @@ if wants tests; then
   # forced (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS).
   step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  # The double-buffered tensor-core kernel (kv_stages = 2, opt-in until it is verified and faster).
-  step pytest_cuda_double_buffer 60 env DLMFUSE_CUDA_ATTENTION=double_buffer \
+  # The one-buffer tensor-core kernel (kv_stages = 1; the default has two K/V buffers).
+  step pytest_cuda_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer \
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
 fi
 if wants sanitize; then
@@ -90,9 +90,9 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
     --json "$OUT/bench_attention.jsonl"
-  # A/B of the double-buffered kernel against the rows above (peers skipped: they ran above).
-  step bench_attention_double_buffer 60 env DLMFUSE_CUDA_ATTENTION=double_buffer python3 -m dlmfuse bench \
-    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_double_buffer.jsonl"
+  # A/B of the one-buffer kernel against the rows above (peers skipped: they ran above).
+  step bench_attention_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer python3 -m dlmfuse bench \
+    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_single_buffer.jsonl"
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).

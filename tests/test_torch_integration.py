@@ -254,8 +254,8 @@ def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
 
 
 @pytest.mark.cuda
-# bf16/fp16: tensor cores (one or two K/V buffers), or CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "double_buffer"])
+# bf16/fp16: tensor cores (two K/V buffers by default, or one), or CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -384,6 +384,10 @@ def test_cuda_attention_kernel_choice(monkeypatch):
         monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
         assert attention_module.cuda_attention_kernel() == kernel
     assert attention_module._cuda_kv_stages() == 2 and attention_module._cuda_tensor_cores()
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "single_buffer")
+    assert attention_module._cuda_kv_stages() == 1 and attention_module._cuda_tensor_cores()
+    monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
+    assert attention_module._cuda_kv_stages() == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
     with pytest.raises(ValueError, match="DLMFUSE_CUDA_ATTENTION"):
         attention_module.cuda_attention_kernel()

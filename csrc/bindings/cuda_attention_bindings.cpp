@@ -74,12 +74,12 @@ void register_cuda_attention(nb::module_& m) {
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("scale"),
         nb::arg("tensor_cores"), nb::arg("stream"), nb::arg("num_splits") = 1,
         nb::arg("partial_out").none() = nb::none(), nb::arg("partial_lse").none() = nb::none(),
-        nb::arg("kv_stages") = 1,
+        nb::arg("kv_stages") = 2,
         "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] on CUDA (tensor cores for bf16 / fp16 when "
         "tensor_cores and the layout allows; else the CUDA-core kernel). num_splits > 1 splits the "
         "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
-        "partial_lse [S, B, Hq, Lq], S = num_splits); kv_stages = 2 double-buffers K and V on "
-        "tensor cores. Use dlmfuse.attention.");
+        "partial_lse [S, B, Hq, Lq], S = num_splits); kv_stages = 2 (default) double-buffers K and V "
+        "on tensor cores, 1 keeps one buffer of each. Use dlmfuse.attention.");
   m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
         nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"),
         "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "

@@ -59,9 +59,9 @@ struct AttentionParams {
   // normalised partial (out_s, lse_s) here (an empty chunk: 0 and -inf); a merge kernel then
   // writes out and lse. Allocated by Python (float32, contiguous).
   int32_t num_splits = 1;
-  // K/V buffers of the tensor-core kernel: 1 (default) or 2 (the next tile's K and V load during
-  // the whole of the current tile; more shared memory). Other kernels ignore it.
-  int32_t kv_stages = 1;
+  // K/V buffers of the tensor-core kernel: 2 (default: the next tile's K and V load during
+  // the whole of the current tile; more shared memory) or 1. Other kernels ignore it.
+  int32_t kv_stages = 2;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
 };
