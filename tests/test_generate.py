@@ -178,6 +178,7 @@ def test_bad_arguments_name_the_value():
         (dict(prompt_lens=[4, 5]), ValueError, r"\[4, 5\]"),
         (dict(prompt_lens=[4, 4], attention_mask=torch.ones(2, 4, dtype=torch.long)), ValueError, "not both"),
         (dict(callback=3), TypeError, "int"),
+        (dict(cuda_graphs=1), TypeError, "int"),
         (dict(cache="dual"), TypeError, "ToyDenoiser"),  # no KV-cache protocol
     ]
     for kwargs, error, text in cases:
@@ -214,6 +215,38 @@ def test_cuda_generate_equals_llada_loop():
     for cache in ("prefix", "dual"):
         out = generate(model, prompt, FastDLLM(16, 8, threshold=0.5, mask_token_id=MASK), cache=cache)
         assert not (out == MASK).any()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(RAGGED_SAMPLERS))
+def test_cuda_dual_cache_graph_matches_eager_steps(name, monkeypatch):
+    """The dual cache's block steps as one CUDA graph (captured once, replayed for every later
+    block) give the tokens of the eager cached calls, ragged prompts and CFG included."""
+    import dlmfuse.generate as generate_module
+
+    model = Spy(denoiser(num_layers=2, device="cuda"))
+    prompt = prompts(2, 5).cuda()
+    attention_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]], device="cuda")
+    eager = generate(model, prompt, RAGGED_SAMPLERS[name](), cache="dual", attention_mask=attention_mask,
+                     cuda_graphs=False)
+    total = eager.shape[1]
+    window_calls = sum(1 for c in model.calls if c["cached"] and c["length"] < total)
+    assert window_calls >= 1, "the test needs steps that run from the cache"
+    captures, replays = [], []
+
+    class CountingGraph(generate_module._WindowGraph):
+        def __init__(self, *args):
+            captures.append(1)
+            super().__init__(*args)
+
+        def __call__(self, *args):
+            replays.append(1)
+            return super().__call__(*args)
+
+    monkeypatch.setattr(generate_module, "_WindowGraph", CountingGraph)
+    graphed = generate(model, prompt, RAGGED_SAMPLERS[name](), cache="dual", attention_mask=attention_mask)
+    assert torch.equal(graphed, eager)
+    assert len(captures) == 1 and len(replays) == window_calls  # one capture for every block
 
 
 @pytest.mark.parametrize("alpha_0", [1.0, 0.4])

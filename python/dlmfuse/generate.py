@@ -14,7 +14,10 @@ Cache modes (``cache=``):
   stores every K/V in a :class:`dlmfuse.KVCache`; later calls of the block recompute only the
   block and what follows it, attending to the cached prefix.
 - ``"dual"`` (Fast-dLLM DualCache): as prefix, but later calls recompute only the current block;
-  the suffix K/V come from the block's first call too.
+  the suffix K/V come from the block's first call too. On CUDA the block's forward is captured
+  once as a CUDA graph and replayed (``cuda_graphs=True``, the default): a block of 32 rows is
+  too little work to hide the launches of an eager 32-layer forward, so an eager B=1 step is
+  bound by the host, not the GPU.
 
 A step that asks for a column outside the recomputed window (a mask token in the prompt, or a
 column the model refilled with the mask token) refreshes the cache first. Dream and MDLM treat
@@ -47,7 +50,8 @@ CACHE_MODES = ("none", "prefix", "dual")
 @torch.no_grad()
 def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler, *, cache: str = "none",
              seed: int = 0, attention_mask: Optional[Tensor] = None, prompt_lens: Optional[Tensor] = None,
-             callback: Optional[Callable[[int, int, Tensor], None]] = None, progress: bool = False) -> Tensor:
+             callback: Optional[Callable[[int, int, Tensor], None]] = None, progress: bool = False,
+             cuda_graphs: bool = True) -> Tensor:
     """Generate ``sampler.gen_length`` tokens after each prompt.
 
     Args:
@@ -67,6 +71,11 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
             number of steps done, the sampler's step count (an upper bound for FastDLLM) and the
             current tokens ``[B, P + gen_length]`` (a live view: copy it to keep it).
         progress: show a tqdm bar (only when tqdm is installed).
+        cuda_graphs: with ``cache="dual"`` on CUDA, run the cached block steps as one CUDA graph
+            (captured at the first cached step, replayed for every block, since the block's shape
+            does not change). The graph computes the logits of every block row and the step keeps
+            the rows it asked for. False: eager calls (for debugging, or a model whose forward
+            cannot be captured).
 
     Returns:
         int64 ``[B, P + gen_length]``: the prompts followed by the generated tokens.
@@ -95,6 +104,8 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     seed = _check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"{_OP}: callback must be callable, got {type(callback).__name__}")
+    if not isinstance(cuda_graphs, bool):
+        raise TypeError(f"{_OP}: cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
 
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
@@ -109,7 +120,7 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     x = torch.cat([prompt_ids, gen], dim=1)
     valid = torch.cat([valid_prompt, torch.ones_like(gen, dtype=torch.bool)], dim=1)
     state = sampler.start(x, prompt_len, seed=seed)
-    runner = _Runner(model, sampler, state, valid, prompt_len, cache)
+    runner = _Runner(model, sampler, state, valid, prompt_len, cache, cuda_graphs=cuda_graphs)
 
     bar = _progress_bar(state.total_steps) if progress else None
     try:
@@ -129,8 +140,12 @@ class _Runner:
     """Turns ``forward(rows, mask)`` requests of a sampler into model calls: padding labels,
     positions, classifier-free guidance and the KV-cache modes."""
 
-    def __init__(self, model, sampler: Sampler, state: SamplerState, valid: Tensor, prompt_len: int, cache: str):
+    def __init__(self, model, sampler: Sampler, state: SamplerState, valid: Tensor, prompt_len: int, cache: str,
+                 *, cuda_graphs: bool = True):
         self.model, self.sampler, self.state, self.cache_mode = model, sampler, state, cache
+        # The dual cache's block steps on CUDA: one graph, captured at the first cached step.
+        self.graphs = cuda_graphs and cache == "dual" and valid.is_cuda
+        self.window_graph: Optional[_WindowGraph] = None
         batch, length = valid.shape
         self.padded = not bool(valid.all())
         device = valid.device
@@ -216,8 +231,14 @@ class _Runner:
         if self.kv is None or block != self.cached_block or bool(((rows < start) | (rows >= end)).any()):
             self.cached_block = block
             return self._refresh(ids, rows, self._full_mask(None))
-        return self._call(ids[:, start:end], self._twice(rows) - start,
-                          positions=self._twice(self.positions[:, start:end]), cache=self.kv)
+        window_ids, window_positions = ids[:, start:end], self._twice(self.positions[:, start:end])
+        if self.graphs:
+            if self.window_graph is None or not self.window_graph.fits(window_ids):
+                self.window_graph = _WindowGraph(self.model, self.kv, window_ids, window_positions)
+            logits = self.window_graph(window_ids, window_positions)
+            rows = self._twice(rows) - start
+            return torch.gather(logits, 1, rows[:, :, None].expand(-1, -1, logits.shape[2]))
+        return self._call(window_ids, self._twice(rows) - start, positions=window_positions, cache=self.kv)
 
     def _incremental(self, rows: Tensor, mask: Optional[Mask]) -> Tensor:
         """Eso-LM B: a full pass fills the cache, later steps feed only the columns the sampler
@@ -236,6 +257,40 @@ class _Runner:
         within = (fed_columns[:, :, None] == self._twice(rows)[:, None, :]).to(torch.int64).argmax(dim=1)
         return self._call(ids.gather(1, fed_columns), within, mask=fed,
                           positions=self._twice(self.positions.gather(1, columns)), cache=self.kv)
+
+
+class _WindowGraph:
+    """``model(ids, positions=positions, cache=kv)`` of a fixed-shape window (the dual cache's
+    block) as one CUDA graph, with the logits of every window row.
+
+    Each call copies the window's ids and positions into the graph's input buffers and replays
+    it; the logits it returns live in the graph's output buffer until the next call. The K/V
+    cache is captured by address (refreshes write into the same tensors). The warm-up call
+    before the capture (lazy cuBLAS / allocator set-up must not happen inside it) and the
+    capture itself write the window's K/V for the current tokens, which is what the step's own
+    call writes, so they change nothing.
+    """
+
+    def __init__(self, model, kv: KVCache, ids: Tensor, positions: Tensor):
+        self.ids, self.positions = ids.clone(), positions.clone()
+        caller = torch.cuda.current_stream(ids.device)
+        side = torch.cuda.Stream(device=ids.device)
+        side.wait_stream(caller)
+        with torch.cuda.stream(side):
+            model(self.ids, positions=self.positions, cache=kv)
+        caller.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = model(self.ids, positions=self.positions, cache=kv)
+
+    def fits(self, ids: Tensor) -> bool:
+        return ids.shape == self.ids.shape
+
+    def __call__(self, ids: Tensor, positions: Tensor) -> Tensor:
+        self.ids.copy_(ids)
+        self.positions.copy_(positions)
+        self.graph.replay()
+        return self.logits
 
 
 def _new_cache(model, batch: int, length: int, mode: str) -> KVCache:
