@@ -2,9 +2,11 @@
 // fp32 accumulation, head_dim 64 / 128. FlashAttention-2 structure:
 //
 //   CTA = 4 warps = 64 query rows of one (batch, head); warp w owns rows 16w .. 16w + 15.
-//   Q tile -> shared -> registers once. For each 64-key tile: the key labels are staged first and
-//   the tile is classified from their min/max (dlmfuse/visibility.h): SKIP tiles load nothing,
-//   FULL tiles skip the per-element rule. K and V tiles arrive by cp.async into XOR-swizzled
+//   Q tile -> shared -> registers once. The key tiles are classified up front, 128 at a time (one
+//   tile per thread, from the min/max of its key labels against the query tile's, see
+//   dlmfuse/visibility.h) into a shared array of kinds, so that walking to the next visible tile
+//   costs no global round trip: SKIP tiles load nothing, FULL tiles skip the per-element rule,
+//   PARTIAL tiles bring their key labels by cp.async with K. K and V tiles arrive into XOR-swizzled
 //   shared memory; S = Q K^T with m16n8k16 MMAs, scale / bias / labels / kv_lens applied on the
 //   accumulator fragments, online softmax in base 2 per row (quad shuffles), then O += P V with P
 //   re-packed from the S fragments into A operands.
@@ -69,6 +71,32 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
     const T* from = src + (valid ? row * row_stride + chunk * 8 : 0);
     cp_async_16(smem_address(tile + swizzled<D>(row, chunk * 8)), from, valid ? 16 : 0);
   }
+}
+
+// Min/max of the labels of keys [k0, k0 + cols) of row b: 16-byte loads when both label rows
+// are contiguous and 16-byte aligned (the common case), else one label at a time.
+__device__ __forceinline__ LabelRange key_tile_range(const LabelView& order, const LabelView& group, int64_t b,
+                                                     int64_t k0, int cols) {
+  const int32_t* o = order.data + b * order.batch_stride + k0 * order.row_stride;
+  const int32_t* g = group.data + b * group.batch_stride + k0 * group.row_stride;
+  LabelRange range = LabelRange::empty();
+  const bool vectors = cols == kBlockN && order.row_stride == 1 && group.row_stride == 1 &&
+                       reinterpret_cast<uintptr_t>(o) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0;
+  if (vectors) {
+#pragma unroll 4
+    for (int j = 0; j < kBlockN; j += 4) {
+      const int4 ov = __ldg(reinterpret_cast<const int4*>(o + j));
+      const int4 gv = __ldg(reinterpret_cast<const int4*>(g + j));
+      range.add(ov.x, gv.x);
+      range.add(ov.y, gv.y);
+      range.add(ov.z, gv.z);
+      range.add(ov.w, gv.w);
+    }
+    return range;
+  }
+#pragma unroll 4
+  for (int j = 0; j < cols; ++j) range.add(o[j * order.row_stride], g[j * group.row_stride]);
+  return range;
 }
 
 // Max / sum over the 4 lanes of a quad (the threads sharing a row of an MMA fragment).
@@ -152,6 +180,12 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
                                             const int32_t* k_order, const int32_t* k_group,
                                             const RowLabels& rows, const int (&row_in_tile)[2], int q_rows,
                                             int cols, int lane) {
+  if (kind == TileKind::kFull && !has_bias && cols == kBlockN && q_rows == kBlockM) {
+    // An interior tile with nothing to hide (the common case of dense rows): scale only.
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
+    return;
+  }
   for (int nt = 0; nt < kBlockN / 8; ++nt)
     for (int e = 0; e < 4; ++e) {
       const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
@@ -219,10 +253,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   T* v_tiles = k_tiles + kStages * kBlockN * D;      // [kStages][kBlockN, D]
   int32_t* k_orders = reinterpret_cast<int32_t*>(v_tiles + kStages * kBlockN * D);  // [kStages][kBlockN]
   int32_t* k_groups = k_orders + kStages * kBlockN;                                  // [kStages][kBlockN]
-  // Own 16-byte slot: a widened LDS.128 of an unaligned q_range also read tile_kind, a hazard
-  // with lane 0's write of it that racecheck reports.
+  // Own 16-byte slot: a widened LDS.128 of an unaligned q_range once also read the neighbouring
+  // shared variable, a hazard with lane 0's write of it that racecheck reported.
   __shared__ alignas(16) LabelRange q_range;
-  __shared__ int tile_kind;
+  // TileKind of key tiles kinds_first / kBlockN + i, i < kThreads (one classification round).
+  __shared__ uint8_t tile_kinds[kThreads];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits, h = blockIdx.y;
@@ -273,35 +308,36 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float score_scale = p.scale * kLog2e;
 
-  // The first tile at or after `from` that the labels do not skip (k_end if none), its keys'
-  // labels staged in label buffer `stage` and its kind in `kind`. Has barriers: call it from
-  // every thread. Without labels every tile is FULL and nothing is staged.
-  auto next_tile = [&](int64_t from, TileKind& kind, int stage) -> int64_t {
+  auto tile_cols = [&](int64_t k0) { return static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN); };
+  // One classification round (all threads; has barriers): thread i classifies key tile
+  // first + i * kBlockN against the query tile's labels into tile_kinds[i] (SKIP past k_end).
+  int64_t kinds_first = k_begin;  // tile_kinds holds the kinds of keys [kinds_first, + kThreads * kBlockN)
+  bool kinds_valid = false;
+  auto classify_round = [&](int64_t first) {
+    __syncthreads();  // every thread has read the previous round's kinds (and q_range is written)
+    const int64_t k0 = first + static_cast<int64_t>(threadIdx.x) * kBlockN;
+    TileKind kind = TileKind::kSkip;
+    if (k0 < k_end) kind = classify_tile(q_range, key_tile_range(p.k_order, p.k_group, b, k0, tile_cols(k0)));
+    tile_kinds[threadIdx.x] = static_cast<uint8_t>(kind);
+    kinds_first = first;
+    kinds_valid = true;
+    __syncthreads();
+  };
+  // The first tile at or after `from` (a tile start) that the labels do not skip, k_end if none;
+  // its kind in `kind`. Every thread walks the same shared kinds (uniform result); a new round
+  // starts when the walk leaves the classified run, so call it from every thread.
+  auto next_tile = [&](int64_t from, TileKind& kind) -> int64_t {
     kind = TileKind::kFull;
     if (!p.has_labels) return from;
-    int32_t* k_order = k_orders + stage * kBlockN;
-    int32_t* k_group = k_groups + stage * kBlockN;
     for (int64_t k0 = from; k0 < k_end; k0 += kBlockN) {
-      const int cols = static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN);
-      if (threadIdx.x < kBlockN) {
-        const bool valid = threadIdx.x < cols;
-        k_order[threadIdx.x] = valid ? p.k_order.at(b, k0 + threadIdx.x) : 0;
-        k_group[threadIdx.x] = valid ? p.k_group.at(b, k0 + threadIdx.x) : 0;
+      if (!kinds_valid || k0 >= kinds_first + static_cast<int64_t>(kThreads) * kBlockN) {
+        classify_round(k0);
       }
-      __syncthreads();
-      if (warp == 0) {
-        LabelRange range = LabelRange::empty();
-        for (int j = lane; j < cols; j += 32) range.add(k_order[j], k_group[j]);
-        range = warp_reduce(range);
-        if (lane == 0) tile_kind = static_cast<int>(classify_tile(q_range, range));
-      }
-      __syncthreads();
-      kind = static_cast<TileKind>(tile_kind);  // uniform across the CTA
+      kind = static_cast<TileKind>(tile_kinds[(k0 - kinds_first) / kBlockN]);
       if (kind != TileKind::kSkip) return k0;
     }
     return k_end;
   };
-  auto tile_cols = [&](int64_t k0) { return static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN); };
   auto load_k = [&](int64_t k0, int stage) {
     load_tile_async<T, D>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN,
                           tile_cols(k0));
@@ -310,12 +346,25 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     load_tile_async<T, D>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN,
                           tile_cols(k0));
   };
+  // Key labels of a PARTIAL tile into label buffer `stage` (threads 0-63: orders, 64-127: groups),
+  // in the caller's cp.async group; keys past the tile's end are never read.
+  static_assert(kThreads == 2 * kBlockN, "one label per thread");
+  auto load_labels = [&](int64_t k0, TileKind kind, int stage) {
+    if (kind != TileKind::kPartial) return;
+    const int j = threadIdx.x % kBlockN;
+    if (j >= tile_cols(k0)) return;
+    const bool groups = threadIdx.x >= kBlockN;
+    const LabelView& labels = groups ? p.k_group : p.k_order;
+    int32_t* dst = (groups ? k_groups : k_orders) + stage * kBlockN + j;
+    cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + (k0 + j) * labels.row_stride);
+  };
   const bool has_bias = p.bias != nullptr;
 
   TileKind kind;
-  int64_t k0 = next_tile(k_begin, kind, 0);
+  int64_t k0 = next_tile(k_begin, kind);
   if (k0 < k_end) {
     load_k(k0, 0);
+    load_labels(k0, kind, 0);
     if (kStages == 2) load_v(k0, 0);
   }
   cp_async_commit();
@@ -329,7 +378,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       cp_async_commit();
       float bias[kBlockN / 8][4];
       if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
-      cp_async_wait<1>();  // K_j has landed (V_j may still be in flight)
+      cp_async_wait<1>();  // K_j and its labels have landed (V_j may still be in flight)
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles, lane);
@@ -338,8 +387,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
       TileKind next_kind;
-      const int64_t k_next = next_tile(k0 + kBlockN, next_kind, 0);
-      if (k_next < k_end) load_k(k_next, 0);
+      const int64_t k_next = next_tile(k0 + kBlockN, next_kind);
+      if (k_next < k_end) {
+        load_k(k_next, 0);
+        load_labels(k_next, next_kind, 0);
+      }
       cp_async_commit();
       accumulate_pv<T, D>(o, s, v_tiles, lane);
       __syncthreads();  // the next iteration's V load overwrites the V tile
@@ -353,15 +405,16 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     while (k0 < k_end) {
       const int cols = tile_cols(k0);
       TileKind next_kind;
-      const int64_t k_next = next_tile(k0 + kBlockN, next_kind, stage ^ 1);
+      const int64_t k_next = next_tile(k0 + kBlockN, next_kind);
       if (k_next < k_end) {
         load_k(k_next, stage ^ 1);
+        load_labels(k_next, next_kind, stage ^ 1);
         load_v(k_next, stage ^ 1);
       }
       cp_async_commit();
       float bias[kBlockN / 8][4];
       if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
-      cp_async_wait<1>();  // tile j's K and V have landed (the next tile's may be in flight)
+      cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
