@@ -4,8 +4,8 @@
 #   tests     CUDA tests (both attention kernels, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
-#   e1        the end-to-end LLaDA-8B-shaped generate benchmark (H200: the B=1 row took ~70 s,
-#             B=8 did not finish in the ~165 s left); DLMFUSE_E1_BATCHES=8 runs one row
+#   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
+#             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
 #             kernel on its benchmark shape (scripts/profile_kernels.py), ~1-2 minutes
 #   all       tests sanitize bench e1
@@ -102,7 +102,11 @@ if wants profile; then
     python3 scripts/profile_kernels.py
 fi
 if wants e1; then
-  step bench_e1 300 python3 -m dlmfuse bench --quick --device cuda --only generate --json "$OUT/bench_e1.jsonl"
+  # One step (and JSONL) per batch size, so that a B=8 row cut by the budget keeps the B=1 rows.
+  for batch in ${E1_BATCHES:-1 8}; do
+    step "bench_e1_b$batch" 300 env DLMFUSE_E1_BATCHES="$batch" python3 -m dlmfuse bench --quick --device cuda \
+      --only generate --json "$OUT/bench_e1_b$batch.jsonl"
+  done
 fi
 
 tar czf "$OUT/logs.tar.gz" -C "$logs" .
