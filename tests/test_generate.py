@@ -221,13 +221,14 @@ def test_cuda_generate_equals_llada_loop():
 @pytest.mark.parametrize("name", list(RAGGED_SAMPLERS))
 def test_cuda_dual_cache_graph_matches_eager_steps(name, monkeypatch):
     """The dual cache's block steps as one CUDA graph (captured once, replayed for every later
-    block) give the tokens of the eager cached calls, ragged prompts and CFG included."""
-    import dlmfuse.generate as generate_module
-
+    block) give the tokens of the eager cached calls, ragged prompts and CFG included. (FastDLLM
+    with a high threshold, so that blocks take several steps, some of them from the cache.)"""
+    generate_module = importlib.import_module("dlmfuse.generate")  # dlmfuse.generate is the function
+    samplers = {**RAGGED_SAMPLERS, "fast_dllm": lambda: FastDLLM(16, 8, threshold=0.9, mask_token_id=MASK)}
     model = Spy(denoiser(num_layers=2, device="cuda"))
     prompt = prompts(2, 5).cuda()
     attention_mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]], device="cuda")
-    eager = generate(model, prompt, RAGGED_SAMPLERS[name](), cache="dual", attention_mask=attention_mask,
+    eager = generate(model, prompt, samplers[name](), cache="dual", attention_mask=attention_mask,
                      cuda_graphs=False)
     total = eager.shape[1]
     window_calls = sum(1 for c in model.calls if c["cached"] and c["length"] < total)
@@ -244,7 +245,7 @@ def test_cuda_dual_cache_graph_matches_eager_steps(name, monkeypatch):
             return super().__call__(*args)
 
     monkeypatch.setattr(generate_module, "_WindowGraph", CountingGraph)
-    graphed = generate(model, prompt, RAGGED_SAMPLERS[name](), cache="dual", attention_mask=attention_mask)
+    graphed = generate(model, prompt, samplers[name](), cache="dual", attention_mask=attention_mask)
     assert torch.equal(graphed, eager)
     assert len(captures) == 1 and len(replays) == window_calls  # one capture for every block
 
