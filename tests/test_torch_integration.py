@@ -253,6 +253,38 @@ def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
     return q, k, v, dict(mask=None if mask is None else mask.to(device), bias=bias, kv_lens=kv_lens)
 
 
+# Bias layouts for the tensor-core kernel's bias loads: dense in each float dtype (pairs of adjacent
+# keys in one load), an odd key count (every other fp32 row misaligned for pair loads), a
+# transposed view (key stride != 1) and a key-broadcast bias (key stride 0).
+CUDA_BIAS_LAYOUTS = ["dense-fp32", "dense-bf16", "dense-fp16", "odd-keys-fp32", "transposed-bf16", "key-broadcast"]
+
+
+def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator) -> torch.Tensor:
+    kind, dtype_name = layout.rsplit("-", 1) if layout != "key-broadcast" else ("key-broadcast", "fp32")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    if kind == "transposed":
+        return torch.randn(B, Hq, Lk, Lq, generator=g).to(dtype).transpose(2, 3)
+    if kind == "key-broadcast":
+        return torch.randn(B, Hq, Lq, 1, generator=g)
+    return torch.randn(B, Hq, Lq, Lk, generator=g).to(dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
+@pytest.mark.parametrize("D", [64, 128])
+def test_cuda_bias_layouts_match_reference(layout, D):
+    B, Lq, Hq, Hkv = 2, 70, 4, 2
+    Lk = 133 if layout.startswith("odd") else 136
+    q, k, v = make(B, Lq, Lk, Hq, Hkv, D, torch.bfloat16, "cuda", seed=3)
+    g = torch.Generator().manual_seed(4)
+    bias = cuda_bias(layout, B, Hq, Lq, Lk, g).cuda()
+    mask = Mask(*(torch.randint(0, 3, (B, n), generator=g, dtype=torch.int32) for n in (Lq, Lq, Lk, Lk))).to("cuda")
+    kv_lens = torch.tensor([Lk, Lk - 9], dtype=torch.int32, device="cuda")
+    for kwargs in (dict(bias=bias), dict(bias=bias, mask=mask, kv_lens=kv_lens)):
+        out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+        check_attention(out, q, k, v, lse=lse, **kwargs)
+
+
 @pytest.mark.cuda
 # bf16/fp16: tensor cores (two K/V buffers by default, or one), or CUDA cores
 @pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer"])

@@ -155,19 +155,52 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uin
 }
 
 // The bias of the thread's S fragment in log2 units (0 outside the tile's rows and keys), loaded
-// ahead of the MMAs so that its latency hides behind them.
+// ahead of the MMAs so that its latency hides behind them. One row address per fragment row and
+// tile; with a unit key stride, each thread's two adjacent keys come in one load.
+template <typename B>
+__device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+                                             int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
+                                             int q_rows, int cols, int lane) {
+  using Pair = typename std::conditional<std::is_same<B, float>::value, float2, uint32_t>::type;
+  const int64_t key_stride = p.bias_strides[3];
+  for (int r = 0; r < 2; ++r) {
+    const bool row_inside = row_in_tile[r] < q_rows;
+    const B* row = static_cast<const B*>(p.bias) + b * p.bias_strides[0] + h * p.bias_strides[1] +
+                   (q0 + (row_inside ? row_in_tile[r] : 0)) * p.bias_strides[2] + k0 * key_stride;
+    const bool pairs = key_stride == 1 && reinterpret_cast<uintptr_t>(row) % sizeof(Pair) == 0;
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);  // and col + 1
+      float x0 = 0.0f, x1 = 0.0f;
+      if (row_inside && pairs && col + 1 < cols) {
+        const Pair two = *reinterpret_cast<const Pair*>(row + col);
+        if constexpr (std::is_same<B, float>::value) {
+          x0 = two.x;
+          x1 = two.y;
+        } else {
+          B halves[2];
+          memcpy(halves, &two, sizeof(two));
+          x0 = to_float(halves[0]);
+          x1 = to_float(halves[1]);
+        }
+      } else if (row_inside) {
+        if (col < cols) x0 = to_float(row[col * key_stride]);
+        if (col + 1 < cols) x1 = to_float(row[(col + 1) * key_stride]);
+      }
+      bias[nt][2 * r] = kLog2e * x0;
+      bias[nt][2 * r + 1] = kLog2e * x1;
+    }
+  }
+}
+
+// load_bias_as for the bias dtype (one uniform branch per tile, not one per element).
 __device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
                                           int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
                                           int q_rows, int cols, int lane) {
-  for (int nt = 0; nt < kBlockN / 8; ++nt)
-    for (int e = 0; e < 4; ++e) {
-      const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
-      const bool inside = col < cols && row_in_tile[r] < q_rows;
-      bias[nt][e] = inside ? kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
-                                                     (q0 + row_in_tile[r]) * p.bias_strides[2] +
-                                                     (k0 + col) * p.bias_strides[3])
-                           : 0.0f;
-    }
+  switch (p.bias_dtype) {
+    case DType::kBFloat16: return load_bias_as<bf16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+    case DType::kFloat16: return load_bias_as<fp16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+    default: return load_bias_as<float>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+  }
 }
 
 // Scale into log2 units, add the bias, hide what the labels (PARTIAL tiles), the row count and
