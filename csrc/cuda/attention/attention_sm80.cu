@@ -163,11 +163,13 @@ __device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], cons
                                              int q_rows, int cols, int lane) {
   using Pair = typename std::conditional<std::is_same<B, float>::value, float2, uint32_t>::type;
   const int64_t key_stride = p.bias_strides[3];
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
     const bool row_inside = row_in_tile[r] < q_rows;
     const B* row = static_cast<const B*>(p.bias) + b * p.bias_strides[0] + h * p.bias_strides[1] +
                    (q0 + (row_inside ? row_in_tile[r] : 0)) * p.bias_strides[2] + k0 * key_stride;
     const bool pairs = key_stride == 1 && reinterpret_cast<uintptr_t>(row) % sizeof(Pair) == 0;
+#pragma unroll
     for (int nt = 0; nt < kBlockN / 8; ++nt) {
       const int col = nt * 8 + 2 * (lane % 4);  // and col + 1
       float x0 = 0.0f, x1 = 0.0f;
@@ -213,10 +215,25 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
                                             const int32_t* k_order, const int32_t* k_group,
                                             const RowLabels& rows, const int (&row_in_tile)[2], int q_rows,
                                             int cols, int lane) {
-  if (kind == TileKind::kFull && !has_bias && cols == kBlockN && q_rows == kBlockM) {
-    // An interior tile with nothing to hide (the common case of dense rows): scale only.
-    for (int nt = 0; nt < kBlockN / 8; ++nt)
-      for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
+  if (!has_bias && cols == kBlockN && q_rows == kBlockM) {  // an interior tile: no bounds to test
+    if (kind == TileKind::kFull) {  // nothing to hide (the common case of dense rows): scale only
+      for (int nt = 0; nt < kBlockN / 8; ++nt)
+        for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
+      return;
+    }
+    // PARTIAL: the rule per element, the labels of the thread's two adjacent keys in one 8-byte
+    // shared load each (the label rows are 16-byte aligned, the key offset is even).
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);
+      const int2 order = *reinterpret_cast<const int2*>(k_order + col);
+      const int2 group = *reinterpret_cast<const int2*>(k_group + col);
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2;
+        const bool visible = e % 2 ? is_visible(rows.order[r], rows.group[r], order.y, group.y)
+                                   : is_visible(rows.order[r], rows.group[r], order.x, group.x);
+        s[nt][e] = visible ? s[nt][e] * score_scale : -INFINITY;
+      }
+    }
     return;
   }
   for (int nt = 0; nt < kBlockN / 8; ++nt)
