@@ -70,10 +70,13 @@ if wants tests; then
   # The one-buffer tensor-core kernel (kv_stages = 1; the default has two K/V buffers).
   step pytest_cuda_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer \
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+  # The changes not yet verified on a GPU (DLMFUSE_CUDA_ATTENTION=next); the default once they pass.
+  step pytest_cuda_next 60 env DLMFUSE_CUDA_ATTENTION=next \
+    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
-  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_kv_cache.py tests/test_sampling.py"
+  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_kv_cache.py tests/test_sampling.py"
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
   # Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
@@ -93,6 +96,8 @@ if wants bench; then
   # A/B of the one-buffer kernel against the rows above (peers skipped: they ran above).
   step bench_attention_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer python3 -m dlmfuse bench \
     --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_single_buffer.jsonl"
+  step bench_attention_next 60 env DLMFUSE_CUDA_ATTENTION=next python3 -m dlmfuse bench \
+    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_next.jsonl"
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).

@@ -270,9 +270,11 @@ def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["auto", "next"])
 @pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
 @pytest.mark.parametrize("D", [64, 128])
-def test_cuda_bias_layouts_match_reference(layout, D):
+def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
     B, Lq, Hq, Hkv = 2, 70, 4, 2
     Lk = 133 if layout.startswith("odd") else 136
     q, k, v = make(B, Lq, Lk, Hq, Hkv, D, torch.bfloat16, "cuda", seed=3)
@@ -286,8 +288,9 @@ def test_cuda_bias_layouts_match_reference(layout, D):
 
 
 @pytest.mark.cuda
-# bf16/fp16: tensor cores (two K/V buffers by default, or one), or CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer"])
+# bf16/fp16: tensor cores (two K/V buffers by default, or one; "next": the unverified changes), or
+# CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -418,6 +421,9 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     assert attention_module._cuda_kv_stages() == 2 and attention_module._cuda_tensor_cores()
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "single_buffer")
     assert attention_module._cuda_kv_stages() == 1 and attention_module._cuda_tensor_cores()
+    assert not attention_module._cuda_next_paths()
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "next")
+    assert attention_module._cuda_next_paths() and attention_module._cuda_kv_stages() == 2
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
     assert attention_module._cuda_kv_stages() == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")

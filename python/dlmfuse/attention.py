@@ -232,7 +232,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
             workspace = dict(zip(("partial_out", "partial_lse"), dlpack(partial_out, partial_lse)))
         _C_cuda.attention_forward(*args, scale, _cuda_tensor_cores(),
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
-                                  kv_stages=_cuda_kv_stages(), **workspace)
+                                  kv_stages=_cuda_kv_stages(), next_paths=_cuda_next_paths(), **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
@@ -242,8 +242,10 @@ _KERNEL_ENV = "DLMFUSE_CUDA_ATTENTION"
 # auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
 # the next tile load during the whole current tile; 4-9% faster than one buffer on every H200
 # workload of 2026-11-26); single_buffer / double_buffer: that kernel with one / two buffers
-# (A/B checks); simple: the CUDA-core kernel.
-CUDA_ATTENTION_KERNELS = ("auto", "simple", "single_buffer", "double_buffer")
+# (A/B checks); simple: the CUDA-core kernel; next: auto plus the kernel changes no GPU run has
+# verified yet (next_paths: bias loads by row, interior PARTIAL tiles without bounds tests), the
+# default once a device run passes the CUDA tests with it.
+CUDA_ATTENTION_KERNELS = ("auto", "simple", "single_buffer", "double_buffer", "next")
 
 
 def cuda_attention_kernel() -> str:
@@ -260,6 +262,10 @@ def _cuda_tensor_cores() -> bool:
 
 def _cuda_kv_stages() -> int:
     return 1 if cuda_attention_kernel() == "single_buffer" else 2
+
+
+def _cuda_next_paths() -> bool:
+    return cuda_attention_kernel() == "next"
 
 
 @functools.lru_cache(maxsize=None)

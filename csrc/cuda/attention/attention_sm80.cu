@@ -155,8 +155,9 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uin
 }
 
 // The bias of the thread's S fragment in log2 units (0 outside the tile's rows and keys), loaded
-// ahead of the MMAs so that its latency hides behind them. One row address per fragment row and
-// tile; with a unit key stride, each thread's two adjacent keys come in one load.
+// ahead of the MMAs so that its latency hides behind them. kNext (not yet run on a GPU): one row
+// address per fragment row and tile, and with a unit key stride each thread's two adjacent keys
+// in one load.
 template <typename B>
 __device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
                                              int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
@@ -195,9 +196,9 @@ __device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], cons
 }
 
 // load_bias_as for the bias dtype (one uniform branch per tile, not one per element).
-__device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
-                                          int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
-                                          int q_rows, int cols, int lane) {
+__device__ __forceinline__ void load_bias_by_row(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+                                                 int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
+                                                 int q_rows, int cols, int lane) {
   switch (p.bias_dtype) {
     case DType::kBFloat16: return load_bias_as<bf16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
     case DType::kFloat16: return load_bias_as<fp16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
@@ -205,36 +206,65 @@ __device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const A
   }
 }
 
+// The verified loader (H200, 2026-11-26): every element's offset from the four strides, through
+// bias_at's dtype switch. load_bias_by_row replaces it once a device run has passed.
+__device__ __forceinline__ void load_bias_by_element(float (&bias)[kBlockN / 8][4], const AttentionParams& p,
+                                                     int64_t b, int64_t h, int64_t q0, int64_t k0,
+                                                     const int (&row_in_tile)[2], int q_rows, int cols, int lane) {
+  for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int e = 0; e < 4; ++e) {
+      const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
+      const bool inside = col < cols && row_in_tile[r] < q_rows;
+      bias[nt][e] = inside ? kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] +
+                                                     (q0 + row_in_tile[r]) * p.bias_strides[2] +
+                                                     (k0 + col) * p.bias_strides[3])
+                           : 0.0f;
+    }
+}
+
+template <bool kNext>
+__device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+                                          int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
+                                          int q_rows, int cols, int lane) {
+  if constexpr (kNext) load_bias_by_row(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+  else load_bias_by_element(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+}
+
 // Scale into log2 units, add the bias, hide what the labels (PARTIAL tiles), the row count and
 // the key count hide.
 struct RowLabels {
   int32_t order[2], group[2];
 };
+template <bool kNext>
 __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const float (&bias)[kBlockN / 8][4],
                                             bool has_bias, float score_scale, TileKind kind,
                                             const int32_t* k_order, const int32_t* k_group,
                                             const RowLabels& rows, const int (&row_in_tile)[2], int q_rows,
                                             int cols, int lane) {
-  if (!has_bias && cols == kBlockN && q_rows == kBlockM) {  // an interior tile: no bounds to test
-    if (kind == TileKind::kFull) {  // nothing to hide (the common case of dense rows): scale only
-      for (int nt = 0; nt < kBlockN / 8; ++nt)
-        for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
+  if (kind == TileKind::kFull && !has_bias && cols == kBlockN && q_rows == kBlockM) {
+    // Nothing to hide (the common case of dense rows): scale only.
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
+    return;
+  }
+  if constexpr (kNext) {
+    if (!has_bias && cols == kBlockN && q_rows == kBlockM) {  // an interior tile: no bounds to test
+      // PARTIAL (kNext, not yet run on a GPU): the rule per element, the labels of the thread's
+      // two adjacent keys in one 8-byte shared load each (the label rows are 16-byte aligned,
+      // the key offset is even).
+      for (int nt = 0; nt < kBlockN / 8; ++nt) {
+        const int col = nt * 8 + 2 * (lane % 4);
+        const int2 order = *reinterpret_cast<const int2*>(k_order + col);
+        const int2 group = *reinterpret_cast<const int2*>(k_group + col);
+        for (int e = 0; e < 4; ++e) {
+          const int r = e / 2;
+          const bool visible = e % 2 ? is_visible(rows.order[r], rows.group[r], order.y, group.y)
+                                     : is_visible(rows.order[r], rows.group[r], order.x, group.x);
+          s[nt][e] = visible ? s[nt][e] * score_scale : -INFINITY;
+        }
+      }
       return;
     }
-    // PARTIAL: the rule per element, the labels of the thread's two adjacent keys in one 8-byte
-    // shared load each (the label rows are 16-byte aligned, the key offset is even).
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
-      const int col = nt * 8 + 2 * (lane % 4);
-      const int2 order = *reinterpret_cast<const int2*>(k_order + col);
-      const int2 group = *reinterpret_cast<const int2*>(k_group + col);
-      for (int e = 0; e < 4; ++e) {
-        const int r = e / 2;
-        const bool visible = e % 2 ? is_visible(rows.order[r], rows.group[r], order.y, group.y)
-                                   : is_visible(rows.order[r], rows.group[r], order.x, group.x);
-        s[nt][e] = visible ? s[nt][e] * score_scale : -INFINITY;
-      }
-    }
-    return;
   }
   for (int nt = 0; nt < kBlockN / 8; ++nt)
     for (int e = 0; e < 4; ++e) {
@@ -294,7 +324,9 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
 
 // kStages = 1: one K and one V buffer (V_j loads during Q K_j^T, K_j+1 during P V_j).
 // kStages = 2: two of each; K and V of the next visible tile load during the whole of tile j.
-template <typename T, int D, int kStages>
+// kNext: the changes made after the last device run (load_bias_by_row, interior PARTIAL tiles);
+// AttentionParams::next_paths picks it until a GPU run has verified it.
+template <typename T, int D, int kStages, bool kNext>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
   extern __shared__ __align__(128) unsigned char shared_raw[];
@@ -427,12 +459,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       load_v(k0, 0);
       cp_async_commit();
       float bias[kBlockN / 8][4];
-      if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      if (has_bias) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
       cp_async_wait<1>();  // K_j and its labels have landed (V_j may still be in flight)
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles, lane);
-      mask_scores(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows, cols, lane);
+      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows, cols, lane);
       softmax_update<D>(s, o, row_max, row_sum);
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
@@ -463,12 +495,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       }
       cp_async_commit();
       float bias[kBlockN / 8][4];
-      if (has_bias) load_bias(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      if (has_bias) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
-      mask_scores(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
+      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
                   row_labels, row_in_tile, q_rows, cols, lane);
       softmax_update<D>(s, o, row_max, row_sum);
       accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
@@ -531,10 +563,10 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
-template <typename T, int D, int kStages>
+template <typename T, int D, int kStages, bool kNext>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   constexpr int bytes = shared_bytes<D, kStages>();
-  auto kernel = attention_sm80_kernel<T, D, kStages>;
+  auto kernel = attention_sm80_kernel<T, D, kStages, kNext>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kBlockM)), static_cast<unsigned>(p.q_heads),
@@ -546,6 +578,13 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   const int64_t rows = p.batch * p.q_heads * p.q_len;
   merge_splits_kernel<T, D><<<static_cast<unsigned>(ceil_div(rows, kMergeWarps)), 32 * kMergeWarps, 0, stream>>>(p);
   return cudaGetLastError();
+}
+
+// The kernel instance for p.kv_stages and p.next_paths (next_paths: two buffers only).
+template <typename T, int D>
+cudaError_t launch_variant(const AttentionParams& p, cudaStream_t stream) {
+  if (p.next_paths) return launch_sm80<T, D, 2, true>(p, stream);
+  return p.kv_stages == 2 ? launch_sm80<T, D, 2, false>(p, stream) : launch_sm80<T, D, 1, false>(p, stream);
 }
 
 // cp.async moves 16 bytes: every row of q / k / v must start on a 16-byte boundary; the epilogue
@@ -586,18 +625,15 @@ bool attention_sm80_supports(const AttentionParams& p) {
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
          (p.head_dim == 64 || p.head_dim == 128) && rows_are_16_byte_aligned(p) &&
          p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits && (p.kv_stages == 1 || p.kv_stages == 2) &&
+         (!p.next_paths || p.kv_stages == 2) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }
 
 cudaError_t attention_forward_sm80(const AttentionParams& p, cudaStream_t stream) {
   if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.kv_stages == 2) {
-    if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64, 2>(p, stream) : launch_sm80<fp16_t, 64, 2>(p, stream);
-    return bf16 ? launch_sm80<bf16_t, 128, 2>(p, stream) : launch_sm80<fp16_t, 128, 2>(p, stream);
-  }
-  if (p.head_dim == 64) return bf16 ? launch_sm80<bf16_t, 64, 1>(p, stream) : launch_sm80<fp16_t, 64, 1>(p, stream);
-  return bf16 ? launch_sm80<bf16_t, 128, 1>(p, stream) : launch_sm80<fp16_t, 128, 1>(p, stream);
+  if (p.head_dim == 64) return bf16 ? launch_variant<bf16_t, 64>(p, stream) : launch_variant<fp16_t, 64>(p, stream);
+  return bf16 ? launch_variant<bf16_t, 128>(p, stream) : launch_variant<fp16_t, 128>(p, stream);
 }
 
 }  // namespace dlmfuse::cuda
