@@ -240,15 +240,15 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
                                             bool has_bias, float score_scale, TileKind kind,
                                             const int32_t* k_order, const int32_t* k_group,
                                             const RowLabels& rows, const int (&row_in_tile)[2], int q_rows,
-                                            int cols, int lane) {
-  if (kind == TileKind::kFull && !has_bias && cols == kBlockN && q_rows == kBlockM) {
+                                            bool rows_full, int cols, int lane) {
+  if (kind == TileKind::kFull && !has_bias && cols == kBlockN && rows_full) {
     // Nothing to hide (the common case of dense rows): scale only.
     for (int nt = 0; nt < kBlockN / 8; ++nt)
       for (int e = 0; e < 4; ++e) s[nt][e] *= score_scale;
     return;
   }
   if constexpr (kNext) {
-    if (!has_bias && cols == kBlockN && q_rows == kBlockM) {  // an interior tile: no bounds to test
+    if (!has_bias && cols == kBlockN && rows_full) {  // an interior tile: no bounds to test
       // PARTIAL (kNext, not yet run on a GPU): the rule per element, the labels of the thread's
       // two adjacent keys in one 8-byte shared load each (the label rows are 16-byte aligned,
       // the key offset is even).
@@ -364,6 +364,10 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
 
   // The two fragment rows of this thread (tile-local) and their labels.
   const int row_in_tile[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
+  // Rows the masking need not bound-check: the whole tile's (kNext: this warp's 16). kNext warps
+  // without a row (a query tile of fewer than 64 rows, e.g. 32 sparse queries) skip the math.
+  const bool rows_full = kNext ? (warp + 1) * 16 <= q_rows : q_rows == kBlockM;
+  const bool warp_has_rows = !kNext || warp * 16 < q_rows;
   RowLabels row_labels = {{0, 0}, {0, 0}};
   if (p.has_labels) {
     for (int r = 0; r < 2; ++r)
@@ -464,7 +468,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles, lane);
-      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows, cols, lane);
+      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows,
+                         rows_full, cols, lane);
       softmax_update<D>(s, o, row_max, row_sum);
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
@@ -495,15 +500,17 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       }
       cp_async_commit();
       float bias[kBlockN / 8][4];
-      if (has_bias) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      if (has_bias && warp_has_rows) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
       __syncthreads();
-      float s[kBlockN / 8][4];
-      score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
-      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
-                  row_labels, row_in_tile, q_rows, cols, lane);
-      softmax_update<D>(s, o, row_max, row_sum);
-      accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
+      if (warp_has_rows) {
+        float s[kBlockN / 8][4];
+        score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
+        mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
+                           row_labels, row_in_tile, q_rows, rows_full, cols, lane);
+        softmax_update<D>(s, o, row_max, row_sum);
+        accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
+      }
       __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it
       k0 = k_next;
       kind = next_kind;
