@@ -217,6 +217,25 @@ def test_cuda_generate_equals_llada_loop():
         assert not (out == MASK).any()
 
 
+def test_dual_cache_falls_back_to_eager_steps_when_capture_fails(monkeypatch):
+    """A model whose step cannot be captured (here: a capture that raises) runs eagerly, with a
+    warning, and gives the eager tokens; capture is tried once per generation."""
+    generate_module = importlib.import_module("dlmfuse.generate")  # dlmfuse.generate is the function
+    model, prompt = denoiser(num_layers=2), prompts(2, 5)
+    eager = generate(model, prompt, LLaDA(8, 16, 8, mask_token_id=MASK), cache="dual", cuda_graphs=False)
+    attempts = []
+
+    def failing_capture(*args):
+        attempts.append(1)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generate_module, "_graphs_supported", lambda device: True)
+    monkeypatch.setattr(generate_module, "_WindowGraph", failing_capture)
+    with pytest.warns(RuntimeWarning, match="could not be captured.*not permitted"):
+        out = generate(model, prompt, LLaDA(8, 16, 8, mask_token_id=MASK), cache="dual")
+    assert torch.equal(out, eager) and len(attempts) == 1
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", list(RAGGED_SAMPLERS))
 def test_cuda_dual_cache_graph_matches_eager_steps(name, monkeypatch):

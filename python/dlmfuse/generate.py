@@ -32,6 +32,7 @@ The cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.D
 from __future__ import annotations
 
 import numbers
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -144,7 +145,7 @@ class _Runner:
                  *, cuda_graphs: bool = True):
         self.model, self.sampler, self.state, self.cache_mode = model, sampler, state, cache
         # The dual cache's block steps on CUDA: one graph, captured at the first cached step.
-        self.graphs = cuda_graphs and cache == "dual" and valid.is_cuda
+        self.graphs = cuda_graphs and cache == "dual" and _graphs_supported(valid.device)
         self.window_graph: Optional[_WindowGraph] = None
         batch, length = valid.shape
         self.padded = not bool(valid.all())
@@ -232,9 +233,15 @@ class _Runner:
             self.cached_block = block
             return self._refresh(ids, rows, self._full_mask(None))
         window_ids, window_positions = ids[:, start:end], self._twice(self.positions[:, start:end])
-        if self.graphs:
-            if self.window_graph is None or not self.window_graph.fits(window_ids):
+        if self.graphs and (self.window_graph is None or not self.window_graph.fits(window_ids)):
+            try:
                 self.window_graph = _WindowGraph(self.model, self.kv, window_ids, window_positions)
+            except RuntimeError as error:  # e.g. a model whose forward syncs or allocates on the host
+                warnings.warn(f"{_OP}: the dual-cache step could not be captured as a CUDA graph ({error}); "
+                              "running it eagerly (pass cuda_graphs=False to skip the attempt)", RuntimeWarning,
+                              stacklevel=4)
+                self.graphs, self.window_graph = False, None
+        if self.graphs:
             logits = self.window_graph(window_ids, window_positions)
             rows = self._twice(rows) - start
             return torch.gather(logits, 1, rows[:, :, None].expand(-1, -1, logits.shape[2]))
@@ -291,6 +298,10 @@ class _WindowGraph:
         self.positions.copy_(positions)
         self.graph.replay()
         return self.logits
+
+
+def _graphs_supported(device: torch.device) -> bool:
+    return device.type == "cuda"
 
 
 def _new_cache(model, batch: int, length: int, mode: str) -> KVCache:
