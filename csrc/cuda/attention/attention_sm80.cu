@@ -279,10 +279,13 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
 }
 
 // Online softmax (base 2) of the thread's two rows: s becomes the tile's probabilities relative
-// to the new running max, o and the running sum are rescaled.
-template <int D>
+// to the new running max, o and the running sum are rescaled. kNext (not yet run on a GPU): the
+// warp skips rescaling o when no row of it has a new max (every factor is exactly 1), which
+// after the first tiles is most of them.
+template <int D, bool kNext>
 __device__ __forceinline__ void softmax_update(float (&s)[kBlockN / 8][4], float (&o)[D / 8][4],
                                                float (&row_max)[2], float (&row_sum)[2]) {
+  float alpha[2];
   for (int r = 0; r < 2; ++r) {
     float tile_max = -INFINITY;
     for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
@@ -294,13 +297,20 @@ __device__ __forceinline__ void softmax_update(float (&s)[kBlockN / 8][4], float
         s[nt][e] = exp2f(s[nt][e] - offset);
         tile_sum += s[nt][e];
       }
-    const float alpha = softmax_rescale(row_max[r], m_new);
-    row_sum[r] = row_sum[r] * alpha + quad_sum(tile_sum);
+    alpha[r] = softmax_rescale(row_max[r], m_new);
+    row_sum[r] = row_sum[r] * alpha[r] + quad_sum(tile_sum);
     row_max[r] = m_new;
-    for (int dt = 0; dt < D / 8; ++dt) {
-      o[dt][2 * r] *= alpha;
-      o[dt][2 * r + 1] *= alpha;
+    if constexpr (!kNext) {
+      for (int dt = 0; dt < D / 8; ++dt) {
+        o[dt][2 * r] *= alpha[r];
+        o[dt][2 * r + 1] *= alpha[r];
+      }
     }
+  }
+  if constexpr (kNext) {
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))
+      for (int dt = 0; dt < D / 8; ++dt)
+        for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
   }
 }
 
@@ -324,8 +334,11 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
 
 // kStages = 1: one K and one V buffer (V_j loads during Q K_j^T, K_j+1 during P V_j).
 // kStages = 2: two of each; K and V of the next visible tile load during the whole of tile j.
-// kNext: the changes made after the last device run (load_bias_by_row, interior PARTIAL tiles);
-// AttentionParams::next_paths picks it until a GPU run has verified it.
+// kNext: the changes made after the last device run (H200, d45fee2), opt-in through
+// AttentionParams::next_paths until a GPU run has verified them: load_bias_by_row; interior
+// PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
+// o is rescaled only when a row of the warp has a new max (softmax_update). With kNext false the
+// kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 template <typename T, int D, int kStages, bool kNext>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
@@ -470,7 +483,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       score_tile<T, D>(s, q_frag, k_tiles, lane);
       mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows,
                          rows_full, cols, lane);
-      softmax_update<D>(s, o, row_max, row_sum);
+      softmax_update<D, kNext>(s, o, row_max, row_sum);
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
       TileKind next_kind;
@@ -508,7 +521,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
         mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
                            row_labels, row_in_tile, q_rows, rows_full, cols, lane);
-        softmax_update<D>(s, o, row_max, row_sum);
+        softmax_update<D, kNext>(s, o, row_max, row_sum);
         accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
       }
       __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it

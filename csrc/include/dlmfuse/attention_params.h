@@ -62,8 +62,8 @@ struct AttentionParams {
   // K/V buffers of the tensor-core kernel: 2 (default: the next tile's K and V load during
   // the whole of the current tile; more shared memory) or 1. Other kernels ignore it.
   int32_t kv_stages = 2;
-  // The tensor-core kernel's changes that no GPU run has verified yet (two buffers only): bias
-  // loads by row, interior PARTIAL tiles without bounds tests. Other kernels ignore it.
+  // The tensor-core kernel's changes that no GPU run has verified yet (two buffers only; listed
+  // at kNext in cuda/attention/attention_sm80.cu). Other kernels ignore it.
   bool next_paths = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
