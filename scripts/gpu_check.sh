@@ -73,6 +73,8 @@ if wants tests; then
   # The changes not yet verified on a GPU (DLMFUSE_CUDA_ATTENTION=next); the default once they pass.
   step pytest_cuda_next 60 env DLMFUSE_CUDA_ATTENTION=next \
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+  step pytest_cuda_wide 60 env DLMFUSE_CUDA_ATTENTION=wide \
+    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
@@ -98,6 +100,8 @@ if wants bench; then
     --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_single_buffer.jsonl"
   step bench_attention_next 60 env DLMFUSE_CUDA_ATTENTION=next python3 -m dlmfuse bench \
     --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_next.jsonl"
+  step bench_attention_wide 60 env DLMFUSE_CUDA_ATTENTION=wide python3 -m dlmfuse bench \
+    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_wide.jsonl"
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).

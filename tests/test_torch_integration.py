@@ -270,7 +270,7 @@ def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "next"])
+@pytest.mark.parametrize("kernel", ["auto", "next", "wide"])
 @pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
@@ -288,9 +288,9 @@ def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
 
 
 @pytest.mark.cuda
-# bf16/fp16: tensor cores (two K/V buffers by default, or one; "next": the unverified changes), or
-# CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next"])
+# bf16/fp16: tensor cores (two K/V buffers by default, or one; "next" / "wide": the unverified
+# changes, wide with 32 rows per warp), or CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -424,6 +424,9 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     assert not attention_module._cuda_next_paths()
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "next")
     assert attention_module._cuda_next_paths() and attention_module._cuda_kv_stages() == 2
+    assert attention_module._cuda_rows_per_warp() == 16
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
+    assert attention_module._cuda_next_paths() and attention_module._cuda_rows_per_warp() == 32
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
     assert attention_module._cuda_kv_stages() == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")

@@ -232,7 +232,8 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
             workspace = dict(zip(("partial_out", "partial_lse"), dlpack(partial_out, partial_lse)))
         _C_cuda.attention_forward(*args, scale, _cuda_tensor_cores(),
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
-                                  kv_stages=_cuda_kv_stages(), next_paths=_cuda_next_paths(), **workspace)
+                                  kv_stages=_cuda_kv_stages(), next_paths=_cuda_next_paths(),
+                                  rows_per_warp=_cuda_rows_per_warp(), **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
@@ -244,8 +245,9 @@ _KERNEL_ENV = "DLMFUSE_CUDA_ATTENTION"
 # workload of 2026-11-26); single_buffer / double_buffer: that kernel with one / two buffers
 # (A/B checks); simple: the CUDA-core kernel; next: auto plus the kernel changes no GPU run has
 # verified yet (next_paths; listed at kNext in attention_sm80.cu), the default once a device run
-# passes the CUDA tests with it and measures it faster.
-CUDA_ATTENTION_KERNELS = ("auto", "simple", "single_buffer", "double_buffer", "next")
+# passes the CUDA tests with it and measures it faster; wide: next with 32 query rows per warp
+# (128 per CTA, FlashAttention-2's shape; also not yet run on a GPU).
+CUDA_ATTENTION_KERNELS = ("auto", "simple", "single_buffer", "double_buffer", "next", "wide")
 
 
 def cuda_attention_kernel() -> str:
@@ -265,7 +267,11 @@ def _cuda_kv_stages() -> int:
 
 
 def _cuda_next_paths() -> bool:
-    return cuda_attention_kernel() == "next"
+    return cuda_attention_kernel() in ("next", "wide")
+
+
+def _cuda_rows_per_warp() -> int:
+    return 32 if cuda_attention_kernel() == "wide" else 16
 
 
 @functools.lru_cache(maxsize=None)

@@ -127,10 +127,10 @@ __device__ __forceinline__ void write_partial(const AttentionParams& p, const fl
   }
 }
 
-// Q tile, kStages K and V tiles (16-bit), kStages pairs of key-label rows.
-template <int D, int kStages>
+// Q tile (kM x 64 rows), kStages K and V tiles (16-bit), kStages pairs of key-label rows.
+template <int D, int kStages, int kM>
 constexpr int shared_bytes() {
-  return (kBlockM * D + 2 * kStages * kBlockN * D) * 2 + 2 * kStages * kBlockN * 4;
+  return (kM * kBlockM * D + 2 * kStages * kBlockN * D) * 2 + 2 * kStages * kBlockN * 4;
 }
 
 // ---------------------------------------------------------------- one key tile, per warp
@@ -158,10 +158,10 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uin
 // ahead of the MMAs so that its latency hides behind them. kNext (not yet run on a GPU): one row
 // address per fragment row and tile, and with a unit key stride each thread's two adjacent keys
 // in one load.
-template <typename B>
-__device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
-                                             int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
-                                             int q_rows, int cols, int lane) {
+template <typename B, typename Sink>
+__device__ __forceinline__ void bias_by_row_as(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t k0,
+                                               const int (&row_in_tile)[2], int q_rows, int cols, int lane,
+                                               Sink&& sink) {
   using Pair = typename std::conditional<std::is_same<B, float>::value, float2, uint32_t>::type;
   const int64_t key_stride = p.bias_strides[3];
 #pragma unroll
@@ -189,21 +189,37 @@ __device__ __forceinline__ void load_bias_as(float (&bias)[kBlockN / 8][4], cons
         if (col < cols) x0 = to_float(row[col * key_stride]);
         if (col + 1 < cols) x1 = to_float(row[(col + 1) * key_stride]);
       }
-      bias[nt][2 * r] = kLog2e * x0;
-      bias[nt][2 * r + 1] = kLog2e * x1;
+      sink(nt, 2 * r, kLog2e * x0);
+      sink(nt, 2 * r + 1, kLog2e * x1);
     }
   }
 }
 
-// load_bias_as for the bias dtype (one uniform branch per tile, not one per element).
+// bias_by_row_as for the bias dtype (one uniform branch per tile, not one per element).
+template <typename Sink>
+__device__ __forceinline__ void bias_by_row(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t k0,
+                                            const int (&row_in_tile)[2], int q_rows, int cols, int lane, Sink&& sink) {
+  switch (p.bias_dtype) {
+    case DType::kBFloat16: return bias_by_row_as<bf16_t>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+    case DType::kFloat16: return bias_by_row_as<fp16_t>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+    default: return bias_by_row_as<float>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+  }
+}
+
 __device__ __forceinline__ void load_bias_by_row(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
                                                  int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
                                                  int q_rows, int cols, int lane) {
-  switch (p.bias_dtype) {
-    case DType::kBFloat16: return load_bias_as<bf16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
-    case DType::kFloat16: return load_bias_as<fp16_t>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
-    default: return load_bias_as<float>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
-  }
+  bias_by_row(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, [&](int nt, int e, float x) { bias[nt][e] = x; });
+}
+
+// Adds the bias to masked scores in place (32 rows per warp: no registers for a bias array);
+// hidden scores stay -inf whatever the bias.
+__device__ __forceinline__ void add_bias_by_row(float (&s)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+                                                int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
+                                                int q_rows, int cols, int lane) {
+  bias_by_row(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, [&](int nt, int e, float x) {
+    if (s[nt][e] != -INFINITY) s[nt][e] += x;
+  });
 }
 
 // The verified loader (H200, 2026-11-26): every element's offset from the four strides, through
@@ -332,6 +348,67 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
   }
 }
 
+// ---------------------------------------------------------------- 32 rows per warp (kM = 2)
+// Two m16 tiles per warp, as FlashAttention-2: each K and V fragment read from shared memory feeds
+// both, which halves the shared-memory traffic of P V per MMA. Q fragments come from shared
+// memory at every k-step (in registers they would not fit next to 2 x 64 accumulators of O).
+
+// S = Q K^T for the warp's 32 rows (rows warp * 32 + m * 16 .. + 15 of the tile).
+template <typename T, int D>
+__device__ __forceinline__ void score_tile_wide(float (&s)[2][kBlockN / 8][4], const T* q_tile, int warp,
+                                                const T* k_tile, int lane) {
+#pragma unroll
+  for (int m = 0; m < 2; ++m)
+    for (int nt = 0; nt < kBlockN / 8; ++nt)
+      for (int e = 0; e < 4; ++e) s[m][nt][e] = 0.0f;
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t qa[2][4];
+#pragma unroll
+    for (int m = 0; m < 2; ++m)
+      ldmatrix_x4(qa[m], smem_address(q_tile + swizzled<D>(warp * 32 + m * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                           ks * 16 + (lane / 16) * 8)));
+    for (int pair = 0; pair < kBlockN / 16; ++pair) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, smem_address(k_tile + swizzled<D>(pair * 16 + (lane / 16) * 8 + lane % 8,
+                                                        ks * 16 + ((lane / 8) % 2) * 8)));
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        mma_16x8x16<T>(s[m][2 * pair], qa[m], kb[0], kb[1]);
+        mma_16x8x16<T>(s[m][2 * pair + 1], qa[m], kb[2], kb[3]);
+      }
+    }
+  }
+}
+
+// P of one m-tile as MMA A fragments (16-bit pairs), packed as soon as its softmax is done so
+// that the fp32 scores die before the next m-tile's softmax (registers).
+template <typename T>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBlockN / 16][4], const float (&s)[kBlockN / 8][4]) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+    pa[kk][0] = MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+    pa[kk][1] = MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+    pa[kk][2] = MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    pa[kk][3] = MmaType<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+  }
+}
+
+// O += P V for both m-tiles, each V fragment used twice.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_pv_wide(float (&o)[2][D / 8][4], const uint32_t (&pa)[2][kBlockN / 16][4],
+                                                   const T* v_tile, int lane) {
+  for (int kk = 0; kk < kBlockN / 16; ++kk)
+    for (int pair = 0; pair < D / 16; ++pair) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, smem_address(v_tile + swizzled<D>(kk * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                              pair * 16 + (lane / 16) * 8)));
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        mma_16x8x16<T>(o[m][2 * pair], pa[m][kk], vb[0], vb[1]);
+        mma_16x8x16<T>(o[m][2 * pair + 1], pa[m][kk], vb[2], vb[3]);
+      }
+    }
+}
+
 // kStages = 1: one K and one V buffer (V_j loads during Q K_j^T, K_j+1 during P V_j).
 // kStages = 2: two of each; K and V of the next visible tile load during the whole of tile j.
 // kNext: the changes made after the last device run (H200, d45fee2), opt-in through
@@ -339,12 +416,16 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
 // PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
 // o is rescaled only when a row of the warp has a new max (softmax_update). With kNext false the
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
-template <typename T, int D, int kStages, bool kNext>
+// kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
+// 128 per CTA.
+template <typename T, int D, int kStages, bool kNext, int kM>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
+  static_assert(kM == 1 || (kM == 2 && kStages == 2 && kNext), "32 rows per warp: next paths, two buffers");
+  constexpr int kTileM = kBlockM * kM;  // query rows per CTA
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* q_tile = reinterpret_cast<T*>(shared_raw);      // [kBlockM, D] swizzled
-  T* k_tiles = q_tile + kBlockM * D;                 // [kStages][kBlockN, D]
+  T* q_tile = reinterpret_cast<T*>(shared_raw);      // [kTileM, D] swizzled
+  T* k_tiles = q_tile + kTileM * D;                  // [kStages][kBlockN, D]
   T* v_tiles = k_tiles + kStages * kBlockN * D;      // [kStages][kBlockN, D]
   int32_t* k_orders = reinterpret_cast<int32_t*>(v_tiles + kStages * kBlockN * D);  // [kStages][kBlockN]
   int32_t* k_groups = k_orders + kStages * kBlockN;                                  // [kStages][kBlockN]
@@ -357,8 +438,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits, h = blockIdx.y;
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockM;
-  const int q_rows = static_cast<int>(p.q_len - q0 < kBlockM ? p.q_len - q0 : kBlockM);
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTileM;
+  const int q_rows = static_cast<int>(p.q_len - q0 < kTileM ? p.q_len - q0 : kTileM);
   int64_t k_len = p.k_len;
   if (p.kv_lens != nullptr) {
     const int64_t len = p.kv_lens[b];
@@ -372,22 +453,33 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
   const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
-  load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kBlockM, q_rows);
+  load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
   cp_async_commit();
 
-  // The two fragment rows of this thread (tile-local) and their labels.
-  const int row_in_tile[2] = {warp * 16 + lane / 4, warp * 16 + lane / 4 + 8};
-  // Rows the masking need not bound-check: the whole tile's (kNext: this warp's 16). kNext warps
-  // without a row (a query tile of fewer than 64 rows, e.g. 32 sparse queries) skip the math.
-  const bool rows_full = kNext ? (warp + 1) * 16 <= q_rows : q_rows == kBlockM;
-  const bool warp_has_rows = !kNext || warp * 16 < q_rows;
-  RowLabels row_labels = {{0, 0}, {0, 0}};
+  // The two fragment rows of this thread in each of its m-tiles (tile-local) and their labels.
+  int row_in_tile[kM][2];
+  // Rows the masking need not bound-check: the whole tile's (kNext: the m-tile's 16). kNext warps
+  // without a row (a query tile of fewer rows than the CTA's, e.g. 32 sparse queries) skip the math.
+  bool rows_full[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    const int first = warp * 16 * kM + m * 16;
+    row_in_tile[m][0] = first + lane / 4;
+    row_in_tile[m][1] = first + lane / 4 + 8;
+    rows_full[m] = kNext ? first + 16 <= q_rows : q_rows == kTileM;
+  }
+  const bool warp_has_rows = !kNext || warp * 16 * kM < q_rows;
+  RowLabels row_labels[kM];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) row_labels[m] = {{0, 0}, {0, 0}};
   if (p.has_labels) {
-    for (int r = 0; r < 2; ++r)
-      if (row_in_tile[r] < q_rows) {
-        row_labels.order[r] = p.q_order.at(b, q0 + row_in_tile[r]);
-        row_labels.group[r] = p.q_group.at(b, q0 + row_in_tile[r]);
-      }
+#pragma unroll
+    for (int m = 0; m < kM; ++m)
+      for (int r = 0; r < 2; ++r)
+        if (row_in_tile[m][r] < q_rows) {
+          row_labels[m].order[r] = p.q_order.at(b, q0 + row_in_tile[m][r]);
+          row_labels[m].group[r] = p.q_group.at(b, q0 + row_in_tile[m][r]);
+        }
     if (warp == 0) {
       LabelRange range = LabelRange::empty();
       for (int i = lane; i < q_rows; i += 32) range.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
@@ -398,13 +490,19 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   cp_async_wait_all();
   __syncthreads();
 
-  uint32_t q_frag[D / 16][4];
-  for (int ks = 0; ks < D / 16; ++ks)
-    ldmatrix_x4(q_frag[ks], smem_address(q_tile + swizzled<D>(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8,
-                                                              ks * 16 + (lane / 16) * 8)));
+  uint32_t q_frag[D / 16][4];  // kM = 1: Q in registers for the whole loop
+  if constexpr (kM == 1)
+    for (int ks = 0; ks < D / 16; ++ks)
+      ldmatrix_x4(q_frag[ks], smem_address(q_tile + swizzled<D>(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8,
+                                                                ks * 16 + (lane / 16) * 8)));
 
-  float o[D / 8][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  float o[kM][D / 8][4] = {};
+  float row_max[kM][2], row_sum[kM][2];
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    row_max[m][0] = row_max[m][1] = -INFINITY;
+    row_sum[m][0] = row_sum[m][1] = 0.0f;
+  }
   const float score_scale = p.scale * kLog2e;
 
   auto tile_cols = [&](int64_t k0) { return static_cast<int>(k_end - k0 < kBlockN ? k_end - k0 : kBlockN); };
@@ -476,14 +574,14 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       load_v(k0, 0);
       cp_async_commit();
       float bias[kBlockN / 8][4];
-      if (has_bias) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      if (has_bias) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile[0], q_rows, cols, lane);
       cp_async_wait<1>();  // K_j and its labels have landed (V_j may still be in flight)
       __syncthreads();
       float s[kBlockN / 8][4];
       score_tile<T, D>(s, q_frag, k_tiles, lane);
-      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels, row_in_tile, q_rows,
-                         rows_full, cols, lane);
-      softmax_update<D, kNext>(s, o, row_max, row_sum);
+      mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders, k_groups, row_labels[0], row_in_tile[0],
+                         q_rows, rows_full[0], cols, lane);
+      softmax_update<D, kNext>(s, o[0], row_max[0], row_sum[0]);
       cp_async_wait<0>();  // V_j has landed
       __syncthreads();     // ... for every thread; and every warp is done with the K tile and the labels
       TileKind next_kind;
@@ -493,7 +591,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         load_labels(k_next, next_kind, 0);
       }
       cp_async_commit();
-      accumulate_pv<T, D>(o, s, v_tiles, lane);
+      accumulate_pv<T, D>(o[0], s, v_tiles, lane);
       __syncthreads();  // the next iteration's V load overwrites the V tile
       k0 = k_next;
       kind = next_kind;
@@ -512,17 +610,30 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         load_v(k_next, stage ^ 1);
       }
       cp_async_commit();
-      float bias[kBlockN / 8][4];
-      if (has_bias && warp_has_rows) load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile, q_rows, cols, lane);
+      float bias[kBlockN / 8][4];  // kM = 1: loaded ahead of the MMAs (kM = 2 adds it after masking)
+      if (kM == 1 && has_bias && warp_has_rows)
+        load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile[0], q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
       __syncthreads();
       if (warp_has_rows) {
-        float s[kBlockN / 8][4];
-        score_tile<T, D>(s, q_frag, k_tiles + stage * kBlockN * D, lane);
-        mask_scores<kNext>(s, bias, has_bias, score_scale, kind, k_orders + stage * kBlockN, k_groups + stage * kBlockN,
-                           row_labels, row_in_tile, q_rows, rows_full, cols, lane);
-        softmax_update<D, kNext>(s, o, row_max, row_sum);
-        accumulate_pv<T, D>(o, s, v_tiles + stage * kBlockN * D, lane);
+        const T* k_tile = k_tiles + stage * kBlockN * D;
+        const T* v_tile = v_tiles + stage * kBlockN * D;
+        float s[kM][kBlockN / 8][4];
+        if constexpr (kM == 1) score_tile<T, D>(s[0], q_frag, k_tile, lane);
+        else score_tile_wide<T, D>(s, q_tile, warp, k_tile, lane);
+        uint32_t pa[kM][kBlockN / 16][4];  // kM = 2: P packed per m-tile
+#pragma unroll
+        for (int m = 0; m < kM; ++m) {
+          // kM = 2: the bias is added after the masking, straight from memory (no bias array).
+          mask_scores<kNext>(s[m], bias, kM == 1 && has_bias, score_scale, kind, k_orders + stage * kBlockN,
+                             k_groups + stage * kBlockN, row_labels[m], row_in_tile[m], q_rows, rows_full[m], cols,
+                             lane);
+          if (kM == 2 && has_bias) add_bias_by_row(s[m], p, b, h, q0, k0, row_in_tile[m], q_rows, cols, lane);
+          softmax_update<D, kNext>(s[m], o[m], row_max[m], row_sum[m]);
+          if constexpr (kM == 2) pack_p<T>(pa[m], s[m]);
+        }
+        if constexpr (kM == 1) accumulate_pv<T, D>(o[0], s[0], v_tile, lane);
+        else accumulate_pv_wide<T, D>(o, pa, v_tile, lane);
       }
       __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it
       k0 = k_next;
@@ -532,20 +643,25 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   }
   cp_async_wait<0>();  // nothing left in flight (the last commit is an empty group)
 
-  if (p.num_splits > 1) {
-    write_partial<D>(p, o, row_max, row_sum, ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
-                     row_in_tile, q_rows, lane);
-    return;
-  }
-  for (int r = 0; r < 2; ++r) {
-    if (row_in_tile[r] >= q_rows) continue;
-    const float inv = softmax_inv_sum(row_sum[r]);
-    T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row_in_tile[r]) * p.out_strides[1] + h * p.out_strides[2];
-    for (int dt = 0; dt < D / 8; ++dt) {
-      const int col = dt * 8 + 2 * (lane % 4);
-      *reinterpret_cast<uint32_t*>(out + col) = MmaType<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+#pragma unroll
+  for (int m = 0; m < kM; ++m) {
+    if (p.num_splits > 1) {
+      write_partial<D>(p, o[m], row_max[m], row_sum[m], ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
+                       row_in_tile[m], q_rows, lane);
+      continue;
     }
-    if (lane % 4 == 0) p.lse[(b * p.q_heads + h) * p.q_len + q0 + row_in_tile[r]] = softmax_lse(row_max[r], row_sum[r]);
+    for (int r = 0; r < 2; ++r) {
+      if (row_in_tile[m][r] >= q_rows) continue;
+      const float inv = softmax_inv_sum(row_sum[m][r]);
+      T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row_in_tile[m][r]) * p.out_strides[1] +
+               h * p.out_strides[2];
+      for (int dt = 0; dt < D / 8; ++dt) {
+        const int col = dt * 8 + 2 * (lane % 4);
+        *reinterpret_cast<uint32_t*>(out + col) = MmaType<T>::pack(o[m][dt][2 * r] * inv, o[m][dt][2 * r + 1] * inv);
+      }
+      if (lane % 4 == 0)
+        p.lse[(b * p.q_heads + h) * p.q_len + q0 + row_in_tile[m][r]] = softmax_lse(row_max[m][r], row_sum[m][r]);
+    }
   }
 }
 
@@ -583,13 +699,13 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
-template <typename T, int D, int kStages, bool kNext>
+template <typename T, int D, int kStages, bool kNext, int kM = 1>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int bytes = shared_bytes<D, kStages>();
-  auto kernel = attention_sm80_kernel<T, D, kStages, kNext>;
+  constexpr int bytes = shared_bytes<D, kStages, kM>();
+  auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kBlockM)), static_cast<unsigned>(p.q_heads),
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kM * kBlockM)), static_cast<unsigned>(p.q_heads),
                   static_cast<unsigned>(p.batch * p.num_splits));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
   if (p.num_splits == 1) return cudaGetLastError();
@@ -600,9 +716,11 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel instance for p.kv_stages and p.next_paths (next_paths: two buffers only).
+// The kernel instance for p.kv_stages, p.next_paths and p.wide_rows (next_paths and wide_rows: two
+// buffers only).
 template <typename T, int D>
 cudaError_t launch_variant(const AttentionParams& p, cudaStream_t stream) {
+  if (p.wide_rows) return launch_sm80<T, D, 2, true, 2>(p, stream);
   if (p.next_paths) return launch_sm80<T, D, 2, true>(p, stream);
   return p.kv_stages == 2 ? launch_sm80<T, D, 2, false>(p, stream) : launch_sm80<T, D, 1, false>(p, stream);
 }
@@ -646,6 +764,7 @@ bool attention_sm80_supports(const AttentionParams& p) {
          (p.head_dim == 64 || p.head_dim == 128) && rows_are_16_byte_aligned(p) &&
          p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits && (p.kv_stages == 1 || p.kv_stages == 2) &&
          (!p.next_paths || p.kv_stages == 2) &&
+         (!p.wide_rows || (p.next_paths && p.kv_stages == 2)) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }
 

@@ -65,6 +65,10 @@ struct AttentionParams {
   // The tensor-core kernel's changes that no GPU run has verified yet (two buffers only; listed
   // at kNext in cuda/attention/attention_sm80.cu). Other kernels ignore it.
   bool next_paths = false;
+  // 32 query rows per warp (128 per CTA) in the tensor-core kernel instead of 16 (next paths and
+  // two buffers only, not yet run on a GPU). A bool beside next_paths: it fits the padding, so the
+  // verified kernels' parameter offsets (and machine code) stay as they were.
+  bool wide_rows = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
 };
