@@ -400,6 +400,10 @@ def test_split_heuristic():
     assert splits(1, 1, 1, 64, 128, 132) == 1  # one key tile
     assert splits(1, 1, 1, 256, 64, 132) == 2  # four key tiles: two per split
     assert splits(1, 1, 1, 2048, 96, 132) == 1  # no tensor-core kernel for head_dim 96
+    # 128-row CTAs (DLMFUSE_CUDA_ATTENTION=wide): half the CTAs, so 128 sparse queries split too
+    assert splits(8, 32, 128, 2048, 128, 132, rows_per_cta=128) == 2
+    assert splits(8, 32, 32, 2048, 128, 132, rows_per_cta=128) == 2
+    assert splits(8, 32, 128, 2048, 128, 132, rows_per_cta=96) == 1  # no such kernel
     for args in ((0, 32, 32, 2048, 128, 132), (8, 32, 0, 2048, 128, 132), (8, 32, 32, 0, 128, 132),
                  (8, 32, 32, 2048, 128, 0)):
         assert splits(*args) == 1

@@ -90,7 +90,7 @@ void register_cuda_attention(nb::module_& m) {
         "changes not yet verified on a GPU (two buffers only), with rows_per_warp = 32 also 128 query rows "
         "per CTA. Use dlmfuse.attention.");
   m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
-        nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"),
+        nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"), nb::arg("rows_per_cta") = 64,
         "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "
         "(1: no split, no workspace).");
   m.attr("ATTENTION_MAX_SPLITS") = cuda::kAttentionMaxSplits;

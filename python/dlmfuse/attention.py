@@ -292,7 +292,8 @@ def cuda_num_splits(q: Tensor, k: Tensor) -> int:
         if not override.isdigit() or not 1 <= int(override) <= most:
             raise ValueError(f"{_OP}: {_SPLITS_ENV} must be an integer in [1, {most}], got {override!r}")
         return int(override)
-    return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index))
+    return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index),
+                                        rows_per_cta=4 * _cuda_rows_per_warp())
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b):

@@ -24,8 +24,9 @@ constexpr int kAttentionMaxSplits = 16;
 // Split count for the tensor-core kernel from the shapes alone (no host sync): enough CTAs for
 // about two waves on `sm_count` SMs, at least two key tiles per split, 1 when splitting cannot
 // help. Python sizes the workspace (AttentionParams::partial_out / partial_lse) from it.
+// rows_per_cta: query rows per CTA of the kernel that runs (64; 128 with wide_rows).
 int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
-                         int sm_count);
+                         int sm_count, int rows_per_cta = 64);
 
 // Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
 cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);

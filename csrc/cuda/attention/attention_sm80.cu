@@ -747,10 +747,11 @@ bool rows_are_16_byte_aligned(const AttentionParams& p) {
 }  // namespace
 
 int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
-                         int sm_count) {
+                         int sm_count, int rows_per_cta) {
   if (batch <= 0 || q_heads <= 0 || q_len <= 0 || k_len <= 0 || sm_count <= 0) return 1;
   if (head_dim != 64 && head_dim != 128) return 1;  // the CUDA-core kernel runs: it never splits
-  const int64_t ctas = batch * q_heads * ceil_div(q_len, kBlockM);
+  if (rows_per_cta != kBlockM && rows_per_cta != 2 * kBlockM) return 1;
+  const int64_t ctas = batch * q_heads * ceil_div(q_len, rows_per_cta);
   int64_t splits = (kSplitTargetCtasPerSm * sm_count + ctas / 2) / ctas;  // nearest to the target
   const int64_t most_by_keys = ceil_div(ceil_div(k_len, kBlockN), kSplitMinKeyTiles);
   splits = splits < most_by_keys ? splits : most_by_keys;
