@@ -5,7 +5,7 @@
         python3 scripts/profile_kernels.py
 
 Each op runs twice (the first call warms up; ncu skips it with --launch-skip) on the DESIGN.md §8
-shapes: A1 dense and A2 block-causal attention (L=2048, H=32, D=128, bf16), A4 with 32 sparse
+shapes: A1 dense, A2 block-causal and A3 dense + bias attention (L=2048, H=32, D=128, bf16), A4 with 32 sparse
 queries (split-KV), K1 (n=256) and S1 (T=1). The output of ncu goes to stdout; nothing is timed
 here (timings come from ``python -m dlmfuse bench``).
 """
@@ -31,6 +31,7 @@ def main() -> int:
     L, H, D = 2048, 32, 128
     q, k, v = randn(1, L, H, D), randn(1, L, H, D), randn(1, L, H, D)
     block_causal = dlmfuse.Mask.block_causal(L, 32, prefix_len=512, device="cuda")
+    bias = randn(1, H, L, L)
     is_clean = torch.rand(8, L, generator=gen, device="cuda") < 0.5
     rows = torch.multinomial((~is_clean).float(), 32, generator=gen).sort(dim=1).values
     sparse = dlmfuse.Mask.clean_and_self(is_clean).gather_queries(rows)
@@ -43,6 +44,7 @@ def main() -> int:
     calls = {
         "A1 dense": lambda: dlmfuse.attention(q, k, v),
         "A2 block-causal": lambda: dlmfuse.attention(q, k, v, mask=block_causal),
+        "A3 dense + bias": lambda: dlmfuse.attention(q, k, v, bias=bias),
         "A4 sparse n=32": lambda: dlmfuse.attention(q_sparse, k8, v8, mask=sparse),
         "K1 kv_scatter_ n=256": lambda: dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate=False),
         "S1 sample_tokens T=1": lambda: dlmfuse.sample_tokens(logits, temperature=1.0, seed=0),
