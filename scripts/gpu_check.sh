@@ -75,6 +75,10 @@ if wants tests; then
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
   step pytest_cuda_wide 60 env DLMFUSE_CUDA_ATTENTION=wide \
     python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+  for kernel in next wide; do  # their split-KV partials and merge, every case split in 3
+    step "pytest_cuda_${kernel}_splits" 60 env DLMFUSE_CUDA_ATTENTION=$kernel DLMFUSE_ATTENTION_SPLITS=3 \
+      python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+  done
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
