@@ -422,17 +422,18 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     for kernel in attention_module.CUDA_ATTENTION_KERNELS:
         monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
         assert attention_module.cuda_attention_kernel() == kernel
-    assert attention_module._cuda_kv_stages() == 2 and attention_module._cuda_tensor_cores()
+    args = attention_module.cuda_kernel_args
+    assert args().kv_stages == 2 and args().tensor_cores
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "single_buffer")
-    assert attention_module._cuda_kv_stages() == 1 and attention_module._cuda_tensor_cores()
-    assert not attention_module._cuda_next_paths()
+    assert args().kv_stages == 1 and args().tensor_cores
+    assert not args().next_paths
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "next")
-    assert attention_module._cuda_next_paths() and attention_module._cuda_kv_stages() == 2
-    assert attention_module._cuda_rows_per_warp() == 16
+    assert args().next_paths and args().kv_stages == 2
+    assert args().rows_per_warp == 16
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
-    assert attention_module._cuda_next_paths() and attention_module._cuda_rows_per_warp() == 32
+    assert args().next_paths and args().rows_per_warp == 32
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
-    assert attention_module._cuda_kv_stages() == 2  # the default: two K/V buffers
+    assert args().kv_stages == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
     with pytest.raises(ValueError, match="DLMFUSE_CUDA_ATTENTION"):
         attention_module.cuda_attention_kernel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import os
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -224,30 +224,50 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
                   out, lse)
     if q.is_cuda:
-        splits = cuda_num_splits(q, k)
+        kernel = cuda_kernel_args()
+        splits = cuda_num_splits(q, k, kernel)
         workspace = {}
         if splits > 1:  # split-KV: each split's partial (out, lse) in float32, merged by the kernel
             partial_out = torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device)
             partial_lse = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
             workspace = dict(zip(("partial_out", "partial_lse"), dlpack(partial_out, partial_lse)))
-        _C_cuda.attention_forward(*args, scale, _cuda_tensor_cores(),
+        _C_cuda.attention_forward(*args, scale, kernel.tensor_cores,
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
-                                  kv_stages=_cuda_kv_stages(), next_paths=_cuda_next_paths(),
-                                  rows_per_warp=_cuda_rows_per_warp(), **workspace)
+                                  kv_stages=kernel.kv_stages, next_paths=kernel.next_paths,
+                                  rows_per_warp=kernel.rows_per_warp, **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
 
 
 _KERNEL_ENV = "DLMFUSE_CUDA_ATTENTION"
+
+
+class CudaKernelArgs(NamedTuple):
+    """What the CUDA attention binding is told to run (see CUDA_ATTENTION_KERNELS)."""
+
+    tensor_cores: bool  # False: the CUDA-core kernel
+    kv_stages: int  # K/V buffers of the tensor-core kernel
+    next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80.cu)
+    rows_per_warp: int  # 16, or 32 (128-row CTAs)
+
+
 # auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
 # the next tile load during the whole current tile; 4-9% faster than one buffer on every H200
 # workload of 2026-11-26); single_buffer / double_buffer: that kernel with one / two buffers
 # (A/B checks); simple: the CUDA-core kernel; next: auto plus the kernel changes no GPU run has
-# verified yet (next_paths; listed at kNext in attention_sm80.cu), the default once a device run
-# passes the CUDA tests with it and measures it faster; wide: next with 32 query rows per warp
-# (128 per CTA, FlashAttention-2's shape; also not yet run on a GPU).
-CUDA_ATTENTION_KERNELS = ("auto", "simple", "single_buffer", "double_buffer", "next", "wide")
+# verified yet, the default once a device run passes the CUDA tests with it and measures it
+# faster; wide: next with 32 query rows per warp (128 per CTA, FlashAttention-2's shape; also not
+# yet run on a GPU).
+_CUDA_KERNEL_ARGS = {
+    "auto": CudaKernelArgs(True, 2, False, 16),
+    "simple": CudaKernelArgs(False, 2, False, 16),
+    "single_buffer": CudaKernelArgs(True, 1, False, 16),
+    "double_buffer": CudaKernelArgs(True, 2, False, 16),
+    "next": CudaKernelArgs(True, 2, True, 16),
+    "wide": CudaKernelArgs(True, 2, True, 32),
+}
+CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)
 
 
 def cuda_attention_kernel() -> str:
@@ -258,20 +278,9 @@ def cuda_attention_kernel() -> str:
     return kernel
 
 
-def _cuda_tensor_cores() -> bool:
-    return cuda_attention_kernel() != "simple"
-
-
-def _cuda_kv_stages() -> int:
-    return 1 if cuda_attention_kernel() == "single_buffer" else 2
-
-
-def _cuda_next_paths() -> bool:
-    return cuda_attention_kernel() in ("next", "wide")
-
-
-def _cuda_rows_per_warp() -> int:
-    return 32 if cuda_attention_kernel() == "wide" else 16
+def cuda_kernel_args() -> CudaKernelArgs:
+    """The binding's kernel arguments for cuda_attention_kernel() (one environment read)."""
+    return _CUDA_KERNEL_ARGS[cuda_attention_kernel()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -279,11 +288,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def cuda_num_splits(q: Tensor, k: Tensor) -> int:
+def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None) -> int:
     """Split-KV count the CUDA attention uses for q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]``:
     the extension's heuristic (shapes and the SM count only, no host sync), or
-    ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run."""
-    if q.dtype not in (torch.bfloat16, torch.float16) or not _cuda_tensor_cores():
+    ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run.
+    ``kernel``: cuda_kernel_args() when the caller has read it already."""
+    kernel = kernel or cuda_kernel_args()
+    if q.dtype not in (torch.bfloat16, torch.float16) or not kernel.tensor_cores:
         return 1
     B, Lq, Hq, D = q.shape
     override = os.environ.get(_SPLITS_ENV, "")
@@ -293,7 +304,7 @@ def cuda_num_splits(q: Tensor, k: Tensor) -> int:
             raise ValueError(f"{_OP}: {_SPLITS_ENV} must be an integer in [1, {most}], got {override!r}")
         return int(override)
     return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index),
-                                        rows_per_cta=4 * _cuda_rows_per_warp())
+                                        rows_per_cta=4 * kernel.rows_per_warp)
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b):
