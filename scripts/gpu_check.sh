@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
-#   tests     CUDA tests (both attention kernels, forced split-KV)
+#   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
@@ -61,23 +61,20 @@ step nvidia_smi 30 nvidia-smi
 if wants tests; then
   # The tests import the installed wheel (PYTHONPATH), not the source tree.
   step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
-  step pytest_cuda_simple_attn 60 env DLMFUSE_CUDA_ATTENTION=simple \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  # The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) again with split-KV
-  # forced (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS).
+  # The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) with split-KV forced
+  # (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS), then with each other
+  # kernel: CUDA cores, one K/V buffer, and the changes not yet verified on a GPU (next, wide;
+  # those also with forced splits, for their split-KV partials).
+  attention_tests="tests/test_torch_integration.py tests/test_attention.py"
   step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  # The one-buffer tensor-core kernel (kv_stages = 1; the default has two K/V buffers).
-  step pytest_cuda_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  # The changes not yet verified on a GPU (DLMFUSE_CUDA_ATTENTION=next); the default once they pass.
-  step pytest_cuda_next 60 env DLMFUSE_CUDA_ATTENTION=next \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  step pytest_cuda_wide 60 env DLMFUSE_CUDA_ATTENTION=wide \
-    python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
-  for kernel in next wide; do  # their split-KV partials and merge, every case split in 3
+    python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
+  for kernel in simple single_buffer next wide; do
+    step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
+      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
+  done
+  for kernel in next wide; do
     step "pytest_cuda_${kernel}_splits" 60 env DLMFUSE_CUDA_ATTENTION=$kernel DLMFUSE_ATTENTION_SPLITS=3 \
-      python3 -m pytest -m cuda -q -p no:cacheprovider tests/test_torch_integration.py tests/test_attention.py
+      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
 fi
 if wants sanitize; then
@@ -99,13 +96,11 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
     --json "$OUT/bench_attention.jsonl"
-  # A/B of the one-buffer kernel against the rows above (peers skipped: they ran above).
-  step bench_attention_single_buffer 60 env DLMFUSE_CUDA_ATTENTION=single_buffer python3 -m dlmfuse bench \
-    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_single_buffer.jsonl"
-  step bench_attention_next 60 env DLMFUSE_CUDA_ATTENTION=next python3 -m dlmfuse bench \
-    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_next.jsonl"
-  step bench_attention_wide 60 env DLMFUSE_CUDA_ATTENTION=wide python3 -m dlmfuse bench \
-    --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_wide.jsonl"
+  # A/B of the other tensor-core kernels against the rows above (peers skipped: they ran above).
+  for kernel in single_buffer next wide; do
+    step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
+      --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
+  done
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).
