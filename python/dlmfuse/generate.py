@@ -233,6 +233,7 @@ class _Runner:
             self.cached_block = block
             return self._refresh(ids, rows, self._full_mask(None))
         window_ids, window_positions = ids[:, start:end], self._twice(self.positions[:, start:end])
+        window_rows = self._twice(rows) - start
         if self.graphs and (self.window_graph is None or not self.window_graph.fits(window_ids)):
             try:
                 self.window_graph = _WindowGraph(self.model, self.kv, window_ids, window_positions)
@@ -243,9 +244,8 @@ class _Runner:
                 self.graphs, self.window_graph = False, None
         if self.graphs:
             logits = self.window_graph(window_ids, window_positions)
-            rows = self._twice(rows) - start
-            return torch.gather(logits, 1, rows[:, :, None].expand(-1, -1, logits.shape[2]))
-        return self._call(window_ids, self._twice(rows) - start, positions=window_positions, cache=self.kv)
+            return torch.gather(logits, 1, window_rows[:, :, None].expand(-1, -1, logits.shape[2]))
+        return self._call(window_ids, window_rows, positions=window_positions, cache=self.kv)
 
     def _incremental(self, rows: Tensor, mask: Optional[Mask]) -> Tensor:
         """Eso-LM B: a full pass fills the cache, later steps feed only the columns the sampler
