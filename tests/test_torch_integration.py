@@ -254,19 +254,27 @@ def cuda_case_inputs(B, Lq, Lk, Hq, Hkv, D, dtype, family, device):
 
 
 # Bias layouts for the tensor-core kernel's bias loads: dense in each float dtype (pairs of adjacent
-# keys in one load), an odd key count (every other fp32 row misaligned for pair loads), a
-# transposed view (key stride != 1) and a key-broadcast bias (key stride 0).
-CUDA_BIAS_LAYOUTS = ["dense-fp32", "dense-bf16", "dense-fp16", "odd-keys-fp32", "transposed-bf16", "key-broadcast"]
+# keys in one load; next / wide: the 16-bit ones by cp.async tiles, whose last chunk of a row is
+# partial under kv_lens), an odd key count (every other fp32 row misaligned for pair loads), a
+# transposed view (key stride != 1), a key-broadcast bias (key stride 0), a query-broadcast bf16
+# bias (row stride 0: tiles of one repeated row) and a bf16 view one element off a 16-byte
+# boundary (not tileable: rows of unaligned pairs).
+CUDA_BIAS_LAYOUTS = ["dense-fp32", "dense-bf16", "dense-fp16", "odd-keys-fp32", "transposed-bf16", "key-broadcast",
+                     "query-broadcast-bf16", "offset-bf16"]
 
 
-def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator) -> torch.Tensor:
+def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator, device: str) -> torch.Tensor:
+    """The layout's bias on `device`; views are taken there (a copy of a view would be contiguous)."""
     kind, dtype_name = layout.rsplit("-", 1) if layout != "key-broadcast" else ("key-broadcast", "fp32")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    shape = {"transposed": (B, Hq, Lk, Lq), "key-broadcast": (B, Hq, Lq, 1), "query-broadcast": (B, Hq, 1, Lk),
+             "offset": (B, Hq, Lq, Lk + 8)}.get(kind, (B, Hq, Lq, Lk))
+    bias = torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     if kind == "transposed":
-        return torch.randn(B, Hq, Lk, Lq, generator=g).to(dtype).transpose(2, 3)
-    if kind == "key-broadcast":
-        return torch.randn(B, Hq, Lq, 1, generator=g)
-    return torch.randn(B, Hq, Lq, Lk, generator=g).to(dtype)
+        return bias.transpose(2, 3)
+    if kind == "offset":
+        return bias[..., 1:Lk + 1]
+    return bias
 
 
 @pytest.mark.cuda
@@ -279,7 +287,7 @@ def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
     Lk = 133 if layout.startswith("odd") else 136
     q, k, v = make(B, Lq, Lk, Hq, Hkv, D, torch.bfloat16, "cuda", seed=3)
     g = torch.Generator().manual_seed(4)
-    bias = cuda_bias(layout, B, Hq, Lq, Lk, g).cuda()
+    bias = cuda_bias(layout, B, Hq, Lq, Lk, g, "cuda")
     mask = Mask(*(torch.randint(0, 3, (B, n), generator=g, dtype=torch.int32) for n in (Lq, Lq, Lk, Lk))).to("cuda")
     kv_lens = torch.tensor([Lk, Lk - 9], dtype=torch.int32, device="cuda")
     for kwargs in (dict(bias=bias), dict(bias=bias, mask=mask, kv_lens=kv_lens)):

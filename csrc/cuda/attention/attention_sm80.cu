@@ -59,7 +59,8 @@ constexpr int shared_bytes() {
 // kNext: the changes made after the last device run (H200, d45fee2), opt-in through
 // AttentionParams::next_paths until a GPU run has verified them: load_bias_by_row; interior
 // PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
-// o is rescaled only when a row of the warp has a new max (softmax_update). With kNext false the
+// o is rescaled only when a row of the warp has a new max (softmax_update); a 16-bit bias streams
+// into shared memory with K and V (load_bias_tile_async). With kNext false the
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
@@ -74,6 +75,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   T* v_tiles = k_tiles + kStages * kBlockN * D;      // [kStages][kBlockN, D]
   int32_t* k_orders = reinterpret_cast<int32_t*>(v_tiles + kStages * kBlockN * D);  // [kStages][kBlockN]
   int32_t* k_groups = k_orders + kStages * kBlockN;                                  // [kStages][kBlockN]
+  // kNext, a tileable bias (bias_tileable): [2][kTileM][kBiasPitch] 16-bit, present only then.
+  uint16_t* bias_tiles = reinterpret_cast<uint16_t*>(k_groups + kStages * kBlockN);
   // Own 16-byte slot: a widened LDS.128 of an unaligned q_range once also read the neighbouring
   // shared variable, a hazard with lane 0's write of it that racecheck reported.
   __shared__ alignas(16) LabelRange q_range;
@@ -201,13 +204,21 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + (k0 + j) * labels.row_stride);
   };
   const bool has_bias = p.bias != nullptr;
+  const bool bias_tiled = kNext && bias_tileable(p);  // else (with a bias) loads by row or element
+  auto load_bias_tile = [&](int64_t k0, int stage) {
+    if (bias_tiled)
+      load_bias_tile_async<kTileM>(bias_tiles + stage * kTileM * kBiasPitch, p, b, h, q0, q_rows, k0, tile_cols(k0));
+  };
 
   TileKind kind;
   int64_t k0 = next_tile(k_begin, kind);
   if (k0 < k_end) {
     load_k(k0, 0);
     load_labels(k0, kind, 0);
-    if (kStages == 2) load_v(k0, 0);
+    if (kStages == 2) {
+      load_v(k0, 0);
+      load_bias_tile(k0, 0);
+    }
   }
   cp_async_commit();
   if (kStages == 1) {
@@ -253,10 +264,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         load_k(k_next, stage ^ 1);
         load_labels(k_next, next_kind, stage ^ 1);
         load_v(k_next, stage ^ 1);
+        load_bias_tile(k_next, stage ^ 1);
       }
       cp_async_commit();
       float bias[kBlockN / 8][4];  // kM = 1: loaded ahead of the MMAs (kM = 2 adds it after masking)
-      if (kM == 1 && has_bias && warp_has_rows)
+      if (kM == 1 && has_bias && !bias_tiled && warp_has_rows)
         load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile[0], q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
       __syncthreads();
@@ -269,11 +281,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         uint32_t pa[kM][kBlockN / 16][4];  // kM = 2: P packed per m-tile
 #pragma unroll
         for (int m = 0; m < kM; ++m) {
-          // kM = 2: the bias is added after the masking, straight from memory (no bias array).
-          mask_scores<kNext>(s[m], bias, kM == 1 && has_bias, score_scale, kind, k_orders + stage * kBlockN,
+          // A bias tile, or with kM = 2 the bias by rows, is added after the masking (no bias array).
+          mask_scores<kNext>(s[m], bias, kM == 1 && has_bias && !bias_tiled, score_scale, kind, k_orders + stage * kBlockN,
                              k_groups + stage * kBlockN, row_labels[m], row_in_tile[m], q_rows, rows_full[m], cols,
                              lane);
-          if (kM == 2 && has_bias) add_bias_by_row(s[m], p, b, h, q0, k0, row_in_tile[m], q_rows, cols, lane);
+          if (bias_tiled) add_bias_tile(s[m], p.bias_dtype, bias_tiles + stage * kTileM * kBiasPitch, row_in_tile[m], lane);
+          else if (kM == 2 && has_bias) add_bias_by_row(s[m], p, b, h, q0, k0, row_in_tile[m], q_rows, cols, lane);
           softmax_update<D, kNext>(s[m], o[m], row_max[m], row_sum[m]);
           if constexpr (kM == 2) pack_p<T>(pa[m], s[m]);
         }
@@ -346,9 +359,10 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
 
 template <typename T, int D, int kStages, bool kNext, int kM = 1>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int bytes = shared_bytes<D, kStages, kM>();
+  constexpr int most_bytes = shared_bytes<D, kStages, kM>() + (kNext ? bias_tiles_bytes(kM * kBlockM) : 0);
+  const int bytes = shared_bytes<D, kStages, kM>() + (kNext && bias_tileable(p) ? bias_tiles_bytes(kM * kBlockM) : 0);
   auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM>;
-  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
   const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kM * kBlockM)), static_cast<unsigned>(p.q_heads),
                   static_cast<unsigned>(p.batch * p.num_splits));

@@ -199,6 +199,69 @@ __device__ __forceinline__ void load_bias_by_element(float (&bias)[kBlockN / 8][
     }
 }
 
+// ---------------------------------------------------------------- bias tiles in shared memory
+// kNext (not yet run on a GPU): a 16-bit bias whose key stride is 1 and whose rows start on
+// 16-byte boundaries streams into shared memory by cp.async in the same group as K and V, a
+// whole tile ahead, instead of 16 global loads per thread per tile issued just before the MMAs
+// (A3, a dense bf16 [1, H, L, L] bias, took 3.8x the dense time on an H200 with those loads).
+// fp32 biases keep the row loads: their two tiles would cost a second resident CTA per SM.
+// Rows are padded to kBiasPitch elements so that the fragment reads (8 rows x 4 lanes, 4 bytes
+// each) fall in 32 different banks.
+constexpr int kBiasPitch = kBlockN + 8;
+
+DLMFUSE_HOST_DEVICE inline bool bias_tileable(const AttentionParams& p) {
+  if (p.bias == nullptr || (p.bias_dtype != DType::kBFloat16 && p.bias_dtype != DType::kFloat16)) return false;
+  if (p.bias_strides[3] != 1 || reinterpret_cast<uintptr_t>(p.bias) % 16 != 0) return false;
+  for (int d = 0; d < 3; ++d)
+    if (p.bias_strides[d] % 8 != 0) return false;  // 8 elements of 16 bits: rows stay 16-byte aligned
+  return true;
+}
+
+// Bytes of the two bias tiles of a CTA of tile_m query rows.
+DLMFUSE_HOST_DEVICE constexpr int bias_tiles_bytes(int tile_m) { return 2 * tile_m * kBiasPitch * 2; }
+
+// The bias of query rows [q0, q0 + tile_m) and keys [k0, k0 + cols) into `tile` ([tile_m][kBiasPitch],
+// 16-bit) by cp.async; rows at and past q_rows and keys at and past cols are zero (never read from
+// global memory). Call from every thread, inside the caller's cp.async group.
+template <int kTileM>
+__device__ __forceinline__ void load_bias_tile_async(uint16_t* tile, const AttentionParams& p, int64_t b, int64_t h,
+                                                     int64_t q0, int q_rows, int64_t k0, int cols) {
+  constexpr int kChunks = kBlockN / 8;  // 16-byte chunks per tile row
+  const uint16_t* first = static_cast<const uint16_t*>(p.bias) + b * p.bias_strides[0] + h * p.bias_strides[1] +
+                          q0 * p.bias_strides[2] + k0;
+  for (int c = threadIdx.x; c < kTileM * kChunks; c += kThreads) {
+    const int row = c / kChunks, chunk = c % kChunks;
+    const int keys = cols - chunk * 8;  // keys of this chunk inside the tile (may be <= 0 or > 8)
+    const int bytes = row < q_rows && keys > 0 ? 2 * (keys < 8 ? keys : 8) : 0;
+    const uint16_t* from = bytes > 0 ? first + row * p.bias_strides[2] + chunk * 8 : first;
+    cp_async_16(smem_address(tile + row * kBiasPitch + chunk * 8), from, bytes);
+  }
+}
+
+// Adds the tile's bias (log2 units) to the thread's masked scores; hidden scores stay -inf.
+template <typename B>
+__device__ __forceinline__ void add_bias_tile_as(float (&s)[kBlockN / 8][4], const uint16_t* tile,
+                                                 const int (&row_in_tile)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const uint16_t* row = tile + row_in_tile[r] * kBiasPitch + 2 * (lane % 4);
+#pragma unroll
+    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+      const uint32_t two = *reinterpret_cast<const uint32_t*>(row + nt * 8);  // even offset: 4-byte aligned
+      B halves[2];
+      memcpy(halves, &two, sizeof(two));
+      if (s[nt][2 * r] != -INFINITY) s[nt][2 * r] += kLog2e * to_float(halves[0]);
+      if (s[nt][2 * r + 1] != -INFINITY) s[nt][2 * r + 1] += kLog2e * to_float(halves[1]);
+    }
+  }
+}
+
+__device__ __forceinline__ void add_bias_tile(float (&s)[kBlockN / 8][4], DType bias_dtype, const uint16_t* tile,
+                                              const int (&row_in_tile)[2], int lane) {
+  if (bias_dtype == DType::kBFloat16) add_bias_tile_as<bf16_t>(s, tile, row_in_tile, lane);
+  else add_bias_tile_as<fp16_t>(s, tile, row_in_tile, lane);
+}
+
 template <bool kNext>
 __device__ __forceinline__ void load_bias(float (&bias)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
                                           int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
