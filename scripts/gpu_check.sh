@@ -3,7 +3,7 @@
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
 #   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
-#   bench     kernel benchmarks (K1, S1, then A1-A4), JSONL for bench/results/
+#   bench     kernel benchmarks (K1, S1, then A1-A4 and A4g), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
@@ -79,7 +79,7 @@ if wants tests; then
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
-  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_kv_cache.py tests/test_sampling.py"
+  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_kv_cache.py tests/test_sampling.py"
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
   # Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).

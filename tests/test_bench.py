@@ -21,7 +21,8 @@ TINY_TIMING = common.Timing(warmup=0, repeats=2)
 TINY = [AttnSpec("T1", "dense", L=64, H=2),
         AttnSpec("T2", "bias", L=32, H=2),
         AttnSpec("T3", "block_causal", L=64, H=2, block=16, prompt=16),
-        AttnSpec("T4", "sparse", L=64, B=2, H=2, n=8)]
+        AttnSpec("T4", "sparse", L=64, B=2, H=2, n=8),
+        AttnSpec("T5", "sparse", L=64, B=2, H=4, Hkv=2, n=8)]  # grouped heads: peers with enable_gqa
 
 ROW_KEYS = {"family", "workload", "desc", "impl", "kind", "params", "status", "error", "time_ms",
             "times_ms", "tflops_dense", "tflops_visible", "gbps", "ratio_vs_dlmfuse",
@@ -54,7 +55,7 @@ def test_tiny_run_writes_rows_table_and_progress(tmp_path):
         if row["impl"] == "sdpa":
             assert math.isfinite(row["ratio_vs_dlmfuse"]) and row["ratio_vs_dlmfuse"] > 0
             assert row["max_abs_diff_vs_dlmfuse"] < 1e-4  # fp32: the same attention
-    assert all(r["gbps"] > 0 for r in parsed if r["workload"] == "T4")
+    assert all(r["gbps"] > 0 for r in parsed if r["workload"] in ("T4", "T5"))
 
     for i, spec in enumerate(TINY, 1):
         assert f"[{i}/{len(TINY)}] {spec.id} {spec.desc} ..." in progress
@@ -110,12 +111,15 @@ def test_default_workloads_follow_design():
         c1 = [w for w in cpu if w.id == "C1"]
         assert len(c1) == 1 and c1[0].params == dict(
             id="C1", pattern="block_causal", L=1024, B=1, H=8, D=64, dtype="float32",
-            block=32, prompt=0, n=0)
+            block=32, prompt=0, n=0, Hkv=0)
         assert {"A1", "A2", "A4"} <= {w.id for w in cpu}
     gpu = workloads(torch.device("cuda"), quick=False)
-    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4"}
+    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g"}
     assert sorted(w.params["n"] for w in gpu if w.id == "A4") == [32, 128, 512]
+    assert {(w.params["H"], w.params["Hkv"]) for w in gpu if w.id == "A4g"} == {(28, 4)}  # Dream-7B heads
     assert {w.params["dtype"] for w in gpu} == {"bfloat16"}
+    with pytest.raises(ValueError, match="Hkv must divide H=4"):
+        workload(AttnSpec("X", "dense", L=8, H=4, Hkv=3))
 
 
 KV_TINY = [kv_cache.KVSpec("T1", n=n, B=2, Lmax=32, H=2, D=64, dtype=dtype, validate=validate)

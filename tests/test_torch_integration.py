@@ -412,6 +412,11 @@ def test_split_heuristic():
     assert splits(8, 32, 128, 2048, 128, 132, rows_per_cta=128) == 2
     assert splits(8, 32, 32, 2048, 128, 132, rows_per_cta=128) == 2
     assert splits(8, 32, 128, 2048, 128, 132, rows_per_cta=96) == 1  # no such kernel
+    # GQA packing (next / wide): Dream's 28 query heads over 4 KV heads, 32 sparse queries: 4 x 4
+    # CTAs per sequence instead of 28, so more splits; no packing without grouped heads
+    assert splits(8, 28, 32, 2048, 128, 132) == 2
+    assert splits(8, 28, 32, 2048, 128, 132, kv_heads=4) == 4
+    assert splits(8, 32, 32, 2048, 128, 132, kv_heads=32) == 2
     for args in ((0, 32, 32, 2048, 128, 132), (8, 32, 0, 2048, 128, 132), (8, 32, 32, 0, 128, 132),
                  (8, 32, 32, 2048, 128, 0)):
         assert splits(*args) == 1
@@ -421,6 +426,19 @@ def test_split_heuristic():
             for Lk in (1, 63, 130, 1025, 4096):
                 S = splits(B, 8, Lq, Lk, 64, 132)
                 assert 1 <= S <= most and (S == 1 or 2 * 64 * (S - 1) < Lk), (B, Lq, Lk, S)
+
+
+@needs_cuda_build
+def test_gqa_packing_decision():
+    """Packing pays exactly when it needs fewer CTAs: grouped heads and few query rows."""
+    packs = dlmfuse._ext._C_cuda.attention_packs_gqa
+    assert packs(28, 4, 32, 64)  # Dream, a sparse step: 4 x ceil(224 / 64) = 16 CTAs, not 28
+    assert packs(8, 2, 5, 64) and packs(8, 1, 97, 128)
+    assert not packs(32, 32, 32, 64)  # no grouped heads (LLaDA)
+    assert not packs(28, 4, 2048, 64)  # 4 x 224 = 28 x 32: no saving
+    assert not packs(8, 2, 64, 64)  # one full tile per head already
+    for bad in ((8, 0, 32, 64), (8, 3, 32, 64), (2, 4, 32, 64), (8, 2, 0, 64), (8, 2, 32, 0)):
+        assert not packs(*bad), bad
 
 
 def test_cuda_attention_kernel_choice(monkeypatch):
@@ -434,12 +452,12 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     assert args().kv_stages == 2 and args().tensor_cores
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "single_buffer")
     assert args().kv_stages == 1 and args().tensor_cores
-    assert not args().next_paths
+    assert not args().next_paths and not args().pack_gqa
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "next")
     assert args().next_paths and args().kv_stages == 2
     assert args().rows_per_warp == 16
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
-    assert args().next_paths and args().rows_per_warp == 32
+    assert args().next_paths and args().rows_per_warp == 32 and args().pack_gqa
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
     assert args().kv_stages == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
@@ -530,6 +548,38 @@ def test_cuda_split_kv_matches_reference_and_cpu(case, splits, split_calls, monk
     finite = torch.isfinite(cpu_lse)
     assert torch.equal(finite, torch.isfinite(lse.cpu()))
     torch.testing.assert_close(lse.cpu()[finite], cpu_lse[finite], rtol=1e-4, atol=1e-4)
+
+
+GQA_PACK_CASES = [
+    # (B, n, Lk, Hq, Hkv, D, dtype): sparse steps whose query heads pack (next / wide)
+    (2, 32, 520, 28, 4, 128, torch.bfloat16),  # Dream's heads: 7 per KV head, queries straddle tiles
+    (2, 5, 333, 8, 2, 64, torch.float16),  # one partial tile
+    (3, 97, 1025, 8, 1, 128, torch.bfloat16),  # MQA: 776 packed rows, several tiles; kv_lens 0
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["next", "wide"])
+@pytest.mark.parametrize("splits", ["1", "3"])
+@pytest.mark.parametrize("case", GQA_PACK_CASES, ids=[f"B{c[0]}-n{c[1]}-H{c[3]}x{c[4]}-D{c[5]}" for c in GQA_PACK_CASES])
+def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):
+    """Packed rows (query-major (query, head) pairs per KV head) give the reference's out and lse,
+    and the unpacked verified kernel's, with labels and kv_lens and without."""
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", splits)
+    B, n, Lk, Hq, Hkv, D, dtype = case
+    q, k, v, kwargs = sparse_step_inputs(*case, device="cuda")
+    for call_kwargs in (kwargs, {}):
+        monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
+        assert attention_module.cuda_kernel_args().pack_gqa
+        assert dlmfuse._ext._C_cuda.attention_packs_gqa(Hq, Hkv, n, 4 * attention_module.cuda_kernel_args().rows_per_warp)
+        out, lse = dlmfuse.attention(q, k, v, return_lse=True, **call_kwargs)
+        check_attention(out, q, k, v, lse=lse, **call_kwargs)
+        monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "auto")  # one run of CTAs per query head
+        auto_out, auto_lse = dlmfuse.attention(q, k, v, return_lse=True, **call_kwargs)
+        torch.testing.assert_close(out, auto_out, rtol=2 ** -7, atol=2 ** -7 * float(auto_out.abs().max()))
+        finite = torch.isfinite(auto_lse)
+        assert torch.equal(finite, torch.isfinite(lse))
+        torch.testing.assert_close(lse[finite], auto_lse[finite], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.cuda

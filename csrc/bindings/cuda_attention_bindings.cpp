@@ -45,7 +45,7 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> kv_lens, Array out, Array lse, float scale,
                        bool tensor_cores, uint64_t stream, int num_splits,
                        std::optional<Array> partial_out, std::optional<Array> partial_lse, int kv_stages,
-                       bool next_paths, int rows_per_warp) {
+                       bool next_paths, int rows_per_warp, bool pack_gqa) {
   AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens,
                                        out, lse, scale, nb::device::cuda::value);
   set_split_workspace(p, num_splits, partial_out, partial_lse);
@@ -56,6 +56,10 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
   if (rows_per_warp != 16 && !(rows_per_warp == 32 && next_paths))
     throw_value_error("attention", ": rows_per_warp must be 16, or 32 with next_paths, got ", rows_per_warp);
   p.wide_rows = rows_per_warp == 32;
+  if (pack_gqa && !next_paths) throw_value_error("attention", ": pack_gqa needs next_paths");
+  // Packed only where it saves CTAs; a bias is read per query head, which packed rows mix.
+  p.pack_gqa = pack_gqa && p.bias == nullptr &&
+               cuda::attention_packs_gqa(p.q_heads, p.kv_heads, p.q_len, 4 * rows_per_warp);
   CudaDeviceGuard guard(q.device_id());
   if (tensor_cores && cuda::attention_sm80_supports(p))
     check_launch(cuda::attention_forward_sm80(p, as_stream(stream)), "attention",
@@ -81,18 +85,24 @@ void register_cuda_attention(nb::module_& m) {
         nb::arg("tensor_cores"), nb::arg("stream"), nb::arg("num_splits") = 1,
         nb::arg("partial_out").none() = nb::none(), nb::arg("partial_lse").none() = nb::none(),
         nb::arg("kv_stages") = 2, nb::arg("next_paths") = false,
-        nb::arg("rows_per_warp") = 16,
+        nb::arg("rows_per_warp") = 16, nb::arg("pack_gqa") = false,
         "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] on CUDA (tensor cores for bf16 / fp16 when "
         "tensor_cores and the layout allows; else the CUDA-core kernel). num_splits > 1 splits the "
         "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
         "partial_lse [S, B, Hq, Lq], S = num_splits); kv_stages = 2 (default) double-buffers K and V "
         "on tensor cores, 1 keeps one buffer of each; next_paths = True runs the tensor-core kernel's "
         "changes not yet verified on a GPU (two buffers only), with rows_per_warp = 32 also 128 query rows "
-        "per CTA. Use dlmfuse.attention.");
+        "per CTA, with pack_gqa = True (next_paths only) also the query heads of a KV head packed into "
+        "one CTA's rows where that needs fewer CTAs and there is no bias. Use dlmfuse.attention.");
   m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
         nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"), nb::arg("rows_per_cta") = 64,
+        nb::arg("kv_heads") = 0,
         "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "
-        "(1: no split, no workspace).");
+        "(1: no split, no workspace); kv_heads > 0: counting the CTAs of GQA packing where it applies.");
+  m.def("attention_packs_gqa", &cuda::attention_packs_gqa, nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("q_len"),
+        nb::arg("rows_per_cta"),
+        "Whether attention_forward(pack_gqa=True) packs these shapes (when it also has no bias): packing "
+        "the query heads of each KV head into shared CTAs needs fewer CTAs than one run per head.");
   m.attr("ATTENTION_MAX_SPLITS") = cuda::kAttentionMaxSplits;
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("stream"),

@@ -225,7 +225,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
                   out, lse)
     if q.is_cuda:
         kernel = cuda_kernel_args()
-        splits = cuda_num_splits(q, k, kernel)
+        splits = cuda_num_splits(q, k, kernel, has_bias=bias is not None)
         workspace = {}
         if splits > 1:  # split-KV: each split's partial (out, lse) in float32, merged by the kernel
             partial_out = torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device)
@@ -234,7 +234,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
         _C_cuda.attention_forward(*args, scale, kernel.tensor_cores,
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
                                   kv_stages=kernel.kv_stages, next_paths=kernel.next_paths,
-                                  rows_per_warp=kernel.rows_per_warp, **workspace)
+                                  rows_per_warp=kernel.rows_per_warp, pack_gqa=kernel.pack_gqa, **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
@@ -250,6 +250,7 @@ class CudaKernelArgs(NamedTuple):
     kv_stages: int  # K/V buffers of the tensor-core kernel
     next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80.cu)
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
+    pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, no bias)
 
 
 # auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
@@ -257,15 +258,16 @@ class CudaKernelArgs(NamedTuple):
 # workload of 2026-11-26); single_buffer / double_buffer: that kernel with one / two buffers
 # (A/B checks); simple: the CUDA-core kernel; next: auto plus the kernel changes no GPU run has
 # verified yet, the default once a device run passes the CUDA tests with it and measures it
-# faster; wide: next with 32 query rows per warp (128 per CTA, FlashAttention-2's shape; also not
-# yet run on a GPU).
+# faster (with GQA packing: the query heads of a KV head share CTAs, and so K/V tile reads, when
+# few query rows make that need fewer CTAs); wide: next with 32 query rows per warp (128 per CTA,
+# FlashAttention-2's shape; also not yet run on a GPU).
 _CUDA_KERNEL_ARGS = {
-    "auto": CudaKernelArgs(True, 2, False, 16),
-    "simple": CudaKernelArgs(False, 2, False, 16),
-    "single_buffer": CudaKernelArgs(True, 1, False, 16),
-    "double_buffer": CudaKernelArgs(True, 2, False, 16),
-    "next": CudaKernelArgs(True, 2, True, 16),
-    "wide": CudaKernelArgs(True, 2, True, 32),
+    "auto": CudaKernelArgs(True, 2, False, 16, False),
+    "simple": CudaKernelArgs(False, 2, False, 16, False),
+    "single_buffer": CudaKernelArgs(True, 1, False, 16, False),
+    "double_buffer": CudaKernelArgs(True, 2, False, 16, False),
+    "next": CudaKernelArgs(True, 2, True, 16, True),
+    "wide": CudaKernelArgs(True, 2, True, 32, True),
 }
 CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)
 
@@ -288,11 +290,12 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None) -> int:
+def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None, has_bias: bool = False) -> int:
     """Split-KV count the CUDA attention uses for q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]``:
     the extension's heuristic (shapes and the SM count only, no host sync), or
     ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run.
-    ``kernel``: cuda_kernel_args() when the caller has read it already."""
+    ``kernel``: cuda_kernel_args() when the caller has read it already; ``has_bias``: the call has a
+    bias (no GQA packing then)."""
     kernel = kernel or cuda_kernel_args()
     if q.dtype not in (torch.bfloat16, torch.float16) or not kernel.tensor_cores:
         return 1
@@ -304,7 +307,8 @@ def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = Non
             raise ValueError(f"{_OP}: {_SPLITS_ENV} must be an integer in [1, {most}], got {override!r}")
         return int(override)
     return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index),
-                                        rows_per_cta=4 * kernel.rows_per_warp)
+                                        rows_per_cta=4 * kernel.rows_per_warp,
+                                        kv_heads=k.shape[2] if kernel.pack_gqa and not has_bias else 0)
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b):

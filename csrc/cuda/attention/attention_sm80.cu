@@ -20,8 +20,9 @@
 // AttentionParams::kv_stages = 2 (the default) double-buffers K and V: K, V and the labels of the
 // next visible tile load during the whole of tile j (4-9% faster on an H200 than kv_stages = 1,
 // FlashAttention-2's pipeline: V_j loads during Q K_j^T, K_j+1 during P V_j). 32 rows per warp
-// (128-row CTAs) exist as the opt-in kM = 2 instance, not yet run on a GPU. Not yet: GQA packing,
-// sm_90 wgmma/TMA.
+// (128-row CTAs) exist as the opt-in kM = 2 instance, and GQA packing (the query heads of a KV
+// head share CTAs when few query rows make that need fewer CTAs) as part of the next paths; neither
+// has run on a GPU yet. Not yet: sm_90 wgmma/TMA.
 //
 // The per-warp tile math lives in attention_sm80_tile.cuh; this file has the kernel's tile loop,
 // the split-KV merge, the launch and the host-side checks.
@@ -60,7 +61,8 @@ constexpr int shared_bytes() {
 // AttentionParams::next_paths until a GPU run has verified them: load_bias_by_row; interior
 // PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
 // o is rescaled only when a row of the warp has a new max (softmax_update); a 16-bit bias streams
-// into shared memory with K and V (load_bias_tile_async). With kNext false the
+// into shared memory with K and V (load_bias_tile_async); GQA packing (AttentionParams::pack_gqa,
+// load_packed_q_tile_async, query_of / head_of). With kNext false the
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
@@ -84,10 +86,17 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   __shared__ uint8_t tile_kinds[kThreads];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // h: the query head; with GQA packing (kNext, pack_gqa) the KV head, whose `group` query heads
+  // the CTA's rows interleave query-major: packed row P is query P / group of head h * group + P % group.
   const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits, h = blockIdx.y;
-  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
-  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTileM;
-  const int q_rows = static_cast<int>(p.q_len - q0 < kTileM ? p.q_len - q0 : kTileM);
+  const bool packed = kNext && p.pack_gqa;
+  const int64_t group = p.q_heads / p.kv_heads;
+  const int64_t kv_head = packed ? h : h / group;
+  const int64_t rows_total = packed ? p.q_len * group : p.q_len;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTileM;  // first (packed) row of the tile
+  const int q_rows = static_cast<int>(rows_total - q0 < kTileM ? rows_total - q0 : kTileM);
+  auto query_of = [&](int row) -> int64_t { return packed ? (q0 + row) / group : q0 + row; };
+  auto head_of = [&](int row) -> int64_t { return packed ? h * group + (q0 + row) % group : h; };
   int64_t k_len = p.k_len;
   if (p.kv_lens != nullptr) {
     const int64_t len = p.kv_lens[b];
@@ -101,7 +110,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
   const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
-  load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
+  if (packed) load_packed_q_tile_async<T, D>(q_tile, p, b, kv_head, group, q0, kTileM, q_rows);
+  else load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
   cp_async_commit();
 
   // The two fragment rows of this thread in each of its m-tiles (tile-local) and their labels.
@@ -125,12 +135,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     for (int m = 0; m < kM; ++m)
       for (int r = 0; r < 2; ++r)
         if (row_in_tile[m][r] < q_rows) {
-          row_labels[m].order[r] = p.q_order.at(b, q0 + row_in_tile[m][r]);
-          row_labels[m].group[r] = p.q_group.at(b, q0 + row_in_tile[m][r]);
+          row_labels[m].order[r] = p.q_order.at(b, query_of(row_in_tile[m][r]));
+          row_labels[m].group[r] = p.q_group.at(b, query_of(row_in_tile[m][r]));
         }
     if (warp == 0) {
       LabelRange range = LabelRange::empty();
-      for (int i = lane; i < q_rows; i += 32) range.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
+      for (int i = lane; i < q_rows; i += 32) range.add(p.q_order.at(b, query_of(i)), p.q_group.at(b, query_of(i)));
       range = warp_reduce(range);
       if (lane == 0) q_range = range;
     }
@@ -282,10 +292,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
 #pragma unroll
         for (int m = 0; m < kM; ++m) {
           // A bias tile, or with kM = 2 the bias by rows, is added after the masking (no bias array).
-          mask_scores<kNext>(s[m], bias, kM == 1 && has_bias && !bias_tiled, score_scale, kind, k_orders + stage * kBlockN,
-                             k_groups + stage * kBlockN, row_labels[m], row_in_tile[m], q_rows, rows_full[m], cols,
+          mask_scores<kNext>(s[m], bias, kM == 1 && has_bias && !bias_tiled, score_scale, kind,
+                             k_orders + stage * kBlockN, k_groups + stage * kBlockN, row_labels[m], row_in_tile[m], q_rows, rows_full[m], cols,
                              lane);
-          if (bias_tiled) add_bias_tile(s[m], p.bias_dtype, bias_tiles + stage * kTileM * kBiasPitch, row_in_tile[m], lane);
+          if (bias_tiled)
+            add_bias_tile(s[m], p.bias_dtype, bias_tiles + stage * kTileM * kBiasPitch, row_in_tile[m], lane);
           else if (kM == 2 && has_bias) add_bias_by_row(s[m], p, b, h, q0, k0, row_in_tile[m], q_rows, cols, lane);
           softmax_update<D, kNext>(s[m], o[m], row_max[m], row_sum[m]);
           if constexpr (kM == 2) pack_p<T>(pa[m], s[m]);
@@ -304,21 +315,32 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
 #pragma unroll
   for (int m = 0; m < kM; ++m) {
     if (p.num_splits > 1) {
-      write_partial<D>(p, o[m], row_max[m], row_sum[m], ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
-                       row_in_tile[m], q_rows, lane);
+      if (packed) {
+        for (int r = 0; r < 2; ++r)
+          if (row_in_tile[m][r] < q_rows)
+            write_partial_row<D>(p, o[m], row_max[m], row_sum[m], r,
+                                 ((split * p.batch + b) * p.q_heads + head_of(row_in_tile[m][r])) * p.q_len +
+                                     query_of(row_in_tile[m][r]),
+                                 lane);
+      } else {
+        write_partial<D>(p, o[m], row_max[m], row_sum[m], ((split * p.batch + b) * p.q_heads + h) * p.q_len + q0,
+                         row_in_tile[m], q_rows, lane);
+      }
       continue;
     }
     for (int r = 0; r < 2; ++r) {
       if (row_in_tile[m][r] >= q_rows) continue;
       const float inv = softmax_inv_sum(row_sum[m][r]);
-      T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row_in_tile[m][r]) * p.out_strides[1] +
-               h * p.out_strides[2];
+      const int64_t query = query_of(row_in_tile[m][r]), head = head_of(row_in_tile[m][r]);
+      T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + query * p.out_strides[1] + head * p.out_strides[2];
       for (int dt = 0; dt < D / 8; ++dt) {
         const int col = dt * 8 + 2 * (lane % 4);
         *reinterpret_cast<uint32_t*>(out + col) = MmaType<T>::pack(o[m][dt][2 * r] * inv, o[m][dt][2 * r + 1] * inv);
       }
-      if (lane % 4 == 0)
-        p.lse[(b * p.q_heads + h) * p.q_len + q0 + row_in_tile[m][r]] = softmax_lse(row_max[m][r], row_sum[m][r]);
+      if (lane % 4 == 0)  // (the unpacked index keeps the verified kernel's machine code)
+        p.lse[packed ? (b * p.q_heads + head) * p.q_len + query
+                     : (b * p.q_heads + h) * p.q_len + q0 + row_in_tile[m][r]] =
+            softmax_lse(row_max[m][r], row_sum[m][r]);
     }
   }
 }
@@ -364,14 +386,18 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.q_len, kM * kBlockM)), static_cast<unsigned>(p.q_heads),
+  const bool packed = kNext && p.pack_gqa;  // rows: (query, head) pairs per KV head
+  const int64_t rows = packed ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;
+  const dim3 grid(static_cast<unsigned>(ceil_div(rows, kM * kBlockM)),
+                  static_cast<unsigned>(packed ? p.kv_heads : p.q_heads),
                   static_cast<unsigned>(p.batch * p.num_splits));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
   if (p.num_splits == 1) return cudaGetLastError();
   const cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
-  const int64_t rows = p.batch * p.q_heads * p.q_len;
-  merge_splits_kernel<T, D><<<static_cast<unsigned>(ceil_div(rows, kMergeWarps)), 32 * kMergeWarps, 0, stream>>>(p);
+  const int64_t merged_rows = p.batch * p.q_heads * p.q_len;
+  const auto merge_ctas = static_cast<unsigned>(ceil_div(merged_rows, kMergeWarps));
+  merge_splits_kernel<T, D><<<merge_ctas, 32 * kMergeWarps, 0, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -405,12 +431,19 @@ bool rows_are_16_byte_aligned(const AttentionParams& p) {
 
 }  // namespace
 
+bool attention_packs_gqa(int64_t q_heads, int64_t kv_heads, int64_t q_len, int rows_per_cta) {
+  if (kv_heads <= 0 || q_heads <= kv_heads || q_heads % kv_heads != 0 || q_len <= 0 || rows_per_cta <= 0) return false;
+  return kv_heads * ceil_div(q_len * (q_heads / kv_heads), rows_per_cta) < q_heads * ceil_div(q_len, rows_per_cta);
+}
+
 int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
-                         int sm_count, int rows_per_cta) {
+                         int sm_count, int rows_per_cta, int64_t kv_heads) {
   if (batch <= 0 || q_heads <= 0 || q_len <= 0 || k_len <= 0 || sm_count <= 0) return 1;
   if (head_dim != 64 && head_dim != 128) return 1;  // the CUDA-core kernel runs: it never splits
   if (rows_per_cta != kBlockM && rows_per_cta != 2 * kBlockM) return 1;
-  const int64_t ctas = batch * q_heads * ceil_div(q_len, rows_per_cta);
+  const int64_t ctas = attention_packs_gqa(q_heads, kv_heads, q_len, rows_per_cta)
+                           ? batch * kv_heads * ceil_div(q_len * (q_heads / kv_heads), rows_per_cta)
+                           : batch * q_heads * ceil_div(q_len, rows_per_cta);
   int64_t splits = (kSplitTargetCtasPerSm * sm_count + ctas / 2) / ctas;  // nearest to the target
   const int64_t most_by_keys = ceil_div(ceil_div(k_len, kBlockN), kSplitMinKeyTiles);
   splits = splits < most_by_keys ? splits : most_by_keys;
@@ -425,6 +458,8 @@ bool attention_sm80_supports(const AttentionParams& p) {
          p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits && (p.kv_stages == 1 || p.kv_stages == 2) &&
          (!p.next_paths || p.kv_stages == 2) &&
          (!p.wide_rows || (p.next_paths && p.kv_stages == 2)) &&
+         (!p.pack_gqa || (p.next_paths && p.bias == nullptr &&
+                          p.q_len * (p.q_heads / p.kv_heads) <= kMaxGridDim * kBlockM)) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }
 

@@ -43,6 +43,24 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
   }
 }
 
+// Q of a GQA-packed tile (AttentionParams::pack_gqa): tile row r is packed row q0 + r, i.e. query
+// (q0 + r) / group of query head kv_head * group + (q0 + r) % group; rows at and past valid_rows
+// are zero-filled.
+template <typename T, int D>
+__device__ __forceinline__ void load_packed_q_tile_async(T* tile, const AttentionParams& p, int64_t b, int64_t kv_head,
+                                                         int64_t group, int64_t q0, int rows, int valid_rows) {
+  constexpr int kChunks = D / 8;
+  const T* heads = static_cast<const T*>(p.q) + b * p.q_strides[0] + kv_head * group * p.q_strides[2];
+  for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+    const int row = c / kChunks, chunk = c % kChunks;
+    const bool valid = row < valid_rows;
+    const int64_t packed = q0 + row;
+    const T* from = valid ? heads + (packed / group) * p.q_strides[1] + (packed % group) * p.q_strides[2] + chunk * 8
+                          : heads;
+    cp_async_16(smem_address(tile + swizzled<D>(row, chunk * 8)), from, valid ? 16 : 0);
+  }
+}
+
 // Min/max of the labels of keys [k0, k0 + cols) of row b: 16-byte loads when both label rows
 // are contiguous and 16-byte aligned (the common case), else one label at a time.
 __device__ __forceinline__ LabelRange key_tile_range(const LabelView& order, const LabelView& group, int64_t b,
@@ -80,21 +98,25 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // Split-KV epilogue: the normalised partial out_s = O / l (0 for an empty row) and lse_s of the
-// thread's two fragment rows, fp32, at workspace row `row0 + row_in_tile` ([S, B, Hq, Lq] order).
+// thread's fragment row r (0 or 1), fp32, at workspace row `row` ([S, B, Hq, Lq] order).
+template <int D>
+__device__ __forceinline__ void write_partial_row(const AttentionParams& p, const float (&o)[D / 8][4],
+                                                  const float (&row_max)[2], const float (&row_sum)[2], int r,
+                                                  int64_t row, int lane) {
+  const float inv = softmax_inv_sum(row_sum[r]);
+  float* out = p.partial_out + row * D;
+  for (int dt = 0; dt < D / 8; ++dt)
+    *reinterpret_cast<float2*>(out + dt * 8 + 2 * (lane % 4)) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+  if (lane % 4 == 0) p.partial_lse[row] = softmax_lse(row_max[r], row_sum[r]);
+}
+
+// Both fragment rows of the thread at workspace rows `row0 + row_in_tile` (rows of the tile only).
 template <int D>
 __device__ __forceinline__ void write_partial(const AttentionParams& p, const float (&o)[D / 8][4],
                                               const float (&row_max)[2], const float (&row_sum)[2],
                                               int64_t row0, const int (&row_in_tile)[2], int q_rows, int lane) {
-  for (int r = 0; r < 2; ++r) {
-    if (row_in_tile[r] >= q_rows) continue;
-    const int64_t row = row0 + row_in_tile[r];
-    const float inv = softmax_inv_sum(row_sum[r]);
-    float* out = p.partial_out + row * D;
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<float2*>(out + dt * 8 + 2 * (lane % 4)) =
-          make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0) p.partial_lse[row] = softmax_lse(row_max[r], row_sum[r]);
-  }
+  for (int r = 0; r < 2; ++r)
+    if (row_in_tile[r] < q_rows) write_partial_row<D>(p, o, row_max, row_sum, r, row0 + row_in_tile[r], lane);
 }
 
 // ---------------------------------------------------------------- one key tile, per warp

@@ -69,6 +69,10 @@ struct AttentionParams {
   // two buffers only, not yet run on a GPU). A bool beside next_paths: it fits the padding, so the
   // verified kernels' parameter offsets (and machine code) stay as they were.
   bool wide_rows = false;
+  // GQA packing (next paths only, no bias; not yet run on a GPU): a CTA's query rows are the
+  // (query, head) pairs of the q_heads / kv_heads query heads that share one KV head, so each K/V
+  // tile serves all of them. Set by the binding where it cuts the CTA count (attention_packs_gqa).
+  bool pack_gqa = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
 };

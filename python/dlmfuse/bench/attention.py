@@ -47,7 +47,8 @@ class AttnSpec:
     "block_causal" (``Mask.block_causal(L, block, prefix_len=prompt)``) or "sparse" (``n`` masked
     query rows per sequence against all ``L`` keys, half of them clean: ``Mask.clean_and_self`` on
     a random ``is_clean``, then ``gather_queries``). ``L`` is the key length, and the query length
-    except for "sparse".
+    except for "sparse". ``Hkv``: key/value heads (0: ``H``; fewer: grouped-query attention,
+    peers given ``enable_gqa=True``).
     """
 
     id: str
@@ -60,9 +61,19 @@ class AttnSpec:
     block: int = 32
     prompt: int = 0
     n: int = 0
+    Hkv: int = 0
+
+    @property
+    def kv_heads(self) -> int:
+        return self.Hkv or self.H
 
     @property
     def desc(self) -> str:
+        heads = f" H={self.H}/{self.Hkv}" if self.kv_heads != self.H else ""
+        return self._pattern_desc + heads
+
+    @property
+    def _pattern_desc(self) -> str:
         if self.pattern == "dense":
             return f"dense L={self.L}"
         if self.pattern == "bias":
@@ -77,6 +88,8 @@ def workload(spec: AttnSpec) -> Workload:
     """A benchmark row for ``spec``; its inputs are allocated only when it runs."""
     if spec.pattern not in PATTERNS:
         raise ValueError(f"attention bench: pattern must be one of {PATTERNS}, got {spec.pattern!r}")
+    if spec.Hkv < 0 or spec.H % spec.kv_heads != 0:
+        raise ValueError(f"attention bench: Hkv must divide H={spec.H} (0: Hkv = H), got {spec.Hkv}")
     if spec.pattern == "sparse" and not 0 < spec.n <= spec.L - spec.L // 2:
         raise ValueError(f"attention bench: sparse n must be in [1, {spec.L - spec.L // 2}] "
                          f"(the masked half of L={spec.L}), got {spec.n}")
@@ -94,6 +107,10 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
                  AttnSpec("A2", "block_causal", L=2048, block=32, prompt=512, **llada),
                  AttnSpec("A3", "bias", L=2048, **llada)]
         specs += [AttnSpec("A4", "sparse", L=2048, B=8, n=n, **llada) for n in (32, 128, 512)]
+        # Beyond DESIGN.md §8: A4 with Dream-7B's grouped heads (28 query heads over 4 KV heads),
+        # where packing the 7 query heads of a KV head into shared CTAs reads each K/V tile once.
+        specs += [AttnSpec("A4g", "sparse", L=2048, B=8, n=n, H=28, Hkv=4, D=128, dtype="bfloat16")
+                  for n in (32, 128)]
     else:
         specs = [AttnSpec("C1", "block_causal", L=1024, block=32),
                  AttnSpec("A1", "dense", L=1024),
@@ -112,10 +129,11 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
-    q, k, v = randn(spec.B, Lq, spec.H, spec.D), randn(spec.B, spec.L, spec.H, spec.D), \
-        randn(spec.B, spec.L, spec.H, spec.D)
+    q = randn(spec.B, Lq, spec.H, spec.D)
+    k, v = randn(spec.B, spec.L, spec.kv_heads, spec.D), randn(spec.B, spec.L, spec.kv_heads, spec.D)
     if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
-        params["num_splits"] = None if use_reference("attention", device) else cuda_num_splits(q, k)
+        params["num_splits"] = (None if use_reference("attention", device)
+                                else cuda_num_splits(q, k, has_bias=spec.pattern == "bias"))
         params["cuda_attention"] = cuda_attention_kernel()  # DLMFUSE_CUDA_ATTENTION (A/B runs)
     mask = bias = None
     if spec.pattern == "bias":
@@ -130,13 +148,14 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         visible = spec.B * Lq * spec.L
     else:
         visible = int(mask.to_dense().expand(spec.B, Lq, spec.L).sum())
-    kv_bytes = 2 * spec.B * spec.L * spec.H * spec.D * q.element_size()
+    kv_bytes = 2 * spec.B * spec.L * spec.kv_heads * spec.D * q.element_size()
 
     impls = [Impl(DLMFUSE, lambda: lambda: dlmfuse.attention(q, k, v, mask=mask, bias=bias),
                   to_common=lambda out: out, kind=DLMFUSE)]
     heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # peers' layout [B, H, L, D]
-    impls += _sdpa_impls(heads_first, _sdpa_mask(spec, mask, bias, Lq), device)
-    impls += _flex_impls(heads_first, mask, bias, device)
+    gqa = spec.kv_heads != spec.H
+    impls += _sdpa_impls(heads_first, _sdpa_mask(spec, mask, bias, Lq), device, gqa)
+    impls += _flex_impls(heads_first, mask, bias, device, gqa)
     return Case(impls=impls,
                 flops_dense=4.0 * spec.B * spec.H * Lq * spec.L * spec.D,
                 flops_visible=4.0 * spec.H * spec.D * visible,
@@ -169,15 +188,16 @@ def _sdpa_mask(spec: AttnSpec, mask, bias, Lq: int):
     return mask.to_dense()[:, None].expand(spec.B, spec.H, Lq, spec.L)
 
 
-def _sdpa_impls(heads_first, attn_mask, device: torch.device) -> list[Impl]:
+def _sdpa_impls(heads_first, attn_mask, device: torch.device, gqa: bool = False) -> list[Impl]:
     qh, kh, vh = heads_first
+    extra = dict(enable_gqa=True) if gqa else {}  # only when needed: older torch lacks the kwarg
 
     def prepare(backend=None):
         from torch.nn.attention import sdpa_kernel
 
         def call():
             with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
-                return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask)
+                return F.scaled_dot_product_attention(qh, kh, vh, attn_mask=attn_mask, **extra)
         return call
 
     impls = [Impl("sdpa", prepare, to_common=_to_blhd)]
@@ -221,8 +241,9 @@ def _label_mask_mod(mask: dlmfuse.Mask):
     return mask_mod, batch
 
 
-def _flex_impls(heads_first, mask, bias, device: torch.device) -> list[Impl]:
+def _flex_impls(heads_first, mask, bias, device: torch.device, gqa: bool = False) -> list[Impl]:
     qh, kh, vh = heads_first
+    extra = dict(enable_gqa=True) if gqa else {}
     Lq, Lk = qh.shape[2], kh.shape[2]
     score_mod = None
     if bias is not None:
@@ -238,7 +259,7 @@ def _flex_impls(heads_first, mask, bias, device: torch.device) -> list[Impl]:
 
         flex = _compiled("flex_attention")
         block_mask = build_block_mask(create_block_mask) if mask_mod is not None else None
-        return lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=block_mask)
+        return lambda: flex(qh, kh, vh, score_mod=score_mod, block_mask=block_mask, **extra)
 
     def prepare_block_mask():
         from torch.nn.attention.flex_attention import create_block_mask
