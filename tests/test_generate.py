@@ -55,6 +55,18 @@ def test_greedy_generate_equals_llada_loop(which, cfg_scale):
         assert torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_greedy_generate_equals_llada_loop_with_mask_tokens_in_the_prompt(cfg_scale):
+    """Mask tokens inside the prompt compete with the block's, as in LLaDA, and CFG's unconditional
+    pass keeps them once filled (LLaDA masks only the prompt's non-mask columns)."""
+    model, prompt = denoiser(), prompts(2, 10)
+    prompt[0, 3] = MASK
+    prompt[1, 0] = MASK
+    sampler = LLaDA(16, 16, 8, cfg_scale=cfg_scale, mask_token_id=MASK)
+    out = generate(model, prompt, sampler, cache="none")
+    assert torch.equal(out, llada_reference(model, prompt, 16, 16, 8, cfg_scale=cfg_scale))
+
+
 def test_logits_only_for_the_rows_a_step_uses():
     model, prompt = Spy(denoiser()), prompts(2, 4)
     generate(model, prompt, LLaDA(8, 16, 8, mask_token_id=MASK))

@@ -160,8 +160,10 @@ class _Runner:
         # Pad keys: order INT32_MAX (after every query) and a group no query uses.
         self.pad_k_order = torch.where(valid, 0, INT32_MAX).to(torch.int32)
         self.pad_k_group = torch.where(valid, 0, INT32_MIN).to(torch.int32)
+        # The columns CFG's unconditional pass masks: LLaDA's prompt_index (x != mask_id, taken once
+        # at the start), so a mask token inside the prompt, once filled, stays in that pass.
         self.prompt_cols = torch.zeros_like(valid)
-        self.prompt_cols[:, :prompt_len] = valid[:, :prompt_len]
+        self.prompt_cols[:, :prompt_len] = valid[:, :prompt_len] & (state.x[:, :prompt_len] != sampler.mask_token_id)
         self.guided = sampler.cfg_scale > 0
         self.kv: Optional[KVCache] = None
         self.cached_block = None
