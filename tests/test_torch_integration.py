@@ -189,6 +189,28 @@ def test_torch_compile_fullgraph_matches_eager():
     assert counter.frame_count == 1, "new label values (same shapes) must not recompile"
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_checks_kv_lens_values(backend):
+    """The [0, Lk] check of kv_lens also holds in a compiled graph (tracing sees no values, so the
+    graph carries it as the dlmfuse::check_kv_lens op); in-range values give eager's output."""
+    q, k, v = make(2, 5, 6, 2, 2)
+
+    def fn(q, k, v, kv_lens):
+        return dlmfuse.attention(q, k, v, kv_lens=kv_lens)
+
+    compiled = torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
+    good = torch.tensor([6, 3], dtype=torch.int32)
+    torch.testing.assert_close(compiled(q, k, v, good), fn(q, k, v, good), rtol=1e-6, atol=1e-6)
+    for bad in ([7, 3], [6, -2]):
+        with pytest.raises(ValueError, match=r"kv_lens values must lie in \[0, Lk=6\]"):
+            compiled(q, k, v, torch.tensor(bad, dtype=torch.int32))
+
+
+def test_opcheck_check_kv_lens():
+    for kv_lens in (torch.tensor([3, 0]), torch.tensor([4], dtype=torch.int32)):
+        torch.library.opcheck(torch.ops.dlmfuse.check_kv_lens.default, (kv_lens, 4))
+
+
 def test_torch_compile_fullgraph_merge_attention():
     q, k, v = make(2, 9, 30, 4, 2)
     halves = [dlmfuse.attention(q, k[:, s], v[:, s], return_lse=True) for s in (slice(0, 13), slice(13, 30))]

@@ -193,11 +193,13 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
         expect_same_device(_OP, "kv_lens", kv_lens, "q", q)
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"{_OP}: kv_lens must have shape [B={B}], got {list(kv_lens.shape)}")
-        if check_kv_lens_values and can_read_values(kv_lens):
-            bad = (kv_lens < 0) | (kv_lens > Lk)
-            if bool(bad.any()):
-                raise ValueError(f"{_OP}: kv_lens values must lie in [0, Lk={Lk}], got {kv_lens.tolist()}")
-        kv_lens = kv_lens.to(torch.int32).contiguous()
+        if check_kv_lens_values and torch.compiler.is_compiling():
+            # No values while tracing: the check becomes an op of the graph, run on the real values.
+            kv_lens = torch.ops.dlmfuse.check_kv_lens(kv_lens, Lk)
+        else:
+            if check_kv_lens_values and can_read_values(kv_lens):
+                _check_kv_lens_values(kv_lens, Lk)
+            kv_lens = kv_lens.to(torch.int32).contiguous()
 
     if scale is None:
         scale = 1.0 / math.sqrt(D)
@@ -206,6 +208,12 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
     elif not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be finite, got {scale}")
     return (q, k, v, *labels, bias, kv_lens, float(scale))
+
+
+def _check_kv_lens_values(kv_lens: Tensor, Lk: int) -> None:
+    bad = (kv_lens < 0) | (kv_lens > Lk)
+    if bool(bad.any()):
+        raise ValueError(f"{_OP}: kv_lens values must lie in [0, Lk={Lk}], got {kv_lens.tolist()}")
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -342,6 +350,20 @@ def _attention_op(
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
     return _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale)
+
+
+@torch.library.custom_op("dlmfuse::check_kv_lens", mutates_args=())
+def _check_kv_lens_op(kv_lens: Tensor, k_len: int) -> Tensor:
+    """kv_lens as contiguous int32 after the [0, Lk] value check, for compiled graphs: tracing has
+    no values, so the check runs here, on the real tensor (skipped during CUDA-graph capture)."""
+    if can_read_values(kv_lens):
+        _check_kv_lens_values(kv_lens, k_len)
+    return kv_lens.to(torch.int32, copy=True).contiguous()
+
+
+@_check_kv_lens_op.register_fake
+def _(kv_lens, k_len):
+    return kv_lens.new_empty(kv_lens.shape, dtype=torch.int32)
 
 
 @_attention_op.register_fake
