@@ -234,6 +234,9 @@ def _bad_args():
         ((kc[0], vc, kn, vn, pos), ValueError, ["k_cache", "4 dims", "[10, 2, 64]"]),
         ((kc, vc, kn, vn.transpose(1, 3), pos), ValueError, ["v_new"]),
         ((kc.transpose(2, 3), vc, kn, vn, pos), ValueError, ["k_cache", "contiguous last dim"]),
+        ((kc[:1].expand(2, -1, -1, -1), vc, kn, vn, pos), ValueError, ["k_cache", "share memory", "(0, 128, 64, 1)"]),
+        ((kc, vc[:, :1].expand(-1, 10, -1, -1), kn, vn, pos), ValueError, ["v_cache", "share memory"]),
+        ((kc, kc, kn, vn, pos), ValueError, ["k_cache and v_cache overlap"]),
     ]
 
 
@@ -250,6 +253,39 @@ def test_bad_arguments(case):
     for cache, old in zip(args[:2], before):
         if old is not None and cache.shape == old.shape:
             assert torch.equal(cache, old)
+
+
+def test_new_rows_that_alias_the_cache_are_read_before_any_write():
+    """k_new / v_new may be views of the caches themselves (shifting rows): the result is as if
+    they had been copied first, like the reference."""
+    k_cache, v_cache = (torch.arange(2 * 8 * 64, dtype=torch.float32).view(2, 8, 1, 64) + offset for offset in (0, 1000))
+    positions = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    dlmfuse.reference.kv_scatter_(expected_k, expected_v, expected_k[:, 0:3].clone(), expected_v[:, 2:5].clone(), positions)
+    kv_scatter_(k_cache, v_cache, k_cache[:, 0:3], v_cache[:, 2:5], positions)
+    assert torch.equal(k_cache, expected_k) and torch.equal(v_cache, expected_v)
+
+
+def test_writes_are_seen_by_autograd():
+    """Like torch's in-place ops: the version counters move, so a backward through an attention
+    that read the old cache raises instead of using the new rows; a leaf cache that requires grad
+    is refused (grad mode on) before anything is written."""
+    k_cache, v_cache, k_new, v_new, positions = make_case(1, 8, 2, 16, 2)
+    q = torch.randn(1, 3, 2, 16, requires_grad=True)
+    versions = k_cache._version, v_cache._version
+    out = dlmfuse.attention(q, k_cache, v_cache)
+    kv_scatter_(k_cache, v_cache, k_new, v_new, positions)
+    assert k_cache._version > versions[0] and v_cache._version > versions[1]
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    leaf = k_cache.clone().requires_grad_(True)
+    before = leaf.detach().clone()
+    with pytest.raises(RuntimeError, match="kv_scatter_: k_cache is a leaf tensor that requires grad"):
+        kv_scatter_(leaf, v_cache, k_new, v_new, positions)
+    assert torch.equal(leaf.detach(), before)
+    with torch.no_grad():
+        kv_scatter_(leaf, v_cache, k_new, v_new, positions)  # allowed, as for torch's in-place ops
+    assert torch.equal(leaf.detach()[0, positions[0]], k_new[0])
 
 
 def test_opcheck():

@@ -50,8 +50,19 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
     _check_scatter_args(k_cache, v_cache, k_new, v_new, positions)
     if needs_dispatcher(k_cache, v_cache, k_new, v_new, positions):
         torch.ops.dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate)
-    else:
-        _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
+        return
+    # The kernels write memory behind autograd's back: refuse what torch's in-place ops refuse,
+    # read new rows that alias the cache before any write, and bump the version counters so
+    # that a backward through an attention that read the old cache fails instead of using the new.
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.requires_grad and cache.is_leaf and torch.is_grad_enabled():
+            raise RuntimeError(f"{_OP}: {name} is a leaf tensor that requires grad; an in-place write "
+                               "into it is not allowed (write under torch.no_grad(), or detach the cache)")
+    k_new, v_new = (new.clone() if _overlaps(new, k_cache) or _overlaps(new, v_cache) else new
+                    for new in (k_new, v_new))
+    _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
+    torch.autograd.graph.increment_version(k_cache)
+    torch.autograd.graph.increment_version(v_cache)
 
 
 def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
@@ -70,12 +81,35 @@ def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
     for name, t in (("k_new", k_new), ("v_new", v_new)):
         if tuple(t.shape) != (B, n, H, D):
             raise ValueError(f"{_OP}: {name} must have shape [B={B}, n, Hkv={H}, D={D}] matching the cache and k_new, got {list(t.shape)}")
+    if not torch.compiler.is_compiling():  # memory layout: real tensors only (tracing has fakes)
+        for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if torch._debug_has_internal_overlap(cache) == 1:  # e.g. an expand()ed view: rows share memory
+                raise ValueError(f"{_OP}: {name} has elements that share memory (strides {cache.stride()} for "
+                                 f"shape {list(cache.shape)}); writes would land in several places")
+        if _overlaps(k_cache, v_cache):
+            raise ValueError(f"{_OP}: k_cache and v_cache overlap in memory; pass two separate buffers")
     expect_tensor(_OP, "positions", positions)
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{_OP}: positions must be int32 or int64, got {positions.dtype}")
     expect_same_device(_OP, "positions", positions, "k_cache", k_cache)
     if tuple(positions.shape) != (B, n):
         raise ValueError(f"{_OP}: positions must have shape [B={B}, n={n}], got {list(positions.shape)}")
+
+
+def _overlaps(a: Tensor, b: Tensor) -> bool:
+    """Whether the memory spans of two tensors of one device intersect (False for tensors without
+    real storage, e.g. fake tensors while compiling, where functionalization handles aliasing)."""
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or a.device.type == "meta":
+        return False
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate: bool) -> None:
