@@ -187,6 +187,8 @@ def test_reference_kept_set_rules():
     assert kept_tokens(l, top_p=two + 1e-9).tolist() == [[1, 0, 1, 1, 1, 0, 0, 0]]  # ties at the boundary kept
     assert kept_tokens(l, top_p=1.0).tolist() == kept_tokens(l, top_k=99).tolist()
     assert kept_tokens(l, top_k=3, top_p=0.1, suppress_tokens=torch.tensor([0])).tolist() == [[0, 0, 1, 0, 0, 0, 0, 0]]
+    for nothing in ([], ()):  # an empty Python sequence suppresses nothing (it is not a float tensor)
+        assert kept_tokens(l, suppress_tokens=nothing).tolist() == kept_tokens(l).tolist()
 
 
 # ------------------------------------------------------------------- kernel == float64 reference

@@ -142,6 +142,8 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
     if suppress_tokens is None:
         return None
     ids = torch.as_tensor(suppress_tokens, device=device)
+    if ids.numel() == 0 and not isinstance(suppress_tokens, torch.Tensor):
+        ids = ids.to(torch.int64)  # torch.as_tensor([]) is float32
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{_OP}: suppress_tokens must hold integer token ids, got {ids.dtype}")
     ids = ids.reshape(-1).to(torch.int64)
