@@ -189,6 +189,8 @@ def test_reference_kept_set_rules():
     assert kept_tokens(l, top_k=3, top_p=0.1, suppress_tokens=torch.tensor([0])).tolist() == [[0, 0, 1, 0, 0, 0, 0, 0]]
     for nothing in ([], ()):  # an empty Python sequence suppresses nothing (it is not a float tensor)
         assert kept_tokens(l, suppress_tokens=nothing).tolist() == kept_tokens(l).tolist()
+        for run in (dlmfuse.sample_tokens, dlmfuse.reference.sample_tokens):
+            assert all(torch.equal(a, b) for a, b in zip(run(l, seed=3, suppress_tokens=nothing), run(l, seed=3)))
 
 
 # ------------------------------------------------------------------- kernel == float64 reference

@@ -103,6 +103,8 @@ def _suppressed_mask(suppress_tokens, vocab: int) -> Tensor:
     if suppress_tokens is None:
         return mask
     ids = torch.as_tensor(suppress_tokens).detach().cpu().reshape(-1)
+    if ids.numel() == 0 and not isinstance(suppress_tokens, Tensor):
+        ids = ids.to(torch.int64)  # torch.as_tensor([]) is float32
     if ids.is_floating_point() or ids.dtype == torch.bool:
         raise TypeError(f"sample_tokens: suppress_tokens must be an integer tensor, got {ids.dtype}")
     ids = ids.to(torch.int64)
