@@ -206,6 +206,13 @@ def test_bad_arguments_name_the_value():
         generate(model, prompt, EsoLM(4, 8, mask_token_id=MASK), cache="dual")
     with pytest.raises(ValueError, match="prompt token"):
         generate(model, prompt, Dream(4, 8, mask_token_id=MASK), prompt_lens=[4, 0])
+    # Ids past the vocabulary of a model with a config (a DenoiserLM): named, before any forward
+    lm = denoiser()
+    vocab = lm.config.vocab_size
+    with pytest.raises(ValueError, match=rf"mask_token_id=126336 is outside the model's vocabulary \[0, {vocab}\)"):
+        generate(lm, prompt, LLaDA(4, 8, 4))
+    with pytest.raises(ValueError, match=rf"prompt_ids must be token ids < vocab_size={vocab}, got {vocab}"):
+        generate(lm, torch.cat([prompt[:, :3], torch.full((2, 1), vocab)], dim=1), sampler)
 
 
 @pytest.mark.skipif(not callable(dlmfuse.generate), reason="dlmfuse.generate is not exported yet")

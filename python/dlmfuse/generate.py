@@ -102,6 +102,7 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     if cache != "none" and cache not in sampler.cache_modes:
         raise ValueError(f"{_OP}: cache={cache!r} does not apply to {sampler!r} (its modes: "
                          f"{['none', *sampler.cache_modes]})")
+    _check_vocab(model, prompt_ids, sampler)
     seed = _check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"{_OP}: callback must be callable, got {type(callback).__name__}")
@@ -337,6 +338,19 @@ def _check_prompt(prompt_ids) -> Tensor:
     if prompt_ids.numel() and int(prompt_ids.min()) < 0:
         raise ValueError(f"{_OP}: prompt_ids must be token ids >= 0, got {int(prompt_ids.min())}")
     return prompt_ids.to(torch.int64)
+
+
+def _check_vocab(model, prompt_ids: Tensor, sampler: Sampler) -> None:
+    """Token ids past the model's vocabulary (config.vocab_size, where the model has one): a clear
+    error here instead of an embedding IndexError, or a device-side assert on CUDA."""
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(vocab, int):
+        return
+    if not 0 <= sampler.mask_token_id < vocab:
+        raise ValueError(f"{_OP}: the sampler's mask_token_id={sampler.mask_token_id} is outside the model's "
+                         f"vocabulary [0, {vocab}); pass the model's mask_token_id= to the sampler")
+    if prompt_ids.numel() and int(prompt_ids.max()) >= vocab:
+        raise ValueError(f"{_OP}: prompt_ids must be token ids < vocab_size={vocab}, got {int(prompt_ids.max())}")
 
 
 def _prompt_validity(prompt_ids: Tensor, attention_mask, prompt_lens) -> Tensor:

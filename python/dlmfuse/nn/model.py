@@ -183,16 +183,28 @@ class DenoiserLM(nn.Module):
                 raise TypeError(f"{_OP}: cache must be a dlmfuse.KVCache or None, got {type(cache).__name__}")
             if cache.num_layers != len(self.layers):
                 raise ValueError(f"{_OP}: cache has {cache.num_layers} layers but the model has {len(self.layers)}")
+        rows_bad = None
         if logits_for is not None:
             _expect_int_tensor("logits_for", logits_for, "[B, n]")
             if logits_for.dim() != 2 or logits_for.shape[0] != batch:
                 raise ValueError(f"{_OP}: logits_for must have shape [B={batch}, n], got {list(logits_for.shape)}")
             if logits_for.device != device:
                 raise TypeError(f"{_OP}: logits_for is on {logits_for.device} but the model is on {device}")
-            # One host read on the common path (a device sync on CUDA); the range only for the message.
-            if can_read_values(logits_for) and bool(((logits_for < 0) | (logits_for >= length)).any()):
-                low, high = int(logits_for.min()), int(logits_for.max())
-                raise ValueError(f"{_OP}: logits_for values must lie in [0, L={length}), got range [{low}, {high}]")
+            if can_read_values(logits_for):
+                rows_bad = ((logits_for < 0) | (logits_for >= length)).any()
+        # Token ids past the vocabulary: checked where that adds no host read (always on the CPU; on
+        # CUDA, where such an id would be a device-side assert, only beside logits_for's read).
+        vocab = self.config.vocab_size
+        ids_bad = None
+        if can_read_values(input_ids) and (not input_ids.is_cuda or rows_bad is not None):
+            ids_bad = ((input_ids < 0) | (input_ids >= vocab)).any()
+        checks = [bad for bad in (rows_bad, ids_bad) if bad is not None]
+        if checks and bool(torch.stack(checks).any()):  # one host read (a device sync on CUDA)
+            if ids_bad is not None and bool(ids_bad):
+                low, high = int(input_ids.min()), int(input_ids.max())
+                raise ValueError(f"{_OP}: input_ids must be token ids in [0, vocab_size={vocab}), got range [{low}, {high}]")
+            low, high = int(logits_for.min()), int(logits_for.max())
+            raise ValueError(f"{_OP}: logits_for values must lie in [0, L={length}), got range [{low}, {high}]")
         return batch, length
 
     def extra_repr(self) -> str:
