@@ -360,12 +360,28 @@ def test_fresh_cache_and_nbytes():
     ({"head_dim": True}, ValueError, "head_dim"),
     ({"dtype": torch.int32}, TypeError, "dtype"),
     ({"dtype": "float32"}, TypeError, "dtype"),
+    ({"dtype": torch.float64}, TypeError, "torch.float64"),  # attention reads float32 / bf16 / fp16 only
+    ({"head_dim": 300}, ValueError, "head_dim must be at most 256"),
 ])
 def test_constructor_errors(kwargs, exc, word):
     args = {"num_layers": 2, "batch": 1, "max_len": 8, "num_kv_heads": 1, "head_dim": 64, "dtype": torch.float32}
     args.update(kwargs)
     with pytest.raises(exc, match=word):
         KVCache(**args)
+
+
+def test_layer_index_errors():
+    """write, view and attend take a layer in [0, num_layers): no negative indexing."""
+    cache = KVCache(2, 1, 8, 1, 64, torch.float32)
+    q, labels = torch.randn(1, 2, 1, 64), torch.ones(1, 2, dtype=torch.int32)
+    k = torch.randn(1, 1, 1, 64)
+    calls = {"write": lambda layer: cache.write(layer, torch.tensor([[0]]), k, k),
+             "view": lambda layer: cache.view(layer),
+             "attend": lambda layer: cache.attend(layer, q, labels, labels)}
+    for method, call in calls.items():
+        for layer in (2, -1, 1.0, True):
+            with pytest.raises(ValueError, match=rf"KVCache.{method}: layer must be an int in \[0, 2\), got {layer!r}"):
+                call(layer)
 
 
 def test_write_labels_lengths_and_layers():

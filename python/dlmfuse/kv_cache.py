@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from ._ext import ORDER_INFINITY, _C_cuda
+from ._ext import ATTENTION_MAX_HEAD_DIM, ORDER_INFINITY, _C_cuda
 from .attention import _attention
 from .mask import INT32_MIN, Mask
-from ._checks import (can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
+from ._checks import (FLOAT_DTYPES, can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
 from ._ext import dlpack, use_reference
 
@@ -179,8 +179,11 @@ class KVCache:
         for name, value in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             expect_positive_int("KVCache", name, value)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise TypeError(f"KVCache: dtype must be a floating torch.dtype, got {dtype!r}")
+        if dtype not in FLOAT_DTYPES:  # what dlmfuse.attention reads
+            raise TypeError(f"KVCache: dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
+        if head_dim > ATTENTION_MAX_HEAD_DIM:
+            raise ValueError(f"KVCache: head_dim must be at most {ATTENTION_MAX_HEAD_DIM} (dlmfuse.attention), "
+                             f"got {head_dim}")
         device = torch.device("cpu" if device is None else device)
         shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
         self.num_layers, self.batch, self.max_len = num_layers, batch, max_len
@@ -223,8 +226,7 @@ class KVCache:
         ``validate=False``. ``update_lengths=False`` leaves ``lengths`` alone: for the later
         layers of a model that writes the same positions on every layer (a few launches less
         per layer)."""
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
-            raise ValueError(f"KVCache.write: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        self._check_layer("write", layer)
         expect_tensor("KVCache.write", "positions", positions)
         labels = [(store, self._checked_labels(name, value, positions))
                   for name, value, store in (("order", order, self._order), ("group", group, self._group))
@@ -257,8 +259,14 @@ class KVCache:
                 raise ValueError(f"KVCache.write: {name} values must fit in int32, got range [{low}, {high}]")
         return labels.to(torch.int32)
 
+    def _check_layer(self, method: str, layer) -> None:
+        # Negative indices are refused too: cache.view(-1) silently meaning the last layer hides bugs.
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"KVCache.{method}: layer must be an int in [0, {self.num_layers}), got {layer!r}")
+
     def view(self, layer: int) -> CacheView:
         """K, V, key labels and kv_lens of one layer, ready for dlmfuse.attention."""
+        self._check_layer("view", layer)
         return CacheView(self.k[layer], self.v[layer], self.k_order, self.k_group, self.lengths)
 
     def mask(self, q_order: Tensor, q_group: Tensor) -> Mask:
@@ -269,6 +277,7 @@ class KVCache:
         """``dlmfuse.attention(q, K, V, mask=self.mask(q_order, q_group), kv_lens=self.lengths)``
         for one layer; other keyword arguments (bias, scale, return_lse) pass through. The
         lengths' values are not read back (no host sync)."""
+        self._check_layer("attend", layer)
         view = self.view(layer)
         # lengths stay in [0, max_len] (write() only raises them to an in-range position + 1), so
         # their values are not read back: that would be a host sync per layer on CUDA.
