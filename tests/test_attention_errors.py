@@ -315,3 +315,11 @@ def test_raw_merge_binding_rejects_inconsistent_arguments():
         dlmfuse._C.merge_attention(good["out_a"], good["lse_a"].double(), good["out_b"], good["lse_b"], out, lse)
     with pytest.raises(TypeError, match=r"out must have the dtype of out_a"):
         dlmfuse._C.merge_attention(good["out_a"], good["lse_a"], good["out_b"], good["lse_b"], out.half(), lse)
+
+
+def test_numpy_scale_is_accepted():
+    np = pytest.importorskip("numpy")
+    q = torch.randn(1, 4, 2, 64, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(dlmfuse.attention(q, q, q, scale=np.float32(0.5)), dlmfuse.attention(q, q, q, scale=0.5))
+    with pytest.raises(TypeError, match="scale must be a float"):
+        dlmfuse.attention(q, q, q, scale=np.bool_(True))

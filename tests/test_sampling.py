@@ -642,3 +642,18 @@ def test_cuda_extreme_inputs_give_the_cpu_tokens():
         cpu_tokens, _ = dlmfuse.sample_tokens(logits, temperature=temperature, seed=3)
         cuda_tokens, _ = dlmfuse.sample_tokens(logits.cuda(), temperature=temperature, seed=3)
         assert torch.equal(cpu_tokens, cuda_tokens.cpu()), (logits, temperature)
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    """Arguments computed with numpy (np.int64 seeds, np.float32 temperatures) work like Python
+    numbers, in the op and in the reference; numpy bools are still refused."""
+    np = pytest.importorskip("numpy")
+    logits = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(0))
+    plain = dict(seed=3, offset=2, temperature=0.7, top_k=4, top_p=0.9)
+    numpy = dict(seed=np.int64(3), offset=np.uint32(2), temperature=np.float32(0.7), top_k=np.int64(4), top_p=np.float64(0.9))
+    expected = dlmfuse.sample_tokens(logits, **{**plain, "temperature": float(np.float32(0.7))})
+    assert all(torch.equal(a, b) for a, b in zip(dlmfuse.sample_tokens(logits, **numpy), expected))
+    ref = dlmfuse.reference.sample_tokens
+    assert all(torch.equal(a, b) for a, b in zip(ref(logits, seed=np.int64(3)), ref(logits, seed=3)))
+    with pytest.raises(TypeError, match="seed must be an int"):
+        dlmfuse.sample_tokens(logits, seed=np.bool_(True))

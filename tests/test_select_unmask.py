@@ -309,3 +309,15 @@ def test_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         for out, rule in zip(outs, rules):
             assert torch.equal(out, dlmfuse.reference.select_unmask(conf, cand, **rule)), (seed, rule)
+
+
+def test_numpy_scalars_are_accepted_as_numbers():
+    np = pytest.importorskip("numpy")
+    confidence = torch.rand(2, 6, generator=torch.Generator().manual_seed(0))
+    candidates = torch.ones(2, 6, dtype=torch.bool)
+    for k in (np.int64(2), np.int32(2)):
+        assert torch.equal(select_unmask(confidence, candidates, k=k), select_unmask(confidence, candidates, k=2))
+    assert torch.equal(select_unmask(confidence, candidates, threshold=np.float32(0.5)),
+                       select_unmask(confidence, candidates, threshold=float(np.float32(0.5))))
+    with pytest.raises(TypeError, match="k must be an int"):
+        select_unmask(confidence, candidates, k=np.bool_(True))

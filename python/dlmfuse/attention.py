@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -203,7 +204,7 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
 
     if scale is None:
         scale = 1.0 / math.sqrt(D)
-    elif not isinstance(scale, (int, float)) or isinstance(scale, bool):
+    elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numpy scalars too
         raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
     elif not math.isfinite(scale):
         raise ValueError(f"{_OP}: scale must be finite, got {scale}")

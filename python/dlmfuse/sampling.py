@@ -9,6 +9,7 @@ remasking policy needs (prob, margin, neg_entropy, logit).
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -83,7 +84,7 @@ def sample_tokens(
         raise ValueError(f"{_OP}: logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"{_OP}: logits must have a contiguous last dimension, got strides {logits.stride()}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
         raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
@@ -105,17 +106,17 @@ def sample_tokens(
 def _top_k_code(top_k) -> int:
     if top_k is None:
         return 0
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"{_OP}: top_k must be an int or None, got {type(top_k).__name__}")
     if top_k < 1:
         raise ValueError(f"{_OP}: top_k must be >= 1 (or None), got {top_k}")
-    return top_k
+    return int(top_k)
 
 
 def _top_p_value(top_p) -> float:
     if top_p is None:
         return 1.0
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)):
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real):
         raise TypeError(f"{_OP}: top_p must be a float or None, got {type(top_p).__name__}")
     if not 0.0 < top_p <= 1.0:
         raise ValueError(f"{_OP}: top_p must be in (0, 1], got {top_p}")
@@ -131,11 +132,11 @@ def _counter(name: str, value, logits: Tensor) -> Tuple[int, Optional[Tensor]]:
         if value.is_cuda and value.device == logits.device:
             return 0, value.reshape(1).to(torch.int64)
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{_OP}: {name} must be an int (or a one-element int tensor), got {type(value).__name__}")
     if not 0 <= value <= _MAX_SEED:
         raise ValueError(f"{_OP}: {name} must be in [0, 2**63), got {value}")
-    return value, None
+    return int(value), None
 
 
 def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:

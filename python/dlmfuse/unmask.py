@@ -155,7 +155,7 @@ def _check_k(k, confidence: Tensor) -> None:
         if can_read_values(k) and k.numel() > 0 and bool((k < 0).any()):
             raise ValueError(f"{_OP}: k must be >= 0 in every row, got {k.tolist()}")
         return
-    if isinstance(k, bool) or not isinstance(k, (int, torch.SymInt)):
+    if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{_OP}: k must be an int or an integer tensor [B], got {type(k).__name__} {k!r}")
     if k < 0:
         raise ValueError(f"{_OP}: k must be >= 0, got {k}")

@@ -14,6 +14,7 @@ seed >> 32))``; outputs (0, 1) for even j, (2, 3) for odd j give (hi, lo);
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Union
 
 import torch
@@ -75,11 +76,11 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[Tensor, Tensor, Tensor, Tenso
 def _u64(value, name: str) -> int:
     if isinstance(value, Tensor):
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"sample_tokens: {name} must be an int, got {type(value).__name__}")
     if not 0 <= value < 2 ** 64:
         raise ValueError(f"sample_tokens: {name} must lie in [0, 2^64), got {value}")
-    return value
+    return int(value)
 
 
 def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0) -> Tensor:

@@ -196,11 +196,11 @@ def _check_sequence(name: str, x, gen_start, gen_length: int) -> None:
 
 
 def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an int, got {type(seed).__name__} {seed!r}")
     if not 0 <= seed <= _MAX_SEED:
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
-    return seed
+    return int(seed)
 
 
 def check_int(owner: str, name: str, value, minimum: int = 1) -> int:
