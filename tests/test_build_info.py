@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from packaging.version import Version
 
@@ -88,6 +89,25 @@ def test_cli_info_prints_json():
     # The override routes every op to the reference, and "kernels" reports what dispatch does.
     expected["kernels"] = {op: {dev: "reference" for dev in devs} for op, devs in expected["kernels"].items()}
     assert printed == expected
+
+
+def test_misspelt_backend_override_is_an_error(monkeypatch):
+    """DLMFUSE_BACKEND=refrence must not silently run the native kernels it meant to bypass."""
+    q = torch.randn(1, 3, 2, 64)
+    monkeypatch.setenv("DLMFUSE_BACKEND", "refrence")
+    with pytest.raises(ValueError, match="DLMFUSE_BACKEND must be 'reference', 'native' or unset, got 'refrence'"):
+        dlmfuse.attention(q, q, q)
+    for fine in ("native", ""):
+        monkeypatch.setenv("DLMFUSE_BACKEND", fine)
+        assert dlmfuse.build_info()["kernels"]["attention"]["cpu"] == "native"
+
+
+def test_bad_thread_count_warns_at_import():
+    code = "import dlmfuse; print(dlmfuse.build_info()['num_threads'])"
+    result = run_python("-W", "error::RuntimeWarning", "-c", code, env_extra={"DLMFUSE_NUM_THREADS": "abc"})
+    assert result.returncode != 0 and "DLMFUSE_NUM_THREADS='abc' is not a positive integer" in result.stderr
+    result = run_python("-W", "error::RuntimeWarning", "-c", code, env_extra={"DLMFUSE_NUM_THREADS": "2"})
+    assert result.returncode == 0 and result.stdout.strip() == "2", result.stderr
 
 
 def test_import_and_build_info_never_touch_the_gpu():

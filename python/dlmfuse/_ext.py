@@ -8,6 +8,7 @@ touches a GPU at import time.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch.utils.dlpack import to_dlpack as _to_dlpack
@@ -57,6 +58,18 @@ _UNVERIFIED_CUDA_KERNELS = {
 }
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
+_THREADS_ENV = "DLMFUSE_NUM_THREADS"
+
+
+def _warn_if_bad_thread_count() -> None:
+    """The C++ pool ignores a DLMFUSE_NUM_THREADS that is not a positive integer: say so once."""
+    value = os.environ.get(_THREADS_ENV)
+    if value is not None and not (value.strip().isdigit() and int(value) >= 1):
+        warnings.warn(f"{_THREADS_ENV}={value!r} is not a positive integer; ignored (dlmfuse uses one thread "
+                      f"per core)", RuntimeWarning, stacklevel=3)
+
+
+_warn_if_bad_thread_count()
 _UNVERIFIED_ENV = "DLMFUSE_CUDA_KERNELS"
 
 
@@ -68,10 +81,15 @@ def _cuda_kernel_enabled(op: str) -> bool:
 def use_reference(op: str, device: torch.device) -> bool:
     """True when `op` on `device` runs the pure-PyTorch reference instead of a native kernel.
 
-    DLMFUSE_BACKEND=reference forces the reference everywhere (for debugging and A/B checks).
+    DLMFUSE_BACKEND=reference forces the reference everywhere (for debugging and A/B checks);
+    unset, empty or "native" leaves the choice to the build; anything else is a ValueError (a
+    misspelt override must not silently run the kernels it meant to bypass).
     """
-    if os.environ.get(_BACKEND_ENV, "") == "reference":
+    backend = os.environ.get(_BACKEND_ENV, "")
+    if backend == "reference":
         return True
+    if backend not in ("", "native"):
+        raise ValueError(f"{_BACKEND_ENV} must be 'reference', 'native' or unset, got {backend!r}")
     if device.type == "cuda":
         if _C_cuda is None:  # a build without nvcc
             return True
