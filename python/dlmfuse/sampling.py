@@ -63,7 +63,9 @@ def sample_tokens(
     Returns:
         ``(tokens, confidence)``: int64 and float32 tensors of shape ``logits.shape[:-1]``.
         A row in which no token can be emitted (all suppressed or -inf) raises ValueError on the
-        CPU; the CUDA kernel (no host sync) returns token -1 and confidence -inf for it.
+        CPU; the CUDA kernel (no host sync) returns token -1 and confidence -inf for it. Logits
+        must otherwise be finite: a +inf logit (e.g. an fp16 LM head that overflowed) is chosen,
+        but the row's probability-based confidence is NaN (checking would cost a pass over V).
 
     Example::
 
