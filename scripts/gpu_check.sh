@@ -3,7 +3,7 @@
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
 #   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
-#   bench     kernel benchmarks (K1, S1, then A1-A4 and A4g), JSONL for bench/results/
+#   bench     kernel benchmarks (K1, S1, then A1-A5 and A4g), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each

@@ -22,7 +22,8 @@ TINY = [AttnSpec("T1", "dense", L=64, H=2),
         AttnSpec("T2", "bias", L=32, H=2),
         AttnSpec("T3", "block_causal", L=64, H=2, block=16, prompt=16),
         AttnSpec("T4", "sparse", L=64, B=2, H=2, n=8),
-        AttnSpec("T5", "sparse", L=64, B=2, H=4, Hkv=2, n=8)]  # grouped heads: peers with enable_gqa
+        AttnSpec("T5", "sparse", L=64, B=2, H=4, Hkv=2, n=8),  # grouped heads: peers with enable_gqa
+        AttnSpec("T6", "bd3_train", L=16, H=2, block=4, train=True)]  # forward + backward
 
 ROW_KEYS = {"family", "workload", "desc", "impl", "kind", "params", "status", "error", "time_ms",
             "times_ms", "tflops_dense", "tflops_visible", "gbps", "ratio_vs_dlmfuse",
@@ -61,6 +62,31 @@ def test_tiny_run_writes_rows_table_and_progress(tmp_path):
         assert f"[{i}/{len(TINY)}] {spec.id} {spec.desc} ..." in progress
         assert f"{spec.id} {spec.desc}" in table
     assert "sdpa" in table and "dlmfuse faster" in table and "failed" not in table
+
+
+def test_training_rows_time_forward_and_backward(monkeypatch):
+    """A train spec's implementations return the forward output after computing the gradients of
+    q, k and v (in their own layout), and its FLOPs count 3.5x the forward's."""
+    spec = AttnSpec("T6", "bd3_train", L=16, H=2, block=4, train=True)
+    case = workload(spec).setup(CPU)
+    grads = []
+    real_grad = torch.autograd.grad
+
+    def recording_grad(outputs, inputs, grad_outputs):
+        result = real_grad(outputs, inputs, grad_outputs)
+        grads.append([g.shape for g in result])
+        return result
+
+    monkeypatch.setattr(torch.autograd, "grad", recording_grad)
+    for impl in case.impls:
+        if impl.kind == "overhead" or impl.name.startswith("flex"):
+            continue
+        out = impl.prepare()()
+        assert not out.requires_grad
+        assert impl.to_common(out).shape == (1, 32, 2, 64)  # 2L queries, dlmfuse layout
+    assert grads[0] == [(1, 32, 2, 64)] * 3 and grads[1] == [(1, 2, 32, 64)] * 3  # dlmfuse, then sdpa
+    forward = AttnSpec("T6", "bd3_train", L=16, H=2, block=4)
+    assert case.flops_dense == 3.5 * workload(forward).setup(CPU).flops_dense
 
 
 def test_failing_peer_is_recorded_not_fatal(tmp_path):
@@ -111,10 +137,13 @@ def test_default_workloads_follow_design():
         c1 = [w for w in cpu if w.id == "C1"]
         assert len(c1) == 1 and c1[0].params == dict(
             id="C1", pattern="block_causal", L=1024, B=1, H=8, D=64, dtype="float32",
-            block=32, prompt=0, n=0, Hkv=0)
+            block=32, prompt=0, n=0, Hkv=0, train=False)
         assert {"A1", "A2", "A4"} <= {w.id for w in cpu}
     gpu = workloads(torch.device("cuda"), quick=False)
-    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g"}
+    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g", "A5"}
+    a5 = [w.params for w in gpu if w.id == "A5"]
+    assert len(a5) == 1 and a5[0]["pattern"] == "bd3_train" and a5[0]["train"]
+    assert (a5[0]["L"], a5[0]["block"], a5[0]["H"], a5[0]["D"]) == (1024, 16, 32, 128)
     assert sorted(w.params["n"] for w in gpu if w.id == "A4") == [32, 128, 512]
     assert {(w.params["H"], w.params["Hkv"]) for w in gpu if w.id == "A4g"} == {(28, 4)}  # Dream-7B heads
     assert {w.params["dtype"] for w in gpu} == {"bfloat16"}

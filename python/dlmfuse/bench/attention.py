@@ -1,4 +1,4 @@
-"""Attention benchmarks: the DESIGN.md §8 rows A1-A4 on CUDA, C1 and CPU-sized A1/A2/A4 on CPU.
+"""Attention benchmarks: the DESIGN.md §8 rows A1-A5 on CUDA, C1 and CPU-sized A1/A2/A4 on CPU.
 
 Every workload times ``dlmfuse.attention`` against, in the same run:
 
@@ -15,12 +15,15 @@ Every workload times ``dlmfuse.attention`` against, in the same run:
 
 FLOPs: ``tflops_dense`` counts ``4*B*H*Lq*Lk*D`` (every pair), ``tflops_visible`` only the visible
 pairs (what DESIGN.md §8 calls "effective TFLOP/s"). The sparse-query rows (A4) also report GB/s of
-the K and V read, the floor of their cost.
+the K and V read, the floor of their cost. Training rows (A5, ``train=True``) time the forward and
+the gradients of q, k and v for a fixed upstream gradient, and count FLOPs as 3.5x the forward's
+(the backward's five matrix products against the forward's two).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import asdict, dataclass
 
@@ -36,7 +39,8 @@ from .common import DLMFUSE, Case, Impl, Workload
 FAMILY = "attention"
 PEERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "flex.create_block_mask")
 SEED = 0
-PATTERNS = ("dense", "bias", "block_causal", "sparse")
+PATTERNS = ("dense", "bias", "block_causal", "sparse", "bd3_train")
+TRAIN_FLOPS_FACTOR = 3.5  # forward + backward against the forward alone (2 + 5 matrix products)
 
 
 @dataclass(frozen=True)
@@ -46,9 +50,11 @@ class AttnSpec:
     ``pattern``: "dense" (no mask), "bias" (dense plus an additive ``[1, H, L, L]`` bias),
     "block_causal" (``Mask.block_causal(L, block, prefix_len=prompt)``) or "sparse" (``n`` masked
     query rows per sequence against all ``L`` keys, half of them clean: ``Mask.clean_and_self`` on
-    a random ``is_clean``, then ``gather_queries``). ``L`` is the key length, and the query length
-    except for "sparse". ``Hkv``: key/value heads (0: ``H``; fewer: grouped-query attention,
-    peers given ``enable_gqa=True``).
+    a random ``is_clean``, then ``gather_queries``) or "bd3_train" (BD3-LM training on
+    ``[x_t ; x_0]``: ``Mask.bd3_train(L, block)``, 2L queries and keys). ``L`` is the key length,
+    and the query length, except for "sparse" and "bd3_train". ``Hkv``: key/value heads (0: ``H``;
+    fewer: grouped-query attention, peers given ``enable_gqa=True``). ``train``: time forward and
+    backward (the gradients of q, k and v).
     """
 
     id: str
@@ -62,6 +68,7 @@ class AttnSpec:
     prompt: int = 0
     n: int = 0
     Hkv: int = 0
+    train: bool = False
 
     @property
     def kv_heads(self) -> int:
@@ -70,7 +77,15 @@ class AttnSpec:
     @property
     def desc(self) -> str:
         heads = f" H={self.H}/{self.Hkv}" if self.kv_heads != self.H else ""
-        return self._pattern_desc + heads
+        return self._pattern_desc + heads + (" fwd+bwd" if self.train else "")
+
+    @property
+    def q_len(self) -> int:
+        return {"sparse": self.n, "bd3_train": 2 * self.L}.get(self.pattern, self.L)
+
+    @property
+    def k_len(self) -> int:
+        return 2 * self.L if self.pattern == "bd3_train" else self.L
 
     @property
     def _pattern_desc(self) -> str:
@@ -81,6 +96,8 @@ class AttnSpec:
         if self.pattern == "block_causal":
             prompt = f" prompt={self.prompt}" if self.prompt else ""
             return f"block-causal {self.block}{prompt} L={self.L}"
+        if self.pattern == "bd3_train":
+            return f"BD3 [x_t ; x_0] L={self.L} (2L={2 * self.L}) block {self.block}"
         return f"sparse n={self.n} Lk={self.L} B={self.B}"
 
 
@@ -111,6 +128,7 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         # where packing the 7 query heads of a KV head into shared CTAs reads each K/V tile once.
         specs += [AttnSpec("A4g", "sparse", L=2048, B=8, n=n, H=28, Hkv=4, D=128, dtype="bfloat16")
                   for n in (32, 128)]
+        specs.append(AttnSpec("A5", "bd3_train", L=1024, block=16, train=True, **llada))
     else:
         specs = [AttnSpec("C1", "block_causal", L=1024, block=32),
                  AttnSpec("A1", "dense", L=1024),
@@ -124,13 +142,13 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
     CUDA, record in ``params`` (the rows' copy) the split-KV count dlmfuse uses."""
     gen = torch.Generator(device=device).manual_seed(SEED)
     dtype = getattr(torch, spec.dtype)
-    Lq = spec.n if spec.pattern == "sparse" else spec.L
+    Lq, Lk = spec.q_len, spec.k_len
 
     def randn(*shape):
         return torch.randn(*shape, generator=gen, device=device, dtype=dtype)
 
     q = randn(spec.B, Lq, spec.H, spec.D)
-    k, v = randn(spec.B, spec.L, spec.kv_heads, spec.D), randn(spec.B, spec.L, spec.kv_heads, spec.D)
+    k, v = randn(spec.B, Lk, spec.kv_heads, spec.D), randn(spec.B, Lk, spec.kv_heads, spec.D)
     if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
         params["num_splits"] = (None if use_reference("attention", device)
                                 else cuda_num_splits(q, k, has_bias=spec.pattern == "bias"))
@@ -142,24 +160,48 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         mask = dlmfuse.Mask.block_causal(spec.L, spec.block, prefix_len=spec.prompt, device=device)
     elif spec.pattern == "sparse":
         mask = _sparse_mask(spec, gen, device)
+    elif spec.pattern == "bd3_train":
+        mask = dlmfuse.Mask.bd3_train(spec.L, spec.block, device=device)
 
     # Visible (query, key) pairs summed over the batch: the work a mask-aware kernel must do.
     if mask is None:
-        visible = spec.B * Lq * spec.L
+        visible = spec.B * Lq * Lk
     else:
-        visible = int(mask.to_dense().expand(spec.B, Lq, spec.L).sum())
-    kv_bytes = 2 * spec.B * spec.L * spec.kv_heads * spec.D * q.element_size()
+        visible = int(mask.to_dense().expand(spec.B, Lq, Lk).sum())
+    kv_bytes = 2 * spec.B * Lk * spec.kv_heads * spec.D * q.element_size()
 
+    heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # peers' layout [B, H, L, D]
+    if spec.train:  # leaves whose gradients each implementation computes
+        q, k, v, *heads_first = (x.requires_grad_(True) for x in (q, k, v, *heads_first))
     impls = [Impl(DLMFUSE, lambda: lambda: dlmfuse.attention(q, k, v, mask=mask, bias=bias),
                   to_common=lambda out: out, kind=DLMFUSE)]
-    heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # peers' layout [B, H, L, D]
     gqa = spec.kv_heads != spec.H
     impls += _sdpa_impls(heads_first, _sdpa_mask(spec, mask, bias, Lq), device, gqa)
     impls += _flex_impls(heads_first, mask, bias, device, gqa)
+    flops = 4.0 * spec.H * spec.D * (TRAIN_FLOPS_FACTOR if spec.train else 1.0)
+    if spec.train:
+        grad_out = randn(spec.B, Lq, spec.H, spec.D)
+        impls = [_with_backward(impl, (q, k, v) if impl.kind == DLMFUSE else tuple(heads_first),
+                                grad_out if impl.kind == DLMFUSE else grad_out.transpose(1, 2))
+                 if impl.kind != "overhead" else impl for impl in impls]
     return Case(impls=impls,
-                flops_dense=4.0 * spec.B * spec.H * Lq * spec.L * spec.D,
-                flops_visible=4.0 * spec.H * spec.D * visible,
+                flops_dense=flops * spec.B * Lq * Lk,
+                flops_visible=flops * visible,
                 bytes_read=kv_bytes if spec.pattern == "sparse" else None)
+
+
+def _with_backward(impl: Impl, inputs: tuple, grad_out: torch.Tensor) -> Impl:
+    """``impl`` timed as forward + backward: its output, then the gradients of ``inputs`` for
+    the upstream gradient ``grad_out`` (in the implementation's output layout)."""
+    def prepare():
+        forward = impl.prepare()
+
+        def step():
+            out = forward()
+            torch.autograd.grad(out, inputs, grad_out)
+            return out.detach()
+        return step
+    return dataclasses.replace(impl, prepare=prepare)
 
 
 def _sparse_mask(spec: AttnSpec, gen: torch.Generator, device: torch.device) -> dlmfuse.Mask:
@@ -185,7 +227,7 @@ def _sdpa_mask(spec: AttnSpec, mask, bias, Lq: int):
         return bias
     if mask is None:
         return None
-    return mask.to_dense()[:, None].expand(spec.B, spec.H, Lq, spec.L)
+    return mask.to_dense()[:, None].expand(spec.B, spec.H, Lq, spec.k_len)
 
 
 def _sdpa_impls(heads_first, attn_mask, device: torch.device, gqa: bool = False) -> list[Impl]:
