@@ -68,11 +68,11 @@ if wants tests; then
   attention_tests="tests/test_torch_integration.py tests/test_attention.py"
   step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
     python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
-  for kernel in simple single_buffer next wide; do
+  for kernel in simple single_buffer next wide sm90; do
     step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
-  for kernel in next wide; do
+  for kernel in next wide sm90; do
     step "pytest_cuda_${kernel}_splits" 60 env DLMFUSE_CUDA_ATTENTION=$kernel DLMFUSE_ATTENTION_SPLITS=3 \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
@@ -80,14 +80,21 @@ fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
   sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_kv_cache.py tests/test_sampling.py"
+  # The wgmma path (sm90) on its own: a failure there (-x) must not cut the others' coverage.
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph"
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph and not sm90"
+  step sanitizer_memcheck_sm90 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "sm90"
   # Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
   step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider -k "not Lk2048" \
     tests/test_torch_integration.py::test_cuda_split_kv_matches_reference_and_cpu
   step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
+    -k "not sm90"
+  step sanitizer_racecheck_sm90 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
+    -k "sm90"
 fi
 if wants bench; then
   # The cheap families first, so that their rows come back even if the attention peers' compiles
@@ -97,7 +104,7 @@ if wants bench; then
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
     --json "$OUT/bench_attention.jsonl"
   # A/B of the other tensor-core kernels against the rows above (peers skipped: they ran above).
-  for kernel in single_buffer next wide; do
+  for kernel in single_buffer next wide sm90; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
       --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
   done

@@ -300,7 +300,7 @@ def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "next", "wide"])
+@pytest.mark.parametrize("kernel", ["auto", "next", "wide", "sm90"])
 @pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
@@ -318,9 +318,10 @@ def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
 
 
 @pytest.mark.cuda
-# bf16/fp16: tensor cores (two K/V buffers by default, or one; "next" / "wide": the unverified
-# changes, wide with 32 rows per warp), or CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide"])
+# bf16/fp16: tensor cores (two K/V buffers by default, or one; "next" / "wide" / "sm90": the
+# unverified changes, wide with 32 rows per warp, sm90 with warpgroup MMAs on H100 / H200), or
+# CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide", "sm90"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -479,7 +480,9 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     assert args().next_paths and args().kv_stages == 2
     assert args().rows_per_warp == 16
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
-    assert args().next_paths and args().rows_per_warp == 32 and args().pack_gqa
+    assert args().next_paths and args().rows_per_warp == 32 and args().pack_gqa and not args().wgmma
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "sm90")
+    assert args().next_paths and args().rows_per_warp == 16 and args().pack_gqa and args().wgmma
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
     assert args().kv_stages == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
@@ -581,7 +584,7 @@ GQA_PACK_CASES = [
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["next", "wide"])
+@pytest.mark.parametrize("kernel", ["next", "wide", "sm90"])
 @pytest.mark.parametrize("splits", ["1", "3"])
 @pytest.mark.parametrize("case", GQA_PACK_CASES, ids=[f"B{c[0]}-n{c[1]}-H{c[3]}x{c[4]}-D{c[5]}" for c in GQA_PACK_CASES])
 def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):

@@ -243,7 +243,8 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
         _C_cuda.attention_forward(*args, scale, kernel.tensor_cores,
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
                                   kv_stages=kernel.kv_stages, next_paths=kernel.next_paths,
-                                  rows_per_warp=kernel.rows_per_warp, pack_gqa=kernel.pack_gqa, **workspace)
+                                  rows_per_warp=kernel.rows_per_warp, pack_gqa=kernel.pack_gqa, wgmma=kernel.wgmma,
+                                  **workspace)
     else:
         _C.attention_forward(*args, scale)
     return out, lse
@@ -260,6 +261,7 @@ class CudaKernelArgs(NamedTuple):
     next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80.cu)
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
     pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, no bias)
+    wgmma: bool = False  # warpgroup MMAs on sm_90 GPUs (next paths; elsewhere the next paths run)
 
 
 # auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
@@ -269,7 +271,8 @@ class CudaKernelArgs(NamedTuple):
 # verified yet, the default once a device run passes the CUDA tests with it and measures it
 # faster (with GQA packing: the query heads of a KV head share CTAs, and so K/V tile reads, when
 # few query rows make that need fewer CTAs); wide: next with 32 query rows per warp (128 per CTA,
-# FlashAttention-2's shape; also not yet run on a GPU).
+# FlashAttention-2's shape; also not yet run on a GPU); sm90: next with warpgroup MMAs (wgmma)
+# on H100 / H200 (the next paths elsewhere; not yet run on a GPU).
 _CUDA_KERNEL_ARGS = {
     "auto": CudaKernelArgs(True, 2, False, 16, False),
     "simple": CudaKernelArgs(False, 2, False, 16, False),
@@ -277,6 +280,7 @@ _CUDA_KERNEL_ARGS = {
     "double_buffer": CudaKernelArgs(True, 2, False, 16, False),
     "next": CudaKernelArgs(True, 2, True, 16, True),
     "wide": CudaKernelArgs(True, 2, True, 32, True),
+    "sm90": CudaKernelArgs(True, 2, True, 16, True, wgmma=True),
 }
 CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)
 

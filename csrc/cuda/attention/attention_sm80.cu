@@ -66,13 +66,19 @@ constexpr int shared_bytes() {
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
-template <typename T, int D, int kStages, bool kNext, int kM>
+// kWgmma (sm_90a only; AttentionParams::wgmma): the next paths with S = Q K^T and O += P V as
+// warpgroup MMAs (sm90::score_tile / accumulate_pv) on 128-byte-swizzled, 1024-byte-aligned tiles.
+template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
   static_assert(kM == 1 || (kM == 2 && kStages == 2 && kNext), "32 rows per warp: next paths, two buffers");
+  static_assert(!kWgmma || (kM == 1 && kStages == 2 && kNext), "wgmma: next paths, two buffers, 64-row CTAs");
   constexpr int kTileM = kBlockM * kM;  // query rows per CTA
   extern __shared__ __align__(128) unsigned char shared_raw[];
-  T* q_tile = reinterpret_cast<T*>(shared_raw);      // [kTileM, D] swizzled
+  unsigned char* shared_base = shared_raw;
+  if constexpr (kWgmma)  // swizzle atoms of 1024 bytes (the launch adds the slack)
+    shared_base += (1024 - smem_address(shared_raw) % 1024) % 1024;
+  T* q_tile = reinterpret_cast<T*>(shared_base);     // [kTileM, D] swizzled
   T* k_tiles = q_tile + kTileM * D;                  // [kStages][kBlockN, D]
   T* v_tiles = k_tiles + kStages * kBlockN * D;      // [kStages][kBlockN, D]
   int32_t* k_orders = reinterpret_cast<int32_t*>(v_tiles + kStages * kBlockN * D);  // [kStages][kBlockN]
@@ -110,8 +116,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
   const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
-  if (packed) load_packed_q_tile_async<T, D>(q_tile, p, b, kv_head, group, q0, kTileM, q_rows);
-  else load_tile_async<T, D>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
+  if (packed) load_packed_q_tile_async<T, D, kWgmma>(q_tile, p, b, kv_head, group, q0, kTileM, q_rows);
+  else load_tile_async<T, D, kWgmma>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
   cp_async_commit();
 
   // The two fragment rows of this thread in each of its m-tiles (tile-local) and their labels.
@@ -126,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     row_in_tile[m][1] = first + lane / 4 + 8;
     rows_full[m] = kNext ? first + 16 <= q_rows : q_rows == kTileM;
   }
-  const bool warp_has_rows = !kNext || warp * 16 * kM < q_rows;
+  const bool warp_has_rows = !kNext || kWgmma || warp * 16 * kM < q_rows;  // wgmma: the whole warpgroup
   RowLabels row_labels[kM];
 #pragma unroll
   for (int m = 0; m < kM; ++m) row_labels[m] = {{0, 0}, {0, 0}};
@@ -146,10 +152,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     }
   }
   cp_async_wait_all();
+  if constexpr (kWgmma) sm90::fence_proxy_async_shared();  // Q for wgmma's operand reads
   __syncthreads();
 
-  uint32_t q_frag[D / 16][4];  // kM = 1: Q in registers for the whole loop
-  if constexpr (kM == 1)
+  uint32_t q_frag[D / 16][4];  // kM = 1: Q in registers for the whole loop (not with wgmma)
+  if constexpr (kM == 1 && !kWgmma)
     for (int ks = 0; ks < D / 16; ++ks)
       ldmatrix_x4(q_frag[ks], smem_address(q_tile + swizzled<D>(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8,
                                                                 ks * 16 + (lane / 16) * 8)));
@@ -194,12 +201,12 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     return k_end;
   };
   auto load_k = [&](int64_t k0, int stage) {
-    load_tile_async<T, D>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1], kBlockN,
-                          tile_cols(k0));
+    load_tile_async<T, D, kWgmma>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1],
+                                  kBlockN, tile_cols(k0));
   };
   auto load_v = [&](int64_t k0, int stage) {
-    load_tile_async<T, D>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1], kBlockN,
-                          tile_cols(k0));
+    load_tile_async<T, D, kWgmma>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1],
+                                  kBlockN, tile_cols(k0));
   };
   // Key labels of a PARTIAL tile into label buffer `stage` (threads 0-63: orders, 64-127: groups),
   // in the caller's cp.async group; keys past the tile's end are never read.
@@ -281,12 +288,14 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       if (kM == 1 && has_bias && !bias_tiled && warp_has_rows)
         load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile[0], q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
+      if constexpr (kWgmma) sm90::fence_proxy_async_shared();
       __syncthreads();
       if (warp_has_rows) {
         const T* k_tile = k_tiles + stage * kBlockN * D;
         const T* v_tile = v_tiles + stage * kBlockN * D;
         float s[kM][kBlockN / 8][4];
-        if constexpr (kM == 1) score_tile<T, D>(s[0], q_frag, k_tile, lane);
+        if constexpr (kWgmma) sm90::score_tile<T, D>(s[0], q_tile, k_tile);
+        else if constexpr (kM == 1) score_tile<T, D>(s[0], q_frag, k_tile, lane);
         else score_tile_wide<T, D>(s, q_tile, warp, k_tile, lane);
         uint32_t pa[kM][kBlockN / 16][4];  // kM = 2: P packed per m-tile
 #pragma unroll
@@ -301,7 +310,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
           softmax_update<D, kNext>(s[m], o[m], row_max[m], row_sum[m]);
           if constexpr (kM == 2) pack_p<T>(pa[m], s[m]);
         }
-        if constexpr (kM == 1) accumulate_pv<T, D>(o[0], s[0], v_tile, lane);
+        if constexpr (kWgmma) sm90::accumulate_pv<T, D>(o[0], s[0], v_tile);
+        else if constexpr (kM == 1) accumulate_pv<T, D>(o[0], s[0], v_tile, lane);
         else accumulate_pv_wide<T, D>(o, pa, v_tile, lane);
       }
       __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it
@@ -379,11 +389,13 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
-template <typename T, int D, int kStages, bool kNext, int kM = 1>
+template <typename T, int D, int kStages, bool kNext, int kM = 1, bool kWgmma = false>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int most_bytes = shared_bytes<D, kStages, kM>() + (kNext ? bias_tiles_bytes(kM * kBlockM) : 0);
-  const int bytes = shared_bytes<D, kStages, kM>() + (kNext && bias_tileable(p) ? bias_tiles_bytes(kM * kBlockM) : 0);
-  auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM>;
+  constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the kernel aligns its tiles to 1024 bytes
+  constexpr int most_bytes = shared_bytes<D, kStages, kM>() + (kNext ? bias_tiles_bytes(kM * kBlockM) : 0) + kAlignSlack;
+  const int bytes = shared_bytes<D, kStages, kM>() + (kNext && bias_tileable(p) ? bias_tiles_bytes(kM * kBlockM) : 0) +
+                    kAlignSlack;
+  auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM, kWgmma>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
   const bool packed = kNext && p.pack_gqa;  // rows: (query, head) pairs per KV head
@@ -401,10 +413,19 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// The kernel instance for p.kv_stages, p.next_paths and p.wide_rows (next_paths and wide_rows: two
-// buffers only).
+// Whether the current device is an sm_90 GPU (H100 / H200), whose cubin has the wgmma instance.
+bool current_device_is_sm90() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  return major == 9;
+}
+
+// The kernel instance for p.kv_stages, p.next_paths, p.wide_rows and p.wgmma (next_paths, wide_rows
+// and wgmma: two buffers only; wgmma on sm_90 only, else the next paths run).
 template <typename T, int D>
 cudaError_t launch_variant(const AttentionParams& p, cudaStream_t stream) {
+  if (p.wgmma && current_device_is_sm90()) return launch_sm80<T, D, 2, true, 1, true>(p, stream);
   if (p.wide_rows) return launch_sm80<T, D, 2, true, 2>(p, stream);
   if (p.next_paths) return launch_sm80<T, D, 2, true>(p, stream);
   return p.kv_stages == 2 ? launch_sm80<T, D, 2, false>(p, stream) : launch_sm80<T, D, 1, false>(p, stream);
@@ -458,6 +479,7 @@ bool attention_sm80_supports(const AttentionParams& p) {
          p.num_splits >= 1 && p.num_splits <= kAttentionMaxSplits && (p.kv_stages == 1 || p.kv_stages == 2) &&
          (!p.next_paths || p.kv_stages == 2) &&
          (!p.wide_rows || (p.next_paths && p.kv_stages == 2)) &&
+         (!p.wgmma || (p.next_paths && p.kv_stages == 2 && !p.wide_rows)) &&
          (!p.pack_gqa || (p.next_paths && p.bias == nullptr &&
                           p.q_len * (p.q_heads / p.kv_heads) <= kMaxGridDim * kBlockM)) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;

@@ -12,6 +12,7 @@
 
 #include "cuda/attention/mma_sm80.cuh"
 #include "cuda/attention/tile_common.cuh"
+#include "cuda/attention/wgmma_sm90.cuh"
 #include "dlmfuse/online_softmax.h"
 #include "dlmfuse/visibility.h"
 
@@ -29,9 +30,17 @@ __device__ __forceinline__ int swizzled(int row, int col) {
   return row * D + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
+// Element offset of (row, col) in a [rows][D] shared tile: swizzled (ldmatrix, sm_80 MMAs) or,
+// kSw128, wgmma's 128-byte-swizzled layout (sm90::sw128_offset).
+template <int D, bool kSw128>
+__device__ __forceinline__ int tile_offset(int row, int col, int rows) {
+  if constexpr (kSw128) return sm90::sw128_offset<D>(row, col, rows);
+  else return swizzled<D>(row, col);
+}
+
 // rows x D tile from global (row stride in elements) into swizzled shared memory; rows at and
 // past `valid_rows` are zero-filled.
-template <typename T, int D>
+template <typename T, int D, bool kSw128 = false>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t row_stride, int rows,
                                                 int valid_rows) {
   constexpr int kChunks = D / 8;
@@ -39,14 +48,14 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
     const int row = c / kChunks, chunk = c % kChunks;
     const bool valid = row < valid_rows;
     const T* from = src + (valid ? row * row_stride + chunk * 8 : 0);
-    cp_async_16(smem_address(tile + swizzled<D>(row, chunk * 8)), from, valid ? 16 : 0);
+    cp_async_16(smem_address(tile + tile_offset<D, kSw128>(row, chunk * 8, rows)), from, valid ? 16 : 0);
   }
 }
 
 // Q of a GQA-packed tile (AttentionParams::pack_gqa): tile row r is packed row q0 + r, i.e. query
 // (q0 + r) / group of query head kv_head * group + (q0 + r) % group; rows at and past valid_rows
 // are zero-filled.
-template <typename T, int D>
+template <typename T, int D, bool kSw128 = false>
 __device__ __forceinline__ void load_packed_q_tile_async(T* tile, const AttentionParams& p, int64_t b, int64_t kv_head,
                                                          int64_t group, int64_t q0, int rows, int valid_rows) {
   constexpr int kChunks = D / 8;
@@ -57,7 +66,7 @@ __device__ __forceinline__ void load_packed_q_tile_async(T* tile, const Attentio
     const int64_t packed = q0 + row;
     const T* from = valid ? heads + (packed / group) * p.q_strides[1] + (packed % group) * p.q_strides[2] + chunk * 8
                           : heads;
-    cp_async_16(smem_address(tile + swizzled<D>(row, chunk * 8)), from, valid ? 16 : 0);
+    cp_async_16(smem_address(tile + tile_offset<D, kSw128>(row, chunk * 8, rows)), from, valid ? 16 : 0);
   }
 }
 
@@ -456,3 +465,47 @@ __device__ __forceinline__ void accumulate_pv_wide(float (&o)[2][D / 8][4], cons
 }
 
 }  // namespace dlmfuse::cuda::sm80
+
+namespace dlmfuse::cuda::sm90 {
+
+// ---------------------------------------------------------------- one key tile, per warpgroup
+// The sm_90a path (DLMFUSE_CUDA_ATTENTION=sm90, not yet run on a GPU): the CTA's 4 warps are one
+// warpgroup; Q, K and V sit in shared memory in the 128-byte-swizzled layout (load_tile_async
+// with kSw128). Each call issues its wgmma batch and waits for it (no overlap of the softmax with
+// the next MMAs yet: FlashAttention-3's ping-pong is the next step).
+using sm80::kBlockM;
+using sm80::kBlockN;
+static_assert(kBlockM == 64 && kBlockN == 64, "one warpgroup: 64 query rows, 64-key tiles");
+constexpr uint32_t kSubTileBytes = 64 * 128;  // one [64 rows][64 elements] 16-bit sub-tile
+
+// S = Q K^T for the warpgroup's 64 rows and the tile's 64 keys; this warp's rows in s.
+template <typename T, int D>
+__device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const T* q_tile, const T* k_tile) {
+  const uint32_t q = sm80::smem_address(q_tile), k = sm80::smem_address(k_tile);
+  for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {  // a k16 step is 32 bytes into a 128-byte swizzled row
+    const uint32_t offset = (ks / 4) * kSubTileBytes + (ks % 4) * 32;
+    wgmma_ss<T, kBlockN>(s, sw128_descriptor(q + offset, 16, 1024), sw128_descriptor(k + offset, 16, 1024), 1);
+  }
+  wgmma_commit();
+  wgmma_wait_all();
+}
+
+// O += P V: P (this warp's probabilities) packed into A fragments, V [64 keys][D] MN-major.
+template <typename T, int D>
+__device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float (&s)[kBlockN / 8][4], const T* v_tile) {
+  uint32_t pa[kBlockN / 16][4];
+  sm80::pack_p<T>(pa, s);
+  const uint32_t v = sm80::smem_address(v_tile);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kBlockN / 16; ++kk)  // 16 keys = 16 rows of 128 bytes
+    wgmma_rs_mn_major_b<T, D>(o, pa[kk], sw128_descriptor(v + kk * 16 * 128, kSubTileBytes, 1024));
+  wgmma_commit();
+  wgmma_wait_all();
+}
+
+}  // namespace dlmfuse::cuda::sm90

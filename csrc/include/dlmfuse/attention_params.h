@@ -73,6 +73,9 @@ struct AttentionParams {
   // (query, head) pairs of the q_heads / kv_heads query heads that share one KV head, so each K/V
   // tile serves all of them. Set by the binding where it cuts the CTA count (attention_packs_gqa).
   bool pack_gqa = false;
+  // The next paths with warpgroup MMAs (wgmma) on sm_90 GPUs (elsewhere the next paths run);
+  // not yet run on a GPU.
+  bool wgmma = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
 };
