@@ -10,7 +10,8 @@ may propose the mask token, which leaves the column masked):
 - ``maskgit_plus`` / ``topk_margin`` / ``entropy``: every masked column proposes a token with a
   confidence (probability / top-1 minus top-2 probability / negative entropy), and the
   ``int(M_b * (1 - s / t))`` most confident are unmasked (all at the last step; float32 math as
-  Dream). With ``alg_temp > 0`` they are instead drawn without replacement with probabilities
+  Dream; Dream counts with the batch's mean M, the same number unless rows hold different
+  numbers of masks, e.g. mask tokens in a prompt). With ``alg_temp > 0`` they are instead drawn without replacement with probabilities
   ``softmax(confidence / alg_temp)`` (Gumbel-top-k with stream CONFIDENCE: the same distribution
   as Dream's ``torch.multinomial``).
 

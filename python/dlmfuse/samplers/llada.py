@@ -19,8 +19,9 @@ the block's; also mask tokens of the prompt), and the mask token itself may be p
 column then stays masked). Steps whose ``k_i`` is 0 in every row make no network call (they
 change nothing in LLaDA either).
 ``suppress_tokens`` (e.g. LLaDA's EOS 126081 and EoT 126348) are never emitted and are left out
-of the confidence softmax, which is what LLaDA's ``logits_eos_inf`` does for EOS and what its
-``confidence_eos_eot_inf`` intends for both.
+of the confidence softmax, which is what LLaDA's ``logits_eos_inf`` does for EOS. LLaDA's
+``confidence_eos_eot_inf`` is not reproduced: it sets those logits to -inf after the argmax, so
+there EoT can still be emitted, with confidence 0 (filled last), and the EOS half has no effect.
 """
 
 from __future__ import annotations
