@@ -28,6 +28,7 @@
 // the split-KV merge, the launch and the host-side checks.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/attention_sm80_tile.cuh"
+#include "cuda/attention/attention_sm90_tile.cuh"
 
 #include <type_traits>
 
