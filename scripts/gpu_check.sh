@@ -3,7 +3,8 @@
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
 #   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
-#   bench     kernel benchmarks (K1, S1, then A1-A5 and A4g), JSONL for bench/results/
+#   bench     kernel benchmarks (K1, S1; A1-A5 and A4g per attention kernel, then with the
+#             peers), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
@@ -61,20 +62,18 @@ step nvidia_smi 30 nvidia-smi
 if wants tests; then
   # The tests import the installed wheel (PYTHONPATH), not the source tree.
   step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
-  # The whole CUDA attention matrix (bias, every mask family, GQA, kv_lens) with split-KV forced
-  # (the split tests themselves set their own DLMFUSE_ATTENTION_SPLITS), then with each other
-  # kernel: CUDA cores, one K/V buffer, and the changes not yet verified on a GPU (next, wide;
-  # those also with forced splits, for their split-KV partials).
+  # The attention matrix, bias-layout and GQA-packing tests run every kernel themselves (their
+  # `kernel` parameter); with split-KV forced here they also cover each kernel's split partials
+  # (the split tests set their own DLMFUSE_ATTENTION_SPLITS). The other attention tests (graph
+  # capture, torch.compile, split heuristics, KV-cache attend) then run once per other kernel.
   attention_tests="tests/test_torch_integration.py tests/test_attention.py"
+  per_kernel_tests="not test_cuda_matches_reference_and_cpu and not test_cuda_bias_layouts_match_reference"
+  per_kernel_tests="$per_kernel_tests and not test_cuda_gqa_packing_matches_reference"
   step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
     python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   for kernel in simple single_buffer next wide sm90; do
     step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
-      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
-  done
-  for kernel in next wide sm90; do
-    step "pytest_cuda_${kernel}_splits" 60 env DLMFUSE_CUDA_ATTENTION=$kernel DLMFUSE_ATTENTION_SPLITS=3 \
-      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
+      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests -k "$per_kernel_tests"
   done
 fi
 if wants sanitize; then
@@ -97,17 +96,18 @@ if wants sanitize; then
     -k "sm90"
 fi
 if wants bench; then
-  # The cheap families first, so that their rows come back even if the attention peers' compiles
-  # (FlexAttention under inductor) run out of time.
+  # Cheapest and most telling first, so that a budget cut loses the least: the op families, then
+  # dlmfuse alone with each tensor-core kernel (A/B: auto is the verified default; the others are
+  # listed at _CUDA_KERNEL_ARGS in python/dlmfuse/attention.py), then the peers (SDPA backends and
+  # FlexAttention, whose inductor compiles take most of the time).
   step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
     --json "$OUT/bench_ops.jsonl"
-  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
-    --json "$OUT/bench_attention.jsonl"
-  # A/B of the other tensor-core kernels against the rows above (peers skipped: they ran above).
-  for kernel in single_buffer next wide sm90; do
+  for kernel in auto next wide sm90; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
       --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
   done
+  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
+    --json "$OUT/bench_attention.jsonl"
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).
