@@ -68,6 +68,9 @@ def test_heads_not_multiple():
     q, k, v = qkv(q_heads=6, kv_heads=4)
     with pytest.raises(ValueError, match=r"query heads \(6\).*kv heads \(4\)"):
         dlmfuse.attention(q, k, v)
+    q, k, v = qkv(q_heads=0, kv_heads=0)
+    with pytest.raises(ValueError, match="at least one head, got Hq=0 and Hkv=0"):
+        dlmfuse.attention(q, k, v)
 
 
 @pytest.mark.parametrize("head_dim", [257, 300])

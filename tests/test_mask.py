@@ -196,6 +196,12 @@ def test_gather_queries_out_of_range(bad):
         Mask.causal(9).gather_queries(torch.tensor([[0, bad]]))
 
 
+def test_gather_queries_uint64_out_of_range_names_the_unsigned_value():
+    huge = torch.tensor([[0, 2 ** 63 + 5]], dtype=torch.uint64)
+    with pytest.raises(ValueError, match=rf"index value {2 ** 63 + 5} is outside \[0, q_len=9\)"):
+        Mask.causal(9).gather_queries(huge)
+
+
 def test_gather_queries_bad_dtype_and_batch():
     mask = Mask.causal(4)
     with pytest.raises(TypeError, match="float32"):

@@ -157,7 +157,9 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
         raise ValueError(f"{_OP}: k must have shape [B={B}, Lk, Hkv, D={D}], got {list(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"{_OP}: v must have the shape of k {list(k.shape)}, got {list(v.shape)}")
-    if Hkv == 0 or Hq % Hkv != 0:
+    if Hq == 0 or Hkv == 0:
+        raise ValueError(f"{_OP}: q and k need at least one head, got Hq={Hq} and Hkv={Hkv}")
+    if Hq % Hkv != 0:
         raise ValueError(f"{_OP}: query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
     if not 1 <= D <= ATTENTION_MAX_HEAD_DIM:
         raise ValueError(f"{_OP}: head_dim={D} unsupported (supported: 1 to {ATTENTION_MAX_HEAD_DIM})")

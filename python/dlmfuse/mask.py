@@ -248,7 +248,8 @@ class Mask:
             raise ValueError(f"gather_queries: index must have shape [n] or [B, n], got {list(index.shape)}")
         if index.device != self.device:
             raise TypeError(f"gather_queries: index is on {index.device} but the mask is on {self.device}")
-        if index.dtype == torch.uint64:  # few kernels exist for uint64; reinterpret, range-check below
+        unsigned64 = index.dtype == torch.uint64
+        if unsigned64:  # few kernels exist for uint64; reinterpret, range-check below
             index = index.view(torch.int64)
         index = index.to(torch.int64)
         if index.dim() == 1:
@@ -257,6 +258,8 @@ class Mask:
             outside = (index < 0) | (index >= self.q_len)
             if bool(outside.any()):
                 bad = int(index[outside][0])
+                if unsigned64 and bad < 0:
+                    bad += 1 << 64  # the uint64 value the caller passed
                 raise ValueError(f"gather_queries: index value {bad} is outside [0, q_len={self.q_len})")
 
         q_batch = max(self.q_order.shape[0], self.q_group.shape[0])
