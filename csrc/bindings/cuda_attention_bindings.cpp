@@ -56,7 +56,8 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
   if (rows_per_warp != 16 && !(rows_per_warp == 32 && next_paths))
     throw_value_error("attention", ": rows_per_warp must be 16, or 32 with next_paths, got ", rows_per_warp);
   p.wide_rows = rows_per_warp == 32;
-  if (pack_gqa && !next_paths) throw_value_error("attention", ": pack_gqa needs next_paths");
+  if (pack_gqa && (!next_paths || rows_per_warp != 16))
+    throw_value_error("attention", ": pack_gqa needs next_paths and rows_per_warp = 16");
   if (wgmma && (!next_paths || rows_per_warp != 16))
     throw_value_error("attention", ": wgmma needs next_paths and rows_per_warp = 16");
   p.wgmma = wgmma;

@@ -262,7 +262,7 @@ class CudaKernelArgs(NamedTuple):
     kv_stages: int  # K/V buffers of the tensor-core kernel
     next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80.cu)
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
-    pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, no bias)
+    pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, 16 rows per warp, no bias)
     wgmma: bool = False  # warpgroup MMAs on sm_90 GPUs (next paths; elsewhere the next paths run)
 
 
@@ -273,7 +273,7 @@ class CudaKernelArgs(NamedTuple):
 # verified yet, the default once a device run passes the CUDA tests with it and measures it
 # faster (with GQA packing: the query heads of a KV head share CTAs, and so K/V tile reads, when
 # few query rows make that need fewer CTAs); wide: next with 32 query rows per warp (128 per CTA,
-# FlashAttention-2's shape; also not yet run on a GPU); sm90: next with warpgroup MMAs (wgmma)
+# FlashAttention-2's shape; no GQA packing; also not yet run on a GPU); sm90: next with warpgroup MMAs (wgmma)
 # on H100 / H200 (the next paths elsewhere; not yet run on a GPU).
 _CUDA_KERNEL_ARGS = {
     "auto": CudaKernelArgs(True, 2, False, 16, False),
@@ -281,7 +281,7 @@ _CUDA_KERNEL_ARGS = {
     "single_buffer": CudaKernelArgs(True, 1, False, 16, False),
     "double_buffer": CudaKernelArgs(True, 2, False, 16, False),
     "next": CudaKernelArgs(True, 2, True, 16, True),
-    "wide": CudaKernelArgs(True, 2, True, 32, True),
+    "wide": CudaKernelArgs(True, 2, True, 32, False),
     "sm90": CudaKernelArgs(True, 2, True, 16, True, wgmma=True),
 }
 CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)

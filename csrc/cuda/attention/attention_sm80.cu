@@ -21,8 +21,9 @@
 // next visible tile load during the whole of tile j (4-9% faster on an H200 than kv_stages = 1,
 // FlashAttention-2's pipeline: V_j loads during Q K_j^T, K_j+1 during P V_j). 32 rows per warp
 // (128-row CTAs) exist as the opt-in kM = 2 instance, and GQA packing (the query heads of a KV
-// head share CTAs when few query rows make that need fewer CTAs) as part of the next paths; neither
-// has run on a GPU yet. Not yet: sm_90 wgmma/TMA.
+// head share CTAs when few query rows make that need fewer CTAs) as part of the next paths, and an
+// sm_90a instance with warpgroup MMAs (kWgmma); none has run on a GPU yet. Not yet: TMA, warp
+// specialisation (FlashAttention-3's producer / consumer warpgroups).
 //
 // The per-warp tile math lives in attention_sm80_tile.cuh; this file has the kernel's tile loop,
 // the split-KV merge, the launch and the host-side checks.
@@ -52,7 +53,7 @@ DLMFUSE_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a
 
 // Q tile (kM x 64 rows), kStages K and V tiles (16-bit), kStages pairs of key-label rows.
 template <int D, int kStages, int kM>
-constexpr int shared_bytes() {
+DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
   return (kM * kBlockM * D + 2 * kStages * kBlockN * D) * 2 + 2 * kStages * kBlockN * 4;
 }
 
@@ -67,14 +68,17 @@ constexpr int shared_bytes() {
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
-// kWgmma (sm_90a only; AttentionParams::wgmma): the next paths with S = Q K^T and O += P V as
-// warpgroup MMAs (sm90::score_tile / accumulate_pv) on 128-byte-swizzled, 1024-byte-aligned tiles.
+// kWgmma (AttentionParams::wgmma): the next paths with S = Q K^T and O += P V as warpgroup MMAs
+// (sm90::score_tile / accumulate_pv) on 128-byte-swizzled, 1024-byte-aligned tiles, where the
+// instance is compiled for sm_90a (kUseWgmma); compiled for other architectures it is the next
+// paths' mma.sync kernel, so no device runs a wgmma it lacks.
 template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
   static_assert(kM == 1 || (kM == 2 && kStages == 2 && kNext), "32 rows per warp: next paths, two buffers");
   static_assert(!kWgmma || (kM == 1 && kStages == 2 && kNext), "wgmma: next paths, two buffers, 64-row CTAs");
   constexpr int kTileM = kBlockM * kM;  // query rows per CTA
+  constexpr bool kUseWgmma = kWgmma && DLMFUSE_WGMMA;
   extern __shared__ __align__(128) unsigned char shared_raw[];
   unsigned char* shared_base = shared_raw;
   if constexpr (kWgmma)  // swizzle atoms of 1024 bytes (the launch adds the slack)
@@ -96,7 +100,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   // h: the query head; with GQA packing (kNext, pack_gqa) the KV head, whose `group` query heads
   // the CTA's rows interleave query-major: packed row P is query P / group of head h * group + P % group.
   const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits, h = blockIdx.y;
-  const bool packed = kNext && p.pack_gqa;
+  const bool packed = kNext && kM == 1 && p.pack_gqa;  // (wide rows: its registers are spent)
   const int64_t group = p.q_heads / p.kv_heads;
   const int64_t kv_head = packed ? h : h / group;
   const int64_t rows_total = packed ? p.q_len * group : p.q_len;
@@ -117,8 +121,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const T* q_src = static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] + h * p.q_strides[2];
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
   const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
-  if (packed) load_packed_q_tile_async<T, D, kWgmma>(q_tile, p, b, kv_head, group, q0, kTileM, q_rows);
-  else load_tile_async<T, D, kWgmma>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
+  if (packed) load_packed_q_tile_async<T, D, kUseWgmma>(q_tile, p, b, kv_head, group, q0, kTileM, q_rows);
+  else load_tile_async<T, D, kUseWgmma>(q_tile, q_src, p.q_strides[1], kTileM, q_rows);
   cp_async_commit();
 
   // The two fragment rows of this thread in each of its m-tiles (tile-local) and their labels.
@@ -133,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     row_in_tile[m][1] = first + lane / 4 + 8;
     rows_full[m] = kNext ? first + 16 <= q_rows : q_rows == kTileM;
   }
-  const bool warp_has_rows = !kNext || kWgmma || warp * 16 * kM < q_rows;  // wgmma: the whole warpgroup
+  const bool warp_has_rows = !kNext || kUseWgmma || warp * 16 * kM < q_rows;  // wgmma: the whole warpgroup
   RowLabels row_labels[kM];
 #pragma unroll
   for (int m = 0; m < kM; ++m) row_labels[m] = {{0, 0}, {0, 0}};
@@ -153,11 +157,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     }
   }
   cp_async_wait_all();
-  if constexpr (kWgmma) sm90::fence_proxy_async_shared();  // Q for wgmma's operand reads
+  if constexpr (kUseWgmma) sm90::fence_proxy_async_shared();  // Q for wgmma's operand reads
   __syncthreads();
 
   uint32_t q_frag[D / 16][4];  // kM = 1: Q in registers for the whole loop (not with wgmma)
-  if constexpr (kM == 1 && !kWgmma)
+  if constexpr (kM == 1 && !kUseWgmma)
     for (int ks = 0; ks < D / 16; ++ks)
       ldmatrix_x4(q_frag[ks], smem_address(q_tile + swizzled<D>(warp * 16 + ((lane / 8) % 2) * 8 + lane % 8,
                                                                 ks * 16 + (lane / 16) * 8)));
@@ -202,11 +206,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     return k_end;
   };
   auto load_k = [&](int64_t k0, int stage) {
-    load_tile_async<T, D, kWgmma>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1],
+    load_tile_async<T, D, kUseWgmma>(k_tiles + stage * kBlockN * D, k_src + k0 * p.k_strides[1], p.k_strides[1],
                                   kBlockN, tile_cols(k0));
   };
   auto load_v = [&](int64_t k0, int stage) {
-    load_tile_async<T, D, kWgmma>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1],
+    load_tile_async<T, D, kUseWgmma>(v_tiles + stage * kBlockN * D, v_src + k0 * p.v_strides[1], p.v_strides[1],
                                   kBlockN, tile_cols(k0));
   };
   // Key labels of a PARTIAL tile into label buffer `stage` (threads 0-63: orders, 64-127: groups),
@@ -222,7 +226,10 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + (k0 + j) * labels.row_stride);
   };
   const bool has_bias = p.bias != nullptr;
-  const bool bias_tiled = kNext && bias_tileable(p);  // else (with a bias) loads by row or element
+  // Bias tiles: a tileable bias, and the launch gave them shared memory (else loads by row / element).
+  const bool bias_tiled = kNext && bias_tileable(p) &&
+                          dynamic_shared_bytes() >= shared_bytes<D, kStages, kM>() + (kWgmma ? 1024 : 0) +
+                                                        bias_tiles_bytes(kTileM);
   auto load_bias_tile = [&](int64_t k0, int stage) {
     if (bias_tiled)
       load_bias_tile_async<kTileM>(bias_tiles + stage * kTileM * kBiasPitch, p, b, h, q0, q_rows, k0, tile_cols(k0));
@@ -289,13 +296,13 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       if (kM == 1 && has_bias && !bias_tiled && warp_has_rows)
         load_bias<kNext>(bias, p, b, h, q0, k0, row_in_tile[0], q_rows, cols, lane);
       cp_async_wait<1>();  // tile j's K, V and labels have landed (the next tile's may be in flight)
-      if constexpr (kWgmma) sm90::fence_proxy_async_shared();
+      if constexpr (kUseWgmma) sm90::fence_proxy_async_shared();
       __syncthreads();
       if (warp_has_rows) {
         const T* k_tile = k_tiles + stage * kBlockN * D;
         const T* v_tile = v_tiles + stage * kBlockN * D;
         float s[kM][kBlockN / 8][4];
-        if constexpr (kWgmma) sm90::score_tile<T, D>(s[0], q_tile, k_tile);
+        if constexpr (kUseWgmma) sm90::score_tile<T, D>(s[0], q_tile, k_tile);
         else if constexpr (kM == 1) score_tile<T, D>(s[0], q_frag, k_tile, lane);
         else score_tile_wide<T, D>(s, q_tile, warp, k_tile, lane);
         uint32_t pa[kM][kBlockN / 16][4];  // kM = 2: P packed per m-tile
@@ -311,7 +318,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
           softmax_update<D, kNext>(s[m], o[m], row_max[m], row_sum[m]);
           if constexpr (kM == 2) pack_p<T>(pa[m], s[m]);
         }
-        if constexpr (kWgmma) sm90::accumulate_pv<T, D>(o[0], s[0], v_tile);
+        if constexpr (kUseWgmma) sm90::accumulate_pv<T, D>(o[0], s[0], v_tile);
         else if constexpr (kM == 1) accumulate_pv<T, D>(o[0], s[0], v_tile, lane);
         else accumulate_pv_wide<T, D>(o, pa, v_tile, lane);
       }
@@ -390,16 +397,33 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
+// Whether the current device allows `bytes` of dynamic shared memory per block (with 1 KB to spare
+// for the kernel's static shared variables).
+bool dynamic_shared_fits(int bytes) {
+  int device = 0, most = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
+  return bytes + 1024 <= most;
+}
+
 template <typename T, int D, int kStages, bool kNext, int kM = 1, bool kWgmma = false>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the kernel aligns its tiles to 1024 bytes
-  constexpr int most_bytes = shared_bytes<D, kStages, kM>() + (kNext ? bias_tiles_bytes(kM * kBlockM) : 0) + kAlignSlack;
-  const int bytes = shared_bytes<D, kStages, kM>() + (kNext && bias_tileable(p) ? bias_tiles_bytes(kM * kBlockM) : 0) +
-                    kAlignSlack;
+  constexpr int base_bytes = shared_bytes<D, kStages, kM>() + kAlignSlack;
+  int most_bytes = base_bytes, bytes = base_bytes;
+  if constexpr (kNext) {
+    // Room for bias tiles where the device has it (the same for every call on a device, so that
+    // concurrent launches never lower the attribute under each other); used by tileable biases.
+    const int tiled_bytes = base_bytes + bias_tiles_bytes(kM * kBlockM);
+    if (dynamic_shared_fits(tiled_bytes)) {
+      most_bytes = tiled_bytes;
+      if (bias_tileable(p)) bytes = tiled_bytes;
+    }
+  }
   auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM, kWgmma>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
-  const bool packed = kNext && p.pack_gqa;  // rows: (query, head) pairs per KV head
+  const bool packed = kNext && kM == 1 && p.pack_gqa;  // rows: (query, head) pairs per KV head
   const int64_t rows = packed ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;
   const dim3 grid(static_cast<unsigned>(ceil_div(rows, kM * kBlockM)),
                   static_cast<unsigned>(packed ? p.kv_heads : p.q_heads),
@@ -414,7 +438,8 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Whether the current device is an sm_90 GPU (H100 / H200), whose cubin has the wgmma instance.
+// Whether the current device is an sm_90 GPU (H100 / H200): only there does the wgmma instance
+// use wgmma (elsewhere it would be the next paths plus 1 KB of unused shared memory).
 bool current_device_is_sm90() {
   int device = 0, major = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return false;
@@ -481,7 +506,7 @@ bool attention_sm80_supports(const AttentionParams& p) {
          (!p.next_paths || p.kv_stages == 2) &&
          (!p.wide_rows || (p.next_paths && p.kv_stages == 2)) &&
          (!p.wgmma || (p.next_paths && p.kv_stages == 2 && !p.wide_rows)) &&
-         (!p.pack_gqa || (p.next_paths && p.bias == nullptr &&
+         (!p.pack_gqa || (p.next_paths && !p.wide_rows && p.bias == nullptr &&
                           p.q_len * (p.q_heads / p.kv_heads) <= kMaxGridDim * kBlockM)) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
 }

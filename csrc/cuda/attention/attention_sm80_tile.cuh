@@ -251,6 +251,14 @@ DLMFUSE_HOST_DEVICE inline bool bias_tileable(const AttentionParams& p) {
 // Bytes of the two bias tiles of a CTA of tile_m query rows.
 DLMFUSE_HOST_DEVICE constexpr int bias_tiles_bytes(int tile_m) { return 2 * tile_m * kBiasPitch * 2; }
 
+// This CTA's dynamic shared memory in bytes: the launch adds the bias tiles only where they fit
+// the device (not at head_dim 128 on GPUs with 99 KB per block), and the kernel reads that here.
+__device__ __forceinline__ uint32_t dynamic_shared_bytes() {
+  uint32_t bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return bytes;
+}
+
 // The bias of query rows [q0, q0 + tile_m) and keys [k0, k0 + cols) into `tile` ([tile_m][kBiasPitch],
 // 16-bit) by cp.async; rows at and past q_rows and keys at and past cols are zero (never read from
 // global memory). Call from every thread, inside the caller's cp.async group.

@@ -25,6 +25,7 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const T* 
   const uint32_t q = sm80::smem_address(q_tile), k = sm80::smem_address(k_tile);
   for (int nt = 0; nt < kBlockN / 8; ++nt)
     for (int e = 0; e < 4; ++e) s[nt][e] = 0.0f;
+  fence_operands(s);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {  // a k16 step is 32 bytes into a 128-byte swizzled row
@@ -33,6 +34,7 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const T* 
   }
   wgmma_commit();
   wgmma_wait_all();
+  fence_operands(s);
 }
 
 // O += P V: P (this warp's probabilities) packed into A fragments, V [64 keys][D] MN-major.
@@ -41,12 +43,15 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
   uint32_t pa[kBlockN / 16][4];
   sm80::pack_p<T>(pa, s);
   const uint32_t v = sm80::smem_address(v_tile);
+  fence_operands(o);
+  fence_operands(pa);
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk)  // 16 keys = 16 rows of 128 bytes
     wgmma_rs_mn_major_b<T, D>(o, pa[kk], sw128_descriptor(v + kk * 16 * 128, kSubTileBytes, 1024));
   wgmma_commit();
   wgmma_wait_all();
+  fence_operands(o);
 }
 
 }  // namespace dlmfuse::cuda::sm90

@@ -8,7 +8,8 @@
 // Shared-memory operands use the 128-byte swizzle (Swizzle<3,4,3>): 64 16-bit elements per
 // 128-byte row, the 16-byte chunk index XOR-ed with row % 8, 8-row atoms of 1024 bytes, tiles
 // 1024-byte aligned. A head_dim-128 tile is two such [rows][64] sub-tiles (sw128_offset).
-// Compiled for other architectures the wrappers trap; the host launches this path only on sm_90.
+// Compiled for other architectures (DLMFUSE_WGMMA == 0) the kernel's wgmma instance runs the
+// mma.sync path instead (attention_sm80.cu, kUseWgmma), and these wrappers, never called, trap.
 #pragma once
 
 #include <cstdint>
@@ -40,6 +41,25 @@ __device__ __forceinline__ uint64_t sw128_descriptor(uint32_t smem_address, uint
   return static_cast<uint64_t>((smem_address >> 4) & 0x3FFF) |
          (static_cast<uint64_t>((leading_bytes >> 4) & 0x3FFF) << 16) |
          (static_cast<uint64_t>((stride_bytes >> 4) & 0x3FFF) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+// Pins registers at this point of the program for the compiler: the wgmma asm's register operands
+// are produced when the batch is issued, but hold their values only after wgmma_wait_all, so code
+// that reads (or last wrote) them must not be moved across the batch (CUTLASS's
+// warpgroup_fence_operand).
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&d)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_operands(uint32_t (&a)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e])::"memory");
 }
 
 // Before the first wgmma of a batch (its accumulators or A registers were written by other code).
