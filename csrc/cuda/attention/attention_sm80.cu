@@ -106,8 +106,13 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const int64_t rows_total = packed ? p.q_len * group : p.q_len;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kTileM;  // first (packed) row of the tile
   const int q_rows = static_cast<int>(rows_total - q0 < kTileM ? rows_total - q0 : kTileM);
-  auto query_of = [&](int row) -> int64_t { return packed ? (q0 + row) / group : q0 + row; };
-  auto head_of = [&](int row) -> int64_t { return packed ? h * group + (q0 + row) % group : h; };
+  // Packed rows number below 2^31 (attention_sm80_supports): 32-bit division, fewer registers.
+  auto query_of = [&](int row) -> int64_t {
+    return packed ? (static_cast<int>(q0) + row) / static_cast<int>(group) : q0 + row;
+  };
+  auto head_of = [&](int row) -> int64_t {
+    return packed ? h * group + (static_cast<int>(q0) + row) % static_cast<int>(group) : h;
+  };
   int64_t k_len = p.k_len;
   if (p.kv_lens != nullptr) {
     const int64_t len = p.kv_lens[b];

@@ -63,8 +63,9 @@ __device__ __forceinline__ void load_packed_q_tile_async(T* tile, const Attentio
   for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
     const int row = c / kChunks, chunk = c % kChunks;
     const bool valid = row < valid_rows;
-    const int64_t packed = q0 + row;
-    const T* from = valid ? heads + (packed / group) * p.q_strides[1] + (packed % group) * p.q_strides[2] + chunk * 8
+    const int packed = static_cast<int>(q0) + row, heads_per_kv = static_cast<int>(group);  // below 2^31
+    const T* from = valid ? heads + static_cast<int64_t>(packed / heads_per_kv) * p.q_strides[1] +
+                                static_cast<int64_t>(packed % heads_per_kv) * p.q_strides[2] + chunk * 8
                           : heads;
     cp_async_16(smem_address(tile + tile_offset<D, kSw128>(row, chunk * 8, rows)), from, valid ? 16 : 0);
   }
