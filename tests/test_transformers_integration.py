@@ -166,6 +166,75 @@ def test_attention_forward_direct_calls():
         dlmfuse_hf.attention_forward(_Module(), q, k, v, None, softcap=30.0)
 
 
+def test_direct_calls_match_transformers_sdpa_function():
+    """Against transformers' own SDPA attention function: T5's position_bias with no mask, a bool
+    mask and a float mask; a float mask with torch.finfo(float32).min on every key of a row (the
+    mean of the values there, not 0); sparse top-k indices and output_attentions."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Bidirectional(torch.nn.Module):
+        is_causal = False
+        num_key_value_groups = 1
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 2, 5, 64, generator=g) for _ in range(3))
+    position_bias = 3 * torch.randn(1, 2, 5, 5, generator=g)
+    holes = torch.rand(2, 1, 5, 5, generator=g) > 0.3
+    holes[..., 0] = True  # every row sees a key
+    floats = torch.zeros(2, 1, 5, 5).masked_fill(~holes, torch.finfo(torch.float32).min)
+    for mask in (None, holes, floats):
+        for extra in ({"position_bias": position_bias}, {}):
+            expected, _ = sdpa_attention_forward(Bidirectional(), q, k, v, mask, scaling=1.0, **extra)
+            out, _ = dlmfuse_hf.attention_forward(Bidirectional(), q, k, v, mask, scaling=1.0, **extra)
+            _assert_close(out, expected, f"mask {None if mask is None else mask.dtype}, {list(extra)}")
+    all_masked = floats.clone()
+    all_masked[1, 0, 3] = torch.finfo(torch.float32).min
+    expected, _ = sdpa_attention_forward(Bidirectional(), q, k, v, all_masked, scaling=1.0)
+    out, _ = dlmfuse_hf.attention_forward(Bidirectional(), q, k, v, all_masked, scaling=1.0)
+    _assert_close(out, expected, "a row masked with finfo.min everywhere")
+    torch.testing.assert_close(out[1, 3], v[1].mean(dim=1))  # [H, D]: every key weighs the same
+    with pytest.raises(ValueError, match="indices unsupported"):
+        dlmfuse_hf.attention_forward(Bidirectional(), q, k, v, None, indices=torch.zeros(2, 5, 2, dtype=torch.long))
+    dlmfuse_hf._warned[0] = False
+    with pytest.warns(UserWarning, match="output_attentions=True gives no attention weights"):
+        dlmfuse_hf.attention_forward(Bidirectional(), q, k, v, None, output_attentions=True)
+
+
+@pytest.mark.slow
+def test_t5_position_bias_matches_sdpa():
+    """T5 passes its relative-position bias as position_bias: dlmfuse adds it, as SDPA does."""
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=32, d_ff=128, num_layers=2, num_heads=2,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids = _ids(2, 9, seed=7)
+    padding = torch.ones(2, 9, dtype=torch.long)
+    padding[1, 6:] = 0
+    decoder_ids = _ids(2, 4, seed=8)
+    logits = {}
+    for implementation in ("dlmfuse", "sdpa"):
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            logits[implementation] = model(input_ids=ids, attention_mask=padding, decoder_input_ids=decoder_ids).logits
+    _assert_close(logits["dlmfuse"], logits["sdpa"], "T5 logits")
+
+
+@pytest.mark.slow
+def test_compiled_fullgraph_with_a_padding_mask(model):
+    """Under torch.compile(fullgraph=True) a bool padding mask takes the bias path (its analysis
+    reads values) instead of breaking the graph."""
+    B, L = 2, 10
+    ids = _ids(B, L, seed=9)
+    padding = torch.ones(B, L, dtype=torch.long)
+    padding[0, :3] = 0
+    expected = _logits(model, "sdpa", ids, attention_mask=padding)
+    model.set_attn_implementation("dlmfuse")
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        got = compiled(ids, attention_mask=padding).logits
+    _assert_close(got[:, 3:], expected[:, 3:], "compiled with padding")  # real positions
+
+
 def test_importing_dlmfuse_does_not_import_transformers():
     code = ("import sys, dlmfuse, dlmfuse.nn, dlmfuse.integrations.transformers; "
             "assert 'transformers' not in sys.modules, 'transformers imported'")

@@ -66,7 +66,10 @@ def attention(
 
     Keys at index >= kv_lens[b] are never read. Keys hidden by labels or a -inf bias are still
     read as whole tiles and enter with weight 0, so they must hold finite values (as with
-    FlashAttention); use kv_lens for uninitialised memory past the end.
+    FlashAttention); use kv_lens for uninitialised memory past the end. The kernels work in log2
+    units (bias x log2 e), so a finite bias below about -2.35e38 (e.g. torch.finfo(float32).min)
+    acts as -inf: a row with that bias on every key gives 0 where the float64 reference gives the
+    mean of the values (the transformers integration raises such masks to -1e38 for that reason).
 
     Example (sparse queries: only the masked rows of a sequence, attending to clean keys and
     themselves)::

@@ -15,7 +15,15 @@ as SDPA does:
   (the form transformers builds for padded batches, with or without a cache) and turned into
   labels; anything else (custom masks) becomes an additive bias ``0 / -inf``, broadcast over
   heads with stride 0.
-- a float 4D mask: an additive bias, as given.
+- a float 4D mask: an additive bias, as given, except that finite values below -1e38 (e.g.
+  ``torch.finfo(float32).min``, which transformers uses) are raised to -1e38: in the kernels'
+  log2 units they would overflow to -inf, and a row masked that way everywhere would give 0
+  instead of SDPA's mean of the values.
+- ``position_bias`` (T5-family relative positions): added to the scores, beside the mask, as
+  SDPA does.
+
+Under ``torch.compile`` bool masks are not analysed (the analysis reads the mask's values) and
+become the additive bias.
 
 transformers is imported only inside :func:`register`; importing this module or dlmfuse never
 imports it.
@@ -23,8 +31,9 @@ imports it.
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -36,7 +45,13 @@ __all__ = ["NAME", "register", "attention_forward"]
 
 NAME = "dlmfuse"
 _OP = "dlmfuse attention (transformers)"
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+# Keyword arguments that change the attention and that this backend does not implement: a model
+# passing them gets a ValueError, never silently different attention. ("indices" / "block_indices":
+# the top-k key sets of sparse-attention models, which fold them into the mask only for "eager" /
+# "sdpa" and expect other backends to apply them.)
+_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "indices", "block_indices")
+# Finite additive-mask values are kept above this (see the module docstring).
+_MASK_FLOOR = -1e38
 
 
 def register(name: str = NAME) -> None:
@@ -60,9 +75,11 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     (GQA read natively, never repeated) -> ``(out [B, Lq, Hq, D], None)``.
 
     ``attention_mask``: None, a bool 4D mask (True = attend) or an additive float 4D mask,
-    broadcastable to ``[B, Hq, Lq, Lk]``. Other keyword arguments of transformers (position ids,
-    sliding_window, which the mask already encodes, ...) are ignored; softcap and attention sinks
-    are unsupported (ValueError), as is dropout > 0.
+    broadcastable to ``[B, Hq, Lq, Lk]``. ``position_bias`` (T5) is added to the scores. Other
+    keyword arguments of transformers (position ids, sliding_window, which the mask already
+    encodes, ...) are ignored; softcap, attention sinks and sparse top-k ``indices`` are
+    unsupported (ValueError), as is dropout > 0; ``output_attentions`` gives no weights (a
+    warning, as with SDPA).
     """
     if dropout:
         raise ValueError(f"{_OP}: dropout={dropout} unsupported (use model.eval() or attention_dropout=0)")
@@ -81,9 +98,19 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
         if mask is None:
             bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attention_mask, float("-inf"))
     else:
-        bias = attention_mask
+        bias = _floored_mask(attention_mask)
+    position_bias = kwargs.get("position_bias")
+    if position_bias is not None:  # labels still hide what the mask hides
+        bias = position_bias if bias is None else bias + position_bias
+    if kwargs.get("output_attentions") and not _warned[0]:
+        _warned[0] = True
+        warnings.warn(f"{_OP}: output_attentions=True gives no attention weights (the kernel never forms "
+                      "them); use attn_implementation='eager' for them", UserWarning, stacklevel=2)
     out = attention(q, k, v, mask=mask, bias=bias, scale=scaling)
     return out, None
+
+
+_warned = [False]  # the output_attentions warning, once per process
 
 
 def _causal_labels(q_len: int, k_len: int, offset: int, key_valid: Optional[Tensor], device) -> Mask:
@@ -98,23 +125,41 @@ def _causal_labels(q_len: int, k_len: int, offset: int, key_valid: Optional[Tens
     return Mask(q_pos, q_pos, k_order, k_group)
 
 
-# The last bool mask seen and its labels: every layer of a forward gets the same mask tensor, so it
-# is analysed once per forward. (weak reference to the mask, its version counter, labels or None)
-_last_analysis: list = [None, -1, None]
+# Every layer of a forward gets the same mask tensor, so what is derived from it is computed once
+# per forward: per use, the last mask seen and its result (weak reference, version counter, result).
+_last_bool_analysis: list = [None, -1, None]
+_last_float_floor: list = [None, -1, None]
 
 
-def _labels_of_bool_mask(mask: Tensor, q_len: int, k_len: int) -> Optional[Mask]:
-    """:func:`_recognise_causal_padding`, memoised for the most recent mask tensor."""
+def _memoised(memo: list, mask: Tensor, compute: Callable[[Tensor], object]):
+    """``compute(mask)``, reused while ``mask`` is the same, unmodified tensor as last time."""
     try:
         current = mask._version
     except RuntimeError:  # inference tensors have no version counter: no memo
-        return _recognise_causal_padding(mask, q_len, k_len)
-    ref, version, labels = _last_analysis
+        return compute(mask)
+    ref, version, result = memo
     if ref is not None and ref() is mask and version == current:
-        return labels
-    labels = _recognise_causal_padding(mask, q_len, k_len)
-    _last_analysis[:] = [weakref.ref(mask), current, labels]
-    return labels
+        return result
+    result = compute(mask)
+    memo[:] = [weakref.ref(mask), current, result]
+    return result
+
+
+def _labels_of_bool_mask(mask: Tensor, q_len: int, k_len: int) -> Optional[Mask]:
+    """:func:`_recognise_causal_padding`, memoised; None (the bias path) while compiling, where
+    the mask's values cannot be read."""
+    if torch.compiler.is_compiling():
+        return None
+    return _memoised(_last_bool_analysis, mask, lambda m: _recognise_causal_padding(m, q_len, k_len))
+
+
+def _floored_mask(mask: Tensor) -> Tensor:
+    """The float mask with finite values below _MASK_FLOOR raised to it (-inf stays), memoised."""
+    def floor(m: Tensor) -> Tensor:
+        return torch.where(m.isneginf(), m, m.clamp(min=_MASK_FLOOR))
+    if torch.compiler.is_compiling():
+        return floor(mask)
+    return _memoised(_last_float_floor, mask, floor)
 
 
 def _recognise_causal_padding(mask: Tensor, q_len: int, k_len: int) -> Optional[Mask]:
