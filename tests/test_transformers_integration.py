@@ -141,6 +141,34 @@ def test_causal_padding_masks_become_labels(q_len, k_len, offset):
     assert torch.equal(labels.to_dense(), bool_mask[:, 0])
 
 
+def test_bidirectional_padding_masks_become_labels():
+    """The mask a bidirectional model (an encoder; LLaDA, Dream) gets for a padded batch."""
+    key_valid = torch.ones(2, 7, dtype=torch.bool)
+    key_valid[1, :2] = False
+    bool_mask = key_valid[:, None, None, :].expand(2, 1, 5, 7)
+    labels = dlmfuse_hf._recognise_causal_padding(bool_mask, 5, 7)
+    assert labels is not None
+    assert torch.equal(labels.to_dense(), bool_mask[:, 0])
+    q, k, v = (torch.randn(2, h, n, 64, generator=torch.Generator().manual_seed(h + n)) for h, n in ((2, 5), (2, 7), (2, 7)))
+    out, _ = dlmfuse_hf.attention_forward(_Module(), q, k, v, bool_mask)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bool_mask).transpose(1, 2)
+    _assert_close(out, expected, "bidirectional padding")
+
+
+def test_alternating_masks_are_analysed_once_each(monkeypatch):
+    """Layers alternating between two masks (Gemma's sliding and full ones) analyse each once."""
+    calls = []
+    analyse = dlmfuse_hf._recognise_causal_padding
+    monkeypatch.setattr(dlmfuse_hf, "_recognise_causal_padding", lambda *args: calls.append(1) or analyse(*args))
+    full = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    window = full & torch.ones(6, 6, dtype=torch.bool).triu(-2)
+    q, k, v = (torch.randn(1, 2, 6, 64) for _ in range(3))
+    for _ in range(3):
+        for mask in (window, full):
+            dlmfuse_hf.attention_forward(_Module(), q, k, v, mask)
+    assert len(calls) == 2
+
+
 def test_other_masks_are_not_taken_for_causal():
     assert dlmfuse_hf._recognise_causal_padding(_block_causal_bool(2, 8, 4), 8, 8) is None
     per_head = torch.ones(1, 2, 4, 4, dtype=torch.bool).tril()

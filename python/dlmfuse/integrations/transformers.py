@@ -12,9 +12,10 @@ as SDPA does:
 - no mask: causal (top-left aligned, like SDPA's ``is_causal``) when the module is causal and
   more than one query is given, else bidirectional; the causal case becomes labels.
 - a bool 4D mask (True = attend) ``[B or 1, 1, Lq, Lk]``: recognised as "causal + key padding"
-  (the form transformers builds for padded batches, with or without a cache) and turned into
-  labels; anything else (custom masks) becomes an additive bias ``0 / -inf``, broadcast over
-  heads with stride 0.
+  (the form transformers builds for padded batches, with or without a cache) or "bidirectional +
+  key padding" (encoders, and diffusion LMs such as LLaDA and Dream) and turned into labels;
+  anything else (custom masks) becomes an additive bias ``0 / -inf``, broadcast over heads with
+  stride 0.
 - a float 4D mask: an additive bias, as given, except that finite values below -1e38 (e.g.
   ``torch.finfo(float32).min``, which transformers uses) are raised to -1e38: in the kernels'
   log2 units they would overflow to -inf, and a row masked that way everywhere would give 0
@@ -125,23 +126,35 @@ def _causal_labels(q_len: int, k_len: int, offset: int, key_valid: Optional[Tens
     return Mask(q_pos, q_pos, k_order, k_group)
 
 
-# Every layer of a forward gets the same mask tensor, so what is derived from it is computed once
-# per forward: per use, the last mask seen and its result (weak reference, version counter, result).
-_last_bool_analysis: list = [None, -1, None]
-_last_float_floor: list = [None, -1, None]
+def _key_padding_labels(q_len: int, key_valid: Tensor) -> Mask:
+    """Every query sees exactly the valid keys: queries order 1; valid keys order 0, padding keys
+    order INT32_MAX; groups never equal (queries 0, keys -1)."""
+    batch = key_valid.shape[0]
+    q_order = torch.ones((batch, q_len), dtype=torch.int32, device=key_valid.device)
+    k_order = torch.where(key_valid, 0, INT32_MAX).to(torch.int32)
+    return Mask(q_order, torch.zeros_like(q_order), k_order, torch.full_like(k_order, -1))
+
+
+# Every layer of a forward gets one of a few mask tensors (one per layer type: Gemma-style models
+# alternate sliding-window and full masks), so what is derived from a mask is computed once per
+# forward: per use, the last few masks seen and their results (weak reference, version, result).
+_MEMO_ENTRIES = 4
+_bool_analyses: list = []
+_float_floors: list = []
 
 
 def _memoised(memo: list, mask: Tensor, compute: Callable[[Tensor], object]):
-    """``compute(mask)``, reused while ``mask`` is the same, unmodified tensor as last time."""
+    """``compute(mask)``, reused while ``mask`` is one of the last few, unmodified tensors seen."""
     try:
         current = mask._version
     except RuntimeError:  # inference tensors have no version counter: no memo
         return compute(mask)
-    ref, version, result = memo
-    if ref is not None and ref() is mask and version == current:
-        return result
+    for ref, version, result in memo:
+        if ref() is mask and version == current:
+            return result
     result = compute(mask)
-    memo[:] = [weakref.ref(mask), current, result]
+    memo.insert(0, (weakref.ref(mask), current, result))
+    del memo[_MEMO_ENTRIES:]
     return result
 
 
@@ -150,7 +163,7 @@ def _labels_of_bool_mask(mask: Tensor, q_len: int, k_len: int) -> Optional[Mask]
     the mask's values cannot be read."""
     if torch.compiler.is_compiling():
         return None
-    return _memoised(_last_bool_analysis, mask, lambda m: _recognise_causal_padding(m, q_len, k_len))
+    return _memoised(_bool_analyses, mask, lambda m: _recognise_causal_padding(m, q_len, k_len))
 
 
 def _floored_mask(mask: Tensor) -> Tensor:
@@ -159,17 +172,20 @@ def _floored_mask(mask: Tensor) -> Tensor:
         return torch.where(m.isneginf(), m, m.clamp(min=_MASK_FLOOR))
     if torch.compiler.is_compiling():
         return floor(mask)
-    return _memoised(_last_float_floor, mask, floor)
+    return _memoised(_float_floors, mask, floor)
 
 
 def _recognise_causal_padding(mask: Tensor, q_len: int, k_len: int) -> Optional[Mask]:
     """Labels equivalent to a bool mask ``[B, 1, Lq, Lk]`` of the form "causal (diagonal offset
-    Lk - Lq as with a dynamic cache, or 0 as with a static one) and key padding", else None.
-    Costs a few passes over the bool mask (with a host sync)."""
+    Lk - Lq as with a dynamic cache, or 0 as with a static one) and key padding", or
+    "bidirectional and key padding", else None. Costs a few passes over the bool mask (with a
+    host sync)."""
     if mask.dim() != 4 or mask.shape[1] != 1 or tuple(mask.shape[2:]) != (q_len, k_len):
         return None
     dense = mask[:, 0]
     key_valid = dense.any(dim=1)  # [B, Lk]: a valid key is seen by the last query row
+    if torch.equal(key_valid[:, None, :].expand_as(dense), dense):
+        return _key_padding_labels(q_len, key_valid)
     q_idx = torch.arange(q_len, device=mask.device)[:, None]
     k_idx = torch.arange(k_len, device=mask.device)[None, :]
     for offset in dict.fromkeys((k_len - q_len, 0)):
