@@ -288,6 +288,24 @@ def test_writes_are_seen_by_autograd():
     assert torch.equal(leaf.detach()[0, positions[0]], k_new[0])
 
 
+def test_new_rows_that_require_grad_need_no_grad_mode():
+    """The write is not differentiable: under grad mode, new rows that require grad raise instead
+    of silently cutting the graph; under no_grad (or detached) they are written."""
+    k_cache, v_cache, k_new, v_new, positions = make_case(1, 8, 2, 16, 2)
+    k_new.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="kv_scatter_: k_new requires grad, but the cache write is not differentiable"):
+        kv_scatter_(k_cache, v_cache, k_new, v_new, positions)
+    before = k_cache.clone()
+    with pytest.raises(RuntimeError):
+        kv_scatter_(k_cache, v_cache, k_new, v_new, positions)
+    assert torch.equal(k_cache, before)
+    with torch.no_grad():
+        kv_scatter_(k_cache, v_cache, k_new, v_new, positions)
+    assert torch.equal(k_cache[0, positions[0]], k_new[0].detach())
+    kv_scatter_(k_cache, v_cache, k_new.detach() + 1, v_new, positions)
+    assert torch.equal(k_cache[0, positions[0]], k_new[0].detach() + 1)
+
+
 def test_opcheck():
     for pos_dtype, validate in ((torch.int64, True), (torch.int32, False)):
         k_cache, v_cache, k_new, v_new, positions = make_case(2, 17, 2, 64, 4, pos_dtype=pos_dtype)

@@ -278,6 +278,21 @@ def test_load_errors_name_keys_and_shapes(model):
     tied = make_model(tie=True, seed=4)
     with pytest.raises(ValueError, match="ties lm_head"):
         load_hf_state_dict(tied, sd)
+    with pytest.raises(TypeError, match="state_dict must be a mapping .* got list"):
+        load_hf_state_dict(target, list(sd.items()))
+    on_meta = DenoiserLM(VOCAB, HIDDEN, 2, 2, 2, INTER, device="meta")
+    with pytest.raises(ValueError, match="meta device"):
+        load_hf_state_dict(on_meta, sd)
+
+
+def test_load_from_the_transformers_model_itself():
+    """The transformers model can be passed where its state dict is expected."""
+    hf, config = _hf_model("llama")
+    from_module = DenoiserLM.from_hf_state_dict(hf, config).eval()
+    from_dict = DenoiserLM.from_hf_state_dict(hf.state_dict(), config).eval()
+    ids = random_ids(1, 5)
+    with torch.no_grad():
+        assert torch.equal(from_module(ids), from_dict(ids))
 
 
 def test_from_hf_config_dict_and_unsupported_settings():
@@ -292,6 +307,11 @@ def test_from_hf_config_dict_and_unsupported_settings():
         DenoiserLM.from_hf_config({**config, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="no 'vocab_size'"):
         DenoiserLM.from_hf_config({k: v for k, v in config.items() if k != "vocab_size"})
+    with pytest.raises(ValueError, match="num_key_value_heads must be positive, got 0"):
+        DenoiserLM.from_hf_config({**config, "num_key_value_heads": 0})
+    assert DenoiserLM.from_hf_config({**config, "num_key_value_heads": None}).config.num_kv_heads == 2  # MHA
+    with pytest.raises(ValueError, match="head_dim must be >= 1"):
+        DenoiserLM(VOCAB, 2, 1, 4, 4, INTER)  # hidden 2 over 4 heads
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -317,12 +337,30 @@ def test_forward_errors_name_received_values(model):
     ]
     for error, message, kwargs in cases:
         kwargs = {"input_ids": ids, **kwargs}
-        with pytest.raises(error, match=message):
+        with pytest.raises(error, match=message), torch.no_grad():
             model(**kwargs)
-    with pytest.raises(ValueError, match=r"= 32 is outside \[0, Lmax=32\)"):  # cache slots are range-checked
+    with pytest.raises(ValueError, match=r"= 32 is outside \[0, Lmax=32\)"), torch.no_grad():  # cache slots are range-checked
         model(ids, positions=torch.arange(30, 36), cache=_cache())
     with pytest.raises(ValueError, match="num_heads .4. must be a positive multiple of num_kv_heads .3."):
         DenoiserLM(VOCAB, HIDDEN, 1, 4, 3, INTER)
+
+
+def test_cache_path_refuses_grad_mode_and_autocast_runs(model):
+    """With grad enabled the cache write would cut the graph to k_proj / v_proj silently: it
+    raises instead. Under autocast (bf16 projections, fp32 RoPE tables) q and k stay in v's dtype."""
+    ids = random_ids(2, 6)
+    with pytest.raises(RuntimeError, match="cache write is not differentiable; run it under torch.no_grad"):
+        model(ids, cache=_cache())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    with torch.no_grad():
+        expected = model(ids)
+    assert logits.dtype == torch.bfloat16
+    assert float((logits.float() - expected).abs().max()) <= 0.05 * float(expected.abs().max())
+    attention = model.layers[0].self_attn
+    x = torch.randn(2, 6, attention.q_proj.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(attention(x, torch.arange(6)), attention(x, torch.arange(6)[None].expand(2, 6)))
 
 
 def test_docstring_examples():

@@ -58,6 +58,11 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
         if cache.requires_grad and cache.is_leaf and torch.is_grad_enabled():
             raise RuntimeError(f"{_OP}: {name} is a leaf tensor that requires grad; an in-place write "
                                "into it is not allowed (write under torch.no_grad(), or detach the cache)")
+    for name, new in (("k_new", k_new), ("v_new", v_new)):
+        if new.requires_grad and torch.is_grad_enabled():  # the write would cut the graph silently
+            raise RuntimeError(f"{_OP}: {name} requires grad, but the cache write is not differentiable; run "
+                               "it under torch.no_grad() / torch.inference_mode() (e.g. a model's forward with "
+                               "cache=), or pass new.detach() to write values only")
     k_new, v_new = (new.clone() if _overlaps(new, k_cache) or _overlaps(new, v_cache) else new
                     for new in (k_new, v_new))
     _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)

@@ -77,11 +77,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, rope: Rope) -> Tensor:
-    """Rotates ``x [B, L, H, D]`` by ``rope = (cos, sin)`` ``[B or 1, L, 1, D]``."""
+    """Rotates ``x [B, L, H, D]`` by ``rope = (cos, sin)`` ``[B or 1, L, 1, D]``, in x's dtype (under
+    autocast the projections are bf16 while cos / sin keep the embeddings' fp32: q and k must stay
+    in v's dtype for the attention)."""
     cos, sin = rope
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)
 
 
 def default_positions(batch: int, length: int, device) -> Tensor:
@@ -122,10 +124,13 @@ class DenoiserAttention(nn.Module):
                  rope_theta: float = 10000.0, attention_bias: bool = False, attention_out_bias: bool = False,
                  layer_idx: int = 0, dtype=None, device=None):
         super().__init__()
-        if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        if num_heads <= 0 or num_kv_heads <= 0 or num_heads % num_kv_heads:
             raise ValueError(f"DenoiserAttention: num_heads ({num_heads}) must be a positive multiple of "
                              f"num_kv_heads ({num_kv_heads})")
         head_dim = head_dim or hidden_size // num_heads
+        if head_dim <= 0:
+            raise ValueError(f"DenoiserAttention: head_dim must be >= 1, got {head_dim} (hidden_size {hidden_size} // "
+                             f"num_heads {num_heads}; pass head_dim=)")
         self.num_heads, self.num_kv_heads, self.head_dim, self.layer_idx = num_heads, num_kv_heads, head_dim, layer_idx
         kw = dict(dtype=dtype, device=device)
         self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=attention_bias, **kw)
@@ -162,6 +167,8 @@ class DenoiserAttention(nn.Module):
         batch, length, _ = x.shape
         if positions is None:
             positions = default_positions(batch, length, x.device)
+        elif positions.dim() == 1:  # [L]: the same positions for every row, as DenoiserLM takes them
+            positions = positions[None].expand(batch, -1)
         if rope is None:
             rope = self.rotary(positions, x.dtype)
         k = apply_rotary(self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim), rope)

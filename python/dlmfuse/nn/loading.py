@@ -74,7 +74,7 @@ def denoiser_kwargs_from_hf_config(config) -> Dict[str, Any]:
         hidden_size=hidden_size,
         num_layers=int(_get(config, "num_hidden_layers")),
         num_heads=num_heads,
-        num_kv_heads=int(_get(config, "num_key_value_heads", None) or num_heads),
+        num_kv_heads=_num_kv_heads(config, num_heads),
         intermediate_size=int(_get(config, "intermediate_size")),
         rope_theta=_rope_theta(config),
         head_dim=int(_get(config, "head_dim", None) or hidden_size // num_heads),
@@ -84,6 +84,16 @@ def denoiser_kwargs_from_hf_config(config) -> Dict[str, Any]:
         mlp_bias=bool(_get(config, "mlp_bias", False)),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
     )
+
+
+def _num_kv_heads(config, num_heads: int) -> int:
+    """num_key_value_heads; absent (None) means multi-head attention, as in transformers."""
+    value = _get(config, "num_key_value_heads", None)
+    if value is None:
+        return num_heads
+    if int(value) <= 0:
+        raise ValueError(f"DenoiserLM.from_hf_config: num_key_value_heads must be positive, got {value}")
+    return int(value)
 
 
 def hf_to_denoiser_key(key: str) -> str:
@@ -110,10 +120,19 @@ def load_hf_state_dict(model: DenoiserLM, state_dict: Mapping[str, Tensor]) -> D
     map to a parameter (rotary ``inv_freq`` buffers are skipped); otherwise ValueError names the
     missing / unexpected keys, and a shape mismatch names the key and both shapes. Nothing is
     written unless every check passes. With tied embeddings a checkpoint may omit ``lm_head.weight``
-    (if present it must equal the embedding matrix).
+    (if present it must equal the embedding matrix). ``state_dict`` may also be the transformers
+    model itself (its ``state_dict()`` is read).
     """
     if not isinstance(model, DenoiserLM):
         raise TypeError(f"{_OP}: model must be a dlmfuse.nn.DenoiserLM, got {type(model).__name__}")
+    if isinstance(state_dict, torch.nn.Module):
+        state_dict = state_dict.state_dict()
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{_OP}: state_dict must be a mapping of names to tensors (or a transformers model), "
+                        f"got {type(state_dict).__name__}")
+    if model.embed_tokens.weight.device.type == "meta":  # copy_ into meta parameters does nothing
+        raise ValueError(f"{_OP}: the model's parameters are on the meta device; create it on a real device "
+                         "(e.g. device='cpu') before loading")
     params = dict(model.named_parameters(remove_duplicate=False))
     tied = _is_tied(model)
     required = set(params) - ({"lm_head.weight"} if tied else set())
