@@ -37,6 +37,10 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
             positions on the host. False does no host read or sync (CUDA-graph capture):
             out-of-range rows are skipped, never written out of bounds.
 
+    Not differentiable: under grad mode, new rows that require grad raise RuntimeError (write
+    under torch.no_grad(), or pass detached rows); the caches' version counters move, as with
+    torch's in-place ops, so a backward through an attention that read them before raises.
+
     Example::
 
         >>> import torch, dlmfuse
