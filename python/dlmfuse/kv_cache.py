@@ -55,23 +55,30 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
     if needs_dispatcher(k_cache, v_cache, k_new, v_new, positions):
         torch.ops.dlmfuse.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate)
         return
-    # The kernels write memory behind autograd's back: refuse what torch's in-place ops refuse,
-    # read new rows that alias the cache before any write, and bump the version counters so
-    # that a backward through an attention that read the old cache fails instead of using the new.
-    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if cache.requires_grad and cache.is_leaf and torch.is_grad_enabled():
-            raise RuntimeError(f"{_OP}: {name} is a leaf tensor that requires grad; an in-place write "
-                               "into it is not allowed (write under torch.no_grad(), or detach the cache)")
-    for name, new in (("k_new", k_new), ("v_new", v_new)):
-        if new.requires_grad and torch.is_grad_enabled():  # the write would cut the graph silently
-            raise RuntimeError(f"{_OP}: {name} requires grad, but the cache write is not differentiable; run "
-                               "it under torch.no_grad() / torch.inference_mode() (e.g. a model's forward with "
-                               "cache=), or pass new.detach() to write values only")
+    # The kernels write memory behind autograd's back: refuse what autograd cannot follow, read
+    # new rows that alias the cache before any write, and bump the version counters so that a
+    # backward through an attention that read the old cache fails instead of using the new rows.
+    _check_autograd(k_cache, v_cache, k_new, v_new)
     k_new, v_new = (new.clone() if _overlaps(new, k_cache) or _overlaps(new, v_cache) else new
                     for new in (k_new, v_new))
     _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
     torch.autograd.graph.increment_version(k_cache)
     torch.autograd.graph.increment_version(v_cache)
+
+
+def _check_autograd(k_cache, v_cache, k_new, v_new) -> None:
+    """RuntimeError for what an in-place, non-differentiable write cannot do under grad mode."""
+    if not torch.is_grad_enabled():
+        return
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.requires_grad and cache.is_leaf:  # as torch's in-place ops
+            raise RuntimeError(f"{_OP}: {name} is a leaf tensor that requires grad; an in-place write "
+                               "into it is not allowed (write under torch.no_grad(), or detach the cache)")
+    for name, new in (("k_new", k_new), ("v_new", v_new)):
+        if new.requires_grad:  # the write would cut the graph silently
+            raise RuntimeError(f"{_OP}: {name} requires grad, but the cache write is not differentiable; run "
+                               "it under torch.no_grad() / torch.inference_mode() (e.g. a model's forward with "
+                               "cache=), or pass new.detach() to write values only")
 
 
 def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
