@@ -117,6 +117,8 @@ def _overlaps(a: Tensor, b: Tensor) -> bool:
     real storage, e.g. fake tensors while compiling, where functionalization handles aliasing)."""
     if type(a) is not torch.Tensor or type(b) is not torch.Tensor or a.device.type == "meta":
         return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():  # the common case, cheaply
+        return False
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
 
