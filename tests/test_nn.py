@@ -285,6 +285,24 @@ def test_load_errors_name_keys_and_shapes(model):
         load_hf_state_dict(on_meta, sd)
 
 
+def test_from_hf_config_keeps_padding_idx_and_initializer_range():
+    """As transformers' Llama / Qwen2: the pad token's embedding row starts at 0 and gets no
+    gradient; random init uses initializer_range."""
+    config = dict(model_type="llama", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=2, intermediate_size=INTER, pad_token_id=3,
+                  initializer_range=0.5)
+    m = DenoiserLM.from_hf_config(config)
+    assert m.embed_tokens.padding_idx == 3 and not m.embed_tokens.weight[3].any()
+    assert 0.4 < float(m.layers[0].mlp.up_proj.weight.std()) < 0.6
+    m(torch.tensor([[3, 1, 2, 3]])).sum().backward()
+    grad = m.embed_tokens.weight.grad
+    assert not grad[3].any() and grad[1].any()
+    assert DenoiserLM.from_hf_config({**config, "pad_token_id": None}).embed_tokens.padding_idx is None
+    assert float(DenoiserLM.from_hf_config(config, init_std=0.01).layers[0].mlp.up_proj.weight.std()) < 0.02
+    with pytest.raises(ValueError, match=rf"pad_token_id must be None or an int in \[0, vocab_size={VOCAB}\)"):
+        DenoiserLM(VOCAB, HIDDEN, 1, 2, 2, INTER, pad_token_id=VOCAB)
+
+
 def test_load_from_the_transformers_model_itself():
     """The transformers model can be passed where its state dict is expected."""
     hf, config = _hf_model("llama")

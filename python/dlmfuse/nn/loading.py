@@ -83,7 +83,15 @@ def denoiser_kwargs_from_hf_config(config) -> Dict[str, Any]:
         attention_out_bias=biases[1],
         mlp_bias=bool(_get(config, "mlp_bias", False)),
         tie_word_embeddings=bool(_get(config, "tie_word_embeddings", False)),
+        init_std=float(_get(config, "initializer_range", None) or 0.02),
+        pad_token_id=_pad_token_id(config, int(_get(config, "vocab_size"))),
     )
+
+
+def _pad_token_id(config, vocab_size: int):
+    """transformers' embedding padding_idx: the config's pad_token_id where it is a vocabulary id."""
+    value = _get(config, "pad_token_id", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size else None
 
 
 def _num_kv_heads(config, num_heads: int) -> int:

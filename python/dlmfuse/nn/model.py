@@ -52,27 +52,35 @@ class DenoiserLM(nn.Module):
         tie_word_embeddings: the LM head shares the embedding matrix.
         init_std: weights are drawn from N(0, init_std) (transformers' ``initializer_range``),
             norms start at 1, biases at 0.
+        pad_token_id: the embedding's ``padding_idx`` (its row starts at 0 and gets no gradient,
+            as in transformers' Llama / Qwen2); None: none.
         dtype, device: of the parameters.
+
+    No dropout anywhere: transformers' ``attention_dropout`` is not applied in training.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int, num_kv_heads: int,
                  intermediate_size: int, rope_theta: float = 10000.0, *, head_dim: Optional[int] = None,
                  rms_norm_eps: float = 1e-6, attention_bias: bool = False, attention_out_bias: bool = False,
                  mlp_bias: bool = False, tie_word_embeddings: bool = False, init_std: float = 0.02,
-                 dtype=None, device=None):
+                 pad_token_id: Optional[int] = None, dtype=None, device=None):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                             ("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
                             ("intermediate_size", intermediate_size)):
             expect_positive_int(_OP, name, value)
         head_dim = expect_positive_int(_OP, "head_dim", head_dim) if head_dim is not None else hidden_size // num_heads
+        if pad_token_id is not None and (isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int)
+                                         or not 0 <= pad_token_id < vocab_size):
+            raise ValueError(f"{_OP}: pad_token_id must be None or an int in [0, vocab_size={vocab_size}), "
+                             f"got {pad_token_id!r}")
         self.config = SimpleNamespace(vocab_size=vocab_size, hidden_size=hidden_size, num_layers=num_layers,
                            num_heads=num_heads, num_kv_heads=num_kv_heads, intermediate_size=intermediate_size,
                            rope_theta=float(rope_theta), head_dim=head_dim, rms_norm_eps=rms_norm_eps,
                            attention_bias=attention_bias, attention_out_bias=attention_out_bias,
-                           mlp_bias=mlp_bias, tie_word_embeddings=tie_word_embeddings)
+                           mlp_bias=mlp_bias, tie_word_embeddings=tie_word_embeddings, pad_token_id=pad_token_id)
         kw = dict(dtype=dtype, device=device)
-        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, **kw)
+        self.embed_tokens = nn.Embedding(vocab_size, hidden_size, padding_idx=pad_token_id, **kw)
         self.layers = nn.ModuleList(
             DenoiserBlock(hidden_size, num_heads, num_kv_heads, intermediate_size, head_dim, rope_theta=rope_theta,
                           rms_norm_eps=rms_norm_eps, attention_bias=attention_bias,
@@ -93,6 +101,8 @@ class DenoiserLM(nn.Module):
                 module.weight.normal_(0.0, init_std)
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
+                if getattr(module, "padding_idx", None) is not None:
+                    module.weight[module.padding_idx].zero_()
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
@@ -102,7 +112,7 @@ class DenoiserLM(nn.Module):
         """A randomly initialised model shaped like a transformers Llama / Qwen2 config (object or
         dict); kwargs (dtype, device, init_std) go to the constructor. See dlmfuse.nn.loading."""
         from .loading import denoiser_kwargs_from_hf_config
-        return cls(**denoiser_kwargs_from_hf_config(config), **kwargs)
+        return cls(**{**denoiser_kwargs_from_hf_config(config), **kwargs})  # kwargs win (e.g. init_std)
 
     @classmethod
     def from_hf_state_dict(cls, state_dict, config, **kwargs) -> "DenoiserLM":
