@@ -117,6 +117,11 @@ def test_ragged_prompts_match_each_row_alone(which, name):
     for i, r in enumerate(rows):
         alone = generate(model, r[None], sampler)
         assert torch.equal(out[i, 6:], alone[0, len(r):]), f"row {i}"
+    # Padding that holds the mask token id is padding too: untouched, and no content to fill
+    padded_with_mask = torch.where(attention_mask.bool(), padded, MASK)
+    with_mask = generate(model, padded_with_mask, sampler, attention_mask=attention_mask)
+    assert torch.equal(with_mask[:, :6], padded_with_mask)
+    assert torch.equal(with_mask[:, 6:], out[:, 6:])
 
 
 # ------------------------------------------------------------------------------- cache modes

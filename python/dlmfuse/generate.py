@@ -70,8 +70,9 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
             each row (an alternative to attention_mask).
         callback: called after every step as ``callback(step, total_steps, tokens)`` with the
             number of steps done, the sampler's step count (an upper bound for FastDLLM) and the
-            current tokens ``[B, P + gen_length]`` (a live view: copy it to keep it).
-        progress: show a tqdm bar (only when tqdm is installed).
+            current tokens ``[B, P + gen_length]`` (a live view: copy it to keep it; padding
+            that holds the mask token id shows another id until generate returns).
+        progress: show a tqdm bar (only when tqdm is installed; a bool).
         cuda_graphs: with ``cache="dual"`` on CUDA, run the cached block steps as one CUDA graph
             (captured at the first cached step, replayed for every block, since the block's shape
             does not change). The graph computes the logits of every block row and the step keeps
@@ -106,8 +107,9 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     seed = _check_seed(seed)
     if callback is not None and not callable(callback):
         raise TypeError(f"{_OP}: callback must be callable, got {type(callback).__name__}")
-    if not isinstance(cuda_graphs, bool):
-        raise TypeError(f"{_OP}: cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+    for name, flag in (("cuda_graphs", cuda_graphs), ("progress", progress)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{_OP}: {name} must be a bool, got {type(flag).__name__}")
 
     batch, prompt_len = prompt_ids.shape
     device = prompt_ids.device
@@ -119,7 +121,12 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
         raise ValueError(f"{_OP}: {type(sampler).__name__} uses shift_logits and needs a prompt of length >= 1")
 
     gen = torch.full((batch, sampler.gen_length), sampler.mask_token_id, dtype=torch.int64, device=device)
-    x = torch.cat([prompt_ids, gen], dim=1)
+    # Padding never changes, but a pad id equal to the mask token would make the samplers take the
+    # pad columns for masked content: they hold another id while sampling (their keys are hidden
+    # and their rows never requested, so which one does not matter) and get theirs back at the end.
+    stand_in = 1 if sampler.mask_token_id == 0 else 0
+    pads_as_mask = ~valid_prompt & (prompt_ids == sampler.mask_token_id)
+    x = torch.cat([torch.where(pads_as_mask, stand_in, prompt_ids), gen], dim=1)
     valid = torch.cat([valid_prompt, torch.ones_like(gen, dtype=torch.bool)], dim=1)
     state = sampler.start(x, prompt_len, seed=seed)
     runner = _Runner(model, sampler, state, valid, prompt_len, cache, cuda_graphs=cuda_graphs)
@@ -135,6 +142,7 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     finally:
         if bar is not None:
             bar.close()
+    state.x[:, :prompt_len] = torch.where(pads_as_mask, prompt_ids, state.x[:, :prompt_len])
     return state.x
 
 
