@@ -83,6 +83,20 @@ def test_logits_only_for_the_rows_a_step_uses():
             assert candidates <= requested and len(requested - candidates) <= 1
 
 
+def test_dream_steps_that_unmask_nothing_make_no_call():
+    """With steps close to gen_length some steps' count int(M (1 - s/t)) is 0 in every row: those
+    make no network call (each row here has the same M; the model never proposes the mask)."""
+    model, prompt = Spy(denoiser()), prompts(2, 4)
+    sampler = Dream(8, 8, alg="maskgit_plus", mask_token_id=MASK)
+    generate(model, prompt, sampler)
+    remaining, steps_with_work = 8, 0
+    for i in range(8):
+        k = remaining if i == 7 else int(remaining * float(sampler.transfer_fraction(i)))
+        steps_with_work += k > 0
+        remaining -= k
+    assert steps_with_work < 8 and len(model.calls) == steps_with_work
+
+
 def test_same_seed_same_tokens():
     model, prompt = denoiser(), prompts(2, 4)
     sampler = LLaDA(8, 16, 8, temperature=1.0, mask_token_id=MASK)

@@ -11,7 +11,9 @@ may propose the mask token, which leaves the column masked):
   confidence (probability / top-1 minus top-2 probability / negative entropy), and the
   ``int(M_b * (1 - s / t))`` most confident are unmasked (all at the last step; float32 math as
   Dream; Dream counts with the batch's mean M, the same number unless rows hold different
-  numbers of masks, e.g. mask tokens in a prompt). With ``alg_temp > 0`` they are instead drawn without replacement with probabilities
+  numbers of masks, e.g. mask tokens in a prompt); a step where that is 0 in every row makes no
+  network call (Dream's loop calls the model anyway). With ``alg_temp > 0`` they are instead
+  drawn without replacement with probabilities
   ``softmax(confidence / alg_temp)`` (Gumbel-top-k with stream CONFIDENCE: the same distribution
   as Dream's ``torch.multinomial``).
 
@@ -111,14 +113,16 @@ class Dream(Sampler):
                 tokens, _ = self._propose(state, forward, slots, valid, "prob")
                 written = scatter_tokens(state.x, 0, slots, valid, tokens)
         else:
+            count = masked.sum(dim=1)
+            if state.step == self.steps - 1:
+                k = count
+            else:
+                k = (count.to(torch.float32) * fraction.to(count.device)).floor().to(torch.int64)
             slots, valid, n = compact(masked)
-            if n > 0:
+            # A step that unmasks nothing in any row (k = 0: e.g. the first steps when steps is
+            # close to gen_length) makes no network call; the random streams are per step.
+            if n > 0 and bool((k > 0).any()):
                 tokens, confidence = self._propose(state, forward, slots, valid, _CONFIDENCE_KIND[self.alg])
-                count = masked.sum(dim=1)
-                if state.step == self.steps - 1:
-                    k = count
-                else:
-                    k = (count.to(torch.float32) * fraction.to(count.device)).floor().to(torch.int64)
                 key = confidence.to(torch.float64)
                 if self.alg_temp > 0:
                     gumbel = -torch.log(-torch.log(state.uniforms(CONFIDENCE)))
