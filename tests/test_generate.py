@@ -195,6 +195,33 @@ def test_callback_once_per_step_and_progress_bar():
     assert [s[0] for s in seen] == list(range(1, len(seen) + 1)) and all(s[1] == 12 for s in seen)
 
 
+def test_progress_bar_ends_at_the_steps_taken(monkeypatch):
+    """FastDLLM's step count is an upper bound: the bar ends at the steps actually taken."""
+    module = importlib.import_module("dlmfuse.generate")
+    bars = []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def refresh(self):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(module, "_progress_bar", Bar)
+    seen = []
+    generate(ToyDenoiser(), prompts(1, 3), FastDLLM(12, 4, threshold=0.5, mask_token_id=MASK), progress=True,
+             callback=lambda step, total, tokens: seen.append(step))
+    (bar,) = bars
+    assert bar.closed and bar.n == len(seen) == bar.total < 12
+
+
 # ------------------------------------------------------------------------------------ errors
 def test_bad_arguments_name_the_value():
     model, prompt, sampler = ToyDenoiser(), prompts(2, 4), LLaDA(4, 8, 4, mask_token_id=MASK)

@@ -536,6 +536,7 @@ def test_eso_two_phases_match_reference(model, variant, alpha_0):
     (lambda: FastDLLM(16, 8, mask_token_id=MASK), ValueError, "threshold=None"),
     (lambda: FastDLLM(16, 8, threshold=0.9, factor=1.0, mask_token_id=MASK), ValueError, "factor=1.0"),
     (lambda: FastDLLM(16, 8, factor=0.0, mask_token_id=MASK), ValueError, "0.0"),
+    (lambda: FastDLLM(16, 8, threshold=1.5, mask_token_id=MASK), ValueError, "<= 1.0, got 1.5"),
     (lambda: Dream(4, 8, alg="greedy", mask_token_id=MASK), ValueError, "'greedy'"),
     (lambda: Dream(4, 8, top_p=1.5, mask_token_id=MASK), ValueError, "1.5"),
     (lambda: Dream(4, 8, top_k=0, mask_token_id=MASK), ValueError, "0"),

@@ -141,6 +141,9 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
                 bar.update(1)
     finally:
         if bar is not None:
+            if state.done:  # FastDLLM's total_steps is an upper bound: end the bar where it ended
+                bar.total = state.step
+                bar.refresh()
             bar.close()
     state.x[:, :prompt_len] = torch.where(pads_as_mask, prompt_ids, state.x[:, :prompt_len])
     return state.x

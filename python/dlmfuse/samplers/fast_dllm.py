@@ -65,8 +65,9 @@ class FastDLLM(LLaDA):
         if (threshold is None) == (factor is None):
             raise ValueError(f"FastDLLM: give exactly one of threshold, factor; got threshold={threshold!r}, "
                              f"factor={factor!r}")
+        # Confidences are probabilities: above 1 the rule would take only the best column per step.
         self.threshold = None if threshold is None else check_float("FastDLLM", "threshold", threshold,
-                                                                    minimum=-math.inf)
+                                                                    minimum=-math.inf, maximum=1.0)
         self.factor = None if factor is None else check_float("FastDLLM", "factor", factor, inclusive=False)
 
     def __repr__(self) -> str:
