@@ -23,6 +23,9 @@ KV cache (variant B, ``dlmfuse.generate(..., cache="prefix")``): a token only ev
 tokens earlier in the order, so the K/V of clean tokens never change. The first step runs the
 whole sequence; every later step feeds only the previous chunk (now clean, its K/V written once
 more) and the current chunk, attending to the cache: exact, as Eso-LM's cache.
+
+Only the gen_length generated columns are generated: a mask token inside the prompt stays as
+it is, part of the clean context (unlike LLaDA, Dream and MDLM, which fill it).
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ change nothing in LLaDA either).
 of the confidence softmax, which is what LLaDA's ``logits_eos_inf`` does for EOS. LLaDA's
 ``confidence_eos_eot_inf`` is not reproduced: it sets those logits to -inf after the argmax, so
 there EoT can still be emitted, with confidence 0 (filled last), and the EOS half has no effect.
+Exact ties between confidences go to the lower column (dlmfuse.select_unmask); LLaDA's
+``torch.topk`` breaks exact ties in an unspecified order, so on an exact tie (e.g. two columns
+with probability 1.0) the two may pick different columns.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ Network calls: a step whose coins unmask nothing makes none. MDLM caches the log
 the call when x did not change since the last one; here every call is followed by a change (it
 is made only for columns that unmask), so no logits could ever be reused: the number of calls is
 at most MDLM's.
+
+Every mask token of the sequence is a masked column, mask tokens inside the prompt included (as
+in MDLM, which has no prompt). Left padding never is (see dlmfuse.generate).
 """
 
 from __future__ import annotations
