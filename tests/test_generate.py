@@ -252,6 +252,13 @@ def test_bad_arguments_name_the_value():
         generate(model, prompt, EsoLM(4, 8, mask_token_id=MASK), cache="dual")
     with pytest.raises(ValueError, match="prompt token"):
         generate(model, prompt, Dream(4, 8, mask_token_id=MASK), prompt_lens=[4, 0])
+
+    class EveryRow(torch.nn.Module):  # ignores logits_for
+        def forward(self, input_ids, logits_for=None, **kwargs):
+            return torch.zeros(*input_ids.shape, 7)
+
+    with pytest.raises(ValueError, match=r"must return logits \[B, n, V\] for the n rows of logits_for \[2, 4\], got \[2, 12, 7\]"):
+        generate(EveryRow(), prompt, sampler)
     # Ids past the vocabulary of a model with a config (a DenoiserLM): named, before any forward
     lm = denoiser()
     vocab = lm.config.vocab_size

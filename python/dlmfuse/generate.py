@@ -225,7 +225,12 @@ class _Runner:
 
     def _call(self, ids: Tensor, rows: Tensor, **kwargs) -> Tensor:
         kwargs = {name: value for name, value in kwargs.items() if value is not None}
-        return self.model(ids, logits_for=rows, **kwargs)
+        logits = self.model(ids, logits_for=rows, **kwargs)
+        if not isinstance(logits, Tensor) or logits.dim() != 3 or tuple(logits.shape[:2]) != tuple(rows.shape):
+            got = list(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"{_OP}: the model must return logits [B, n, V] for the n rows of logits_for "
+                             f"{list(rows.shape)}, got {got} (see dlmfuse.nn.DenoiserLM's forward)")
+        return logits
 
     def _refresh(self, ids: Tensor, rows: Tensor, mask: Optional[Mask]) -> Tensor:
         """The whole sequence through the model, every K/V stored in a fresh cache."""
