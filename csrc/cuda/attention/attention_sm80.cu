@@ -404,11 +404,16 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
 
 // Whether the current device allows `bytes` of dynamic shared memory per block (with 1 KB to spare
 // for the kernel's static shared variables).
+// An attribute of the current device, 0 when it cannot be read.
+int current_device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) return 0;
+  return value;
+}
+
 bool dynamic_shared_fits(int bytes) {
-  int device = 0, most = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&most, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return false;
-  return bytes + 1024 <= most;
+  return bytes + 1024 <= current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
 template <typename T, int D, int kStages, bool kNext, int kM = 1, bool kWgmma = false>
@@ -445,12 +450,7 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
 
 // Whether the current device is an sm_90 GPU (H100 / H200): only there does the wgmma instance
 // use wgmma (elsewhere it would be the next paths plus 1 KB of unused shared memory).
-bool current_device_is_sm90() {
-  int device = 0, major = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
-  return major == 9;
-}
+bool current_device_is_sm90() { return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9; }
 
 // The kernel instance for p.kv_stages, p.next_paths, p.wide_rows and p.wgmma (next_paths, wide_rows
 // and wgmma: two buffers only; wgmma on sm_90 only, else the next paths run).

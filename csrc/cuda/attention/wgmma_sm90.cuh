@@ -97,89 +97,61 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_rs_mn_major_b(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b);
 
-// The specialisations spell out every accumulator register (the asm needs one operand each).
-template <>
-__device__ __forceinline__ void wgmma_ss<bf16_t, 64>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+// The specialisations spell out every accumulator register (the asm needs one operand each); one
+// macro per instruction shape serves bf16 and fp16, which differ only in the PTX type name.
 #if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#define DLMFUSE_WGMMA_ASM(...) asm volatile(__VA_ARGS__)
 #else
-  __trap();
+#define DLMFUSE_WGMMA_ASM(...) __trap()
 #endif
-}
+#define DLMFUSE_WGMMA_ACC4(d, i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define DLMFUSE_WGMMA_ACC32(d)                                                                         \
+  DLMFUSE_WGMMA_ACC4(d, 0), DLMFUSE_WGMMA_ACC4(d, 1), DLMFUSE_WGMMA_ACC4(d, 2), DLMFUSE_WGMMA_ACC4(d, 3), \
+      DLMFUSE_WGMMA_ACC4(d, 4), DLMFUSE_WGMMA_ACC4(d, 5), DLMFUSE_WGMMA_ACC4(d, 6), DLMFUSE_WGMMA_ACC4(d, 7)
+#define DLMFUSE_WGMMA_ACC64(d)                                                                          \
+  DLMFUSE_WGMMA_ACC32(d), DLMFUSE_WGMMA_ACC4(d, 8), DLMFUSE_WGMMA_ACC4(d, 9), DLMFUSE_WGMMA_ACC4(d, 10), \
+      DLMFUSE_WGMMA_ACC4(d, 11), DLMFUSE_WGMMA_ACC4(d, 12), DLMFUSE_WGMMA_ACC4(d, 13),                   \
+      DLMFUSE_WGMMA_ACC4(d, 14), DLMFUSE_WGMMA_ACC4(d, 15)
+#define DLMFUSE_WGMMA_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define DLMFUSE_WGMMA_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-template <>
-__device__ __forceinline__ void wgmma_rs_mn_major_b<bf16_t, 64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-#if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-#else
-  __trap();
-#endif
-}
+// wgmma_ss<T, 64>: d (32 registers) %0-%31, descriptors %32 / %33, scale_d %34.
+#define DLMFUSE_WGMMA_SS_N64(T, PTX)                                                                         \
+  template <>                                                                                              \
+  __device__ __forceinline__ void wgmma_ss<T, 64>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) { \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                         \
+                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D32        \
+                      ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
+                      : DLMFUSE_WGMMA_ACC32(d)                                                               \
+                      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                             \
+  }
+// wgmma_rs_mn_major_b<T, N>: d %0-%(N/2 - 1), A registers next, then the descriptor and scale_d (1).
+#define DLMFUSE_WGMMA_RS_N64(T, PTX)                                                                         \
+  template <>                                                                                              \
+  __device__ __forceinline__ void wgmma_rs_mn_major_b<T, 64>(float (&d)[8][4], const uint32_t (&a)[4],      \
+                                                             uint64_t desc_b) {                            \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                         \
+                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D32        \
+                      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
+                      : DLMFUSE_WGMMA_ACC32(d)                                                               \
+                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                    \
+  }
+#define DLMFUSE_WGMMA_RS_N128(T, PTX)                                                                        \
+  template <>                                                                                              \
+  __device__ __forceinline__ void wgmma_rs_mn_major_b<T, 128>(float (&d)[16][4], const uint32_t (&a)[4],    \
+                                                              uint64_t desc_b) {                           \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                         \
+                      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D64       \
+                      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                        \
+                      : DLMFUSE_WGMMA_ACC64(d)                                                               \
+                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                    \
+  }
 
-template <>
-__device__ __forceinline__ void wgmma_rs_mn_major_b<bf16_t, 128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
-#if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-#else
-  __trap();
-#endif
-}
-
-template <>
-__device__ __forceinline__ void wgmma_ss<fp16_t, 64>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-#else
-  __trap();
-#endif
-}
-
-template <>
-__device__ __forceinline__ void wgmma_rs_mn_major_b<fp16_t, 64>(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-#if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-#else
-  __trap();
-#endif
-}
-
-template <>
-__device__ __forceinline__ void wgmma_rs_mn_major_b<fp16_t, 128>(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc_b) {
-#if DLMFUSE_WGMMA
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-#else
-  __trap();
-#endif
-}
+DLMFUSE_WGMMA_SS_N64(bf16_t, "bf16")
+DLMFUSE_WGMMA_SS_N64(fp16_t, "f16")
+DLMFUSE_WGMMA_RS_N64(bf16_t, "bf16")
+DLMFUSE_WGMMA_RS_N64(fp16_t, "f16")
+DLMFUSE_WGMMA_RS_N128(bf16_t, "bf16")
+DLMFUSE_WGMMA_RS_N128(fp16_t, "f16")
 
 }  // namespace dlmfuse::cuda::sm90
