@@ -5,7 +5,13 @@
 // classifies each from the label min/max (skip / full / partial, dlmfuse/visibility.h), and runs
 // a flash-attention style online softmax in base 2 with fp32 accumulation:
 //   S = (Q * scale * log2e) K^T + bias * log2e;  masked -> -inf;  P = exp2(S - m);  O += P V.
+// FULL tiles run as they are. The keys of PARTIAL tiles are classified one by one (classify_key)
+// and gathered: keys every row sees fill FULL tiles (no per-element test), keys some row sees
+// fill PARTIAL tiles, the others are dropped. A mask-only step (clean keys scattered, masked
+// queries that see the clean keys and themselves) thus computes about the visible keys only.
 #include "cpu/attention_tiles.h"
+
+#include <algorithm>
 
 #include "cpu/vec.h"
 #include "dlmfuse/half_convert.h"
@@ -36,8 +42,11 @@ struct TileScratch {
   float* bias_row;   // [N]
   float* row_max;    // [M] running max (log2 units)
   float* row_sum;    // [M] running sum of exp2
-  int32_t* k_order;  // [N] labels of the current key tile
+  int32_t* k_order;  // [N] labels of the keys gathered for a PARTIAL tile
   int32_t* k_group;  // [N]
+  int32_t* q_groups;     // [M] the query rows' groups, ascending (classify_key)
+  int64_t* full_keys;    // [N] keys gathered for a FULL tile
+  int64_t* partial_keys; // [N] keys gathered for a PARTIAL tile
 
   explicit TileScratch(float* base) {
     q = base;
@@ -50,7 +59,19 @@ struct TileScratch {
     row_sum = row_max + M;
     k_order = reinterpret_cast<int32_t*>(row_sum + M);
     k_group = k_order + N;
+    q_groups = k_group + N;
+    // 8-byte alignment: the float offset so far is even (M, N, D are multiples of 8).
+    full_keys = reinterpret_cast<int64_t*>(q_groups + M);
+    partial_keys = full_keys + N;
   }
+};
+
+// The keys of one tile: k0 .. k0 + cols - 1, or gathered ones (keys[j]).
+struct KeySet {
+  const int64_t* keys;  // null: contiguous from k0
+  int64_t k0;
+  int cols;
+  int64_t at(int j) const { return keys != nullptr ? keys[j] : k0 + j; }
 };
 
 template <typename T>
@@ -102,27 +123,26 @@ void pv_tile(const float* p, const float* v, float* o, int rows, int cols) {
   }
 }
 
-// bias_row[:cols] = bias[b, h, i, k0 : k0 + cols] * log2 e (any stride, 0 included); rest 0.
+// bias_row[j] = bias[b, h, i, keys.at(j)] * log2 e for j < cols (any stride, 0 included); rest 0.
 template <typename B>
-void load_bias_row(float* dst, const B* src, int64_t col_stride, int cols) {
-  for (int j = 0; j < cols; ++j) dst[j] = to_float(src[j * col_stride]) * kLog2e;
-  for (int j = cols; j < N; ++j) dst[j] = 0.0f;
+void load_bias_row(float* dst, const B* src, int64_t col_stride, KeySet keys) {
+  for (int j = 0; j < keys.cols; ++j) dst[j] = to_float(src[keys.at(j) * col_stride]) * kLog2e;
+  for (int j = keys.cols; j < N; ++j) dst[j] = 0.0f;
 }
 
-void add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, int64_t k0,
-                  int cols, float* bias_row, float* s_row) {
-  const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] +
-                         row * p.bias_strides[2] + k0 * p.bias_strides[3];
+void add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, KeySet keys,
+                  float* bias_row, float* s_row) {
+  const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] + row * p.bias_strides[2];
   const int64_t col_stride = p.bias_strides[3];
   switch (p.bias_dtype) {
     case DType::kFloat32:
-      load_bias_row(bias_row, static_cast<const float*>(p.bias) + offset, col_stride, cols);
+      load_bias_row(bias_row, static_cast<const float*>(p.bias) + offset, col_stride, keys);
       break;
     case DType::kBFloat16:
-      load_bias_row(bias_row, static_cast<const bf16_t*>(p.bias) + offset, col_stride, cols);
+      load_bias_row(bias_row, static_cast<const bf16_t*>(p.bias) + offset, col_stride, keys);
       break;
     case DType::kFloat16:
-      load_bias_row(bias_row, static_cast<const fp16_t*>(p.bias) + offset, col_stride, cols);
+      load_bias_row(bias_row, static_cast<const fp16_t*>(p.bias) + offset, col_stride, keys);
       break;
   }
   for (int j = 0; j < N; j += W) vec::store(s_row + j, vec::load(s_row + j) + vec::load(bias_row + j));
@@ -205,38 +225,29 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   vec::fill(ws.row_sum, ws.row_sum + M, 0.0f);
 
   const LabelRange* q_range = plan.q_ranges ? plan.q_ranges + b * plan.n_q_tiles + q_tile : nullptr;
+  if (q_range != nullptr) {  // the rows' groups, ascending, for classify_key
+    for (int i = 0; i < rows; ++i) ws.q_groups[i] = p.q_group.at(b, q0 + i);
+    std::sort(ws.q_groups, ws.q_groups + rows);
+  }
 
-  for (int64_t k_tile = 0; k_tile < n_k_tiles; ++k_tile) {
-    const int64_t k0 = k_tile * N;
-    const int cols = static_cast<int>(vec::min_i64(N, k_len - k0));
-    TileKind kind = TileKind::kFull;
-    if (q_range != nullptr)
-      kind = classify_tile(*q_range, plan.k_ranges[b * plan.n_k_tiles + k_tile]);
-    if (kind == TileKind::kSkip) continue;
-
+  // S, masking, online softmax and O += P V for one tile of keys (kind FULL or PARTIAL; a
+  // PARTIAL tile's key labels are in ws.k_order / ws.k_group).
+  auto run_tile = [&](KeySet keys, TileKind kind) {
+    const int cols = keys.cols;
     for (int j = 0; j < cols; ++j) {
-      const T* k_row = k_base + (k0 + j) * p.k_strides[1];
+      const T* k_row = k_base + keys.at(j) * p.k_strides[1];
       for (int d = 0; d < head; ++d) ws.kt[d * N + j] = to_float(k_row[d]);
     }
     for (int d = 0; d < head && cols < N; ++d) vec::fill(ws.kt + d * N + cols, ws.kt + d * N + N, 0.0f);
     qk_tile<D>(ws.q, ws.kt, ws.s, rows_padded);
 
-    if (kind == TileKind::kPartial) {
-      for (int j = 0; j < cols; ++j) {
-        ws.k_order[j] = p.k_order.at(b, k0 + j);
-        ws.k_group[j] = p.k_group.at(b, k0 + j);
-      }
-      vec::fill(ws.k_order + cols, ws.k_order + N, 0);
-      vec::fill(ws.k_group + cols, ws.k_group + N, 0);
-    }
-
     for (int i = 0; i < rows; ++i) {
       float* s_row = ws.s + i * N;
-      if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, k0, cols, ws.bias_row, s_row);
+      if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, keys, ws.bias_row, s_row);
       if (kind == TileKind::kPartial)
         mask_row_by_labels(s_row, ws.k_order, ws.k_group, p.q_order.at(b, q0 + i),
                            p.q_group.at(b, q0 + i));
-      vec::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens or Lk)
+      vec::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens, Lk, gathered count)
       const float alpha = softmax_update_row(s_row, ws.row_max[i], ws.row_sum[i]);
       if (alpha != 1.0f) {
         const vfloat va = vec::splat(alpha);
@@ -246,9 +257,54 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
     vec::fill(ws.s + rows * N, ws.s + rows_padded * N, 0.0f);  // padding rows contribute nothing
 
     for (int j = 0; j < cols; ++j)
-      load_scaled_row(ws.v + j * D, v_base + (k0 + j) * p.v_strides[1], head, 1.0f);
+      load_scaled_row(ws.v + j * D, v_base + keys.at(j) * p.v_strides[1], head, 1.0f);
     pv_tile<D>(ws.s, ws.v, ws.o, rows_padded, cols);
+  };
+
+  // Keys of PARTIAL tiles gathered by kind; a gathered tile runs as soon as it holds N keys.
+  int n_full = 0, n_partial = 0;
+  auto run_full = [&] {
+    run_tile(KeySet{ws.full_keys, 0, n_full}, TileKind::kFull);
+    n_full = 0;
+  };
+  auto run_partial = [&] {
+    vec::fill(ws.k_order + n_partial, ws.k_order + N, 0);  // (read by the vector test, then hidden)
+    vec::fill(ws.k_group + n_partial, ws.k_group + N, 0);
+    run_tile(KeySet{ws.partial_keys, 0, n_partial}, TileKind::kPartial);
+    n_partial = 0;
+  };
+
+  for (int64_t k_tile = 0; k_tile < n_k_tiles; ++k_tile) {
+    const int64_t k0 = k_tile * N;
+    const int cols = static_cast<int>(vec::min_i64(N, k_len - k0));
+    TileKind kind = TileKind::kFull;
+    if (q_range != nullptr)
+      kind = classify_tile(*q_range, plan.k_ranges[b * plan.n_k_tiles + k_tile]);
+    if (kind == TileKind::kSkip) continue;
+    if (kind == TileKind::kFull) {
+      run_tile(KeySet{nullptr, k0, cols}, TileKind::kFull);
+      continue;
+    }
+    for (int j = 0; j < cols; ++j) {
+      const int32_t order = p.k_order.at(b, k0 + j), group = p.k_group.at(b, k0 + j);
+      switch (classify_key(*q_range, ws.q_groups, rows, order, group)) {
+        case TileKind::kFull:
+          ws.full_keys[n_full++] = k0 + j;
+          if (n_full == N) run_full();
+          break;
+        case TileKind::kPartial:
+          ws.partial_keys[n_partial] = k0 + j;
+          ws.k_order[n_partial] = order;
+          ws.k_group[n_partial] = group;
+          if (++n_partial == N) run_partial();
+          break;
+        case TileKind::kSkip:
+          break;
+      }
+    }
   }
+  if (n_full > 0) run_full();
+  if (n_partial > 0) run_partial();
 
   T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;

@@ -4,7 +4,11 @@
 //
 // Kernels never test every element when they can avoid it: a tile of queries x keys is classified
 // from the min/max of its labels as SKIP (nothing visible: no loads at all), FULL (everything
-// visible: no per-element test) or PARTIAL (test each element).
+// visible: no per-element test) or PARTIAL (test each element). The keys of a PARTIAL tile are
+// then classified one by one (classify_key): mask-only steps scatter the keys a query tile sees
+// (clean keys at random positions, each masked query's own key), so their tiles are all PARTIAL,
+// yet per key most are visible to every query of the tile or to none. Kernels gather the keys
+// visible to all into FULL tiles and those visible to some into PARTIAL tiles, and drop the rest.
 #pragma once
 
 #include "dlmfuse/config.h"
@@ -46,6 +50,28 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind classify_tile(const LabelRange& q,
   if (q.group_min == q.group_max && k.group_min == k.group_max && q.group_min == k.group_min)
     return TileKind::kFull;
   return TileKind::kPartial;
+}
+
+// Whether x is one of sorted[0, n) (ascending): a binary search.
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE bool contains_sorted(const int32_t* sorted, int n, int32_t x) {
+  int lo = 0, hi = n;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (sorted[mid] < x) lo = mid + 1;
+    else hi = mid;
+  }
+  return lo < n && sorted[lo] == x;
+}
+
+// One key against a query tile: FULL (visible to every query), SKIP (to none) or PARTIAL (to some),
+// exactly. `q` is the tile's label range and q_groups its n query groups in ascending order.
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind classify_key(const LabelRange& q, const int32_t* q_groups, int n,
+                                                         int32_t k_order, int32_t k_group) {
+  if (k_order < q.order_min) return TileKind::kFull;
+  if (q.group_min == q.group_max && k_group == q.group_min) return TileKind::kFull;
+  if (k_order < q.order_max) return TileKind::kPartial;  // seen at least by the latest query
+  if (k_group < q.group_min || k_group > q.group_max) return TileKind::kSkip;
+  return contains_sorted(q_groups, n, k_group) ? TileKind::kPartial : TileKind::kSkip;
 }
 
 }  // namespace dlmfuse
