@@ -69,16 +69,17 @@ if wants tests; then
   attention_tests="tests/test_torch_integration.py tests/test_attention.py"
   per_kernel_tests="not test_cuda_matches_reference_and_cpu and not test_cuda_bias_layouts_match_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gqa_packing_matches_reference"
+  per_kernel_tests="$per_kernel_tests and not test_cuda_gathered_keys_match_reference_and_auto"
   step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
     python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
-  for kernel in simple single_buffer next wide sm90; do
+  for kernel in simple single_buffer next wide sm90 gather sm90_gather; do
     step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests -k "$per_kernel_tests"
   done
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
-  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_kv_cache.py tests/test_sampling.py"
+  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto tests/test_kv_cache.py tests/test_sampling.py"
   # The wgmma path (sm90) on its own: a failure there (-x) must not cut the others' coverage.
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph and not sm90"
@@ -91,9 +92,13 @@ if wants sanitize; then
   step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     -k "not sm90"
+  # The gathering rounds' shared key list and scan (not sm90: the step below covers it).
+  step sanitizer_racecheck_gather 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider \
+    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "not sm90 and not Lk8300"
   step sanitizer_racecheck_sm90 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
-    -k "sm90"
+    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "sm90 and not Lk8300"
 fi
 if wants bench; then
   # Cheapest and most telling first, so that a budget cut loses the least: the op families, then
@@ -102,7 +107,7 @@ if wants bench; then
   # FlexAttention, whose inductor compiles take most of the time).
   step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
     --json "$OUT/bench_ops.jsonl"
-  for kernel in auto next wide sm90; do
+  for kernel in auto next wide sm90 gather sm90_gather; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
       --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
   done

@@ -300,7 +300,7 @@ def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "next", "wide", "sm90"])
+@pytest.mark.parametrize("kernel", ["auto", "next", "wide", "sm90", "gather"])  # gather: falls back (bias)
 @pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
@@ -319,9 +319,9 @@ def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
 
 @pytest.mark.cuda
 # bf16/fp16: tensor cores (two K/V buffers by default, or one; "next" / "wide" / "sm90": the
-# unverified changes, wide with 32 rows per warp, sm90 with warpgroup MMAs on H100 / H200), or
-# CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide", "sm90"])
+# unverified changes, wide with 32 rows per warp, sm90 with warpgroup MMAs on H100 / H200,
+# gather / sm90_gather with PARTIAL tiles' keys gathered), or CUDA cores
+@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide", "sm90", "gather", "sm90_gather"])
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -483,6 +483,10 @@ def test_cuda_attention_kernel_choice(monkeypatch):
     assert args().next_paths and args().rows_per_warp == 32 and not args().pack_gqa and not args().wgmma
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "sm90")
     assert args().next_paths and args().rows_per_warp == 16 and args().pack_gqa and args().wgmma
+    assert not args().gather_keys
+    for kernel, wgmma in (("gather", False), ("sm90_gather", True)):
+        monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
+        assert args().gather_keys and args().next_paths and args().rows_per_warp == 16 and args().wgmma == wgmma
     monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
     assert args().kv_stages == 2  # the default: two K/V buffers
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double-buffer")
@@ -546,6 +550,53 @@ def sparse_step_inputs(B, n, Lk, Hq, Hkv, D, dtype, device, seed=0):
     return q, k, v, dict(mask=mask, kv_lens=kv_lens)
 
 
+# Gathered keys (DLMFUSE_CUDA_ATTENTION=gather / sm90_gather): label layouts whose PARTIAL tiles
+# gather into fewer tiles (mask-only steps), whose runs of PARTIAL tiles pass 16 tiles and a
+# classification round of 128 tiles (Lk 8300), and whose runs gather nothing useful (block-causal
+# diagonals, which then run as they are).
+GATHER_CASES = [
+    # (name, B, n, Lk, Hq, Hkv, D)
+    ("mask_only", 2, 97, 2048, 8, 2, 128),
+    ("mask_only", 3, 32, 1025, 4, 4, 64),
+    ("mask_only_long", 1, 64, 8300, 2, 1, 64),
+    ("block_causal", 2, 130, 520, 4, 2, 128),
+    ("random", 2, 70, 700, 4, 2, 64),
+]
+
+
+def gather_case_inputs(name, B, n, Lk, Hq, Hkv, D, device):
+    g = torch.Generator().manual_seed(21)
+    if name.startswith("mask_only"):
+        return sparse_step_inputs(B, n, Lk, Hq, Hkv, D, torch.bfloat16, device, seed=5)
+    q, k, v = make(B, n, Lk, Hq, Hkv, D, torch.bfloat16, device, seed=6)
+    if name == "block_causal":
+        mask = Mask.block_causal(Lk, 32, prefix_len=100).gather_queries(
+            torch.arange(Lk - n, Lk).expand(B, -1)).to(device)
+    else:
+        mask = Mask(*(torch.randint(0, 5, (B, m), generator=g, dtype=torch.int32) for m in (n, n, Lk, Lk))).to(device)
+    kv_lens = torch.tensor([Lk, Lk - 77][:B], dtype=torch.int32, device=device)
+    return q, k, v, dict(mask=mask, kv_lens=kv_lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["gather", "sm90_gather"])
+@pytest.mark.parametrize("splits", ["1", "3"])
+@pytest.mark.parametrize("case", GATHER_CASES, ids=[f"{c[0]}-B{c[1]}-n{c[2]}-Lk{c[3]}-D{c[6]}" for c in GATHER_CASES])
+def test_cuda_gathered_keys_match_reference_and_auto(case, splits, kernel, monkeypatch):
+    """Gathered FULL / PARTIAL tiles give the reference's out and lse, and the verified kernel's."""
+    monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", splits)
+    q, k, v, kwargs = gather_case_inputs(*case, device="cuda")
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    check_attention(out, q, k, v, lse=lse, **kwargs)
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "auto")
+    auto_out, auto_lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    torch.testing.assert_close(out, auto_out, rtol=2 ** -7, atol=2 ** -7 * float(auto_out.abs().max()))
+    finite = torch.isfinite(auto_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], auto_lse[finite], rtol=1e-5, atol=1e-5)
+
+
 SPLIT_CASES = [
     # (B, n, Lk, Hq, Hkv, D, dtype)
     (2, 5, 333, 4, 2, 64, torch.float16),  # ragged keys, GQA
@@ -584,7 +635,7 @@ GQA_PACK_CASES = [
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["next", "sm90"])
+@pytest.mark.parametrize("kernel", ["next", "sm90", "gather", "sm90_gather"])
 @pytest.mark.parametrize("splits", ["1", "3"])
 @pytest.mark.parametrize("case", GQA_PACK_CASES, ids=[f"B{c[0]}-n{c[1]}-H{c[3]}x{c[4]}-D{c[5]}" for c in GQA_PACK_CASES])
 def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):

@@ -45,7 +45,7 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> kv_lens, Array out, Array lse, float scale,
                        bool tensor_cores, uint64_t stream, int num_splits,
                        std::optional<Array> partial_out, std::optional<Array> partial_lse, int kv_stages,
-                       bool next_paths, int rows_per_warp, bool pack_gqa, bool wgmma) {
+                       bool next_paths, int rows_per_warp, bool pack_gqa, bool wgmma, bool gather_keys) {
   AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens,
                                        out, lse, scale, nb::device::cuda::value);
   set_split_workspace(p, num_splits, partial_out, partial_lse);
@@ -61,6 +61,10 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
   if (wgmma && (!next_paths || rows_per_warp != 16))
     throw_value_error("attention", ": wgmma needs next_paths and rows_per_warp = 16");
   p.wgmma = wgmma;
+  if (gather_keys && (!next_paths || rows_per_warp != 16))
+    throw_value_error("attention", ": gather_keys needs next_paths and rows_per_warp = 16");
+  // Gathering needs labels to classify keys by, and reads no bias (its columns would be gathered too).
+  p.gather_keys = gather_keys && p.has_labels && p.bias == nullptr;
   // Packed only where it saves CTAs; a bias is read per query head, which packed rows mix.
   p.pack_gqa = pack_gqa && p.bias == nullptr &&
                cuda::attention_packs_gqa(p.q_heads, p.kv_heads, p.q_len, 4 * rows_per_warp);
@@ -90,6 +94,7 @@ void register_cuda_attention(nb::module_& m) {
         nb::arg("partial_out").none() = nb::none(), nb::arg("partial_lse").none() = nb::none(),
         nb::arg("kv_stages") = 2, nb::arg("next_paths") = false,
         nb::arg("rows_per_warp") = 16, nb::arg("pack_gqa") = false, nb::arg("wgmma") = false,
+        nb::arg("gather_keys") = false,
         "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] on CUDA (tensor cores for bf16 / fp16 when "
         "tensor_cores and the layout allows; else the CUDA-core kernel). num_splits > 1 splits the "
         "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
@@ -98,7 +103,8 @@ void register_cuda_attention(nb::module_& m) {
         "changes not yet verified on a GPU (two buffers only), with rows_per_warp = 32 also 128 query rows "
         "per CTA, with pack_gqa = True (next_paths only) also the query heads of a KV head packed into "
         "one CTA's rows where that needs fewer CTAs and there is no bias, with wgmma = True (next_paths, "
-        "16 rows per warp) also warpgroup MMAs on sm_90 GPUs. Use dlmfuse.attention.");
+        "16 rows per warp) also warpgroup MMAs on sm_90 GPUs, with gather_keys = True (next_paths, 16 rows per "
+        "warp) the keys of PARTIAL tiles gathered per key for calls with labels and no bias. Use dlmfuse.attention.");
   m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
         nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"), nb::arg("rows_per_cta") = 64,
         nb::arg("kv_heads") = 0,

@@ -249,6 +249,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
                                   torch.cuda.current_stream(q.device).cuda_stream, num_splits=splits,
                                   kv_stages=kernel.kv_stages, next_paths=kernel.next_paths,
                                   rows_per_warp=kernel.rows_per_warp, pack_gqa=kernel.pack_gqa, wgmma=kernel.wgmma,
+                                  gather_keys=kernel.gather_keys,
                                   **workspace)
     else:
         _C.attention_forward(*args, scale)
@@ -267,6 +268,7 @@ class CudaKernelArgs(NamedTuple):
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
     pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, 16 rows per warp, no bias)
     wgmma: bool = False  # warpgroup MMAs on sm_90 GPUs (next paths; elsewhere the next paths run)
+    gather_keys: bool = False  # PARTIAL tiles' keys gathered per key (next paths, 16 rows per warp; labels, no bias)
 
 
 # auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
@@ -277,7 +279,10 @@ class CudaKernelArgs(NamedTuple):
 # faster (with GQA packing: the query heads of a KV head share CTAs, and so K/V tile reads, when
 # few query rows make that need fewer CTAs); wide: next with 32 query rows per warp (128 per CTA,
 # FlashAttention-2's shape; no GQA packing; also not yet run on a GPU); sm90: next with warpgroup MMAs (wgmma)
-# on H100 / H200 (the next paths elsewhere; not yet run on a GPU).
+# on H100 / H200 (the next paths elsewhere; not yet run on a GPU); gather / sm90_gather: next / sm90
+# with the keys of PARTIAL tiles classified one by one and gathered into FULL and PARTIAL tiles
+# (calls with labels and no bias; mask-only steps then read only the keys their rows see; not yet
+# run on a GPU).
 _CUDA_KERNEL_ARGS = {
     "auto": CudaKernelArgs(True, 2, False, 16, False),
     "simple": CudaKernelArgs(False, 2, False, 16, False),
@@ -286,6 +291,8 @@ _CUDA_KERNEL_ARGS = {
     "next": CudaKernelArgs(True, 2, True, 16, True),
     "wide": CudaKernelArgs(True, 2, True, 32, False),
     "sm90": CudaKernelArgs(True, 2, True, 16, True, wgmma=True),
+    "gather": CudaKernelArgs(True, 2, True, 16, True, gather_keys=True),
+    "sm90_gather": CudaKernelArgs(True, 2, True, 16, True, wgmma=True, gather_keys=True),
 }
 CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)
 

@@ -21,8 +21,10 @@
 // next visible tile load during the whole of tile j (4-9% faster on an H200 than kv_stages = 1,
 // FlashAttention-2's pipeline: V_j loads during Q K_j^T, K_j+1 during P V_j). 32 rows per warp
 // (128-row CTAs) exist as the opt-in kM = 2 instance, and GQA packing (the query heads of a KV
-// head share CTAs when few query rows make that need fewer CTAs) as part of the next paths, and an
-// sm_90a instance with warpgroup MMAs (kWgmma); none has run on a GPU yet. Not yet: TMA, warp
+// head share CTAs when few query rows make that need fewer CTAs) as part of the next paths, an
+// sm_90a instance with warpgroup MMAs (kWgmma), and gathered keys (kGather: PARTIAL tiles' keys
+// classified one by one into FULL and PARTIAL tiles, hidden keys never loaded); none has run on a
+// GPU yet. Not yet: TMA, warp
 // specialisation (FlashAttention-3's producer / consumer warpgroups).
 //
 // The per-warp tile math lives in attention_sm80_tile.cuh; this file has the kernel's tile loop,
@@ -47,6 +49,11 @@ constexpr int64_t kSplitTargetCtasPerSm = 4;
 constexpr int64_t kSplitMinKeyTiles = 2;
 // Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
 constexpr int kMergeWarps = 4;
+// Gathered keys (kGather): one gathering round classifies the keys of up to this many consecutive
+// PARTIAL tiles, 8 keys per thread.
+constexpr int kGatherTiles = 16;
+constexpr int kGatherKeys = kGatherTiles * kBlockN;
+static_assert(kGatherKeys == 8 * kThreads, "8 keys per thread per gathering round");
 static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per lane");
 
 DLMFUSE_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -72,9 +79,15 @@ DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
 // (sm90::score_tile / accumulate_pv) on 128-byte-swizzled, 1024-byte-aligned tiles, where the
 // instance is compiled for sm_90a (kUseWgmma); compiled for other architectures it is the next
 // paths' mma.sync kernel, so no device runs a wgmma it lacks.
-template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false>
+// kGather (AttentionParams::gather_keys; labels, no bias): a run of up to kGatherTiles PARTIAL
+// tiles is classified key by key (classify_key against the CTA's query labels) into a shared list:
+// keys every row sees form FULL tiles, keys some row sees PARTIAL tiles, the rest are never loaded.
+// K, V and labels of a gathered tile load row by row from the list. A run whose gathered tiles
+// would not be fewer than its own runs as it is. Not yet run on a GPU.
+template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false, bool kGather = false>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
+  static_assert(!kGather || (kNext && kM == 1 && kStages == 2), "gathered keys: next paths, 64-row CTAs, two buffers");
   static_assert(kM == 1 || (kM == 2 && kStages == 2 && kNext), "32 rows per warp: next paths, two buffers");
   static_assert(!kWgmma || (kM == 1 && kStages == 2 && kNext), "wgmma: next paths, two buffers, 64-row CTAs");
   constexpr int kTileM = kBlockM * kM;  // query rows per CTA
@@ -95,6 +108,13 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   __shared__ alignas(16) LabelRange q_range;
   // TileKind of key tiles kinds_first / kBlockN + i, i < kThreads (one classification round).
   __shared__ uint8_t tile_kinds[kThreads];
+  // kGather: the query rows' groups (raw, then ascending for classify_key), one gathering round's
+  // list of keys (offsets from its first key: FULL keys from the front, PARTIAL keys from the
+  // back) and the per-warp key counts of its scan.
+  __shared__ int32_t q_groups_raw[kGather ? kBlockM : 1];
+  __shared__ int32_t q_groups_sorted[kGather ? kBlockM : 1];
+  __shared__ uint16_t gather_list[kGather ? kGatherKeys : 1];
+  __shared__ int32_t gather_counts[kWarps];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // h: the query head; with GQA packing (kNext, pack_gqa) the KV head, whose `group` query heads
@@ -154,6 +174,8 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
           row_labels[m].order[r] = p.q_order.at(b, query_of(row_in_tile[m][r]));
           row_labels[m].group[r] = p.q_group.at(b, query_of(row_in_tile[m][r]));
         }
+    if constexpr (kGather)
+      if (threadIdx.x < q_rows) q_groups_raw[threadIdx.x] = p.q_group.at(b, query_of(threadIdx.x));
     if (warp == 0) {
       LabelRange range = LabelRange::empty();
       for (int i = lane; i < q_rows; i += 32) range.add(p.q_order.at(b, query_of(i)), p.q_group.at(b, query_of(i)));
@@ -164,6 +186,19 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   cp_async_wait_all();
   if constexpr (kUseWgmma) sm90::fence_proxy_async_shared();  // Q for wgmma's operand reads
   __syncthreads();
+  if constexpr (kGather) {
+    // Rank sort of at most 64 groups (ties by row); read after the barrier that opens each
+    // classification or gathering round.
+    if (p.has_labels && threadIdx.x < q_rows) {
+      const int32_t mine = q_groups_raw[threadIdx.x];
+      int rank = 0;
+      for (int j = 0; j < q_rows; ++j) {
+        const int32_t other = q_groups_raw[j];
+        rank += other < mine || (other == mine && j < static_cast<int>(threadIdx.x));
+      }
+      q_groups_sorted[rank] = mine;
+    }
+  }
 
   uint32_t q_frag[D / 16][4];  // kM = 1: Q in registers for the whole loop (not with wgmma)
   if constexpr (kM == 1 && !kUseWgmma)
@@ -240,14 +275,137 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       load_bias_tile_async<kTileM>(bias_tiles + stage * kTileM * kBiasPitch, p, b, h, q0, q_rows, k0, tile_cols(k0));
   };
 
+  // ---- kGather: the walk over work tiles, contiguous or gathered (uniform across the CTA).
+  int64_t gather_k0 = 0;  // first key of the current gathering round (list entries are offsets)
+  int gather_full = 0, gather_partial = 0;  // keys the round gathered of each kind
+  int gather_full_tiles = 0, gather_tiles = 0, gather_next = 0;  // its tiles, FULL ones first
+  int64_t scan_from = k_begin;    // where the walk over key tiles resumes
+  int64_t plain_until = k_begin;  // PARTIAL tiles before this key run as they are (gathering saved nothing)
+  // Keys [first, first + tiles * kBlockN) of a run of PARTIAL tiles into gather_list (all threads;
+  // has barriers).
+  auto gather_round = [&](int64_t first, int tiles) {
+    __syncthreads();  // every thread has issued its loads from the previous round's list
+    const int64_t run_end = first + tiles * kBlockN < k_end ? first + tiles * kBlockN : k_end;
+    const int64_t key0 = first + 8 * static_cast<int64_t>(threadIdx.x);
+    uint32_t full_bits = 0, partial_bits = 0;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      if (key0 + i >= run_end) continue;
+      const TileKind key_kind = classify_key(q_range, q_groups_sorted, q_rows, p.k_order.at(b, key0 + i),
+                                             p.k_group.at(b, key0 + i));
+      full_bits |= static_cast<uint32_t>(key_kind == TileKind::kFull) << i;
+      partial_bits |= static_cast<uint32_t>(key_kind == TileKind::kPartial) << i;
+    }
+    // Exclusive scan of both counts at once: FULL in the low 16 bits, PARTIAL in the high 16
+    // (each at most kGatherKeys).
+    const int own = __popc(full_bits) | (__popc(partial_bits) << 16);
+    int inclusive = own;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int x = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += x;
+    }
+    if (lane == 31) gather_counts[warp] = inclusive;
+    __syncthreads();
+    int before = inclusive - own, total = 0;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const int count = gather_counts[w];
+      if (w < warp) before += count;
+      total += count;
+    }
+    int full_at = before & 0xffff, partial_at = before >> 16;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const auto offset = static_cast<uint16_t>(8 * threadIdx.x + i);
+      if ((full_bits >> i) & 1u) gather_list[full_at++] = offset;
+      if ((partial_bits >> i) & 1u) gather_list[kGatherKeys - 1 - partial_at++] = offset;
+    }
+    gather_k0 = first;
+    gather_full = total & 0xffff;
+    gather_partial = total >> 16;
+    __syncthreads();  // the list is complete
+  };
+  // The next work tile after the current one: its first key (k_end: none left), kind, key count
+  // and slot (-1: the contiguous tile at the returned key; else gathered tile `slot` of the
+  // round). Call from every thread; its loads must be issued before the next call.
+  auto next_work = [&](TileKind& kind_out, int& cols_out, int& slot_out) -> int64_t {
+    for (;;) {
+      if (gather_next < gather_tiles) {
+        const int slot = gather_next++;
+        const bool full = slot < gather_full_tiles;
+        const int first = (full ? slot : slot - gather_full_tiles) * kBlockN;
+        const int keys = (full ? gather_full : gather_partial) - first;
+        cols_out = keys < kBlockN ? keys : kBlockN;
+        kind_out = full ? TileKind::kFull : TileKind::kPartial;
+        slot_out = slot;
+        return gather_k0;
+      }
+      slot_out = -1;
+      const int64_t k0 = next_tile(scan_from, kind_out);
+      if (k0 >= k_end) return k_end;
+      scan_from = k0 + kBlockN;
+      cols_out = tile_cols(k0);
+      if (kind_out != TileKind::kPartial || k0 < plain_until) return k0;
+      // The run of PARTIAL tiles from k0: at most kGatherTiles, within this classification round.
+      const int at = static_cast<int>((k0 - kinds_first) / kBlockN);
+      int run = 1;
+      while (run < kGatherTiles && at + run < kThreads && k0 + run * kBlockN < k_end &&
+             tile_kinds[at + run] == static_cast<uint8_t>(TileKind::kPartial))
+        ++run;
+      gather_round(k0, run);
+      gather_full_tiles = static_cast<int>(ceil_div(gather_full, kBlockN));
+      gather_tiles = gather_full_tiles + static_cast<int>(ceil_div(gather_partial, kBlockN));
+      gather_next = 0;
+      if (gather_tiles < run) {  // fewer tiles gathered (none: every key of the run is hidden)
+        scan_from = k0 + run * kBlockN;
+        continue;
+      }
+      gather_tiles = 0;  // gathering saves nothing here: the run's tiles as they are
+      plain_until = k0 + run * kBlockN;
+      return k0;
+    }
+  };
+  // Key j of gathered tile `slot` of the current round.
+  auto gathered_key = [&](int slot, int j) -> int64_t {
+    const bool full = slot < gather_full_tiles;
+    const int e = (full ? slot : slot - gather_full_tiles) * kBlockN + j;
+    return gather_k0 + gather_list[full ? e : kGatherKeys - 1 - e];
+  };
+  // K, V (and a PARTIAL tile's labels) of a work tile into buffer `stage`.
+  auto load_work = [&](int64_t k0, int cols, TileKind work_kind, int slot, int stage) {
+    if (slot < 0) {
+      load_k(k0, stage);
+      load_labels(k0, work_kind, stage);
+      load_v(k0, stage);
+      return;
+    }
+    auto key_of = [&](int row) { return gathered_key(slot, row); };
+    load_gathered_tile_async<T, D, kUseWgmma>(k_tiles + stage * kBlockN * D, k_src, p.k_strides[1], kBlockN, cols,
+                                              key_of);
+    load_gathered_tile_async<T, D, kUseWgmma>(v_tiles + stage * kBlockN * D, v_src, p.v_strides[1], kBlockN, cols,
+                                              key_of);
+    const int j = threadIdx.x % kBlockN;
+    if (work_kind != TileKind::kPartial || j >= cols) return;
+    const bool groups = threadIdx.x >= kBlockN;
+    const LabelView& labels = groups ? p.k_group : p.k_order;
+    int32_t* dst = (groups ? k_groups : k_orders) + stage * kBlockN + j;
+    cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + key_of(j) * labels.row_stride);
+  };
+
   TileKind kind;
-  int64_t k0 = next_tile(k_begin, kind);
+  int work_cols = 0, work_slot = -1;  // kGather: the current work tile's key count and slot
+  int64_t k0 = kGather ? next_work(kind, work_cols, work_slot) : next_tile(k_begin, kind);
   if (k0 < k_end) {
-    load_k(k0, 0);
-    load_labels(k0, kind, 0);
-    if (kStages == 2) {
-      load_v(k0, 0);
-      load_bias_tile(k0, 0);
+    if constexpr (kGather) {
+      load_work(k0, work_cols, kind, work_slot, 0);
+    } else {
+      load_k(k0, 0);
+      load_labels(k0, kind, 0);
+      if (kStages == 2) {
+        load_v(k0, 0);
+        load_bias_tile(k0, 0);
+      }
     }
   }
   cp_async_commit();
@@ -287,14 +445,19 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
     // visible tile load into the other one, a whole tile's work ahead.
     int stage = 0;
     while (k0 < k_end) {
-      const int cols = tile_cols(k0);
+      const int cols = kGather ? work_cols : tile_cols(k0);
       TileKind next_kind;
-      const int64_t k_next = next_tile(k0 + kBlockN, next_kind);
+      int next_cols = 0, next_slot = -1;
+      const int64_t k_next = kGather ? next_work(next_kind, next_cols, next_slot) : next_tile(k0 + kBlockN, next_kind);
       if (k_next < k_end) {
-        load_k(k_next, stage ^ 1);
-        load_labels(k_next, next_kind, stage ^ 1);
-        load_v(k_next, stage ^ 1);
-        load_bias_tile(k_next, stage ^ 1);
+        if constexpr (kGather) {
+          load_work(k_next, next_cols, next_kind, next_slot, stage ^ 1);
+        } else {
+          load_k(k_next, stage ^ 1);
+          load_labels(k_next, next_kind, stage ^ 1);
+          load_v(k_next, stage ^ 1);
+          load_bias_tile(k_next, stage ^ 1);
+        }
       }
       cp_async_commit();
       float bias[kBlockN / 8][4];  // kM = 1: loaded ahead of the MMAs (kM = 2 adds it after masking)
@@ -330,6 +493,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
       __syncthreads();  // every warp is done with buffer `stage` before the next look-ahead refills it
       k0 = k_next;
       kind = next_kind;
+      work_cols = next_cols;
       stage ^= 1;
     }
   }
@@ -416,12 +580,12 @@ bool dynamic_shared_fits(int bytes) {
   return bytes + 1024 <= current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }
 
-template <typename T, int D, int kStages, bool kNext, int kM = 1, bool kWgmma = false>
+template <typename T, int D, int kStages, bool kNext, int kM = 1, bool kWgmma = false, bool kGather = false>
 cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   constexpr int kAlignSlack = kWgmma ? 1024 : 0;  // the kernel aligns its tiles to 1024 bytes
   constexpr int base_bytes = shared_bytes<D, kStages, kM>() + kAlignSlack;
   int most_bytes = base_bytes, bytes = base_bytes;
-  if constexpr (kNext) {
+  if constexpr (kNext && !kGather) {  // (gathered keys: calls without a bias only)
     // Room for bias tiles where the device has it (the same for every call on a device, so that
     // concurrent launches never lower the attribute under each other); used by tileable biases.
     const int tiled_bytes = base_bytes + bias_tiles_bytes(kM * kBlockM);
@@ -430,7 +594,7 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
       if (bias_tileable(p)) bytes = tiled_bytes;
     }
   }
-  auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM, kWgmma>;
+  auto kernel = attention_sm80_kernel<T, D, kStages, kNext, kM, kWgmma, kGather>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
   const bool packed = kNext && kM == 1 && p.pack_gqa;  // rows: (query, head) pairs per KV head
@@ -452,13 +616,17 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
 // use wgmma (elsewhere it would be the next paths plus 1 KB of unused shared memory).
 bool current_device_is_sm90() { return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9; }
 
-// The kernel instance for p.kv_stages, p.next_paths, p.wide_rows and p.wgmma (next_paths, wide_rows
-// and wgmma: two buffers only; wgmma on sm_90 only, else the next paths run).
+// The kernel instance for p.kv_stages, p.next_paths, p.wide_rows, p.wgmma and p.gather_keys
+// (next_paths, wide_rows and wgmma: two buffers only; wgmma on sm_90 only, else the next paths
+// run; gather_keys: next paths or wgmma, 16 rows per warp).
 template <typename T, int D>
 cudaError_t launch_variant(const AttentionParams& p, cudaStream_t stream) {
-  if (p.wgmma && current_device_is_sm90()) return launch_sm80<T, D, 2, true, 1, true>(p, stream);
+  if (p.wgmma && current_device_is_sm90())
+    return p.gather_keys ? launch_sm80<T, D, 2, true, 1, true, true>(p, stream)
+                         : launch_sm80<T, D, 2, true, 1, true>(p, stream);
   if (p.wide_rows) return launch_sm80<T, D, 2, true, 2>(p, stream);
-  if (p.next_paths) return launch_sm80<T, D, 2, true>(p, stream);
+  if (p.next_paths)
+    return p.gather_keys ? launch_sm80<T, D, 2, true, 1, false, true>(p, stream) : launch_sm80<T, D, 2, true>(p, stream);
   return p.kv_stages == 2 ? launch_sm80<T, D, 2, false>(p, stream) : launch_sm80<T, D, 1, false>(p, stream);
 }
 
@@ -511,6 +679,7 @@ bool attention_sm80_supports(const AttentionParams& p) {
          (!p.next_paths || p.kv_stages == 2) &&
          (!p.wide_rows || (p.next_paths && p.kv_stages == 2)) &&
          (!p.wgmma || (p.next_paths && p.kv_stages == 2 && !p.wide_rows)) &&
+         (!p.gather_keys || (p.next_paths && !p.wide_rows && p.has_labels && p.bias == nullptr)) &&
          (!p.pack_gqa || (p.next_paths && !p.wide_rows && p.bias == nullptr &&
                           p.q_len * (p.q_heads / p.kv_heads) <= kMaxGridDim * kBlockM)) &&
          p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;

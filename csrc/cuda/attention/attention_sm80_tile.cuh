@@ -52,6 +52,20 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* src, int64_t r
   }
 }
 
+// rows x D tile of gathered rows into swizzled shared memory: tile row r < valid_rows is row
+// key_of(r) of src (row stride in elements); rows at and past valid_rows are zero-filled.
+template <typename T, int D, bool kSw128, typename KeyOf>
+__device__ __forceinline__ void load_gathered_tile_async(T* tile, const T* src, int64_t row_stride, int rows,
+                                                         int valid_rows, KeyOf&& key_of) {
+  constexpr int kChunks = D / 8;
+  for (int c = threadIdx.x; c < rows * kChunks; c += kThreads) {
+    const int row = c / kChunks, chunk = c % kChunks;
+    const bool valid = row < valid_rows;
+    const T* from = src + (valid ? key_of(row) * row_stride + chunk * 8 : 0);
+    cp_async_16(smem_address(tile + tile_offset<D, kSw128>(row, chunk * 8, rows)), from, valid ? 16 : 0);
+  }
+}
+
 // Q of a GQA-packed tile (AttentionParams::pack_gqa): tile row r is packed row q0 + r, i.e. query
 // (q0 + r) / group of query head kv_head * group + (q0 + r) % group; rows at and past valid_rows
 // are zero-filled.

@@ -78,6 +78,11 @@ struct AttentionParams {
   bool wgmma = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
+  // The next paths (16 rows per warp, labels, no bias; not yet run on a GPU) with the keys of
+  // PARTIAL tiles gathered per key (dlmfuse/visibility.h classify_key): keys every row of the CTA
+  // sees into FULL tiles, keys some row sees into PARTIAL tiles, the others never loaded. Set by
+  // the binding only for calls with labels and without a bias. Last, so that no earlier field moves.
+  bool gather_keys = false;
 };
 
 // Arguments of merge_attention: (out_a, lse_a) and (out_b, lse_b) -> (out, lse).
