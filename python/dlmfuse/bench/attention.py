@@ -169,6 +169,10 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
     else:
         visible = int(mask.to_dense().expand(spec.B, Lq, Lk).sum())
     kv_bytes = 2 * spec.B * Lk * spec.kv_heads * spec.D * q.element_size()
+    if spec.pattern == "sparse":
+        # GB/s counts every K/V row (DESIGN.md's A4 measure). Kernels that gather keys (the CPU
+        # kernel, CUDA's gather kernels) read only the rows some query sees: about this fraction.
+        params["visible_kv_fraction"] = round(float(mask.to_dense().any(dim=1).float().mean()), 4)
 
     heads_first = [x.transpose(1, 2).contiguous() for x in (q, k, v)]  # peers' layout [B, H, L, D]
     if spec.train:  # leaves whose gradients each implementation computes
