@@ -83,7 +83,7 @@ if wants sanitize; then
   # The wgmma path (sm90) on its own: a failure there (-x) must not cut the others' coverage.
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph and not sm90"
-  step sanitizer_memcheck_sm90 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+  step sanitizer_memcheck_sm90 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "sm90"
   # Split-KV workspace indexing and the merge kernel (the two smaller cases, 1 / 3 / 8 splits).
   step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
@@ -96,7 +96,7 @@ if wants sanitize; then
   step sanitizer_racecheck_gather 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "not sm90 and not Lk8300"
-  step sanitizer_racecheck_sm90 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
+  step sanitizer_racecheck_sm90 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "sm90 and not Lk8300"
 fi

@@ -572,8 +572,9 @@ def gather_case_inputs(name, B, n, Lk, Hq, Hkv, D, device):
     if name == "block_causal":
         mask = Mask.block_causal(Lk, 32, prefix_len=100).gather_queries(
             torch.arange(Lk - n, Lk).expand(B, -1)).to(device)
-    else:
-        mask = Mask(*(torch.randint(0, 5, (B, m), generator=g, dtype=torch.int32) for m in (n, n, Lk, Lk))).to(device)
+    else:  # keys of order 0 seen by all, 1-2 by some, >= 3 only through a (rare) shared group
+        randint = lambda low, high, m: torch.randint(low, high, (B, m), generator=g, dtype=torch.int32)  # noqa: E731
+        mask = Mask(randint(1, 4, n), randint(0, 300, n), randint(0, 7, Lk), randint(0, 300, Lk)).to(device)
     kv_lens = torch.tensor([Lk, Lk - 77][:B], dtype=torch.int32, device=device)
     return q, k, v, dict(mask=mask, kv_lens=kv_lens)
 

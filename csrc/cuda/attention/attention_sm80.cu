@@ -394,11 +394,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   };
 
   TileKind kind;
-  int work_cols = 0, work_slot = -1;  // kGather: the current work tile's key count and slot
-  int64_t k0 = kGather ? next_work(kind, work_cols, work_slot) : next_tile(k_begin, kind);
+  int work_cols = 0, first_slot = -1;  // kGather: the current work tile's key count; the first one's slot
+  int64_t k0 = kGather ? next_work(kind, work_cols, first_slot) : next_tile(k_begin, kind);
   if (k0 < k_end) {
     if constexpr (kGather) {
-      load_work(k0, work_cols, kind, work_slot, 0);
+      load_work(k0, work_cols, kind, first_slot, 0);
     } else {
       load_k(k0, 0);
       load_labels(k0, kind, 0);
