@@ -313,6 +313,16 @@ def test_load_from_the_transformers_model_itself():
         assert torch.equal(from_module(ids), from_dict(ids))
 
 
+def test_from_hf_config_sliding_window_from_transformers_layer_types():
+    transformers = pytest.importorskip("transformers")
+    common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=8)
+    # Qwen2's window starts at layer max_window_layers: none slides at 2, layer 1 does at 1.
+    assert DenoiserLM.from_hf_config(transformers.Qwen2Config(max_window_layers=2, **common)).config.num_layers == 2
+    with pytest.raises(ValueError, match="sliding"):
+        DenoiserLM.from_hf_config(transformers.Qwen2Config(max_window_layers=1, **common))
+
+
 def test_from_hf_config_dict_and_unsupported_settings():
     config = dict(model_type="qwen2", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=1,
                   num_attention_heads=2, num_key_value_heads=1, intermediate_size=INTER, rope_theta=1e6,
@@ -328,6 +338,14 @@ def test_from_hf_config_dict_and_unsupported_settings():
     with pytest.raises(ValueError, match="num_key_value_heads must be positive, got 0"):
         DenoiserLM.from_hf_config({**config, "num_key_value_heads": 0})
     assert DenoiserLM.from_hf_config({**config, "num_key_value_heads": None}).config.num_kv_heads == 2  # MHA
+    # Sliding windows: refused where a layer slides, accepted where the window starts past the last layer.
+    with pytest.raises(ValueError, match=r"slides layers 0 to 0"):
+        DenoiserLM.from_hf_config({**config, "use_sliding_window": True, "sliding_window": 8})
+    assert DenoiserLM.from_hf_config({**config, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1})
+    assert DenoiserLM.from_hf_config({**config, "use_sliding_window": True, "sliding_window": None})
+    with pytest.raises(ValueError, match=r"layer types \['sliding_attention'\] unsupported \(layers \[0\]"):
+        DenoiserLM.from_hf_config({**config, "layer_types": ["sliding_attention"]})
+    assert DenoiserLM.from_hf_config({**config, "use_sliding_window": True, "layer_types": ["full_attention"]})
     with pytest.raises(ValueError, match="head_dim must be >= 1"):
         DenoiserLM(VOCAB, 2, 1, 4, 4, INTER)  # hidden 2 over 4 heads
 

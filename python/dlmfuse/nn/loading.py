@@ -61,8 +61,7 @@ def denoiser_kwargs_from_hf_config(config) -> Dict[str, Any]:
     act = _get(config, "hidden_act", "silu")
     if act not in ("silu", "swish"):
         raise ValueError(f"DenoiserLM.from_hf_config: hidden_act {act!r} unsupported (supported: 'silu')")
-    if _get(config, "use_sliding_window", False):
-        raise ValueError("DenoiserLM.from_hf_config: use_sliding_window=True unsupported")
+    _check_full_attention(config)
     biases = _ARCHITECTURES[model_type]
     if biases is None:
         attention_bias = bool(_get(config, "attention_bias", False))
@@ -86,6 +85,29 @@ def denoiser_kwargs_from_hf_config(config) -> Dict[str, Any]:
         init_std=float(_get(config, "initializer_range", None) or 0.02),
         pad_token_id=_pad_token_id(config, int(_get(config, "vocab_size"))),
     )
+
+
+def _check_full_attention(config) -> None:
+    """DenoiserLM attends over the whole sequence in every layer: refuse configs where a layer
+    slides. transformers >= 4.53 lists each layer's kind in ``layer_types``; older (and dict)
+    configs slide the layers from ``max_window_layers`` on when ``use_sliding_window`` is set.
+    A Qwen2 config with use_sliding_window=True whose window starts past the last layer has no
+    sliding layer and is accepted."""
+    layer_types = _get(config, "layer_types", None)
+    if layer_types is not None:
+        other = sorted({str(kind) for kind in layer_types} - {"full_attention"})
+        if other:
+            layers = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+            raise ValueError(f"DenoiserLM.from_hf_config: layer types {other} unsupported (layers {layers}; "
+                             f"supported: 'full_attention')")
+        return
+    if not _get(config, "use_sliding_window", False) or _get(config, "sliding_window", 1) is None:
+        return
+    num_layers = int(_get(config, "num_hidden_layers"))
+    first = int(_get(config, "max_window_layers", 0) or 0)  # the layers before it keep full attention
+    if first < num_layers:
+        raise ValueError(f"DenoiserLM.from_hf_config: sliding-window attention unsupported (use_sliding_window=True "
+                         f"slides layers {max(first, 0)} to {num_layers - 1}, max_window_layers={first})")
 
 
 def _pad_token_id(config, vocab_size: int):
