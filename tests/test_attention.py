@@ -482,7 +482,19 @@ def sparse_group_labels(batch, q_len, k_len, seed):
     return Mask(q_order, q_group, k_order, k_group)
 
 
-@pytest.mark.parametrize("labels", [mask_only_labels, one_group_labels, sparse_group_labels])
+def few_hidden_labels(batch, q_len, k_len, seed):
+    """Orders interleaved (an Eso-LM-like layout): hardly a key is hidden from a whole query tile,
+    so after a few tiles the CPU kernel stops gathering and runs PARTIAL tiles as they are, with
+    the keys gathered so far still pending."""
+    g = torch.Generator().manual_seed(seed)
+    q_order = torch.randint(k_len // 2, k_len, (batch, q_len), generator=g, dtype=torch.int32)
+    k_order = torch.randint(0, k_len, (batch, k_len), generator=g, dtype=torch.int32)
+    q_group = torch.randint(0, 50, (batch, q_len), generator=g, dtype=torch.int32)
+    k_group = torch.randint(0, 50, (batch, k_len), generator=g, dtype=torch.int32)
+    return Mask(q_order, q_group, k_order, k_group)
+
+
+@pytest.mark.parametrize("labels", [mask_only_labels, one_group_labels, sparse_group_labels, few_hidden_labels])
 @pytest.mark.parametrize("extra", ["plain", "bias", "kv_lens_gqa"])
 def test_keys_gathered_from_partial_tiles(labels, extra, device):
     B, Lq, Lk, D = 2, 130, 1025, 64

@@ -65,13 +65,15 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE bool contains_sorted(const int32_t* sorted, i
 
 // One key against a query tile: FULL (visible to every query), SKIP (to none) or PARTIAL (to some),
 // exactly. `q` is the tile's label range and q_groups its n query groups in ascending order.
+// Written with bitwise operations: keys of the two kinds interleave at random in mask-only steps,
+// and branches on them mispredict (the membership search runs only for keys later than every query).
 DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind classify_key(const LabelRange& q, const int32_t* q_groups, int n,
                                                          int32_t k_order, int32_t k_group) {
-  if (k_order < q.order_min) return TileKind::kFull;
-  if (q.group_min == q.group_max && k_group == q.group_min) return TileKind::kFull;
-  if (k_order < q.order_max) return TileKind::kPartial;  // seen at least by the latest query
-  if (k_group < q.group_min || k_group > q.group_max) return TileKind::kSkip;
-  return contains_sorted(q_groups, n, k_group) ? TileKind::kPartial : TileKind::kSkip;
+  const bool full = (k_order < q.order_min) | ((q.group_min == q.group_max) & (k_group == q.group_min));
+  const bool earlier = k_order < q.order_max;  // seen at least by the latest query
+  const bool in_range = (k_group >= q.group_min) & (k_group <= q.group_max);
+  const bool some = earlier || (in_range && contains_sorted(q_groups, n, k_group));
+  return static_cast<TileKind>(full ? 1 : (some ? 2 : 0));  // kFull, kPartial, kSkip
 }
 
 }  // namespace dlmfuse
