@@ -83,7 +83,7 @@ DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
 // tiles is classified key by key (classify_key against the CTA's query labels) into a shared list:
 // keys every row sees form FULL tiles, keys some row sees PARTIAL tiles, the rest are never loaded.
 // K, V and labels of a gathered tile load row by row from the list. A run whose gathered tiles
-// would not be fewer than its own runs as it is. Not yet run on a GPU.
+// would not be fewer than its own runs as it is, and ends gathering in the CTA. Not yet run on a GPU.
 template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false, bool kGather = false>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");
@@ -365,8 +365,11 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
         scan_from = k0 + run * kBlockN;
         continue;
       }
-      gather_tiles = 0;  // gathering saves nothing here: the run's tiles as they are
-      plain_until = k0 + run * kBlockN;
+      // Gathering saved nothing here: this run's tiles as they are, and no more rounds in this
+      // CTA (a layout that hides nothing here, e.g. Eso-LM's interleaved orders or a causal
+      // diagonal, seldom does further on, and each round costs a global round trip and barriers).
+      gather_tiles = 0;
+      plain_until = k_end;
       return k0;
     }
   };
