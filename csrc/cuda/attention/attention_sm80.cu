@@ -71,7 +71,8 @@ DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
 // PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
 // o is rescaled only when a row of the warp has a new max (softmax_update); a 16-bit bias streams
 // into shared memory with K and V (load_bias_tile_async); GQA packing (AttentionParams::pack_gqa,
-// load_packed_q_tile_async, query_of / head_of); the heaviest-first grid order (launch_sm80). With kNext false the
+// load_packed_q_tile_async, query_of / head_of); the heaviest-first grid order with labels
+// (launch_sm80). With kNext false the
 // kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
@@ -119,15 +120,16 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   // h: the query head; with GQA packing (kNext, pack_gqa) the KV head, whose `group` query heads
   // the CTA's rows interleave query-major: packed row P is query P / group of head h * group + P % group.
-  // Grid: (query tiles, heads, batch x splits); kNext: (heads, query tiles in descending order,
-  // batch x splits), see launch_sm80.
+  // Grid: (query tiles, heads, batch x splits); kNext with labels: (heads, query tiles in
+  // descending order, batch x splits), see launch_sm80.
+  const bool heaviest_first = kNext && p.has_labels;
   const int64_t b = blockIdx.z / p.num_splits, split = blockIdx.z % p.num_splits;
-  const int64_t h = kNext ? blockIdx.x : blockIdx.y;
+  const int64_t h = heaviest_first ? blockIdx.x : blockIdx.y;
   const bool packed = kNext && kM == 1 && p.pack_gqa;  // (wide rows: its registers are spent)
   const int64_t group = p.q_heads / p.kv_heads;
   const int64_t kv_head = packed ? h : h / group;
   const int64_t rows_total = packed ? p.q_len * group : p.q_len;
-  const int64_t tile_index = kNext ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
+  const int64_t tile_index = heaviest_first ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
   const int64_t q0 = tile_index * kTileM;  // first (packed) row of the tile
   const int q_rows = static_cast<int>(rows_total - q0 < kTileM ? rows_total - q0 : kTileM);
   // Packed rows number below 2^31 (attention_sm80_supports): 32-bit division, fewer registers.
@@ -608,13 +610,14 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   const int64_t rows = packed ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;
   const auto q_tiles = static_cast<unsigned>(ceil_div(rows, kM * kBlockM));
   const auto heads = static_cast<unsigned>(packed ? p.kv_heads : p.q_heads);
-  // kNext: heaviest first. CTAs start in grid order (x fastest), and under the masks of the field
-  // (causal, block-causal, BD3, Eso-LM) later query tiles see more keys. With the heads fastest
-  // and the query tiles in descending order, the longest CTAs start first and the tail holds the
-  // shortest (list scheduling): a model of A2 on 264 resident CTAs gives 0.95 of the ideal
-  // makespan, against 0.77 in the verified order (tiles fastest, ascending). Dense is unchanged.
-  const dim3 grid = kNext ? dim3(heads, q_tiles, static_cast<unsigned>(p.batch * p.num_splits))
-                          : dim3(q_tiles, heads, static_cast<unsigned>(p.batch * p.num_splits));
+  // kNext with labels: heaviest first. CTAs start in grid order (x fastest), and under the masks
+  // of the field (causal, block-causal, BD3, Eso-LM) later query tiles see more keys. With the
+  // heads fastest and the query tiles in descending order, the longest CTAs start first and the
+  // tail holds the shortest (list scheduling): a model of A2 on 264 resident CTAs gives 0.95 of
+  // the ideal makespan, against 0.77 in the verified order (tiles fastest, ascending). Without
+  // labels every CTA has the same work: the verified order, whose concurrent CTAs share K/V heads.
+  const dim3 grid = kNext && p.has_labels ? dim3(heads, q_tiles, static_cast<unsigned>(p.batch * p.num_splits))
+                                          : dim3(q_tiles, heads, static_cast<unsigned>(p.batch * p.num_splits));
   kernel<<<grid, kThreads, bytes, stream>>>(p);
   if (p.num_splits == 1) return cudaGetLastError();
   const cudaError_t launched = cudaGetLastError();
