@@ -66,7 +66,7 @@ if wants tests; then
   # `kernel` parameter); with split-KV forced here they also cover each kernel's split partials
   # (the split tests set their own DLMFUSE_ATTENTION_SPLITS). The other attention tests (graph
   # capture, torch.compile, split heuristics, KV-cache attend) then run once per other kernel.
-  attention_tests="tests/test_torch_integration.py tests/test_attention.py"
+  attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
   per_kernel_tests="not test_cuda_matches_reference_and_cpu and not test_cuda_bias_layouts_match_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gqa_packing_matches_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gathered_keys_match_reference_and_auto"

@@ -264,7 +264,7 @@ class CudaKernelArgs(NamedTuple):
 
     tensor_cores: bool  # False: the CUDA-core kernel
     kv_stages: int  # K/V buffers of the tensor-core kernel
-    next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80.cu)
+    next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80_kernel.cuh)
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
     pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, 16 rows per warp, no bias)
     wgmma: bool = False  # warpgroup MMAs on sm_90 GPUs (next paths; elsewhere the next paths run)

@@ -1,4 +1,4 @@
-// The per-warp tile math of the sm_80 tensor-core attention (attention_sm80.cu): tile loads into
+// The per-warp tile math of the sm_80 tensor-core attention (attention_sm80_kernel.cuh): tile loads into
 // swizzled shared memory, key-tile label ranges, S = Q K^T, bias, masking, the online softmax and
 // O += P V, for 16 query rows per warp and (score_tile_wide / accumulate_pv_wide) for 32.
 //

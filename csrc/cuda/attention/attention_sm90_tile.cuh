@@ -1,4 +1,4 @@
-// The per-warpgroup tile math of the attention kernel's sm_90a path (attention_sm80.cu with
+// The per-warpgroup tile math of the attention kernel's sm_90a path (attention_sm80_kernel.cuh with
 // kWgmma; DLMFUSE_CUDA_ATTENTION=sm90, not yet run on a GPU): S = Q K^T and O += P V as wgmma
 // batches (wgmma_sm90.cuh) on the 128-byte-swizzled tiles that load_tile_async<..., kSw128>
 // writes. Everything else (masking, softmax, bias, epilogue) is the sm_80 path's.

@@ -9,7 +9,7 @@
 // 128-byte row, the 16-byte chunk index XOR-ed with row % 8, 8-row atoms of 1024 bytes, tiles
 // 1024-byte aligned. A head_dim-128 tile is two such [rows][64] sub-tiles (sw128_offset).
 // Compiled for other architectures (DLMFUSE_WGMMA == 0) the kernel's wgmma instance runs the
-// mma.sync path instead (attention_sm80.cu, kUseWgmma), and these wrappers, never called, trap.
+// mma.sync path instead (attention_sm80_kernel.cuh, kUseWgmma), and these wrappers, never called, trap.
 #pragma once
 
 #include <cstdint>

@@ -63,7 +63,7 @@ struct AttentionParams {
   // the whole of the current tile; more shared memory) or 1. Other kernels ignore it.
   int32_t kv_stages = 2;
   // The tensor-core kernel's changes that no GPU run has verified yet (two buffers only; listed
-  // at kNext in cuda/attention/attention_sm80.cu). Other kernels ignore it.
+  // at kNext in cuda/attention/attention_sm80_kernel.cuh). Other kernels ignore it.
   bool next_paths = false;
   // 32 query rows per warp (128 per CTA) in the tensor-core kernel instead of 16 (next paths and
   // two buffers only, not yet run on a GPU). A bool beside next_paths: it fits the padding, so the
