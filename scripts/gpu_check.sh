@@ -3,8 +3,8 @@
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
 #   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
-#   bench     kernel benchmarks (K1, S1; A1-A5 and A4g per attention kernel, then with the
-#             peers), JSONL for bench/results/
+#   bench     kernel benchmarks (K1, S1; A1-A5 and A4g with the peers, then dlmfuse alone per
+#             other attention kernel), JSONL for bench/results/ (8 files in all with the logs)
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
@@ -15,8 +15,8 @@
 # past GPU_CHECK_BUDGET seconds from the start (default 540), so one hang cannot eat the 15-minute
 # budget; the summary table is printed last.
 #
-#   device tool: run(command="GPU_CHECK_BUDGET=400 bash scripts/gpu_check.sh tests bench",
-#                    carry=[".whl"], timeout_s=420)
+#   device tool: run(command="GPU_CHECK_BUDGET=540 OUT=$OUT bash scripts/gpu_check.sh tests bench",
+#                    carry=[".whl"], timeout_s=570)
 set -uo pipefail
 parts=("$@")
 [[ ${#parts[@]} -eq 0 ]] && parts=(tests)
@@ -101,18 +101,19 @@ if wants sanitize; then
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "sm90 and not Lk8300"
 fi
 if wants bench; then
-  # Cheapest and most telling first, so that a budget cut loses the least: the op families, then
-  # dlmfuse alone with each tensor-core kernel (A/B: auto is the verified default; the others are
-  # listed at _CUDA_KERNEL_ARGS in python/dlmfuse/attention.py), then the peers (SDPA backends and
-  # FlexAttention, whose inductor compiles take most of the time).
+  # The op families; then attention with the peers in the same run (SDPA backends and
+  # FlexAttention, whose inductor compiles take most of the time; the verified default kernel),
+  # which the targets' ratios need; then dlmfuse alone with each other tensor-core kernel (A/B
+  # against the default; listed at _CUDA_KERNEL_ARGS in python/dlmfuse/attention.py), likeliest
+  # winners first, so that a budget cut drops the least telling.
   step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
     --json "$OUT/bench_ops.jsonl"
-  for kernel in auto sm90 sm90_gather gather next wide; do  # likeliest winners first (a budget cut drops the last)
+  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
+    --json "$OUT/bench_attention.jsonl"
+  for kernel in sm90 sm90_gather gather next wide; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
       --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
   done
-  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
-    --json "$OUT/bench_attention.jsonl"
 fi
 if wants profile; then
   # The text report comes back inside logs.tar.gz (profile.log).
