@@ -60,22 +60,33 @@ step() {  # step NAME SECONDS COMMAND...  (the timeout is cut to what is left of
 step info 60 python3 -m dlmfuse info
 step nvidia_smi 30 nvidia-smi
 if wants tests; then
-  # The tests import the installed wheel (PYTHONPATH), not the source tree.
-  step pytest_cuda 200 python3 -m pytest -m cuda -q -p no:cacheprovider tests
-  # The attention matrix, bias-layout and GQA-packing tests run every kernel themselves (their
-  # `kernel` parameter); with split-KV forced here they also cover each kernel's split partials
-  # (the split tests set their own DLMFUSE_ATTENTION_SPLITS). The other attention tests (graph
-  # capture, torch.compile, split heuristics, KV-cache attend) then run once per other kernel.
+  # The tests import the installed wheel (PYTHONPATH), not the source tree. A kernel that faults
+  # kills its process's CUDA context, so the verified kernels run first in their own processes
+  # and each not-yet-verified kernel in its own (DLMFUSE_TEST_KERNELS narrows the `kernel`
+  # parameter of the matrix, bias-layout, GQA-packing and gather tests; DLMFUSE_CUDA_ATTENTION
+  # picks the kernel of the other attention tests: graph capture, torch.compile, split
+  # heuristics, KV-cache attend).
+  verified="auto simple single_buffer"
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
+  step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests
+  # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
+  # (the split tests set their own DLMFUSE_ATTENTION_SPLITS).
+  step pytest_cuda_splits 90 env DLMFUSE_TEST_KERNELS="$verified" DLMFUSE_ATTENTION_SPLITS=3 \
+    python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   per_kernel_tests="not test_cuda_matches_reference_and_cpu and not test_cuda_bias_layouts_match_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gqa_packing_matches_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gathered_keys_match_reference_and_auto"
-  step pytest_cuda_splits 90 env DLMFUSE_ATTENTION_SPLITS=3 \
-    python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
-  for kernel in simple single_buffer next wide sm90 gather sm90_gather; do
+  for kernel in simple single_buffer; do
     step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests -k "$per_kernel_tests"
   done
+  for kernel in sm90 sm90_gather gather next wide; do
+    step "pytest_cuda_$kernel" 90 env DLMFUSE_TEST_KERNELS=$kernel DLMFUSE_CUDA_ATTENTION=$kernel \
+      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
+  done
+  step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="sm90 sm90_gather gather next wide" \
+    DLMFUSE_ATTENTION_SPLITS=3 python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
+    -k "test_cuda_matches_reference_and_cpu or test_cuda_bias_layouts_match_reference"
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).

@@ -14,6 +14,7 @@ marked test is about to run.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def pytest_runtest_setup(item):
 def device(request) -> torch.device:
     """Every device a test should run on: cpu always, cuda when the `cuda` marker allows it."""
     return torch.device(request.param)
+
+
+def cuda_test_kernels(*kernels: str) -> list[str]:
+    """The DLMFUSE_CUDA_ATTENTION kernels a kernel-parametrised CUDA test runs: ``kernels``, narrowed
+    to those named in DLMFUSE_TEST_KERNELS (space- or comma-separated) when it is set. A device run
+    tests each not-yet-verified kernel in its own pytest process this way (scripts/gpu_check.sh):
+    a fault in one kernel kills its process's CUDA context, not the other kernels' results."""
+    chosen = os.environ.get("DLMFUSE_TEST_KERNELS", "").replace(",", " ").split()
+    return [kernel for kernel in kernels if not chosen or kernel in chosen]
 
 
 # ------------------------------------------------------------------------------------ tolerances

@@ -9,7 +9,7 @@ import torch
 import dlmfuse
 from dlmfuse import Mask
 
-from conftest import DispatchLog, check_attention
+from conftest import DispatchLog, check_attention, cuda_test_kernels
 
 attention_module = importlib.import_module("dlmfuse.attention")  # `dlmfuse.attention` is the function
 
@@ -300,7 +300,7 @@ def cuda_bias(layout: str, B: int, Hq: int, Lq: int, Lk: int, g: torch.Generator
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["auto", "next", "wide", "sm90", "gather"])  # gather: falls back (bias)
+@pytest.mark.parametrize("kernel", cuda_test_kernels("auto", "next", "wide", "sm90", "gather"))  # gather: falls back (bias)
 @pytest.mark.parametrize("layout", CUDA_BIAS_LAYOUTS)
 @pytest.mark.parametrize("D", [64, 128])
 def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
@@ -321,7 +321,8 @@ def test_cuda_bias_layouts_match_reference(layout, D, kernel, monkeypatch):
 # bf16/fp16: tensor cores (two K/V buffers by default, or one; "next" / "wide" / "sm90": the
 # unverified changes, wide with 32 rows per warp, sm90 with warpgroup MMAs on H100 / H200,
 # gather / sm90_gather with PARTIAL tiles' keys gathered), or CUDA cores
-@pytest.mark.parametrize("kernel", ["auto", "simple", "single_buffer", "next", "wide", "sm90", "gather", "sm90_gather"])
+@pytest.mark.parametrize("kernel", cuda_test_kernels("auto", "simple", "single_buffer", "next", "wide", "sm90", "gather",
+                                                     "sm90_gather"))
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[f"{c[6]}-{c[7]}-D{c[5]}" for c in CUDA_CASES])
 def test_cuda_matches_reference_and_cpu(case, kernel, monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
@@ -580,7 +581,7 @@ def gather_case_inputs(name, B, n, Lk, Hq, Hkv, D, device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["gather", "sm90_gather"])
+@pytest.mark.parametrize("kernel", cuda_test_kernels("gather", "sm90_gather"))
 @pytest.mark.parametrize("splits", ["1", "3"])
 @pytest.mark.parametrize("case", GATHER_CASES, ids=[f"{c[0]}-B{c[1]}-n{c[2]}-Lk{c[3]}-D{c[6]}" for c in GATHER_CASES])
 def test_cuda_gathered_keys_match_reference_and_auto(case, splits, kernel, monkeypatch):
@@ -636,7 +637,7 @@ GQA_PACK_CASES = [
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", ["next", "sm90", "gather", "sm90_gather"])
+@pytest.mark.parametrize("kernel", cuda_test_kernels("next", "sm90", "gather", "sm90_gather"))
 @pytest.mark.parametrize("splits", ["1", "3"])
 @pytest.mark.parametrize("case", GQA_PACK_CASES, ids=[f"B{c[0]}-n{c[1]}-H{c[3]}x{c[4]}-D{c[5]}" for c in GQA_PACK_CASES])
 def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):
