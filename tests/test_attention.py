@@ -464,6 +464,18 @@ def test_merge_attention_equals_full(split, dtype):
     assert_fp32_close(lse, ref_lse.double(), "merged lse")
 
 
+def test_merge_attention_nan_lse_propagates_like_the_reference():
+    """A NaN lse gives a NaN row (out and lse) in the kernel and in the reference alike, not a
+    silent 0; an empty side (-inf) next to a finite one still contributes exactly nothing."""
+    out_a, out_b = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
+    lse_a = torch.tensor([[[0.5, float("nan"), float("-inf")]]])
+    lse_b = torch.tensor([[[float("nan"), 0.2, 0.3]]])
+    for out, lse in (dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b),
+                     dlmfuse.reference.merge_attention(out_a, lse_a, out_b, lse_b)):
+        assert torch.isnan(out[0, :2]).all() and torch.isnan(lse[0, 0, :2]).all()
+        assert torch.equal(out[0, 2], out_b[0, 2]) and lse[0, 0, 2] == 0.3
+
+
 def test_merge_attention_empty_sides():
     B, L, H, D = 1, 6, 2, 64
     g = torch.Generator().manual_seed(0)

@@ -107,7 +107,7 @@ def merge_attention(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) 
 
     ``lse = log(exp(lse_a) + exp(lse_b))``; ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``.
     out_a, out_b: ``[B, L, H, D]`` (same float dtype); lse_a, lse_b: float32 ``[B, H, L]``.
-    Rows empty on both sides stay empty (out 0, lse -inf).
+    Rows empty on both sides stay empty (out 0, lse -inf); a NaN lse gives a NaN row.
 
         >>> import torch, dlmfuse
         >>> q, k, v = torch.randn(1, 4, 2, 64), torch.randn(1, 10, 2, 64), torch.randn(1, 10, 2, 64)

@@ -143,7 +143,7 @@ def merge_attention(
     """Exact merge of two partial attentions over disjoint key sets (computed in float64).
 
     ``out_*`` ``[B, L, H, D]``, ``lse_*`` ``[B, H, L]``. Returns ``(out, lse)`` in out_a's dtype and
-    float32; where both lse are -inf the result is out 0, lse -inf.
+    float32; where both lse are -inf the result is out 0, lse -inf; a NaN lse gives a NaN row.
 
     Example:
         >>> q, k = torch.randn(1, 3, 2, 64), torch.randn(1, 5, 2, 64)
@@ -162,8 +162,10 @@ def merge_attention(
 
     def weighted(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         w = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
-        # A zero weight contributes exactly 0, even if that partial output holds inf or NaN.
-        return torch.where(w > 0, w * out.to(torch.float64), torch.zeros((), dtype=torch.float64))
+        # A zero weight contributes exactly 0, even if that partial output holds inf or NaN; a NaN
+        # weight (a NaN lse) gives NaN, as in the kernels (dlmfuse/online_softmax.h merge_weights).
+        keep = (w > 0) | torch.isnan(w)
+        return torch.where(keep, w * out.to(torch.float64), torch.zeros((), dtype=torch.float64))
 
     safe_total = torch.where(total > 0, total, torch.ones_like(total)).transpose(1, 2)[..., None]
     out = (weighted(out_a, weight_a) + weighted(out_b, weight_b)) / safe_total
