@@ -248,14 +248,18 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
   // Key labels of a PARTIAL tile into label buffer `stage` (threads 0-63: orders, 64-127: groups),
   // in the caller's cp.async group; keys past the tile's end are never read.
   static_assert(kThreads == 2 * kBlockN, "one label per thread");
-  auto load_labels = [&](int64_t k0, TileKind kind, int stage) {
+  // Keys j < cols of the tile are key_of(j) (gathered tiles, kGather).
+  auto load_labels_of = [&](TileKind kind, int stage, int cols, auto&& key_of) {
     if (kind != TileKind::kPartial) return;
     const int j = threadIdx.x % kBlockN;
-    if (j >= tile_cols(k0)) return;
+    if (j >= cols) return;
     const bool groups = threadIdx.x >= kBlockN;
     const LabelView& labels = groups ? p.k_group : p.k_order;
     int32_t* dst = (groups ? k_groups : k_orders) + stage * kBlockN + j;
-    cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + (k0 + j) * labels.row_stride);
+    cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + key_of(j) * labels.row_stride);
+  };
+  auto load_labels = [&](int64_t k0, TileKind kind, int stage) {
+    load_labels_of(kind, stage, tile_cols(k0), [&](int j) { return k0 + j; });
   };
   const bool has_bias = p.bias != nullptr;
   // Bias tiles: a tileable bias, and the launch gave them shared memory (else loads by row / element).
@@ -380,12 +384,7 @@ __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const Attentio
                                               key_of);
     load_gathered_tile_async<T, D, kUseWgmma>(v_tiles + stage * kBlockN * D, v_src, p.v_strides[1], kBlockN, cols,
                                               key_of);
-    const int j = threadIdx.x % kBlockN;
-    if (work_kind != TileKind::kPartial || j >= cols) return;
-    const bool groups = threadIdx.x >= kBlockN;
-    const LabelView& labels = groups ? p.k_group : p.k_order;
-    int32_t* dst = (groups ? k_groups : k_orders) + stage * kBlockN + j;
-    cp_async_4(smem_address(dst), labels.data + b * labels.batch_stride + key_of(j) * labels.row_stride);
+    load_labels_of(work_kind, stage, cols, key_of);
   };
 
   TileKind kind;
