@@ -4,7 +4,7 @@
 #   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1; A1-A5 and A4g with the peers, then dlmfuse alone per
-#             other attention kernel), JSONL for bench/results/ (8 files in all with the logs)
+#             attention kernel of BENCH_KERNELS, into one file), JSONL for bench/results/
 #   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
@@ -61,12 +61,13 @@ step info 60 python3 -m dlmfuse info
 step nvidia_smi 30 nvidia-smi
 if wants tests; then
   # The tests import the installed wheel (PYTHONPATH), not the source tree. A kernel that faults
-  # kills its process's CUDA context, so the verified kernels run first in their own processes
-  # and each not-yet-verified kernel in its own (DLMFUSE_TEST_KERNELS narrows the `kernel`
-  # parameter of the matrix, bias-layout, GQA-packing and gather tests; DLMFUSE_CUDA_ATTENTION
-  # picks the kernel of the other attention tests: graph capture, torch.compile, split
-  # heuristics, KV-cache attend).
-  verified="auto simple single_buffer"
+  # kills its process's CUDA context, so a kernel changed since its last device run goes in
+  # `unverified` and runs in its own process after the others (DLMFUSE_TEST_KERNELS narrows the
+  # `kernel` parameter of the matrix, bias-layout, GQA-packing and gather tests;
+  # DLMFUSE_CUDA_ATTENTION picks the kernel of the other attention tests: graph capture,
+  # torch.compile, split heuristics, KV-cache attend). Every kernel passed on an H200 on 2026-11-27.
+  verified="auto simple single_buffer double_buffer next wide sm90 gather sm90_gather"
+  unverified=""
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
@@ -75,22 +76,25 @@ if wants tests; then
     python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   per_kernel_tests="not test_cuda_matches_reference_and_cpu and not test_cuda_bias_layouts_match_reference"
   per_kernel_tests="$per_kernel_tests and not test_cuda_gqa_packing_matches_reference"
-  per_kernel_tests="$per_kernel_tests and not test_cuda_gathered_keys_match_reference_and_auto"
-  for kernel in simple single_buffer; do
+  per_kernel_tests="$per_kernel_tests and not test_cuda_gathered_keys_match_reference_and_double_buffer"
+  # The non-parametrised attention tests under kernels auto never picks on sm_90.
+  for kernel in double_buffer simple; do
     step "pytest_cuda_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests -k "$per_kernel_tests"
   done
-  for kernel in sm90 sm90_gather gather next wide; do
+  for kernel in $unverified; do
     step "pytest_cuda_$kernel" 90 env DLMFUSE_TEST_KERNELS=$kernel DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
-  step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="sm90 sm90_gather gather next wide" \
-    DLMFUSE_ATTENTION_SPLITS=3 python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
-    -k "test_cuda_matches_reference_and_cpu or test_cuda_bias_layouts_match_reference"
+  if [[ -n $unverified ]]; then
+    step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="$unverified" DLMFUSE_ATTENTION_SPLITS=3 \
+      python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
+      -k "test_cuda_matches_reference_and_cpu or test_cuda_bias_layouts_match_reference"
+  fi
 fi
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
-  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto tests/test_kv_cache.py tests/test_sampling.py"
+  sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer tests/test_kv_cache.py tests/test_sampling.py"
   # The wgmma path (sm90) on its own: a failure there (-x) must not cut the others' coverage.
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph and not sm90"
@@ -106,10 +110,10 @@ if wants sanitize; then
   # The gathering rounds' shared key list and scan (not sm90: the step below covers it).
   step sanitizer_racecheck_gather 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider \
-    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "not sm90 and not Lk8300"
+    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "not sm90 and not Lk8300"
   step sanitizer_racecheck_sm90 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
-    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_auto -k "sm90 and not Lk8300"
+    tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi
 if wants bench; then
   # The op families; then attention with the peers in the same run (SDPA backends and
@@ -121,9 +125,11 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
     --json "$OUT/bench_attention.jsonl"
-  for kernel in sm90 sm90_gather gather next wide; do
+  # One JSONL for all of them (the device tool returns at most 8 files).
+  for kernel in ${BENCH_KERNELS:-wide sm90 gather sm90_gather next double_buffer}; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
-      --quick --device cuda --only attention --skip sdpa --skip flex --json "$OUT/bench_attention_$kernel.jsonl"
+      --quick --device cuda --only attention --skip sdpa --skip flex --json "$logs/bench_attention_$kernel.jsonl"
+    cat "$logs/bench_attention_$kernel.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
   done
 fi
 if wants profile; then

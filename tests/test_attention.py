@@ -444,12 +444,25 @@ def test_sparse_queries_equal_rows_of_full(family, device):
 
 
 # ---------------------------------------------------------------------------------------- merge
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def merge_device(request, monkeypatch) -> torch.device:
+    """cpu, and cuda with the standalone CUDA merge kernel switched on (DLMFUSE_CUDA_KERNELS=1 while
+    _ext._UNVERIFIED_CUDA_KERNELS lists it), so that the cuda runs test the kernel, not the reference."""
+    device = torch.device(request.param)
+    if device.type == "cuda":
+        if not (dlmfuse.build_info()["cuda"] and torch.cuda.is_available()):
+            pytest.skip("needs a CUDA build of dlmfuse and a visible GPU")
+        monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
+        assert not dlmfuse._ext.use_reference("merge_attention", device)
+    return device
+
+
 @dtypes
 @pytest.mark.parametrize("split", [1, 40, 96])
-def test_merge_attention_equals_full(split, dtype):
+def test_merge_attention_equals_full(split, dtype, merge_device):
     B, Lq, Lk, Hq, Hkv = 2, 30, 97, 4, 2
-    q, k, v = make_qkv(B, Lq, Lk, Hq, Hkv, 64, dtype)
-    mask = random_labels(B, Lq, Lk, seed=9)
+    q, k, v = make_qkv(B, Lq, Lk, Hq, Hkv, 64, dtype, device=merge_device)
+    mask = random_labels(B, Lq, Lk, seed=9).to(merge_device)
     part = lambda s: Mask(mask.q_order, mask.q_group, mask.k_order[:, s], mask.k_group[:, s])  # noqa: E731
     a = dlmfuse.attention(q, k[:, :split], v[:, :split], mask=part(slice(None, split)), return_lse=True)
     b = dlmfuse.attention(q, k[:, split:], v[:, split:], mask=part(slice(split, None)), return_lse=True)
@@ -464,19 +477,19 @@ def test_merge_attention_equals_full(split, dtype):
     assert_fp32_close(lse, ref_lse.double(), "merged lse")
 
 
-def test_merge_attention_nan_lse_propagates_like_the_reference():
+def test_merge_attention_nan_lse_propagates_like_the_reference(merge_device):
     """A NaN lse gives a NaN row (out and lse) in the kernel and in the reference alike, not a
     silent 0; an empty side (-inf) next to a finite one still contributes exactly nothing."""
-    out_a, out_b = torch.randn(1, 3, 1, 4), torch.randn(1, 3, 1, 4)
-    lse_a = torch.tensor([[[0.5, float("nan"), float("-inf")]]])
-    lse_b = torch.tensor([[[float("nan"), 0.2, 0.3]]])
+    out_a, out_b = torch.randn(1, 3, 1, 4, device=merge_device), torch.randn(1, 3, 1, 4, device=merge_device)
+    lse_a = torch.tensor([[[0.5, float("nan"), float("-inf")]]], device=merge_device)
+    lse_b = torch.tensor([[[float("nan"), 0.2, 0.3]]], device=merge_device)
     for out, lse in (dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b),
                      dlmfuse.reference.merge_attention(out_a, lse_a, out_b, lse_b)):
         assert torch.isnan(out[0, :2]).all() and torch.isnan(lse[0, 0, :2]).all()
         assert torch.equal(out[0, 2], out_b[0, 2]) and lse[0, 0, 2] == 0.3
 
 
-def test_merge_attention_empty_sides():
+def test_merge_attention_empty_sides(merge_device):
     B, L, H, D = 1, 6, 2, 64
     g = torch.Generator().manual_seed(0)
     out_a, out_b = torch.randn(B, L, H, D, generator=g), torch.randn(B, L, H, D, generator=g)
@@ -485,6 +498,7 @@ def test_merge_attention_empty_sides():
     lse_b[0, 1, 2:4] = NEG_INF  # b empty: merge = a
     lse_a[0, :, 5] = lse_b[0, :, 5] = NEG_INF  # both empty: 0 / -inf
     out_a[0, 5], out_b[0, 5] = 0.0, 0.0
+    out_a, out_b, lse_a, lse_b = (t.to(merge_device) for t in (out_a, out_b, lse_a, lse_b))
     out, lse = dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b)
     torch.testing.assert_close(out[0, :2, 0], out_b[0, :2, 0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse[0, 0, :2], lse_b[0, 0, :2], rtol=1e-6, atol=1e-6)
@@ -507,11 +521,11 @@ def test_merge_of_two_empty_attentions():
     assert torch.equal(out, torch.zeros_like(out)) and torch.isneginf(lse).all()
 
 
-def test_merge_attention_strided_inputs():
+def test_merge_attention_strided_inputs(merge_device):
     B, L, H, D = 2, 9, 2, 64
     g = torch.Generator().manual_seed(2)
-    outs = torch.randn(B, L, 2, H, D, generator=g)
-    lses = torch.randn(B, H, 2 * L, generator=g)
+    outs = torch.randn(B, L, 2, H, D, generator=g).to(merge_device)
+    lses = torch.randn(B, H, 2 * L, generator=g).to(merge_device)
     out_a, out_b, lse_a, lse_b = outs[:, :, 0], outs[:, :, 1], lses[..., ::2], lses[..., 1::2]
     out, lse = dlmfuse.merge_attention(out_a, lse_a, out_b, lse_b)
     out_c, lse_c = dlmfuse.merge_attention(out_a.contiguous(), lse_a.contiguous(),

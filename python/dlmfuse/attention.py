@@ -238,7 +238,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
                   out, lse)
     if q.is_cuda:
-        kernel = cuda_kernel_args()
+        kernel = cuda_kernel_args(cuda_kernel_for(q, k, q_order is not None, bias is not None))
         splits = cuda_num_splits(q, k, kernel, has_bias=bias is not None)
         workspace = {}
         if splits > 1:  # split-KV: each split's partial (out, lse) in float32, merged by the kernel
@@ -264,27 +264,23 @@ class CudaKernelArgs(NamedTuple):
 
     tensor_cores: bool  # False: the CUDA-core kernel
     kv_stages: int  # K/V buffers of the tensor-core kernel
-    next_paths: bool  # its changes not yet verified on a GPU (listed at kNext in attention_sm80_kernel.cuh)
+    next_paths: bool  # the kNext paths of attention_sm80_kernel.cuh (bias tiles by cp.async, GQA packing, ...)
     rows_per_warp: int  # 16, or 32 (128-row CTAs)
     pack_gqa: bool  # GQA heads packed into CTA rows where it saves CTAs (next paths, 16 rows per warp, no bias)
     wgmma: bool = False  # warpgroup MMAs on sm_90 GPUs (next paths; elsewhere the next paths run)
     gather_keys: bool = False  # PARTIAL tiles' keys gathered per key (next paths, 16 rows per warp; labels, no bias)
 
 
-# auto: the tensor-core kernel where it applies, with two K/V buffers (kv_stages = 2: K and V of
-# the next tile load during the whole current tile; 4-9% faster than one buffer on every H200
-# workload of 2026-11-26); single_buffer / double_buffer: that kernel with one / two buffers
-# (A/B checks); simple: the CUDA-core kernel; next: auto plus the kernel changes no GPU run has
-# verified yet, the default once a device run passes the CUDA tests with it and measures it
-# faster (with GQA packing: the query heads of a KV head share CTAs, and so K/V tile reads, when
-# few query rows make that need fewer CTAs); wide: next with 32 query rows per warp (128 per CTA,
-# FlashAttention-2's shape; no GQA packing; also not yet run on a GPU); sm90: next with warpgroup MMAs (wgmma)
-# on H100 / H200 (the next paths elsewhere; not yet run on a GPU); gather / sm90_gather: next / sm90
-# with the keys of PARTIAL tiles classified one by one and gathered into FULL and PARTIAL tiles
-# (calls with labels and no bias; mask-only steps then read only the keys their rows see; not yet
-# run on a GPU).
+# Every kernel passed the CUDA tests and compute-sanitizer on an H200 (2026-11-27, commit 4e12845;
+# bench/results/h200-2026-11-27.md). simple: the CUDA-core kernel; single_buffer / double_buffer:
+# the first tensor-core kernel with one / two K/V buffers (double_buffer was the default until
+# auto chose per call); next: bias tiles loaded by cp.async, GQA heads packed into CTAs when few
+# query rows make that need fewer CTAs, heaviest query tiles first under labels; wide: next with
+# 32 query rows per warp (128 per CTA, FlashAttention-2's shape; no GQA packing); sm90: next with
+# warpgroup MMAs (wgmma) on H100 / H200 (the next paths elsewhere); gather / sm90_gather: next /
+# sm90 with the keys of PARTIAL tiles classified one by one and gathered into FULL and PARTIAL
+# tiles (calls with labels and no bias; mask-only steps then read only the keys their rows see).
 _CUDA_KERNEL_ARGS = {
-    "auto": CudaKernelArgs(True, 2, False, 16, False),
     "simple": CudaKernelArgs(False, 2, False, 16, False),
     "single_buffer": CudaKernelArgs(True, 1, False, 16, False),
     "double_buffer": CudaKernelArgs(True, 2, False, 16, False),
@@ -294,7 +290,7 @@ _CUDA_KERNEL_ARGS = {
     "gather": CudaKernelArgs(True, 2, True, 16, True, gather_keys=True),
     "sm90_gather": CudaKernelArgs(True, 2, True, 16, True, wgmma=True, gather_keys=True),
 }
-CUDA_ATTENTION_KERNELS = tuple(_CUDA_KERNEL_ARGS)
+CUDA_ATTENTION_KERNELS = ("auto", *_CUDA_KERNEL_ARGS)
 
 
 def cuda_attention_kernel() -> str:
@@ -305,9 +301,54 @@ def cuda_attention_kernel() -> str:
     return kernel
 
 
-def cuda_kernel_args() -> CudaKernelArgs:
-    """The binding's kernel arguments for cuda_attention_kernel() (one environment read)."""
-    return _CUDA_KERNEL_ARGS[cuda_attention_kernel()]
+def auto_cuda_kernel(q_len: int, k_len: int, has_labels: bool, has_bias: bool, sm90: bool) -> str:
+    """auto's kernel for a call with ``q_len`` query rows per sequence and ``k_len`` keys, from the
+    same-run H200 benchmarks of every kernel (bench/results/h200-2026-11-27.md); ``sm90``: the GPU
+    is an H100 / H200 (compute capability 9.0).
+
+    - bias: the next paths load bias tiles with cp.async where double_buffer loads them element by
+      element (A3: sm90 434 us, next 472 us, double_buffer 1213 us).
+    - labels with at most half as many queries as keys (mask-only steps: every tile PARTIAL):
+      gathering keys reads only the visible ones (A4 n=32: gather 110 us, double_buffer 141 us;
+      n=128 / 512: sm90_gather 180 / 652 us against 259 / 999 us). At 32 rows or fewer the
+      mma.sync kernel wins (half of a wgmma's 64 rows would be padding).
+    - On sm_90: few rows (<= 64) -> next (GQA packing; a 128-row CTA would be mostly padding;
+      A4g n=32: 87 us against 168 us), otherwise wide (A1 L=2048: 306 us against 327 us; A2:
+      206 us against 244 us).
+    - Elsewhere (A100: sm_80 code, never run on an A100) the remaining calls keep double_buffer:
+      wide's 6-15% H200 gain is unproven there, where its sm_80 build spills 104 bytes a thread.
+    """
+    if has_bias:
+        return "sm90" if sm90 else "next"
+    if has_labels and 2 * q_len <= k_len:
+        return "sm90_gather" if sm90 and q_len > 32 else "gather"
+    if not sm90:
+        return "double_buffer"
+    return "next" if q_len <= 64 else "wide"
+
+
+@functools.lru_cache(maxsize=None)
+def _is_sm90(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) == (9, 0)
+
+
+def cuda_kernel_for(q: Tensor, k: Tensor, has_labels: bool, has_bias: bool) -> str:
+    """The kernel a CUDA call with q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]`` runs:
+    DLMFUSE_CUDA_ATTENTION's, or auto_cuda_kernel's pick for ``auto`` (never ``"auto"``)."""
+    kernel = cuda_attention_kernel()
+    if kernel != "auto":
+        return kernel
+    sm90 = q.is_cuda and _is_sm90(q.device.index)
+    return auto_cuda_kernel(q.shape[1], k.shape[1], has_labels, has_bias, sm90)
+
+
+def cuda_kernel_args(kernel: Optional[str] = None) -> CudaKernelArgs:
+    """The binding's arguments for ``kernel`` (default: DLMFUSE_CUDA_ATTENTION's, which must not be
+    ``auto``: auto depends on the call, see cuda_kernel_for)."""
+    kernel = kernel or cuda_attention_kernel()
+    if kernel == "auto":
+        raise ValueError(f"{_OP}: the auto kernel depends on the call; resolve it with cuda_kernel_for(q, k, ...)")
+    return _CUDA_KERNEL_ARGS[kernel]
 
 
 @functools.lru_cache(maxsize=None)
@@ -315,13 +356,14 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None, has_bias: bool = False) -> int:
+def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None, has_bias: bool = False,
+                    has_labels: bool = False) -> int:
     """Split-KV count the CUDA attention uses for q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]``:
     the extension's heuristic (shapes and the SM count only, no host sync), or
     ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run.
-    ``kernel``: cuda_kernel_args() when the caller has read it already; ``has_bias``: the call has a
-    bias (no GQA packing then)."""
-    kernel = kernel or cuda_kernel_args()
+    ``kernel``: the call's kernel when the caller has resolved it already; ``has_bias`` /
+    ``has_labels``: the call has a bias (no GQA packing then) / labels (auto's choice)."""
+    kernel = kernel or cuda_kernel_args(cuda_kernel_for(q, k, has_labels, has_bias))
     if q.dtype not in (torch.bfloat16, torch.float16) or not kernel.tensor_cores:
         return 1
     B, Lq, Hq, D = q.shape

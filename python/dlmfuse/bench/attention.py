@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import dlmfuse
 
 from .._ext import use_reference
-from ..attention import cuda_attention_kernel, cuda_num_splits
+from ..attention import cuda_attention_kernel, cuda_kernel_for, cuda_num_splits
 from .common import DLMFUSE, Case, Impl, Workload
 
 FAMILY = "attention"
@@ -150,9 +150,11 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
     q = randn(spec.B, Lq, spec.H, spec.D)
     k, v = randn(spec.B, Lk, spec.kv_heads, spec.D), randn(spec.B, Lk, spec.kv_heads, spec.D)
     if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
-        params["num_splits"] = (None if use_reference("attention", device)
-                                else cuda_num_splits(q, k, has_bias=spec.pattern == "bias"))
+        has_bias, has_labels = spec.pattern == "bias", spec.pattern not in ("dense", "bias")
+        native = not use_reference("attention", device)
+        params["num_splits"] = cuda_num_splits(q, k, has_bias=has_bias, has_labels=has_labels) if native else None
         params["cuda_attention"] = cuda_attention_kernel()  # DLMFUSE_CUDA_ATTENTION (A/B runs)
+        params["cuda_kernel"] = cuda_kernel_for(q, k, has_labels, has_bias) if native else None  # auto's pick
     mask = bias = None
     if spec.pattern == "bias":
         bias = randn(1, spec.H, spec.L, spec.L)

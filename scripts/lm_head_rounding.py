@@ -1,0 +1,57 @@
+"""Do a block's logits depend on how many rows the LM head GEMM has? (E1's bf16 token identity)
+
+generate()'s exact mode computes logits only for the rows a step unmasks from (``logits_for``);
+the LLaDA-style reference loop computes them for every row and then selects. In float32 both
+give identical greedy tokens. In bf16 on an H200 they agreed on only 18-29% of E1's tokens. The
+suspected cause: the GEMM library picks a different kernel (tile shape, split-K) for 32 rows than
+for 768, so the same row's logits round differently, and greedy argmax flips at near-ties.
+
+This script checks that directly on LLaDA-8B's LM head shape (d 4096, vocab 126464) with random
+bf16 weights: the logits of the last block's rows, computed alone and as a slice of all rows.
+It prints whether they are bitwise equal, the largest difference, and how many rows' argmax
+differ. Usage: ``python scripts/lm_head_rounding.py [--device cuda] [--dtype bfloat16]``.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+
+def compare(device: str, dtype: torch.dtype, rows_total: int, block: int, d: int, vocab: int) -> dict:
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(rows_total, d, generator=gen, device=device, dtype=dtype)
+    weight = torch.randn(vocab, d, generator=gen, device=device, dtype=dtype) * d ** -0.5
+    block_rows = slice(rows_total - block, rows_total)
+    alone = F.linear(hidden[block_rows], weight)
+    sliced = F.linear(hidden, weight)[block_rows]
+    diff = (alone.float() - sliced.float()).abs()
+    return {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "shape": f"[{rows_total} or {block}, {d}] x [{d}, {vocab}]",
+        "bitwise_equal": bool(torch.equal(alone, sliced)),
+        "values_differing": f"{float((diff > 0).float().mean()):.4f}",
+        "max_abs_diff": float(diff.max()),
+        "argmax_rows_differing": int((alone.argmax(-1) != sliced.argmax(-1)).sum()),
+        "rows": block,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--rows", type=int, default=768, help="all rows (prompt 512 + gen 256)")
+    parser.add_argument("--block", type=int, default=32, help="rows that need logits")
+    parser.add_argument("--d", type=int, default=4096)
+    parser.add_argument("--vocab", type=int, default=126464)
+    args = parser.parse_args()
+    result = compare(args.device, getattr(torch, args.dtype), args.rows, args.block, args.d, args.vocab)
+    for key, value in result.items():
+        print(f"{key:24s} {value}")
+
+
+if __name__ == "__main__":
+    main()
