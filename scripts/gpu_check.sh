@@ -34,7 +34,7 @@ site=/tmp/dlmfuse-site
 python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
 [[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
-export DLMFUSE_CUDA_KERNELS=1  # also the compiled CUDA kernels not yet verified (merge_attention)
+export DLMFUSE_CUDA_KERNELS=1  # also the compiled CUDA kernels not yet verified (_ext._UNVERIFIED_CUDA_KERNELS; none now)
 status=()
 
 step() {  # step NAME SECONDS COMMAND...  (the timeout is cut to what is left of the budget)
@@ -92,9 +92,27 @@ if wants tests; then
       -k "test_cuda_matches_reference_and_cpu or test_cuda_bias_layouts_match_reference"
   fi
 fi
+# racecheck PYTEST_ARGS...: compute-sanitizer's racecheck over CUDA tests. Hazards it reports in
+# cuBLAS's own GEMM kernels (nvjet_*, run by the tests' torch matmuls; 2026-11-27 on an H200) are
+# listed but do not fail the step; a hazard in any other kernel does (exit 9). Filtering kernels
+# instead (--kernel-name / --kernel-name-exclude) made the sanitizer fail on those GEMMs.
+racecheck() {
+  local log
+  log="$(mktemp)"
+  compute-sanitizer --tool racecheck python3 -m pytest -m cuda -q -x -p no:cacheprovider "$@" 2>&1 | tee "$log"
+  local rc=${PIPESTATUS[0]}
+  local ours
+  ours="$(grep "Race reported" "$log" | grep -vc "at nvjet_")"
+  echo "racecheck: $(grep -c "Race reported" "$log") hazard reports, $ours outside cuBLAS (nvjet) kernels"
+  ((ours == 0)) || return 9
+  return "$rc"
+}
+export -f racecheck
+
 if wants sanitize; then
   # Small cases of every kernel (labels, ragged lengths, kv_lens, sampling, scatter).
   sanitize="tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu tests/test_torch_integration.py::test_cuda_bias_layouts_match_reference tests/test_torch_integration.py::test_cuda_gqa_packing_matches_reference tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer tests/test_kv_cache.py tests/test_sampling.py"
+  sanitize="$sanitize tests/test_attention.py::test_merge_attention_equals_full tests/test_attention.py::test_merge_attention_empty_sides"
   # The wgmma path (sm90) on its own: a failure there (-x) must not cut the others' coverage.
   step sanitizer_memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $sanitize -k "not graph and not sm90"
@@ -104,15 +122,12 @@ if wants sanitize; then
   step sanitizer_memcheck_splits 90 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider -k "not Lk2048" \
     tests/test_torch_integration.py::test_cuda_split_kv_matches_reference_and_cpu
-  step sanitizer_racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
+  step sanitizer_racecheck 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     -k "not sm90"
   # The gathering rounds' shared key list and scan (not sm90: the step below covers it).
-  step sanitizer_racecheck_gather 60 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -x -p no:cacheprovider \
+  step sanitizer_racecheck_gather 60 bash -c 'racecheck "$@"' _ \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "not sm90 and not Lk8300"
-  step sanitizer_racecheck_sm90 90 compute-sanitizer --tool racecheck --error-exitcode 9 \
-    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
+  step sanitizer_racecheck_sm90 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi
 if wants bench; then

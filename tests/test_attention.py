@@ -445,14 +445,13 @@ def test_sparse_queries_equal_rows_of_full(family, device):
 
 # ---------------------------------------------------------------------------------------- merge
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def merge_device(request, monkeypatch) -> torch.device:
-    """cpu, and cuda with the standalone CUDA merge kernel switched on (DLMFUSE_CUDA_KERNELS=1 while
-    _ext._UNVERIFIED_CUDA_KERNELS lists it), so that the cuda runs test the kernel, not the reference."""
+def merge_device(request) -> torch.device:
+    """cpu, and cuda where the standalone CUDA merge kernel runs (checked: the cuda runs must test
+    the kernel, not the reference)."""
     device = torch.device(request.param)
     if device.type == "cuda":
         if not (dlmfuse.build_info()["cuda"] and torch.cuda.is_available()):
             pytest.skip("needs a CUDA build of dlmfuse and a visible GPU")
-        monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
         assert not dlmfuse._ext.use_reference("merge_attention", device)
     return device
 

@@ -100,7 +100,7 @@ void register_cuda_attention(nb::module_& m) {
         "key range on tensor cores (float32 workspaces partial_out [S, B, Hq, Lq, D] and "
         "partial_lse [S, B, Hq, Lq], S = num_splits); kv_stages = 2 (default) double-buffers K and V "
         "on tensor cores, 1 keeps one buffer of each; next_paths = True runs the tensor-core kernel's "
-        "changes not yet verified on a GPU (two buffers only), with rows_per_warp = 32 also 128 query rows "
+        "kNext paths (two buffers only), with rows_per_warp = 32 also 128 query rows "
         "per CTA, with pack_gqa = True (next_paths only) also the query heads of a KV head packed into "
         "one CTA's rows where that needs fewer CTAs and there is no bias, with wgmma = True (next_paths, "
         "16 rows per warp) also warpgroup MMAs on sm_90 GPUs, with gather_keys = True (next_paths, 16 rows per "

@@ -44,18 +44,17 @@ def dlpack(*tensors):
 # Which ops have a native kernel per device (verified by the test suite on that device); the
 # others run dlmfuse.reference there.
 _NATIVE_KERNELS = {
-    # CUDA: verified on an H200 (2026-11-26, scripts/gpu_check.sh; bench/results/h200-2026-11-26.md)
+    # CUDA: verified on an H200 (2026-11-26, scripts/gpu_check.sh; bench/results/h200-2026-11-26.md;
+    # merge_attention on 2026-11-27, bench/results/h200-2026-11-27.md)
     "attention": {"cpu", "cuda"},
-    "merge_attention": {"cpu"},
+    "merge_attention": {"cpu", "cuda"},
     "kv_scatter_": {"cpu", "cuda"},
     "sample_tokens": {"cpu", "cuda"},  # float64 logits and extreme temperatures use the reference
 }
 # CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
 # with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
 # a device run has verified it.
-_UNVERIFIED_CUDA_KERNELS = {
-    "merge_attention",  # the standalone merge kernel (split-KV's in-kernel merge is verified)
-}
+_UNVERIFIED_CUDA_KERNELS: set[str] = set()  # none since 2026-11-27
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
 _THREADS_ENV = "DLMFUSE_NUM_THREADS"

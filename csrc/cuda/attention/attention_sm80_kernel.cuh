@@ -52,14 +52,14 @@ DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
 
 // kStages = 1: one K and one V buffer (V_j loads during Q K_j^T, K_j+1 during P V_j).
 // kStages = 2: two of each; K and V of the next visible tile load during the whole of tile j.
-// kNext: the changes made after the last device run (H200, d45fee2), opt-in through
-// AttentionParams::next_paths until a GPU run has verified them: load_bias_by_row; interior
+// kNext: the changes made after the first kernels' device run (H200, d45fee2), selected by
+// AttentionParams::next_paths (verified on an H200, 2026-11-27): load_bias_by_row; interior
 // PARTIAL tiles without bounds tests (mask_scores); warps without query rows skip the tile math;
 // o is rescaled only when a row of the warp has a new max (softmax_update); a 16-bit bias streams
 // into shared memory with K and V (load_bias_tile_async); GQA packing (AttentionParams::pack_gqa,
 // load_packed_q_tile_async, query_of / head_of); the heaviest-first grid order with labels
-// (launch_sm80). With kNext false the
-// kernel compiles to the verified machine code (scripts/compare_sass.py d45fee2).
+// (launch_sm80). With kNext false the kernel compiles to d45fee2's machine code
+// (scripts/compare_sass.py d45fee2).
 // kM = 2 (next paths and two buffers only; AttentionParams::wide_rows): 32 query rows per warp,
 // 128 per CTA.
 // kWgmma (AttentionParams::wgmma): the next paths with S = Q K^T and O += P V as warpgroup MMAs
@@ -70,7 +70,7 @@ DLMFUSE_HOST_DEVICE constexpr int shared_bytes() {
 // tiles is classified key by key (classify_key against the CTA's query labels) into a shared list:
 // keys every row sees form FULL tiles, keys some row sees PARTIAL tiles, the rest are never loaded.
 // K, V and labels of a gathered tile load row by row from the list. A run whose gathered tiles
-// would not be fewer than its own runs as it is, and ends gathering in the CTA. Not yet run on a GPU.
+// would not be fewer than its own runs as it is, and ends gathering in the CTA. Verified on an H200 (2026-11-27).
 template <typename T, int D, int kStages, bool kNext, int kM, bool kWgmma = false, bool kGather = false>
 __global__ void __launch_bounds__(kThreads) attention_sm80_kernel(const AttentionParams p) {
   static_assert(kStages == 1 || kStages == 2, "one or two K/V buffers");

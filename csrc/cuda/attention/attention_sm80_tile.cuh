@@ -162,7 +162,7 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uin
 }
 
 // The bias of the thread's S fragment in log2 units (0 outside the tile's rows and keys), loaded
-// ahead of the MMAs so that its latency hides behind them. kNext (not yet run on a GPU): one row
+// ahead of the MMAs so that its latency hides behind them. kNext: one row
 // address per fragment row and tile, and with a unit key stride each thread's two adjacent keys
 // in one load.
 template <typename B, typename Sink>
@@ -246,7 +246,7 @@ __device__ __forceinline__ void load_bias_by_element(float (&bias)[kBlockN / 8][
 }
 
 // ---------------------------------------------------------------- bias tiles in shared memory
-// kNext (not yet run on a GPU): a 16-bit bias whose key stride is 1 and whose rows start on
+// kNext: a 16-bit bias whose key stride is 1 and whose rows start on
 // 16-byte boundaries streams into shared memory by cp.async in the same group as K and V, a
 // whole tile ahead, instead of 16 global loads per thread per tile issued just before the MMAs
 // (A3, a dense bf16 [1, H, L, L] bias, took 3.8x the dense time on an H200 with those loads).
@@ -343,7 +343,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
   }
   if constexpr (kNext) {
     if (!has_bias && cols == kBlockN && rows_full) {  // an interior tile: no bounds to test
-      // PARTIAL (kNext, not yet run on a GPU): the rule per element, the labels of the thread's
+      // PARTIAL (kNext): the rule per element, the labels of the thread's
       // two adjacent keys in one 8-byte shared load each (the label rows are 16-byte aligned,
       // the key offset is even).
       for (int nt = 0; nt < kBlockN / 8; ++nt) {
@@ -373,7 +373,7 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
 }
 
 // Online softmax (base 2) of the thread's two rows: s becomes the tile's probabilities relative
-// to the new running max, o and the running sum are rescaled. kNext (not yet run on a GPU): the
+// to the new running max, o and the running sum are rescaled. kNext: the
 // warp skips rescaling o when no row of it has a new max (every factor is exactly 1), which
 // after the first tiles is most of them.
 template <int D, bool kNext>

@@ -1,5 +1,5 @@
 // Thin wrappers over the sm_90a warpgroup MMA (wgmma) that the attention kernel's opt-in
-// Hopper path uses (DLMFUSE_CUDA_ATTENTION=sm90; not yet run on a GPU). A warpgroup (4 warps,
+// Hopper path uses (DLMFUSE_CUDA_ATTENTION=sm90; verified on an H200, 2026-11-27). A warpgroup (4 warps,
 // 128 threads) computes a 64-row tile; each warp's accumulator fragment covers rows
 // 16 w + lane / 4 (+ 8) and, in n8 block j, columns 8 j + 2 (lane % 4) + {0, 1}: the layout of
 // mma.sync m16n8 C fragments, so the masking and softmax code of the sm_80 path applies as is.

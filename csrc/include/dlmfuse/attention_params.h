@@ -62,23 +62,22 @@ struct AttentionParams {
   // K/V buffers of the tensor-core kernel: 2 (default: the next tile's K and V load during
   // the whole of the current tile; more shared memory) or 1. Other kernels ignore it.
   int32_t kv_stages = 2;
-  // The tensor-core kernel's changes that no GPU run has verified yet (two buffers only; listed
-  // at kNext in cuda/attention/attention_sm80_kernel.cuh). Other kernels ignore it.
+  // The tensor-core kernel's second generation of paths (two buffers only; listed at kNext in
+  // cuda/attention/attention_sm80_kernel.cuh; verified on an H200, 2026-11-27). Other kernels ignore it.
   bool next_paths = false;
   // 32 query rows per warp (128 per CTA) in the tensor-core kernel instead of 16 (next paths and
-  // two buffers only, not yet run on a GPU). A bool beside next_paths: it fits the padding, so the
-  // verified kernels' parameter offsets (and machine code) stay as they were.
+  // two buffers only). A bool beside next_paths: it fits the padding, so the first kernels'
+  // parameter offsets (and machine code) stay as they were.
   bool wide_rows = false;
-  // GQA packing (next paths only, no bias; not yet run on a GPU): a CTA's query rows are the
+  // GQA packing (next paths only, no bias): a CTA's query rows are the
   // (query, head) pairs of the q_heads / kv_heads query heads that share one KV head, so each K/V
   // tile serves all of them. Set by the binding where it cuts the CTA count (attention_packs_gqa).
   bool pack_gqa = false;
-  // The next paths with warpgroup MMAs (wgmma) on sm_90 GPUs (elsewhere the next paths run);
-  // not yet run on a GPU.
+  // The next paths with warpgroup MMAs (wgmma) on sm_90 GPUs (elsewhere the next paths run).
   bool wgmma = false;
   float* partial_out = nullptr;  // [S, B, Hq, Lq, D], S = num_splits
   float* partial_lse = nullptr;  // [S, B, Hq, Lq], natural log
-  // The next paths (16 rows per warp, labels, no bias; not yet run on a GPU) with the keys of
+  // The next paths (16 rows per warp, labels, no bias) with the keys of
   // PARTIAL tiles gathered per key (dlmfuse/visibility.h classify_key): keys every row of the CTA
   // sees into FULL tiles, keys some row sees into PARTIAL tiles, the others never loaded. Set by
   // the binding only for calls with labels and without a bias. Last, so that no earlier field moves.
