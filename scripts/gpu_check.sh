@@ -5,7 +5,8 @@
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1; A1-A5 and A4g with the peers, then dlmfuse alone per
 #             attention kernel of BENCH_KERNELS, into one file), JSONL for bench/results/
-#   e1        the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
+#   e1        where exact mode's bf16 logits part from the loop's (two probe scripts), then
+#             the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
 #             kernel on its benchmark shape (scripts/profile_kernels.py), ~1-2 minutes
@@ -155,6 +156,10 @@ if wants profile; then
     python3 scripts/profile_kernels.py
 fi
 if wants e1; then
+  # Where exact mode's bf16 logits part from the loop's (bench/results/h200-2026-11-27.md): the
+  # last layer's shapes at 32 and 768 rows, then the first step under kernel x split settings.
+  step lm_head_rounding 60 python3 scripts/lm_head_rounding.py --layers
+  step e1_first_step_probe 120 python3 scripts/e1_first_step_probe.py
   # One step (and JSONL) per batch size, so that a B=8 row cut by the budget keeps the B=1 rows.
   for batch in ${E1_BATCHES:-1 8}; do
     step "bench_e1_b$batch" 300 env DLMFUSE_E1_BATCHES="$batch" python3 -m dlmfuse bench --quick --device cuda \
