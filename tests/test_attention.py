@@ -14,7 +14,7 @@ import torch
 import dlmfuse
 from dlmfuse import Mask
 
-from conftest import DTYPE_IDS, DTYPES, assert_fp32_close, check_attention
+from conftest import DTYPE_IDS, DTYPES, assert_fp32_close, check_attention, cuda_usable
 
 NEG_INF = float("-inf")
 BATCH = 2
@@ -450,7 +450,7 @@ def merge_device(request) -> torch.device:
     the kernel, not the reference)."""
     device = torch.device(request.param)
     if device.type == "cuda":
-        if not (dlmfuse.build_info()["cuda"] and torch.cuda.is_available()):
+        if not cuda_usable():
             pytest.skip("needs a CUDA build of dlmfuse and a visible GPU")
         assert not dlmfuse._ext.use_reference("merge_attention", device)
     return device

@@ -577,6 +577,18 @@ def sparse_step_inputs(B, n, Lk, Hq, Hkv, D, dtype, device, seed=0):
     return q, k, v, dict(mask=mask, kv_lens=kv_lens)
 
 
+def assert_matches_double_buffer(out, lse, q, k, v, kwargs, monkeypatch):
+    """out and lse agree with the double_buffer kernel's (one run of CTAs per query head, every
+    tile read) on the same call: out to bf16 rounding, the same empty rows, lse to 1e-5.
+    Leaves DLMFUSE_CUDA_ATTENTION at double_buffer."""
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double_buffer")
+    plain_out, plain_lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    torch.testing.assert_close(out, plain_out, rtol=2 ** -7, atol=2 ** -7 * float(plain_out.abs().max()))
+    finite = torch.isfinite(plain_lse)
+    assert torch.equal(finite, torch.isfinite(lse))
+    torch.testing.assert_close(lse[finite], plain_lse[finite], rtol=1e-5, atol=1e-5)
+
+
 # Gathered keys (DLMFUSE_CUDA_ATTENTION=gather / sm90_gather): label layouts whose PARTIAL tiles
 # gather into fewer tiles (mask-only steps), whose runs of PARTIAL tiles pass 16 tiles and a
 # classification round of 128 tiles (Lk 8300), and whose runs gather nothing useful (block-causal
@@ -618,12 +630,7 @@ def test_cuda_gathered_keys_match_reference_and_double_buffer(case, splits, kern
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", kernel)
     out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
     check_attention(out, q, k, v, lse=lse, **kwargs)
-    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double_buffer")  # reads every tile
-    plain_out, plain_lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
-    torch.testing.assert_close(out, plain_out, rtol=2 ** -7, atol=2 ** -7 * float(plain_out.abs().max()))
-    finite = torch.isfinite(plain_lse)
-    assert torch.equal(finite, torch.isfinite(lse))
-    torch.testing.assert_close(lse[finite], plain_lse[finite], rtol=1e-5, atol=1e-5)
+    assert_matches_double_buffer(out, lse, q, k, v, kwargs, monkeypatch)  # the kernel that reads every tile
 
 
 SPLIT_CASES = [
@@ -669,7 +676,7 @@ GQA_PACK_CASES = [
 @pytest.mark.parametrize("case", GQA_PACK_CASES, ids=[f"B{c[0]}-n{c[1]}-H{c[3]}x{c[4]}-D{c[5]}" for c in GQA_PACK_CASES])
 def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):
     """Packed rows (query-major (query, head) pairs per KV head) give the reference's out and lse,
-    and the unpacked verified kernel's, with labels and kv_lens and without."""
+    and the unpacked double_buffer kernel's, with labels and kv_lens and without."""
     monkeypatch.setenv("DLMFUSE_ATTENTION_SPLITS", splits)
     B, n, Lk, Hq, Hkv, D, dtype = case
     q, k, v, kwargs = sparse_step_inputs(*case, device="cuda")
@@ -679,12 +686,7 @@ def test_cuda_gqa_packing_matches_reference(case, splits, kernel, monkeypatch):
         assert dlmfuse._ext._C_cuda.attention_packs_gqa(Hq, Hkv, n, 4 * attention_module.cuda_kernel_args().rows_per_warp)
         out, lse = dlmfuse.attention(q, k, v, return_lse=True, **call_kwargs)
         check_attention(out, q, k, v, lse=lse, **call_kwargs)
-        monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double_buffer")  # one run of CTAs per query head
-        plain_out, plain_lse = dlmfuse.attention(q, k, v, return_lse=True, **call_kwargs)
-        torch.testing.assert_close(out, plain_out, rtol=2 ** -7, atol=2 ** -7 * float(plain_out.abs().max()))
-        finite = torch.isfinite(plain_lse)
-        assert torch.equal(finite, torch.isfinite(lse))
-        torch.testing.assert_close(lse[finite], plain_lse[finite], rtol=1e-5, atol=1e-5)
+        assert_matches_double_buffer(out, lse, q, k, v, call_kwargs, monkeypatch)  # one run of CTAs per head
 
 
 @pytest.mark.cuda
