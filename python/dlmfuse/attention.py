@@ -356,14 +356,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None, has_bias: bool = False,
-                    has_labels: bool = False) -> int:
+def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = None, has_bias: bool = False) -> int:
     """Split-KV count the CUDA attention uses for q ``[B, Lq, Hq, D]`` and k ``[B, Lk, Hkv, D]``:
     the extension's heuristic (shapes and the SM count only, no host sync), or
     ``DLMFUSE_ATTENTION_SPLITS=N`` (tests, tuning); 1 where the tensor-core kernel does not run.
-    ``kernel``: the call's kernel when the caller has resolved it already; ``has_bias`` /
-    ``has_labels``: the call has a bias (no GQA packing then) / labels (auto's choice)."""
-    kernel = kernel or cuda_kernel_args(cuda_kernel_for(q, k, has_labels, has_bias))
+    ``kernel``: the call's kernel (cuda_kernel_args(cuda_kernel_for(...))); None: the one a call
+    without labels would run; ``has_bias``: the call has a bias (no GQA packing then)."""
+    kernel = kernel or cuda_kernel_args(cuda_kernel_for(q, k, False, has_bias))
     if q.dtype not in (torch.bfloat16, torch.float16) or not kernel.tensor_cores:
         return 1
     B, Lq, Hq, D = q.shape

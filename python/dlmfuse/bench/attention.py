@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import dlmfuse
 
 from .._ext import use_reference
-from ..attention import cuda_attention_kernel, cuda_kernel_for, cuda_num_splits
+from ..attention import cuda_attention_kernel, cuda_kernel_args, cuda_kernel_for, cuda_num_splits
 from .common import DLMFUSE, Case, Impl, Workload
 
 FAMILY = "attention"
@@ -151,10 +151,11 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
     k, v = randn(spec.B, Lk, spec.kv_heads, spec.D), randn(spec.B, Lk, spec.kv_heads, spec.D)
     if device.type == "cuda":  # None: the reference runs (no native CUDA attention enabled)
         has_bias, has_labels = spec.pattern == "bias", spec.pattern not in ("dense", "bias")
-        native = not use_reference("attention", device)
-        params["num_splits"] = cuda_num_splits(q, k, has_bias=has_bias, has_labels=has_labels) if native else None
+        kernel = None if use_reference("attention", device) else cuda_kernel_for(q, k, has_labels, has_bias)
+        params["num_splits"] = (None if kernel is None
+                                else cuda_num_splits(q, k, cuda_kernel_args(kernel), has_bias=has_bias))
         params["cuda_attention"] = cuda_attention_kernel()  # DLMFUSE_CUDA_ATTENTION (A/B runs)
-        params["cuda_kernel"] = cuda_kernel_for(q, k, has_labels, has_bias) if native else None  # auto's pick
+        params["cuda_kernel"] = kernel  # what runs: auto's pick, or the one DLMFUSE_CUDA_ATTENTION names
     mask = bias = None
     if spec.pattern == "bias":
         bias = randn(1, spec.H, spec.L, spec.L)
