@@ -23,17 +23,15 @@ import os
 
 import torch
 
-from dlmfuse.bench.generate import GPU_SETTINGS, LLADA_8B, SEED, GenSpec, build_model
+from dlmfuse.bench.generate import GPU_SETTINGS, LLADA_8B, GenSpec, build_model, first_block_logits, random_prompt
 
 SETTINGS = [  # (DLMFUSE_CUDA_ATTENTION, DLMFUSE_ATTENTION_SPLITS; "" = the heuristic)
     ("auto", ""), ("auto", "1"), ("double_buffer", ""), ("double_buffer", "1"),
 ]
 
 
-@torch.no_grad()
-def probe(model, x: torch.Tensor, rows: torch.Tensor) -> dict:
-    every_row = model(x).gather(1, rows[..., None].expand(-1, -1, model.lm_head.weight.shape[0]))
-    only_rows = model(x, logits_for=rows)
+def probe(model, spec: GenSpec, prompt: torch.Tensor) -> dict:
+    every_row, only_rows = first_block_logits(model, spec, prompt)
     diff = (every_row.float() - only_rows.float()).abs()
     return {"bitwise_equal": bool(torch.equal(every_row, only_rows)),
             "max_abs_diff": float(diff.max()),
@@ -50,17 +48,13 @@ def main() -> None:
     shape = dict(**GPU_SETTINGS, **dict(LLADA_8B, layers=args.layers)) if cuda else {}
     spec = GenSpec(B=args.batch, **shape)
     model = build_model(spec, device)
-    prompt = torch.randint(0, spec.mask_token_id, (spec.B, spec.prompt), generator=torch.Generator().manual_seed(SEED))
-    x = torch.full((spec.B, spec.prompt + spec.gen), spec.mask_token_id, dtype=torch.long)
-    x[:, :spec.prompt] = prompt
-    x = x.to(device)
-    rows = torch.arange(spec.prompt, spec.prompt + spec.block, device=device).expand(spec.B, -1)
+    prompt = random_prompt(spec, device)
     print(f"{spec.desc} on {torch.cuda.get_device_name() if cuda else 'cpu'}: first block's logits, "
           f"full forward vs logits_for")
     for kernel, splits in SETTINGS if cuda else SETTINGS[:1]:
         os.environ["DLMFUSE_CUDA_ATTENTION"] = kernel
         os.environ["DLMFUSE_ATTENTION_SPLITS"] = splits
-        result = probe(model, x, rows)
+        result = probe(model, spec, prompt)
         print(f"  kernel={kernel:14s} splits={splits or 'heuristic':9s} " + "  ".join(f"{k}={v}" for k, v in result.items()))
 
 

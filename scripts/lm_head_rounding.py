@@ -51,13 +51,14 @@ def compare_layers(device: str, dtype: torch.dtype, rows_total: int, block: int)
                               ("MLP down", 12288, 4096)):
         x = torch.randn(rows_total, d_in, generator=gen, device=device, dtype=dtype)
         w = torch.randn(d_out, d_in, generator=gen, device=device, dtype=dtype) * d_in ** -0.5
-        alone, sliced = F.linear(x[block_rows], w), F.linear(x, w)[block_rows]
-        print(f"{name:24s} bitwise_equal={torch.equal(alone, sliced)} "
-              f"max_abs_diff={float((alone.float() - sliced.float()).abs().max()):.3g}")
+        _report(name, F.linear(x[block_rows], w), F.linear(x, w)[block_rows])
     q = torch.randn(1, rows_total, 32, 128, generator=gen, device=device, dtype=dtype)
     k, v = (torch.randn(1, rows_total, 32, 128, generator=gen, device=device, dtype=dtype) for _ in "kv")
-    alone, sliced = dlmfuse.attention(q[:, block_rows], k, v), dlmfuse.attention(q, k, v)[:, block_rows]
-    print(f"{'attention (dlmfuse)':24s} bitwise_equal={torch.equal(alone, sliced)} "
+    _report("attention (dlmfuse)", dlmfuse.attention(q[:, block_rows], k, v), dlmfuse.attention(q, k, v)[:, block_rows])
+
+
+def _report(name: str, alone: torch.Tensor, sliced: torch.Tensor) -> None:
+    print(f"{name:24s} bitwise_equal={torch.equal(alone, sliced)} "
           f"max_abs_diff={float((alone.float() - sliced.float()).abs().max()):.3g}")
 
 

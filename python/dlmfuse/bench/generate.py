@@ -226,6 +226,24 @@ def build_model(spec: GenSpec, device: torch.device) -> DenoiserLM:
     return model.eval().requires_grad_(False)
 
 
+def random_prompt(spec: GenSpec, device: torch.device) -> torch.Tensor:
+    """E1's prompts: ``[B, prompt]`` token ids below the mask token, seeded."""
+    return torch.randint(0, spec.mask_token_id, (spec.B, spec.prompt),
+                         generator=torch.Generator().manual_seed(SEED)).to(device)
+
+
+@torch.no_grad()
+def first_block_logits(model, spec: GenSpec, prompt: torch.Tensor) -> tuple:
+    """The first step's logits of the first block, ``[B, block, vocab]`` twice: from the full
+    forward (the reference loop: every row, then the block's) and from ``logits_for`` (exact mode:
+    the last layer runs the block's query rows only; every earlier layer runs the same shapes).
+    Where they differ, exact mode's tokens can part from the loop's (bf16 rounding)."""
+    x = torch.full((spec.B, spec.prompt + spec.gen), spec.mask_token_id, dtype=torch.long, device=prompt.device)
+    x[:, :spec.prompt] = prompt
+    rows = torch.arange(spec.prompt, spec.prompt + spec.block, device=x.device).expand(spec.B, -1)
+    return model(x)[:, spec.prompt:spec.prompt + spec.block], model(x, logits_for=rows)
+
+
 def loop_peak_bytes(spec: GenSpec) -> int:
     """GPU memory the reference loop's logits and float64 sampling take at their peak."""
     dtype = getattr(torch, spec.dtype)
@@ -260,8 +278,7 @@ def _setup(spec: GenSpec, device: torch.device) -> Case:
         if reason is not None:
             return Case(impls=[Impl(name, _refusing(reason), kind=kind) for name, kind in ROWS])
     model = build_model(spec, device)
-    prompt = torch.randint(0, spec.mask_token_id, (spec.B, spec.prompt),
-                           generator=torch.Generator().manual_seed(SEED)).to(device)
+    prompt = random_prompt(spec, device)
     mask = spec.mask_token_id
     outputs: dict[str, torch.Tensor] = {}  # the last output of every implementation
     steps: dict[str, int] = {}             # the steps of that call
@@ -297,16 +314,9 @@ def _setup(spec: GenSpec, device: torch.device) -> Case:
     def generated(out: torch.Tensor) -> torch.Tensor:
         return out[:, spec.prompt:]
 
-    @torch.no_grad()
     def first_step_probe() -> dict:
-        """Where exact mode's tokens can part from the loop's: the first step's logits of the
-        first block from the all-rows LM head (the loop) and from ``logits_for`` (exact mode), on
-        the same hidden states. In bf16 a different GEMM shape may round a logit differently."""
-        x = torch.full((spec.B, spec.prompt + spec.gen), mask, dtype=torch.long, device=device)
-        x[:, :spec.prompt] = prompt
-        rows = torch.arange(spec.prompt, spec.prompt + spec.block, device=device).expand(spec.B, -1)
-        every_row = model(x)[:, spec.prompt:spec.prompt + spec.block].float()
-        only_rows = model(x, logits_for=rows).float()
+        """Where exact mode's tokens can part from the loop's (first_block_logits)."""
+        every_row, only_rows = (logits.float() for logits in first_block_logits(model, spec, prompt))
         return {"first_step_logits_max_diff": (every_row - only_rows).abs().max().item(),
                 "first_step_argmax_agree": (every_row.argmax(-1) == only_rows.argmax(-1)).double().mean().item()}
 
