@@ -67,8 +67,11 @@ if wants tests; then
   # `kernel` parameter of the matrix, bias-layout, GQA-packing and gather tests;
   # DLMFUSE_CUDA_ATTENTION picks the kernel of the other attention tests: graph capture,
   # torch.compile, split heuristics, KV-cache attend). Every kernel passed on an H200 on 2026-11-27.
-  verified="auto simple single_buffer double_buffer next wide sm90 gather sm90_gather"
   unverified=""
+  verified=""  # every kernel of DLMFUSE_CUDA_ATTENTION (the installed package's list) but those
+  for kernel in $(python3 -c 'from dlmfuse.attention import CUDA_ATTENTION_KERNELS as k; print(*k)'); do
+    [[ " $unverified " == *" $kernel "* ]] || verified="$verified $kernel"
+  done
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
