@@ -32,8 +32,20 @@ NB_MODULE(_C, m) {
   m.def("set_cpu_isa", &cpu::set_cpu_isa, nb::arg("name"),
         "Force a compiled CPU kernel variant (for tests and benchmarks).");
   m.def("num_threads", &cpu::num_threads, "Threads used by the CPU kernels.");
-  m.def("set_num_threads", &cpu::set_num_threads, nb::arg("n"),
-        "Set the threads used by the CPU kernels (at most the pool size chosen at first use).");
+  m.def("max_threads", &cpu::max_threads, "The bound on the CPU threads: the hardware thread count.");
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        const int in_effect = cpu::set_num_threads(n);
+        if (in_effect < n &&
+            PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                             "dlmfuse: set_num_threads(%d) clamped to %d, the hardware thread count", n, in_effect) != 0)
+          throw nb::python_error();  // warnings turned into errors
+        return in_effect;
+      },
+      nb::arg("n"),
+      "Set the threads used by the CPU kernels; clamped (with a RuntimeWarning) to max_threads(). "
+      "Returns the count in effect.");
 
   bindings::register_attention(m);
   bindings::register_kv_cache(m);

@@ -72,7 +72,7 @@ void attention_forward(const AttentionParams& p) {
       static_cast<float*>(std::aligned_alloc(64, slice * workers * sizeof(float))));
   if (!scratch) throw_runtime_error("attention: could not allocate ", slice * workers * 4, " bytes of scratch");
   float* base = scratch.get();
-  parallel_for(n_tasks, [&](int64_t task, int worker) { kernel(p, plan, task, base + worker * slice); });
+  parallel_for(n_tasks, workers, [&](int64_t task, int worker) { kernel(p, plan, task, base + worker * slice); });
 }
 
 void merge_attention(const MergeParams& p) {

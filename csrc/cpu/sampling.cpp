@@ -134,7 +134,7 @@ void sample_tokens(const SamplingParams& p) {
   // 1 / T outside [1e-30, 1e30] makes fp32 scores underflow or lose ties: float64 path.
   const bool extreme_temperature = p.temperature > 0.0 && (p.temperature < 1e-30 || p.temperature > 1e30);
 
-  parallel_for(p.rows, [&](int64_t row, int worker) {
+  parallel_for(p.rows, workers, [&](int64_t row, int worker) {
     if (extreme_temperature) {
       sample_row_exact(p, row, p.tokens + row, p.confidence_out + row);
       return;

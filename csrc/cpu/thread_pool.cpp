@@ -2,12 +2,16 @@
 
 #include "dlmfuse/errors.h"
 
+#include <sched.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <atomic>
 #include <condition_variable>
+#include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -16,92 +20,126 @@
 namespace dlmfuse::cpu {
 namespace {
 
+int hardware_threads() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
+
+// The CPUs this process may run on (taskset, cgroup cpusets), at most the hardware count.
+int affinity_threads() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) != 0) return hardware_threads();
+  return std::clamp(CPU_COUNT(&set), 1, hardware_threads());
+}
+
+// DLMFUSE_NUM_THREADS clamped to [1, max_threads()]; unset or not a positive integer: the
+// affinity count (Python warns about both cases once, at import).
 int default_threads() {
   if (const char* env = std::getenv("DLMFUSE_NUM_THREADS")) {
-    const int n = std::atoi(env);
-    if (n >= 1) return n;
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    while (end != env && std::isspace(static_cast<unsigned char>(*end))) ++end;
+    if (end != env && *end == '\0' && n >= 1) return static_cast<int>(std::min<long long>(n, max_threads()));
   }
-  return std::max(1u, std::thread::hardware_concurrency());
+  return affinity_threads();
 }
 
 std::atomic<int> g_requested_threads{0};  // 0 = not set yet
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int n_threads) : pid_(getpid()) {
-    for (int w = 1; w < n_threads; ++w) workers_.emplace_back([this, w] { worker_loop(w); });
-  }
+  ThreadPool() : pid_(getpid()) {}
 
-  ~ThreadPool() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    for (auto& t : workers_) t.join();
-  }
-
+  // Pool size, the caller's thread included.
   int size() const { return static_cast<int>(workers_.size()) + 1; }
   pid_t pid() const { return pid_; }
 
-  // Runs one job on the caller and the first n_threads - 1 workers; the caller holds `busy`
-  // so jobs never overlap.
-  void run(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& body) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      body_ = &body;
-      n_tasks_ = n_tasks;
-      n_threads_ = n_threads;
-      next_task_.store(0);
-      active_workers_ = static_cast<int>(workers_.size());
-      ++generation_;
+  // Starts workers until the pool holds n threads; a worker that cannot start stops the growth
+  // for good (the limit that refused it will refuse the next one too). Returns the size.
+  int grow(int n) {
+    while (size() < n && !start_failed_) {
+      auto worker = std::make_unique<Worker>();
+      const int index = size();
+      try {
+        worker->thread = std::thread(&ThreadPool::worker_loop, this, index, worker.get());
+      } catch (const std::exception& e) {
+        start_failed_ = true;
+        std::fprintf(stderr, "dlmfuse: could not start CPU worker thread %d (%s); the CPU kernels use %d thread%s\n",
+                     index, e.what(), size(), size() == 1 ? "" : "s");
+        break;
+      }
+      worker->thread.detach();  // never joined: the pool lives until the process ends
+      workers_.push_back(std::move(worker));
     }
-    wake_.notify_all();
+    return size();
+  }
+
+  // Runs one job on the caller and workers 1 .. n_threads - 1 only; the caller holds `busy`
+  // (so jobs never overlap) and has grown the pool to n_threads.
+  void run(int64_t n_tasks, int n_threads, const std::function<void(int64_t, int)>& body) {
+    const int helpers = std::min(n_threads, size()) - 1;
+    body_ = &body;
+    n_tasks_ = n_tasks;
+    next_task_.store(0, std::memory_order_relaxed);
+    pending_.store(helpers, std::memory_order_relaxed);
+    ++generation_;
+    for (int w = 0; w < helpers; ++w) {  // the worker reads the job after taking its lock
+      Worker& worker = *workers_[w];
+      {
+        std::lock_guard<std::mutex> lock(worker.mutex);
+        worker.job = generation_;
+      }
+      worker.wake.notify_one();
+    }
     drain(0);
-    std::unique_lock<std::mutex> lock(mutex_);
-    done_.wait(lock, [this] { return active_workers_ == 0; });
+    std::unique_lock<std::mutex> lock(done_mutex_);
+    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
     body_ = nullptr;
   }
 
   std::mutex busy;
 
  private:
+  struct Worker {
+    std::mutex mutex;
+    std::condition_variable wake;
+    uint64_t job = 0;  // generation of the last job handed to this worker
+    std::thread thread;
+  };
+
   void drain(int worker) {
     for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1))
       (*body_)(task, worker);
   }
 
-  void worker_loop(int worker) {
+  void worker_loop(int index, Worker* self) {
     uint64_t seen = 0;
     for (;;) {
       {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return stopping_ || generation_ != seen; });
-        if (stopping_) return;
-        seen = generation_;
+        std::unique_lock<std::mutex> lock(self->mutex);
+        self->wake.wait(lock, [&] { return self->job != seen; });
+        seen = self->job;
       }
-      if (worker < n_threads_) drain(worker);
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (--active_workers_ == 0) done_.notify_one();
+      drain(index);
+      if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> lock(done_mutex_);
+        done_.notify_one();
+      }
     }
   }
 
   pid_t pid_;
-  std::vector<std::thread> workers_;
-  std::mutex mutex_;
-  std::condition_variable wake_, done_;
+  std::vector<std::unique_ptr<Worker>> workers_;
+  bool start_failed_ = false;
   const std::function<void(int64_t, int)>* body_ = nullptr;
   int64_t n_tasks_ = 0;
-  int n_threads_ = 0;
   std::atomic<int64_t> next_task_{0};
-  int active_workers_ = 0;
+  std::atomic<int> pending_{0};
   uint64_t generation_ = 0;
-  bool stopping_ = false;
+  std::mutex done_mutex_;
+  std::condition_variable done_;
 };
 
-// Created on first use with one thread per core (or DLMFUSE_NUM_THREADS); set_num_threads only
-// changes how many of them take part. Intentionally leaked at exit: joining threads during
-// interpreter shutdown can deadlock.
+// Created on first parallel use, empty; workers start when a call needs them. Intentionally
+// leaked at exit: joining threads during interpreter shutdown can deadlock.
 std::mutex g_pool_mutex;
 ThreadPool* g_pool = nullptr;
 
@@ -109,11 +147,16 @@ ThreadPool* shared_pool() {
   std::lock_guard<std::mutex> lock(g_pool_mutex);
   // After fork() only the forking thread exists in the child: abandon the parent's pool.
   if (g_pool != nullptr && g_pool->pid() != getpid()) g_pool = nullptr;
-  if (g_pool == nullptr) g_pool = new ThreadPool(std::max(default_threads(), num_threads()));
+  if (g_pool == nullptr) g_pool = new ThreadPool();
   return g_pool;
 }
 
 }  // namespace
+
+int max_threads() {
+  static const int n = hardware_threads();
+  return n;
+}
 
 int num_threads() {
   int n = g_requested_threads.load();
@@ -124,14 +167,16 @@ int num_threads() {
   return n;
 }
 
-void set_num_threads(int n) {
+int set_num_threads(int n) {
   if (n < 1) throw_value_error("set_num_threads: n must be >= 1, got ", n);
+  n = std::min(n, max_threads());
   g_requested_threads.store(n);
+  return n;
 }
 
-void parallel_for(int64_t n_tasks, const std::function<void(int64_t, int)>& body) {
-  const int n_threads = num_threads();
-  if (n_tasks <= 1 || n_threads == 1) {
+void parallel_for(int64_t n_tasks, int workers, const std::function<void(int64_t, int)>& body) {
+  const int n_threads = std::min(workers, num_threads());
+  if (n_tasks <= 1 || n_threads <= 1) {
     for (int64_t task = 0; task < n_tasks; ++task) body(task, 0);
     return;
   }
@@ -141,7 +186,8 @@ void parallel_for(int64_t n_tasks, const std::function<void(int64_t, int)>& body
     for (int64_t task = 0; task < n_tasks; ++task) body(task, 0);
     return;
   }
-  pool->run(n_tasks, std::min(n_threads, pool->size()), body);
+  pool->grow(n_threads);
+  pool->run(n_tasks, n_threads, body);
 }
 
 }  // namespace dlmfuse::cpu

@@ -14,9 +14,10 @@ Public API (contract: DESIGN.md):
     dlmfuse.integrations.transformers  attn_implementation="dlmfuse" for transformers models
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
+    dlmfuse.set_num_threads(n)         threads of the CPU kernels (bounded by the hardware)
 """
 
-from ._ext import ORDER_INFINITY, __version__, build_info
+from ._ext import ORDER_INFINITY, __version__, build_info, num_threads, set_num_threads
 from .mask import Mask
 from .attention import attention, merge_attention
 from .kv_cache import KVCache, kv_scatter_
@@ -25,4 +26,4 @@ from .unmask import select_unmask
 from .generate import generate
 from . import integrations, nn, reference, samplers
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "integrations", "build_info", "ORDER_INFINITY", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "integrations", "build_info", "num_threads", "set_num_threads", "ORDER_INFINITY", "__version__"]

@@ -61,14 +61,48 @@ _THREADS_ENV = "DLMFUSE_NUM_THREADS"
 
 
 def _warn_if_bad_thread_count() -> None:
-    """The C++ pool ignores a DLMFUSE_NUM_THREADS that is not a positive integer: say so once."""
+    """The C++ pool ignores a DLMFUSE_NUM_THREADS that is not a positive integer and clamps one
+    above the hardware thread count: say so once."""
     value = os.environ.get(_THREADS_ENV)
-    if value is not None and not (value.strip().isdigit() and int(value) >= 1):
+    if value is None:
+        return
+    if not (value.strip().isdigit() and int(value) >= 1):
         warnings.warn(f"{_THREADS_ENV}={value!r} is not a positive integer; ignored (dlmfuse uses one thread "
                       f"per core)", RuntimeWarning, stacklevel=3)
+    elif int(value) > _C.max_threads():
+        warnings.warn(f"{_THREADS_ENV}={value.strip()} exceeds the hardware thread count; clamped to "
+                      f"{_C.max_threads()}", RuntimeWarning, stacklevel=3)
 
 
 _warn_if_bad_thread_count()
+
+
+def num_threads() -> int:
+    """Threads the CPU kernels use: set_num_threads, else ``DLMFUSE_NUM_THREADS``, else the CPUs
+    this process may run on; never more than the hardware thread count."""
+    return _C.num_threads()
+
+
+def set_num_threads(n: int) -> int:
+    """Sets the threads of the CPU kernels for the next calls and returns the count in effect.
+
+    ``n`` must be a positive int; a count above the hardware thread count is clamped to it with a
+    RuntimeWarning. Threads start when a call first needs them; a thread the OS refuses to start
+    leaves the pool smaller (one message on stderr), never hung.
+
+    >>> import dlmfuse
+    >>> dlmfuse.set_num_threads(1)
+    1
+    """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
+    if n > _C.max_threads():
+        warnings.warn(f"set_num_threads({n}) clamped to {_C.max_threads()}, the hardware thread count",
+                      RuntimeWarning, stacklevel=2)
+        n = _C.max_threads()
+    return _C.set_num_threads(n)
 _UNVERIFIED_ENV = "DLMFUSE_CUDA_KERNELS"
 
 
