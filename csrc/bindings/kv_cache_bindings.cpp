@@ -9,8 +9,8 @@ namespace {
 
 void kv_scatter(Array k_cache, Array v_cache, Array k_new, Array v_new, Array positions,
                 bool validate) {
-  const KvScatterParams p =
-      kv_scatter_params(k_cache, v_cache, k_new, v_new, positions, nb::device::cpu::value);
+  KvScatterParams p = kv_scatter_params(k_cache, v_cache, k_new, v_new, positions, nb::device::cpu::value);
+  p.resolve_duplicates = !validate;
   nb::gil_scoped_release release;
   if (validate) cpu::kv_scatter_validate(p);  // before any write
   cpu::kv_scatter(p);

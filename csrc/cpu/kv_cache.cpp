@@ -1,7 +1,9 @@
 #include "cpu/kv_cache.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "cpu/thread_pool.h"
@@ -32,6 +34,20 @@ namespace {
 // all heads, e.g. 8 KiB for 8 heads x 128 x fp32).
 constexpr int64_t kScatterBytesPerTask = 64 * 1024;
 
+// superseded[b * n + i]: positions[b, i] appears again later in row b (only the last one is
+// written, so that two tasks never copy into one slot at once).
+std::vector<uint8_t> superseded_rows(const KvScatterParams& p) {
+  std::vector<uint8_t> superseded(static_cast<size_t>(p.batch * p.n_new), 0);
+  std::vector<std::pair<int64_t, int64_t>> row(static_cast<size_t>(p.n_new));  // (position, i)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t i = 0; i < p.n_new; ++i) row[i] = {p.position(b, i), i};
+    std::sort(row.begin(), row.end());
+    for (int64_t i = 0; i + 1 < p.n_new; ++i)
+      if (row[i].first == row[i + 1].first) superseded[b * p.n_new + row[i].second] = 1;
+  }
+  return superseded;
+}
+
 // K and V of new row i of sequence b, all heads; skipped when its position is out of range.
 void copy_row(const KvScatterParams& p, size_t row_bytes, int64_t b, int64_t i) {
   const int64_t pos = p.position(b, i);
@@ -57,10 +73,12 @@ void kv_scatter(const KvScatterParams& p) {
   const int64_t rows = p.batch * p.n_new;
   const int64_t bytes_per_row = std::max<int64_t>(1, 2 * p.heads * static_cast<int64_t>(row_bytes));
   const int64_t rows_per_task = std::max<int64_t>(1, kScatterBytesPerTask / bytes_per_row);
+  const std::vector<uint8_t> superseded = p.resolve_duplicates ? superseded_rows(p) : std::vector<uint8_t>();
   // Each task copies rows_per_task consecutive (batch, new row) pairs.
   parallel_for((rows + rows_per_task - 1) / rows_per_task, [&](int64_t task, int) {
     const int64_t end = std::min(rows, (task + 1) * rows_per_task);
-    for (int64_t row = task * rows_per_task; row < end; ++row) copy_row(p, row_bytes, row / p.n_new, row % p.n_new);
+    for (int64_t row = task * rows_per_task; row < end; ++row)
+      if (superseded.empty() || !superseded[row]) copy_row(p, row_bytes, row / p.n_new, row % p.n_new);
   });
 }
 

@@ -19,6 +19,11 @@ __global__ void __launch_bounds__(kThreads) kv_scatter_kernel(const KvScatterPar
   const int64_t i = blockIdx.x % p.n_new;
   const int64_t pos = p.position(b, i);
   if (pos < 0 || pos >= p.max_len) return;  // validate=False contract: skip, never write OOB
+  if (p.resolve_duplicates) {  // a later row with this position wins; CTAs never share a slot
+    bool superseded = false;
+    for (int64_t j = i + 1 + threadIdx.x; j < p.n_new; j += kThreads) superseded |= p.position(b, j) == pos;
+    if (__syncthreads_or(superseded)) return;
+  }
   // Per-row element counts fit in 32 bits (heads * head_dim of one cache row).
   const int vecs_per_head = static_cast<int>(p.head_dim * p.element_size / static_cast<int64_t>(sizeof(Vec)));
   const int total = static_cast<int>(p.heads) * vecs_per_head;

@@ -15,10 +15,11 @@ from torch import Tensor
 from . import _C, reference
 from ._ext import ATTENTION_MAX_HEAD_DIM, ORDER_INFINITY, _C_cuda
 from .attention import _attention
-from .mask import INT32_MIN, Mask
+from .mask import INT32_MAX, INT32_MIN, Mask
 from ._checks import (FLOAT_DTYPES, can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
 from ._ext import dlpack, use_reference
+from ._memory import may_share_memory
 
 _OP = "kv_scatter_"
 
@@ -29,13 +30,16 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
 
     Args:
         k_cache, v_cache: ``[B, Lmax, Hkv, D]`` (any strides with a contiguous last dim, e.g. a
-            view of a larger buffer); written in place, never copied.
+            view of a larger buffer); written in place, never copied. They may be views of one
+            buffer as long as no element belongs to both (``kv[:, :, 0]`` and ``kv[:, :, 1]`` of a
+            packed ``[B, Lmax, 2, Hkv, D]`` cache); ValueError when they share one.
         k_new, v_new: ``[B, n, Hkv, D]`` with the caches' dtype.
         positions: int32 or int64 ``[B, n]``.
         validate: True (default) raises ValueError for positions outside [0, Lmax) (negatives
             included) or repeated within a row, before anything is written; this reads the
             positions on the host. False does no host read or sync (CUDA-graph capture):
-            out-of-range rows are skipped, never written out of bounds.
+            out-of-range rows are skipped, never written out of bounds, and a position repeated
+            within a row gets the last of its new rows, whole (never a mix of two rows).
 
     Not differentiable: under grad mode, new rows that require grad raise RuntimeError (write
     under torch.no_grad(), or pass detached rows); the caches' version counters move, as with
@@ -59,7 +63,7 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
     # new rows that alias the cache before any write, and bump the version counters so that a
     # backward through an attention that read the old cache fails instead of using the new rows.
     _check_autograd(k_cache, v_cache, k_new, v_new)
-    k_new, v_new = (new.clone() if _overlaps(new, k_cache) or _overlaps(new, v_cache) else new
+    k_new, v_new = (new.clone() if may_share_memory(new, k_cache) or may_share_memory(new, v_cache) else new
                     for new in (k_new, v_new))
     _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate)
     torch.autograd.graph.increment_version(k_cache)
@@ -102,8 +106,10 @@ def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
             if torch._debug_has_internal_overlap(cache) == 1:  # e.g. an expand()ed view: rows share memory
                 raise ValueError(f"{_OP}: {name} has elements that share memory (strides {cache.stride()} for "
                                  f"shape {list(cache.shape)}); writes would land in several places")
-        if _overlaps(k_cache, v_cache):
-            raise ValueError(f"{_OP}: k_cache and v_cache overlap in memory; pass two separate buffers")
+        if may_share_memory(k_cache, v_cache):
+            raise ValueError(f"{_OP}: k_cache and v_cache share memory (an element of one is an element of the "
+                             f"other); pass two caches without a common element (disjoint views of one buffer, "
+                             f"e.g. kv[:, :, 0] and kv[:, :, 1] of a packed [B, L, 2, H, D] cache, are fine)")
     expect_tensor(_OP, "positions", positions)
     if positions.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{_OP}: positions must be int32 or int64, got {positions.dtype}")
@@ -112,33 +118,16 @@ def _check_scatter_args(k_cache, v_cache, k_new, v_new, positions) -> None:
         raise ValueError(f"{_OP}: positions must have shape [B={B}, n={n}], got {list(positions.shape)}")
 
 
-def _overlaps(a: Tensor, b: Tensor) -> bool:
-    """Whether the memory spans of two tensors of one device intersect (False for tensors without
-    real storage, e.g. fake tensors while compiling, where functionalization handles aliasing)."""
-    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or a.device.type == "meta":
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():  # the common case, cheaply
-        return False
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-
-    def span(t: Tensor) -> tuple[int, int]:
-        last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
-
-
 def _kv_scatter_impl(k_cache, v_cache, k_new, v_new, positions, validate: bool) -> None:
     if use_reference("kv_scatter_", k_cache.device):
         reference.kv_scatter_(k_cache, v_cache, k_new, v_new, positions, validate=validate and can_read_values(positions))
         return
     if k_cache.is_cuda:
-        if validate and can_read_values(positions):  # one small device-to-host copy
+        validated = validate and can_read_values(positions)
+        if validated:  # one small device-to-host copy
             _C.kv_scatter_validate(*dlpack(positions.cpu()), k_cache.shape[1])
         stream = torch.cuda.current_stream(k_cache.device).cuda_stream
-        _C_cuda.kv_scatter(*dlpack(k_cache, v_cache, k_new.detach(), v_new.detach(), positions), stream)
+        _C_cuda.kv_scatter(*dlpack(k_cache, v_cache, k_new.detach(), v_new.detach(), positions), validated, stream)
         return
     _C.kv_scatter(*dlpack(k_cache, v_cache, k_new.detach(), v_new.detach(), positions), validate)
 
@@ -197,6 +186,8 @@ class KVCache:
         for name, value in (("num_layers", num_layers), ("batch", batch), ("max_len", max_len),
                             ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
             expect_positive_int("KVCache", name, value)
+            if value > INT32_MAX:  # positions and labels are int32
+                raise ValueError(f"KVCache: {name} must be at most {INT32_MAX}, got {value}")
         if dtype not in FLOAT_DTYPES:  # what dlmfuse.attention reads
             raise TypeError(f"KVCache: dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype!r}")
         if head_dim > ATTENTION_MAX_HEAD_DIM:
@@ -255,6 +246,10 @@ class KVCache:
         pos = positions.to(torch.int64)
         in_range = (pos >= 0) & (pos < self.max_len)
         slot = torch.where(in_range, pos, torch.full_like(pos, self.max_len))
+        if labels and not validate:  # a repeated position takes the labels of its last row, as K/V do
+            rows = torch.arange(pos.shape[1], device=pos.device).expand_as(pos)
+            last = torch.full_like(self._order, -1, dtype=torch.int64).scatter_reduce(1, slot, rows, reduce="amax")
+            slot = torch.where(last.gather(1, slot) == rows, slot, torch.full_like(slot, self.max_len))
         for store, values in labels:
             store.scatter_(1, slot, values)
         if update_lengths and pos.shape[1] > 0:

@@ -20,6 +20,9 @@ struct KvScatterParams {
   int64_t position_strides[2] = {0, 0};
   int64_t batch = 0, max_len = 0, n_new = 0, heads = 0, head_dim = 0;
   int64_t element_size = 0;  // bytes; the op copies bits, so any dtype works
+  // Positions may repeat within a row (validate=False): a repeated position gets only the last of
+  // its new rows, whole. False when positions were checked unique (nothing to resolve).
+  bool resolve_duplicates = false;
 
   DLMFUSE_HOST_DEVICE DLMFUSE_INLINE int64_t position(int64_t b, int64_t i) const {
     const int64_t at = b * position_strides[0] + i * position_strides[1];

@@ -12,7 +12,8 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
     """``k_cache[b, positions[b, i]] = k_new[b, i]`` (same for v) in place.
 
     validate=True raises ValueError for out-of-range or duplicated positions before writing;
-    validate=False skips out-of-range rows.
+    validate=False skips out-of-range rows, and a position repeated within a row gets the last of
+    its new rows.
     """
     max_len = k_cache.shape[1]
     pos = positions.to(torch.int64)
@@ -27,12 +28,13 @@ def kv_scatter_(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor, 
             b, i = (int(x) for x in dup.nonzero()[0])
             raise ValueError(f"kv_scatter_: position {int(sorted_pos[b, i])} appears more than once in row {b} of positions")
     # Sync-free write (CUDA-graph capturable): map every cache slot to the new row that lands
-    # there (-1: none); out-of-range rows are sent to a spare column and dropped.
+    # there (-1: none; the largest row index when several land on one slot); out-of-range rows
+    # are sent to a spare column and dropped.
     batch, n = pos.shape
     slot = torch.where(valid, pos, torch.full_like(pos, max_len))
     rows = torch.arange(n, device=pos.device).expand(batch, n)
     source = torch.full((batch, max_len + 1), -1, dtype=torch.int64, device=pos.device)
-    source = source.scatter(1, slot, rows)[:, :max_len]
+    source = source.scatter_reduce(1, slot, rows, reduce="amax")[:, :max_len]
     written = (source >= 0)[..., None, None]
     batch_idx = torch.arange(batch, device=pos.device)[:, None]
     for cache, new in ((k_cache, k_new), (v_cache, v_new)):
