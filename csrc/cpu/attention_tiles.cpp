@@ -353,6 +353,11 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
   for (int i = 0; i < rows; ++i) {
+    // Scores beyond float32 (an infinite running max, or inf - inf in a sum): redo the row in float64.
+    if (!(ws.row_max[i] < INFINITY) || ws.row_sum[i] != ws.row_sum[i]) {
+      attention_row_exact(p, b, h, q0 + i);
+      continue;
+    }
     const float inv_sum = softmax_inv_sum(ws.row_sum[i]);
     T* out_row = out_base + (q0 + i) * p.out_strides[1];
     for (int d = 0; d < head; ++d) out_row[d] = from_float<T>(ws.o[i * D + d] * inv_sum);

@@ -43,6 +43,10 @@ inline size_t attention_scratch_floats(int64_t head_dim) {
   return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 4 * n + m + 4 * n + 64;
 }
 
+// Query row i of (batch b, head h) in float64, written to out and lse: for rows whose float32
+// scores overflowed (attention_exact.cpp). Not ISA-specific.
+void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i);
+
 // One task of one (dtype, tile width) instantiation.
 using AttentionTaskFn = void (*)(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
                                  float* scratch);

@@ -36,7 +36,9 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE float softmax_lse(float running_max_log2, flo
 // Weights of the exact merge of two partial attentions over disjoint key sets:
 //   lse = log(exp(lse_a) + exp(lse_b)),  out = w_a * out_a + w_b * out_b,
 //   w_a = exp(lse_a - lse), w_b = exp(lse_b - lse).
-// Both empty: lse -inf and both weights 0 (output 0).
+// Both empty: lse -inf and both weights 0 (output 0). A NaN lse: NaN weights (a NaN row). An lse
+// of +inf (scores beyond float32, see cpu/attention_exact.cpp): that side outweighs any finite one
+// (weight 1, lse +inf); two such sides weigh 1/2 each, as their true lse cannot be told apart.
 struct MergeWeights {
   float weight_a;
   float weight_b;
@@ -44,8 +46,13 @@ struct MergeWeights {
 };
 
 DLMFUSE_HOST_DEVICE DLMFUSE_INLINE MergeWeights merge_weights(float lse_a, float lse_b) {
+  if (lse_a != lse_a || lse_b != lse_b) return {NAN, NAN, NAN};
   const float m = lse_a > lse_b ? lse_a : lse_b;
   if (m == -INFINITY) return {0.0f, 0.0f, -INFINITY};
+  if (m == INFINITY) {
+    const float a = lse_a == INFINITY ? 1.0f : 0.0f, b = lse_b == INFINITY ? 1.0f : 0.0f;
+    return {a / (a + b), b / (a + b), INFINITY};
+  }
   const float ea = expf(lse_a - m);
   const float eb = expf(lse_b - m);
   const float sum = ea + eb;

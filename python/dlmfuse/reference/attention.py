@@ -143,7 +143,9 @@ def merge_attention(
     """Exact merge of two partial attentions over disjoint key sets (computed in float64).
 
     ``out_*`` ``[B, L, H, D]``, ``lse_*`` ``[B, H, L]``. Returns ``(out, lse)`` in out_a's dtype and
-    float32; where both lse are -inf the result is out 0, lse -inf; a NaN lse gives a NaN row.
+    float32; where both lse are -inf the result is out 0, lse -inf; a NaN lse gives a NaN row; an
+    lse of +inf (a partial whose scores overflowed float32) outweighs a finite one, and two of them
+    weigh 1/2 each.
 
     Example:
         >>> q, k = torch.randn(1, 3, 2, 64), torch.randn(1, 5, 2, 64)
@@ -157,8 +159,13 @@ def merge_attention(
     top = torch.maximum(lse_a64, lse_b64)
     top = torch.where(top == NEG_INF, torch.zeros_like(top), top)  # both empty: weights stay 0
     weight_a, weight_b = torch.exp(lse_a64 - top), torch.exp(lse_b64 - top)  # [B, H, L]
+    # An lse of +inf (scores beyond float32): that side outweighs any finite one; two such sides
+    # weigh 1/2 each (their true lse cannot be told apart).
+    overflow = torch.isposinf(top)
+    weight_a = torch.where(overflow, torch.isposinf(lse_a64).double(), weight_a)
+    weight_b = torch.where(overflow, torch.isposinf(lse_b64).double(), weight_b)
     total = weight_a + weight_b
-    lse = top + torch.log(total)
+    lse = torch.where(overflow, top, top + torch.log(total))
 
     def weighted(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         w = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
