@@ -3,6 +3,9 @@ shapes and values; every message names the op, the argument, the expectation and
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -18,6 +21,33 @@ def expect_positive_int(op: str, name: str, value) -> int:
     """ValueError unless ``value`` is a Python int > 0 (bools rejected); returns it."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{op}: {name} must be a positive int, got {value!r}")
+    return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def expect_float32_finite(op: str, name: str, value) -> float:
+    """ValueError unless the real ``value`` is finite as a float32 (|value| <= 3.4e38); returns it
+    as a float (ints of any size included: 2**1100 is refused, not an OverflowError)."""
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not abs(as_float) <= FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be finite in float32 (|{name}| <= 3.4e38), got {value}")
+    return as_float
+
+
+def expect_int_in(op: str, name: str, value, low: int, high: int | None = None) -> int:
+    """TypeError unless ``value`` is an integer (not a bool; numpy ints count), ValueError unless it
+    lies in [low, high] (high None: no upper bound); returns it as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{op}: {name} must be {bounds}, got {value}")
     return value
 
 

@@ -20,6 +20,7 @@ from . import _C, reference
 from ._attention_backward import attention_backward
 from ._checks import (
     can_read_values,
+    expect_float32_finite,
     expect_float_dtype,
     expect_last_dim_contiguous,
     expect_ndim,
@@ -211,8 +212,8 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
         scale = 1.0 / math.sqrt(D)
     elif not isinstance(scale, numbers.Real) or isinstance(scale, bool):  # numpy scalars too
         raise TypeError(f"{_OP}: scale must be a float or None, got {type(scale).__name__}")
-    elif not math.isfinite(scale):
-        raise ValueError(f"{_OP}: scale must be finite, got {scale}")
+    else:
+        expect_float32_finite(_OP, "scale", scale)  # the kernels scale in float32
     return (q, k, v, *labels, bias, kv_lens, float(scale))
 
 
@@ -438,7 +439,17 @@ def _attention_setup_context(ctx, inputs, output):
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
-    q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse = ctx.saved_tensors
+    try:
+        q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse = ctx.saved_tensors
+    except RuntimeError as e:
+        if "modified by an inplace operation" not in str(e):
+            raise
+        # Most often a KV cache: attention read it, then kv_scatter_ / KVCache.write overwrote it.
+        raise RuntimeError(
+            f"{_OP} backward: a tensor this attention read (q, k, v, the labels, bias or kv_lens) was written "
+            "in place after the forward, e.g. a KV cache overwritten by dlmfuse.kv_scatter_ or KVCache.write; "
+            "the gradient would use the new values. Run the backward before the write, or pass a clone of the "
+            f"cache to attention. PyTorch's report: {e}") from None
     needs_bias_grad = bias is not None and ctx.needs_input_grad[7]
     dq, dk, dv, dbias = attention_backward(
         grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group), bias, kv_lens,

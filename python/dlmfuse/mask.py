@@ -90,6 +90,19 @@ def _positive_int(name: str, value: object) -> int:
     return as_int
 
 
+def _seq_len(value: object, name: str = "seq_len") -> int:
+    """A positive length whose positions fit the int32 labels (at most INT32_MAX)."""
+    as_int = _positive_int(name, value)
+    if as_int > INT32_MAX:
+        raise ValueError(f"Mask: {name} must be at most {INT32_MAX} (labels are int32 positions), got {as_int}")
+    return as_int
+
+
+def _block_size(value: object, seq_len: int) -> int:
+    """A positive block size; one larger than the sequence means a single block."""
+    return min(_positive_int("block_size", value), seq_len)
+
+
 def _prefix_len(prefix_len: object, seq_len: int) -> int:
     """Return prefix_len as a Python int, or raise ValueError unless it lies in [0, seq_len]."""
     as_int = _as_int(prefix_len)
@@ -304,7 +317,7 @@ class Mask:
                     [1, 1, 0],
                     [1, 1, 1]], dtype=torch.int32)
         """
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = _seq_len(seq_len)
         pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
         return cls._same_qk("causal", pos[None], pos[None].clone())
 
@@ -326,8 +339,8 @@ class Mask:
                     [1, 1, 1, 1],
                     [1, 1, 1, 1]], dtype=torch.int32)
         """
-        seq_len = _positive_int("seq_len", seq_len)
-        block_size = _positive_int("block_size", block_size)
+        seq_len = _seq_len(seq_len)
+        block_size = _block_size(block_size, seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
         pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
         first_block = 1 if prefix_len > 0 else 0
@@ -345,8 +358,8 @@ class Mask:
             >>> Mask.block_diagonal(5, 2).q_group
             tensor([[0, 0, 1, 1, 2]], dtype=torch.int32)
         """
-        seq_len = _positive_int("seq_len", seq_len)
-        block_size = _positive_int("block_size", block_size)
+        seq_len = _seq_len(seq_len)
+        block_size = _block_size(block_size, seq_len)
         pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
         block = torch.div(pos, block_size, rounding_mode="floor")[None]
         return cls._same_qk("block_diagonal", torch.zeros_like(block), block)
@@ -364,7 +377,7 @@ class Mask:
                     [1, 1, 1, 0],
                     [1, 1, 1, 1]], dtype=torch.int32)
         """
-        seq_len = _positive_int("seq_len", seq_len)
+        seq_len = _seq_len(seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
         pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
         label = torch.where(pos < prefix_len, 0, pos).to(torch.int32)[None]
@@ -386,8 +399,8 @@ class Mask:
                     [0, 0, 1, 0],
                     [0, 0, 1, 1]], dtype=torch.int32)
         """
-        seq_len = _positive_int("seq_len", seq_len)
-        block_size = _positive_int("block_size", block_size)
+        seq_len = _seq_len(seq_len)
+        block_size = _block_size(block_size, seq_len)
         pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
         block = torch.div(pos, block_size, rounding_mode="floor")
         full = torch.full_like(block, INT32_MAX)
@@ -465,8 +478,8 @@ class Mask:
             >>> Mask.bidirectional(2, k_len=3).to_dense().shape
             torch.Size([1, 2, 3])
         """
-        seq_len = _positive_int("seq_len", seq_len)
-        k_len = seq_len if k_len is None else _positive_int("k_len", k_len)
+        seq_len = _seq_len(seq_len)
+        k_len = seq_len if k_len is None else _seq_len(k_len, "k_len")
         device = _default_device(device)
         zeros_q = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
         zeros_k = torch.zeros(1, k_len, dtype=torch.int32, device=device)

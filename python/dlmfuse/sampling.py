@@ -90,7 +90,7 @@ def sample_tokens(
         raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
     if not math.isfinite(temperature) or temperature < 0:
         raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
-    top_k_code = _top_k_code(top_k)
+    top_k_code = _top_k_code(top_k, logits.shape[-1])
     top_p_value = _top_p_value(top_p)
     if confidence not in CONFIDENCE_KINDS:
         raise ValueError(f"{_OP}: confidence must be one of {list(CONFIDENCE_KINDS)}, got {confidence!r}")
@@ -105,14 +105,15 @@ def sample_tokens(
     return _sample_impl(*args)
 
 
-def _top_k_code(top_k) -> int:
+def _top_k_code(top_k, vocab: int) -> int:
+    """0 (no filter) or k; a k of V or more keeps every token, whatever its size."""
     if top_k is None:
         return 0
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
         raise TypeError(f"{_OP}: top_k must be an int or None, got {type(top_k).__name__}")
     if top_k < 1:
         raise ValueError(f"{_OP}: top_k must be >= 1 (or None), got {top_k}")
-    return int(top_k)
+    return min(int(top_k), vocab)
 
 
 def _top_p_value(top_p) -> float:
@@ -144,7 +145,11 @@ def _counter(name: str, value, logits: Tensor) -> Tuple[int, Optional[Tensor]]:
 def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
     if suppress_tokens is None:
         return None
-    ids = torch.as_tensor(suppress_tokens, device=device)
+    try:
+        ids = torch.as_tensor(suppress_tokens, device=device)
+    except (OverflowError, RuntimeError, TypeError, ValueError) as e:  # e.g. an id beyond int64
+        raise ValueError(f"{_OP}: suppress_tokens must be token ids in [0, V={vocab}), got {suppress_tokens!r} "
+                         f"({e})") from None
     if ids.numel() == 0 and not isinstance(suppress_tokens, torch.Tensor):
         ids = ids.to(torch.int64)  # torch.as_tensor([]) is float32
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:

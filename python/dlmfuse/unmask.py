@@ -78,6 +78,7 @@ def select_unmask(
         tensor([[1, 0, 0, 0],
                 [0, 1, 0, 0]], dtype=torch.int32)
     """
+    threshold, factor = _saturated(threshold), _saturated(factor)
     rule = _check_args(confidence, candidates, k, threshold, factor)
 
     # Sort key: NaN and non-candidates at -inf; float64 only when the input is float64 (every
@@ -92,8 +93,8 @@ def select_unmask(
         if isinstance(k, Tensor):
             k_row = k.to(device=rank.device, dtype=torch.int64).reshape(-1, 1)  # [B or 1, 1]
             take = rank < k_row
-        else:
-            take = rank < k
+        else:  # a k beyond the row selects every candidate, however large the int
+            take = rank < (min(k, key.shape[1]) if isinstance(k, int) else k)
     elif rule == "threshold":
         # Candidates above the threshold are a prefix of the sorted candidates (NaN sits at -inf).
         take = (sorted_key.to(torch.float64) > threshold) | (rank == 0)
@@ -105,6 +106,17 @@ def select_unmask(
         take = rank < first_fail.amin(dim=1, keepdim=True) if key.shape[1] > 0 else passes
     selected_sorted = is_cand & take
     return torch.zeros_like(candidates).scatter_(1, order, selected_sorted)
+
+
+def _saturated(value):
+    """A Python int beyond the float range as +-inf (what it means as a threshold or factor);
+    anything else unchanged (the checks below judge it)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
+    return value
 
 
 def _check_args(confidence, candidates, k, threshold, factor) -> str:

@@ -1,0 +1,143 @@
+"""Values at the edges of what the ops accept: every integer argument out of its range gets a
+TypeError / ValueError naming the argument and the value (never a binding's signature dump, an
+OverflowError or a crash); scores beyond float32 keep the attention contract (a finite output where
+the float64 reference has one, lse never -inf for a row that saw keys), and merge_attention stays
+exact across such partials."""
+
+import pytest
+import torch
+
+import dlmfuse
+from dlmfuse import Mask
+
+from conftest import assert_fp32_close
+
+BIG = (2**31, 2**63, 2**64, 2**70)
+
+
+def _logits():
+    return torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+
+
+# ------------------------------------------------------------------------------ integer arguments
+INT_ERRORS = [
+    # (call, exception, pattern naming the argument and the value)
+    (lambda: dlmfuse.sample_tokens(_logits(), temperature=1.0, top_k=-1), ValueError, r"top_k must be >= 1 .* got -1"),
+    (lambda: dlmfuse.sample_tokens(_logits(), seed=-1), ValueError, r"seed must be in \[0, 2\*\*63\), got -1"),
+    (lambda: dlmfuse.sample_tokens(_logits(), seed=2**64), ValueError, r"seed must be in \[0, 2\*\*63\), got 18446744073709551616"),
+    (lambda: dlmfuse.sample_tokens(_logits(), seed=0, offset=2**63), ValueError, r"offset must be in \[0, 2\*\*63\), got 9223372036854775808"),
+    (lambda: dlmfuse.sample_tokens(_logits(), suppress_tokens=[2**70]), ValueError, r"suppress_tokens must be token ids in \[0, V=50\), got \[1180591620717411303424\]"),
+    (lambda: dlmfuse.sample_tokens(_logits(), suppress_tokens=[3, -2**64]), ValueError, r"suppress_tokens must be token ids in \[0, V=50\), got \[3, -18446744073709551616\]"),
+    (lambda: dlmfuse.sample_tokens(_logits(), suppress_tokens=torch.tensor([2**40])), ValueError, r"suppress_tokens must lie in \[0, V=50\), got \[1099511627776\]"),
+    (lambda: dlmfuse.select_unmask(torch.rand(2, 4), torch.ones(2, 4, dtype=torch.bool), k=-2**64), ValueError, r"k must be >= 0, got -18446744073709551616"),
+    (lambda: dlmfuse.attention(*[torch.randn(1, 8, 2, 64)] * 3, kv_lens=torch.tensor([2**40])), ValueError, r"kv_lens values must lie in \[0, Lk=8\], got \[1099511627776\]"),
+    (lambda: dlmfuse.attention(*[torch.randn(1, 8, 2, 64)] * 3, scale=2**1100), ValueError, r"scale must be finite in float32 .* got 1358"),
+    (lambda: dlmfuse.attention(*[torch.randn(1, 8, 2, 64)] * 3, scale=1e39), ValueError, r"scale must be finite in float32 .* got 1e\+39"),
+    (lambda: dlmfuse.kv_scatter_(torch.zeros(1, 8, 1, 64), torch.zeros(1, 8, 1, 64), torch.ones(1, 1, 1, 64),
+                                 torch.ones(1, 1, 1, 64), torch.tensor([[2**62]])), ValueError, r"positions\[0, 0\] = 4611686018427387904 is outside"),
+    (lambda: Mask(torch.tensor([[2**40]]), torch.tensor([[0]]), torch.tensor([[0]]), torch.tensor([[0]])), ValueError, r"q_order has value 1099511627776 outside the int32 range"),
+    (lambda: Mask.causal(2**31), ValueError, r"seq_len must be at most 2147483647 .* got 2147483648"),
+    (lambda: Mask.bd3_train(2**64, 4), ValueError, r"seq_len must be at most 2147483647 .* got 18446744073709551616"),
+    (lambda: Mask.bidirectional(4, k_len=2**40), ValueError, r"k_len must be at most 2147483647 .* got 1099511627776"),
+    (lambda: Mask.prefix_lm(8, 2**64), ValueError, r"prefix_len must be an int in \[0, seq_len=8\], got 18446744073709551616"),
+    (lambda: Mask.causal(8).gather_queries(torch.tensor([[2**40]])), ValueError, r"index value 1099511627776 is outside \[0, q_len=8\)"),
+    (lambda: dlmfuse.KVCache(2**63, 1, 8, 1, 64, torch.float32), ValueError, r"num_layers must be at most 2147483647, got 9223372036854775808"),
+    (lambda: dlmfuse.KVCache(1, 1, 2**31, 1, 64, torch.float32), ValueError, r"max_len must be at most 2147483647, got 2147483648"),
+    (lambda: dlmfuse.set_num_threads(-2**64), ValueError, r"n must be >= 1, got -18446744073709551616"),
+]
+
+
+@pytest.mark.parametrize("case", range(len(INT_ERRORS)))
+def test_out_of_range_integers_name_the_argument(case):
+    call, exc, pattern = INT_ERRORS[case]
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+@pytest.mark.parametrize("top_k", BIG)
+def test_top_k_beyond_the_vocabulary_keeps_every_token(top_k):
+    logits = _logits()
+    tokens, conf = dlmfuse.sample_tokens(logits, temperature=1.0, top_k=top_k, seed=3)
+    expected = dlmfuse.sample_tokens(logits, temperature=1.0, seed=3)
+    assert torch.equal(tokens, expected[0]) and torch.equal(conf, expected[1])
+
+
+@pytest.mark.parametrize("k", BIG)
+def test_k_beyond_the_row_selects_every_candidate(k):
+    conf = torch.rand(3, 6, generator=torch.Generator().manual_seed(1))
+    cand = conf > 0.3
+    assert torch.equal(dlmfuse.select_unmask(conf, cand, k=k), cand)
+    assert torch.equal(dlmfuse.select_unmask(conf, cand, k=torch.tensor([k if k < 2**63 else 2**62] * 3)), cand)
+
+
+@pytest.mark.parametrize("value, selected", [(2**2000, "best"), (-2**2000, "all")])
+def test_huge_integer_thresholds_saturate(value, selected):
+    conf = torch.tensor([[0.2, 0.9, 0.5]])
+    cand = torch.ones(1, 3, dtype=torch.bool)
+    expected = torch.tensor([[False, True, False]]) if selected == "best" else cand
+    assert torch.equal(dlmfuse.select_unmask(conf, cand, threshold=value), expected)
+    if value > 0:  # factor: 1 - huge / (m + 1) is -inf, so every candidate passes
+        assert torch.equal(dlmfuse.select_unmask(conf, cand, factor=value), cand)
+
+
+@pytest.mark.parametrize("block_size", [9, 2**31, 2**63, 2**70])
+def test_blocks_larger_than_the_sequence_are_one_block(block_size):
+    for make in (Mask.block_causal, Mask.block_diagonal, Mask.bd3_train):
+        assert torch.equal(make(8, block_size).to_dense(), make(8, 8).to_dense()), make.__name__
+
+
+# ------------------------------------------------------------------------- scores beyond float32
+def _overflow_inputs(dtype):
+    """q, k, v with rows whose scores exceed float32: one key dominating by ~1e40 (row 3), two keys
+    beyond float32 with different values (row 5), and a dot product whose float32 terms are +inf
+    and -inf (row 7, head 1), where float64 gives a finite score."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 2, 64, generator=g) for _ in range(3))
+    q[0, 3, 0, 0], k[0, 5, 0, 0] = 1e20, 1e20
+    q[0, 5, 0, 1], k[0, 9, 0, 1], k[0, 11, 0, 1] = 2e20, 3e20, 6e20
+    q[1, 7, 1, :2], k[1, 8, 1, :2] = torch.tensor([1e20, -1e20]), torch.tensor([1e20, 1e20])
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "causal"])
+def test_scores_beyond_float32_keep_the_contract(dtype, masked):
+    q, k, v = _overflow_inputs(dtype)
+    kwargs = {"mask": Mask.causal(70)} if masked else {}
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    assert torch.isfinite(out).all(), "a finite output where the float64 reference has one"
+    assert not torch.isneginf(lse).any() and not torch.isnan(lse).any(), "every row saw keys"
+    if not masked:  # row 3 saw its dominating key 5: its output is v[5]
+        assert torch.isposinf(lse[0, 0, 3]) and torch.equal(out[0, 3, 0], v[0, 5, 0])
+    ref_out, ref_lse = dlmfuse.reference.attention(q, k, v, return_lse=True, out_dtype=torch.float64, **kwargs)
+    # The float32 lse of the reference overflows where its float64 one exceeds 3.4e38, as ours does.
+    assert_fp32_close(lse, ref_lse.to(torch.float32), "lse")
+    if dtype == torch.float32:
+        assert_fp32_close(out, ref_out, "out")
+    else:  # torch's own bf16 attention is NaN on these rows: bound by bf16 output rounding instead
+        torch.testing.assert_close(out.double(), ref_out, rtol=2**-8, atol=2**-8 * float(ref_out.abs().max()))
+
+
+def test_merge_is_exact_across_partials_whose_scores_overflowed():
+    q, k, v = _overflow_inputs(torch.float32)
+    full_out, full_lse = dlmfuse.attention(q, k, v, return_lse=True)
+    for cut in (7, 35):  # the dominating keys in the first or the second part
+        a = dlmfuse.attention(q, k[:, :cut], v[:, :cut], return_lse=True)
+        b = dlmfuse.attention(q, k[:, cut:], v[:, cut:], return_lse=True)
+        for merge in (dlmfuse.merge_attention, dlmfuse.reference.merge_attention):
+            out, lse = merge(*a, *b)
+            assert torch.isfinite(out).all(), merge
+            torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)
+            assert torch.equal(torch.isposinf(lse), torch.isposinf(full_lse))
+
+
+def test_merge_rules_for_infinite_and_nan_lse():
+    out_a, out_b = torch.full((1, 4, 1, 2), 1.0), torch.full((1, 4, 1, 2), 3.0)
+    inf, nan = float("inf"), float("nan")
+    lse_a = torch.tensor([[[inf, inf, nan, nan]]])
+    lse_b = torch.tensor([[[0.0, inf, -inf, inf]]])
+    for merge in (dlmfuse.merge_attention, dlmfuse.reference.merge_attention):
+        out, lse = merge(out_a, lse_a, out_b, lse_b)
+        assert out[0, 0].eq(1.0).all() and lse[0, 0, 0] == inf, "+inf outweighs a finite lse"
+        assert out[0, 1].eq(2.0).all() and lse[0, 0, 1] == inf, "two +inf sides weigh 1/2 each"
+        assert out[0, 2:].isnan().all() and lse[0, 0, 2:].isnan().all(), "a NaN lse gives a NaN row"
