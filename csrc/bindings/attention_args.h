@@ -17,6 +17,9 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
                                  const std::optional<Array>& bias, const std::optional<Array>& kv_lens,
                                  const Array& out, const Array& lse, float scale, int32_t device_type);
 
+// attention_num_splits, attention_packs_gqa and ATTENTION_MAX_SPLITS (attention_plan_bindings.cpp).
+void register_attention_plan(nb::module_& m);
+
 MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& out_b, const Array& lse_b,
                          const Array& out, const Array& lse, int32_t device_type);
 

@@ -11,8 +11,8 @@ namespace {
 void set_split_workspace(AttentionParams& p, int num_splits, const std::optional<Array>& partial_out,
                          const std::optional<Array>& partial_lse) {
   constexpr const char* op = "attention";
-  if (num_splits < 1 || num_splits > cuda::kAttentionMaxSplits)
-    throw_value_error(op, ": num_splits must lie in [1, ", cuda::kAttentionMaxSplits, "], got ", num_splits);
+  if (num_splits < 1 || num_splits > kAttentionMaxSplits)
+    throw_value_error(op, ": num_splits must lie in [1, ", kAttentionMaxSplits, "], got ", num_splits);
   p.num_splits = num_splits;
   if (num_splits == 1) return;
   if (!partial_out.has_value() || !partial_lse.has_value())
@@ -67,7 +67,7 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
   p.gather_keys = gather_keys && p.has_labels && p.bias == nullptr;
   // Packed only where it saves CTAs; a bias is read per query head, which packed rows mix.
   p.pack_gqa = pack_gqa && p.bias == nullptr &&
-               cuda::attention_packs_gqa(p.q_heads, p.kv_heads, p.q_len, 4 * rows_per_warp);
+               attention_packs_gqa(p.q_heads, p.kv_heads, p.q_len, 4 * rows_per_warp);
   CudaDeviceGuard guard(q.device_id());
   if (tensor_cores && cuda::attention_sm80_supports(p))
     check_launch(cuda::attention_forward_sm80(p, as_stream(stream)), "attention",
@@ -105,16 +105,7 @@ void register_cuda_attention(nb::module_& m) {
         "one CTA's rows where that needs fewer CTAs and there is no bias, with wgmma = True (next_paths, "
         "16 rows per warp) also warpgroup MMAs on sm_90 GPUs, with gather_keys = True (next_paths, 16 rows per "
         "warp) the keys of PARTIAL tiles gathered per key for calls with labels and no bias. Use dlmfuse.attention.");
-  m.def("attention_num_splits", &cuda::attention_num_splits, nb::arg("batch"), nb::arg("q_heads"),
-        nb::arg("q_len"), nb::arg("k_len"), nb::arg("head_dim"), nb::arg("sm_count"), nb::arg("rows_per_cta") = 64,
-        nb::arg("kv_heads") = 0,
-        "Split-KV count the tensor-core attention wants for these shapes on a GPU with sm_count SMs "
-        "(1: no split, no workspace); kv_heads > 0: counting the CTAs of GQA packing where it applies.");
-  m.def("attention_packs_gqa", &cuda::attention_packs_gqa, nb::arg("q_heads"), nb::arg("kv_heads"), nb::arg("q_len"),
-        nb::arg("rows_per_cta"),
-        "Whether attention_forward(pack_gqa=True) packs these shapes (when it also has no bias): packing "
-        "the query heads of each KV head into shared CTAs needs fewer CTAs than one run per head.");
-  m.attr("ATTENTION_MAX_SPLITS") = cuda::kAttentionMaxSplits;
+  register_attention_plan(m);
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("stream"),
         "Fills out and lse with the exact merge of two partial attentions on CUDA.");

@@ -2,6 +2,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
 
+#include "bindings/attention_args.h"
 #include "bindings/tensor_checks.h"
 #include "cpu/cpu_features.h"
 #include "cpu/thread_pool.h"
@@ -48,6 +49,7 @@ NB_MODULE(_C, m) {
       "Returns the count in effect.");
 
   bindings::register_attention(m);
+  bindings::register_attention_plan(m);
   bindings::register_kv_cache(m);
   bindings::register_sampling(m);
 }

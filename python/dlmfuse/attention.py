@@ -369,13 +369,13 @@ def cuda_num_splits(q: Tensor, k: Tensor, kernel: Optional[CudaKernelArgs] = Non
     B, Lq, Hq, D = q.shape
     override = os.environ.get(_SPLITS_ENV, "")
     if override:
-        most = _C_cuda.ATTENTION_MAX_SPLITS
+        most = _C.ATTENTION_MAX_SPLITS
         if not override.isdigit() or not 1 <= int(override) <= most:
             raise ValueError(f"{_OP}: {_SPLITS_ENV} must be an integer in [1, {most}], got {override!r}")
         return int(override)
-    return _C_cuda.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index),
-                                        rows_per_cta=4 * kernel.rows_per_warp,
-                                        kv_heads=k.shape[2] if kernel.pack_gqa and not has_bias else 0)
+    return _C.attention_num_splits(B, Hq, Lq, k.shape[1], D, _sm_count(q.device.index),
+                                   rows_per_cta=4 * kernel.rows_per_warp,
+                                   kv_heads=k.shape[2] if kernel.pack_gqa and not has_bias else 0)
 
 
 def _merge_impl(out_a, lse_a, out_b, lse_b):

@@ -12,13 +12,8 @@ namespace {
 
 using namespace sm80;
 
-// Grid: (query tiles, q_heads, batch * num_splits), each dim kept within 65535 (CUDA's cap on y, z).
-constexpr int64_t kMaxGridDim = 65535;
-// Split-KV heuristic: the split count that brings the grid nearest to this many CTAs per SM (two
-// waves: at D = 128 the kernel's 252 registers per thread keep 2 CTAs resident per SM), with at
-// least this many key tiles per split (each split also writes and the merge reads 64 x D floats).
-constexpr int64_t kSplitTargetCtasPerSm = 4;
-constexpr int64_t kSplitMinKeyTiles = 2;
+constexpr int64_t kMaxGridDim = kAttentionMaxGridDim;
+static_assert(kBlockM == kAttentionCtaRows && kBlockN == kAttentionKeyTile, "the planner's tile sizes");
 // Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
 constexpr int kMergeWarps = 4;
 static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per lane");
@@ -148,27 +143,6 @@ bool rows_are_16_byte_aligned(const AttentionParams& p) {
 }
 
 }  // namespace
-
-bool attention_packs_gqa(int64_t q_heads, int64_t kv_heads, int64_t q_len, int rows_per_cta) {
-  if (kv_heads <= 0 || q_heads <= kv_heads || q_heads % kv_heads != 0 || q_len <= 0 || rows_per_cta <= 0) return false;
-  return kv_heads * ceil_div(q_len * (q_heads / kv_heads), rows_per_cta) < q_heads * ceil_div(q_len, rows_per_cta);
-}
-
-int attention_num_splits(int64_t batch, int64_t q_heads, int64_t q_len, int64_t k_len, int64_t head_dim,
-                         int sm_count, int rows_per_cta, int64_t kv_heads) {
-  if (batch <= 0 || q_heads <= 0 || q_len <= 0 || k_len <= 0 || sm_count <= 0) return 1;
-  if (head_dim != 64 && head_dim != 128) return 1;  // the CUDA-core kernel runs: it never splits
-  if (rows_per_cta != kBlockM && rows_per_cta != 2 * kBlockM) return 1;
-  const int64_t ctas = attention_packs_gqa(q_heads, kv_heads, q_len, rows_per_cta)
-                           ? batch * kv_heads * ceil_div(q_len * (q_heads / kv_heads), rows_per_cta)
-                           : batch * q_heads * ceil_div(q_len, rows_per_cta);
-  int64_t splits = (kSplitTargetCtasPerSm * sm_count + ctas / 2) / ctas;  // nearest to the target
-  const int64_t most_by_keys = ceil_div(ceil_div(k_len, kBlockN), kSplitMinKeyTiles);
-  splits = splits < most_by_keys ? splits : most_by_keys;
-  splits = splits < kAttentionMaxSplits ? splits : kAttentionMaxSplits;
-  splits = splits < kMaxGridDim / batch ? splits : kMaxGridDim / batch;
-  return splits > 1 ? static_cast<int>(splits) : 1;
-}
 
 bool attention_sm80_supports(const AttentionParams& p) {
   return (p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16) &&
