@@ -129,3 +129,23 @@ def test_order_infinity_is_one_constant():
     from dlmfuse import mask
 
     assert dlmfuse.ORDER_INFINITY == mask.INT32_MAX == 2**31 - 1
+
+
+def test_a_cpu_build_on_a_gpu_machine_fails_the_cuda_tests_loudly(tmp_path):
+    """Run conftest's hook in a child pytest where torch sees a GPU and the build has no CUDA:
+    the CUDA-marked test must fail (not skip), unless the opt-out is set."""
+    conftest = pathlib.Path(__file__).with_name("conftest.py").read_text()
+    pretend = ("import torch, dlmfuse\n"
+               "torch.cuda.is_available = lambda: True\n"
+               "_info = dlmfuse.build_info\n"
+               "dlmfuse.build_info = lambda: {**_info(), 'cuda': False}\n")
+    future = "from __future__ import annotations\n"  # must stay the first statement
+    (tmp_path / "conftest.py").write_text(conftest.replace(future, future + pretend, 1))
+    (tmp_path / "test_gpu.py").write_text("import pytest\n\n@pytest.mark.cuda\ndef test_on_gpu():\n    pass\n")
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "DLMFUSE_TEST_CPU_BUILD_ON_GPU"}
+    failed = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert failed.returncode == 1 and "a GPU is visible but this dlmfuse build has no CUDA module" in failed.stdout, failed.stdout
+    skipped = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                             env={**env, "DLMFUSE_TEST_CPU_BUILD_ON_GPU": "1"})
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout, skipped.stdout
