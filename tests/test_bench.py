@@ -137,10 +137,15 @@ def test_default_workloads_follow_design():
         c1 = [w for w in cpu if w.id == "C1"]
         assert len(c1) == 1 and c1[0].params == dict(
             id="C1", pattern="block_causal", L=1024, B=1, H=8, D=64, dtype="float32",
-            block=32, prompt=0, n=0, Hkv=0, train=False)
+            block=32, prompt=0, n=0, Hkv=0, train=False, docs=0)
+        c3 = [w.params for w in cpu if w.id == "C3"]  # 4 documents of 256 packed, block-causal 32 in each
+        assert len(c3) == 1 and (c3[0]["pattern"], c3[0]["L"], c3[0]["docs"], c3[0]["block"]) == ("packed", 1024, 4, 32)
+        assert (c3[0]["H"], c3[0]["D"], c3[0]["dtype"]) == (8, 64, "float32")
         assert {"A1", "A2", "A4"} <= {w.id for w in cpu}
     gpu = workloads(torch.device("cuda"), quick=False)
-    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g", "A5"}
+    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g", "A5", "A6"}
+    a6 = [w.params for w in gpu if w.id == "A6"]
+    assert len(a6) == 1 and (a6[0]["L"], a6[0]["docs"], a6[0]["block"]) == (4 * 4096, 4, 32)
     a5 = [w.params for w in gpu if w.id == "A5"]
     assert len(a5) == 1 and a5[0]["pattern"] == "bd3_train" and a5[0]["train"]
     assert (a5[0]["L"], a5[0]["block"], a5[0]["H"], a5[0]["D"]) == (1024, 16, 32, 128)

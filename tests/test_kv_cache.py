@@ -463,14 +463,14 @@ def record(slots, positions, k, v, order, group):
 def test_fresh_cache_and_nbytes():
     cache = KVCache(3, 2, 50, 4, 64, torch.bfloat16, "cpu")
     assert cache.k.shape == cache.v.shape == (3, 2, 50, 4, 64) and cache.k.dtype == torch.bfloat16
-    assert cache.k_order.shape == cache.k_group.shape == (2, 50)
-    assert cache.k_order.dtype == cache.k_group.dtype == cache.lengths.dtype == torch.int32
+    assert cache.k_order.shape == cache.k_group.shape == cache.k_doc.shape == (2, 50)
+    assert cache.k_order.dtype == cache.k_group.dtype == cache.k_doc.dtype == cache.lengths.dtype == torch.int32
     assert torch.equal(cache.lengths, torch.zeros(2, dtype=torch.int32))
     assert (cache.k_order == ORDER_INFINITY).all() and (cache.k_group == UNWRITTEN_GROUP).all()
     kv_bytes = 2 * 3 * 2 * 50 * 4 * 64 * 2
-    label_bytes = 2 * 2 * 50 * 4 + 2 * 4  # order + group [B, Lmax] int32, lengths [B] int32
-    # Labels may carry a small fixed slack per row (e.g. a spare column): at most 2 int32 per row.
-    assert kv_bytes + label_bytes <= cache.nbytes <= kv_bytes + label_bytes + 2 * 2 * 4, cache.nbytes
+    label_bytes = 3 * 2 * 50 * 4 + 2 * 4  # order, group, doc [B, Lmax] int32, lengths [B] int32
+    # Labels may carry a small fixed slack per row (e.g. a spare column): at most 3 int32 per row.
+    assert kv_bytes + label_bytes <= cache.nbytes <= kv_bytes + label_bytes + 3 * 2 * 4, cache.nbytes
     assert "MiB" in repr(cache) and "max_len=50" in repr(cache)
 
 

@@ -25,17 +25,17 @@ def op_args(with_extras, dtype=torch.float32, requires_grad=True):
     B, Lq, Lk, Hq, Hkv = 2, 9, 21, 4, 2
     q, k, v = (t.requires_grad_(requires_grad) for t in make(B, Lq, Lk, Hq, Hkv, dtype=dtype))
     if not with_extras:
-        return (q, k, v, None, None, None, None, None, None, 0.125)
+        return (q, k, v, None, None, None, None, None, None, None, None, 0.125)
     g = torch.Generator().manual_seed(1)
     labels = [torch.randint(0, 3, (b, n), generator=g, dtype=torch.int32)
-              for b, n in ((1, Lq), (B, Lq), (B, Lk), (1, Lk))]
+              for b, n in ((1, Lq), (B, Lq), (B, Lk), (1, Lk), (B, Lq), (1, Lk))]  # orders, groups, documents
     bias = torch.randn(B, Hq, Lq, Lk, generator=g).to(dtype).requires_grad_(requires_grad)
     kv_lens = torch.tensor([Lk, 15], dtype=torch.int32)
     return (q, k, v, *labels, bias, kv_lens, 0.2)
 
 
 # ----------------------------------------------------------------------------------------- opcheck
-@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "labels_bias_kv_lens"])
+@pytest.mark.parametrize("with_extras", [False, True], ids=["plain", "labels_documents_bias_kv_lens"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_opcheck_attention(with_extras, dtype):
     torch.library.opcheck(torch.ops.dlmfuse.attention.default, op_args(with_extras, dtype))
@@ -43,7 +43,7 @@ def test_opcheck_attention(with_extras, dtype):
 
 def test_opcheck_attention_broadcast_bias_without_grad():
     args = list(op_args(True, requires_grad=False))
-    args[7] = torch.randn(1, 4, 1, 21).expand(2, 4, 9, 21)  # stride-0 view, as the public op passes it
+    args[9] = torch.randn(1, 4, 1, 21).expand(2, 4, 9, 21)  # stride-0 view, as the public op passes it
     torch.library.opcheck(torch.ops.dlmfuse.attention.default, tuple(args))
 
 
@@ -57,9 +57,9 @@ def test_opcheck_merge_attention():
 
 def test_public_op_equals_custom_op():
     args = op_args(True, requires_grad=False)
-    q, k, v, qo, qg, ko, kg, bias, kv_lens, scale = args
+    q, k, v, qo, qg, ko, kg, qd, kd, bias, kv_lens, scale = args
     out, lse = torch.ops.dlmfuse.attention(*args)
-    public = dlmfuse.attention(q, k, v, mask=Mask(qo, qg, ko, kg), bias=bias, kv_lens=kv_lens, scale=scale,
+    public = dlmfuse.attention(q, k, v, mask=Mask(qo, qg, ko, kg, qd, kd), bias=bias, kv_lens=kv_lens, scale=scale,
                                return_lse=True)
     assert torch.equal(out, public[0]) and torch.equal(lse, public[1])
 

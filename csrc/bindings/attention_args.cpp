@@ -32,7 +32,8 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
                                  const std::optional<Array>& q_order, const std::optional<Array>& q_group,
                                  const std::optional<Array>& k_order, const std::optional<Array>& k_group,
                                  const std::optional<Array>& bias, const std::optional<Array>& kv_lens,
-                                 const Array& out, const Array& lse, float scale, int32_t device_type) {
+                                 const Array& out, const Array& lse, float scale, int32_t device_type,
+                                 const std::optional<Array>& q_doc, const std::optional<Array>& k_doc) {
   AttentionParams p;
   for (const auto& [name, a] : {std::pair<const char*, const Array*>{"q", &q}, {"k", &k},
                                 {"v", &v}, {"out", &out}}) {
@@ -84,6 +85,14 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
     p.q_group = label_view("q_group", *q_group, p.batch, p.q_len, device_type);
     p.k_order = label_view("k_order", *k_order, p.batch, p.k_len, device_type);
     p.k_group = label_view("k_group", *k_group, p.batch, p.k_len, device_type);
+  }
+  if (q_doc.has_value() != k_doc.has_value())
+    throw_value_error(kOp, ": pass both document labels (q_doc, k_doc) or neither");
+  if (q_doc.has_value()) {
+    if (!p.has_labels) throw_value_error(kOp, ": document labels need the four labels too");
+    p.has_docs = true;
+    p.q_doc = label_view("q_doc", *q_doc, p.batch, p.q_len, device_type);
+    p.k_doc = label_view("k_doc", *k_doc, p.batch, p.k_len, device_type);
   }
 
   if (bias.has_value()) {

@@ -15,7 +15,9 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
                                  const std::optional<Array>& q_order, const std::optional<Array>& q_group,
                                  const std::optional<Array>& k_order, const std::optional<Array>& k_group,
                                  const std::optional<Array>& bias, const std::optional<Array>& kv_lens,
-                                 const Array& out, const Array& lse, float scale, int32_t device_type);
+                                 const Array& out, const Array& lse, float scale, int32_t device_type,
+                                 const std::optional<Array>& q_doc = std::nullopt,
+                                 const std::optional<Array>& k_doc = std::nullopt);
 
 // attention_num_splits, attention_packs_gqa and ATTENTION_MAX_SPLITS (attention_plan_bindings.cpp).
 void register_attention_plan(nb::module_& m);

@@ -8,9 +8,10 @@ namespace {
 void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
                        std::optional<Array> q_group, std::optional<Array> k_order,
                        std::optional<Array> k_group, std::optional<Array> bias,
-                       std::optional<Array> kv_lens, Array out, Array lse, float scale) {
+                       std::optional<Array> kv_lens, Array out, Array lse, float scale,
+                       std::optional<Array> q_doc, std::optional<Array> k_doc) {
   const AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias,
-                                             kv_lens, out, lse, scale, nb::device::cpu::value);
+                                             kv_lens, out, lse, scale, nb::device::cpu::value, q_doc, k_doc);
   nb::gil_scoped_release release;
   cpu::attention_forward(p);
 }
@@ -28,7 +29,9 @@ void register_attention(nb::module_& m) {
         nb::arg("q_order").none(), nb::arg("q_group").none(), nb::arg("k_order").none(),
         nb::arg("k_group").none(), nb::arg("bias").none(), nb::arg("kv_lens").none(),
         nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("scale"),
-        "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] (CPU). Use dlmfuse.attention instead.");
+        nb::arg("q_doc").none() = nb::none(), nb::arg("k_doc").none() = nb::none(),
+        "Fills out [B, Lq, Hq, D] and lse [B, Hq, Lq] (CPU); q_doc / k_doc: document labels of packed "
+        "sequences. Use dlmfuse.attention instead.");
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(),
         "Fills out and lse with the exact merge of two partial attentions (CPU).");

@@ -25,6 +25,15 @@ std::vector<LabelRange> tile_ranges(const LabelView& order, const LabelView& gro
   return ranges;
 }
 
+// Min/max of the document ids of every tile of `tile` rows, for each batch.
+std::vector<IdRange> tile_id_ranges(const LabelView& ids, int64_t batch, int64_t len, int64_t tile) {
+  const int64_t n_tiles = (len + tile - 1) / tile;
+  std::vector<IdRange> ranges(static_cast<size_t>(batch * n_tiles), IdRange::empty());
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < len; ++i) ranges[b * n_tiles + i / tile].add(ids.at(b, i));
+  return ranges;
+}
+
 AttentionTaskFn kernel_for(CpuIsa isa, DType dtype, int64_t head_dim) {
   switch (isa) {
 #if defined(DLMFUSE_HAVE_ISA_AVX512)
@@ -61,6 +70,13 @@ void attention_forward(const AttentionParams& p) {
     k_ranges = tile_ranges(p.k_order, p.k_group, p.batch, p.k_len, kAttnTileN);
     plan.q_ranges = q_ranges.data();
     plan.k_ranges = k_ranges.data();
+  }
+  std::vector<IdRange> q_doc_ranges, k_doc_ranges;
+  if (p.has_docs) {
+    q_doc_ranges = tile_id_ranges(p.q_doc, p.batch, p.q_len, kAttnTileM);
+    k_doc_ranges = tile_id_ranges(p.k_doc, p.batch, p.k_len, kAttnTileN);
+    plan.q_doc_ranges = q_doc_ranges.data();
+    plan.k_doc_ranges = k_doc_ranges.data();
   }
 
   const int64_t n_tasks = attention_task_count(p, plan);

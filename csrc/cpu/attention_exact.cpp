@@ -35,6 +35,7 @@ void row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
   for (int64_t j = 0; j < k_len; ++j) {
     if (p.has_labels && !is_visible(p.q_order.at(b, i), p.q_group.at(b, i), p.k_order.at(b, j), p.k_group.at(b, j)))
       continue;
+    if (p.has_docs && p.q_doc.at(b, i) != p.k_doc.at(b, j)) continue;
     double dot = 0.0;
     for (int64_t d = 0; d < p.head_dim; ++d)
       dot += static_cast<double>(to_float(q[d])) * to_float(k[j * p.k_strides[1] + d]);

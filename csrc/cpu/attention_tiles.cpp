@@ -44,8 +44,10 @@ struct TileScratch {
   float* row_sum;    // [M] running sum of exp2
   int32_t* k_order;  // [N] labels of the keys gathered for a PARTIAL tile
   int32_t* k_group;  // [N]
+  int32_t* k_doc;    // [N] their documents (packed sequences)
   int32_t* tile_order;  // [N] labels of a PARTIAL tile run as it is
   int32_t* tile_group;  // [N]
+  int32_t* tile_doc;    // [N]
   int32_t* q_groups;     // [M] the query rows' groups, ascending (classify_key)
   int64_t* full_keys;    // [N] keys gathered for a FULL tile
   int64_t* partial_keys; // [N] keys gathered for a PARTIAL tile
@@ -61,9 +63,11 @@ struct TileScratch {
     row_sum = row_max + M;
     k_order = reinterpret_cast<int32_t*>(row_sum + M);
     k_group = k_order + N;
-    tile_order = k_group + N;
+    k_doc = k_group + N;
+    tile_order = k_doc + N;
     tile_group = tile_order + N;
-    q_groups = tile_group + N;
+    tile_doc = tile_group + N;
+    q_groups = tile_doc + N;
     // 8-byte alignment: the float offset so far is even (M, N, D are multiples of 8).
     full_keys = reinterpret_cast<int64_t*>(q_groups + M);
     partial_keys = full_keys + N;
@@ -152,13 +156,20 @@ void add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, K
   for (int j = 0; j < N; j += W) vec::store(s_row + j, vec::load(s_row + j) + vec::load(bias_row + j));
 }
 
+// The keys' labels of a PARTIAL tile ([N] each; k_doc null without documents).
+struct KeyLabels {
+  const int32_t* order;
+  const int32_t* group;
+  const int32_t* doc;
+};
+
 // Per-element visibility rule on one score row of a PARTIAL tile.
-void mask_row_by_labels(float* s_row, const int32_t* k_order, const int32_t* k_group,
-                        int32_t q_order, int32_t q_group) {
-  const vint qo = vec::splat_int(q_order), qg = vec::splat_int(q_group);
+void mask_row_by_labels(float* s_row, KeyLabels keys, int32_t q_order, int32_t q_group, int32_t q_doc) {
+  const vint qo = vec::splat_int(q_order), qg = vec::splat_int(q_group), qd = vec::splat_int(q_doc);
   const vfloat neg_inf = vec::splat(-INFINITY);
   for (int j = 0; j < N; j += W) {
-    const vint visible = (vec::load(k_order + j) < qo) | (vec::load(k_group + j) == qg);
+    vint visible = (vec::load(keys.order + j) < qo) | (vec::load(keys.group + j) == qg);
+    if (keys.doc != nullptr) visible = visible & (vec::load(keys.doc + j) == qd);
     vec::store(s_row + j, visible ? vec::load(s_row + j) : neg_inf);
   }
 }
@@ -197,12 +208,12 @@ struct TaskView {
 };
 
 // S, masking, online softmax and O += P V for one tile of keys: keys k0 .. k0 + cols - 1
-// (kGathered false) or keys[0 .. cols) (true). kind FULL, or PARTIAL with the keys' labels in
-// k_order / k_group ([N]). A template, not a lambda: the contiguous instance compiles to the loops
-// of the kernel before gathering (5% faster on dense tiles than the lambda was).
+// (kGathered false) or keys[0 .. cols) (true). kind FULL, or PARTIAL with the keys' labels.
+// A template, not a lambda: the contiguous instance compiles to the loops of the kernel before
+// gathering (5% faster on dense tiles than the lambda was).
 template <typename T, int D, bool kGathered>
 void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int64_t k0, int cols,
-              TileKind kind, const int32_t* k_order = nullptr, const int32_t* k_group = nullptr) {
+              TileKind kind, KeyLabels labels = {}) {
   const AttentionParams& p = t.p;
   for (int j = 0; j < cols; ++j) {
     const T* k_row = t.k_base + (kGathered ? keys[j] : k0 + j) * p.k_strides[1];
@@ -216,7 +227,8 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
     if (p.bias != nullptr)
       add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, ws.bias_row, s_row);
     if (kind == TileKind::kPartial)
-      mask_row_by_labels(s_row, k_order, k_group, p.q_order.at(t.b, t.q0 + i), p.q_group.at(t.b, t.q0 + i));
+      mask_row_by_labels(s_row, labels, p.q_order.at(t.b, t.q0 + i), p.q_group.at(t.b, t.q0 + i),
+                         p.has_docs ? p.q_doc.at(t.b, t.q0 + i) : 0);
     vec::fill(s_row + cols, s_row + N, -INFINITY);  // keys past the end (kv_lens, Lk, gathered count)
     const float alpha = softmax_update_row(s_row, ws.row_max[i], ws.row_sum[i]);
     if (alpha != 1.0f) {
@@ -275,6 +287,8 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   vec::fill(ws.row_sum, ws.row_sum + M, 0.0f);
 
   const LabelRange* q_range = plan.q_ranges ? plan.q_ranges + b * plan.n_q_tiles + q_tile : nullptr;
+  const IdRange* q_docs = plan.q_doc_ranges ? plan.q_doc_ranges + b * plan.n_q_tiles + q_tile : nullptr;
+  int32_t* const gathered_doc = q_docs != nullptr ? ws.k_doc : nullptr;  // documents stored only when read
   if (q_range != nullptr) {  // the rows' groups, ascending, for classify_key
     for (int i = 0; i < rows; ++i) ws.q_groups[i] = p.q_group.at(b, q0 + i);
     std::sort(ws.q_groups, ws.q_groups + rows);
@@ -289,7 +303,9 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   auto run_partial = [&] {
     vec::fill(ws.k_order + n_partial, ws.k_order + N, 0);  // (read by the vector test, then hidden)
     vec::fill(ws.k_group + n_partial, ws.k_group + N, 0);
-    run_tile<T, D, true>(t, ws, ws.partial_keys, 0, n_partial, TileKind::kPartial, ws.k_order, ws.k_group);
+    vec::fill(ws.k_doc + n_partial, ws.k_doc + N, 0);
+    run_tile<T, D, true>(t, ws, ws.partial_keys, 0, n_partial, TileKind::kPartial,
+                         KeyLabels{ws.k_order, ws.k_group, gathered_doc});
     n_partial = 0;
   };
 
@@ -304,6 +320,7 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
     TileKind kind = TileKind::kFull;
     if (q_range != nullptr)
       kind = classify_tile(*q_range, plan.k_ranges[b * plan.n_k_tiles + k_tile]);
+    if (q_docs != nullptr) kind = within_documents(kind, *q_docs, plan.k_doc_ranges[b * plan.n_k_tiles + k_tile]);
     if (kind == TileKind::kSkip) continue;
     if (kind == TileKind::kFull) {
       run_tile<T, D, false>(t, ws, nullptr, k0, cols, TileKind::kFull);
@@ -313,21 +330,30 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
       for (int j = 0; j < cols; ++j) {
         ws.tile_order[j] = p.k_order.at(b, k0 + j);
         ws.tile_group[j] = p.k_group.at(b, k0 + j);
+        ws.tile_doc[j] = q_docs != nullptr ? p.k_doc.at(b, k0 + j) : 0;
       }
       vec::fill(ws.tile_order + cols, ws.tile_order + N, 0);
       vec::fill(ws.tile_group + cols, ws.tile_group + N, 0);
-      run_tile<T, D, false>(t, ws, nullptr, k0, cols, TileKind::kPartial, ws.tile_order, ws.tile_group);
+      vec::fill(ws.tile_doc + cols, ws.tile_doc + N, 0);
+      run_tile<T, D, false>(t, ws, nullptr, k0, cols, TileKind::kPartial,
+                            KeyLabels{ws.tile_order, ws.tile_group, q_docs != nullptr ? ws.tile_doc : nullptr});
       continue;
     }
     // Appends without branches on the kind (each list has room for one more key until it runs).
     for (int j = 0; j < cols; ++j) {
       const int32_t order = p.k_order.at(b, k0 + j), group = p.k_group.at(b, k0 + j);
-      const TileKind key_kind = classify_key(*q_range, ws.q_groups, rows, order, group);
+      TileKind key_kind = classify_key(*q_range, ws.q_groups, rows, order, group);
+      int32_t doc = 0;
+      if (q_docs != nullptr) {
+        doc = p.k_doc.at(b, k0 + j);
+        key_kind = key_within_documents(key_kind, *q_docs, doc);
+      }
       ws.full_keys[n_full] = k0 + j;
       n_full += key_kind == TileKind::kFull;
       ws.partial_keys[n_partial] = k0 + j;
       ws.k_order[n_partial] = order;
       ws.k_group[n_partial] = group;
+      ws.k_doc[n_partial] = doc;
       n_partial += key_kind == TileKind::kPartial;
       hidden += key_kind == TileKind::kSkip;
       if (n_full == N) run_full();
@@ -343,7 +369,8 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
       const int64_t key = ws.full_keys[j];
       ws.partial_keys[n_partial] = key;
       ws.k_order[n_partial] = p.k_order.at(b, key);
-      ws.k_group[n_partial++] = p.k_group.at(b, key);
+      ws.k_group[n_partial] = p.k_group.at(b, key);
+      ws.k_doc[n_partial++] = q_docs != nullptr ? p.k_doc.at(b, key) : 0;
     }
     n_full = 0;
   }

@@ -19,6 +19,8 @@ struct AttentionPlan {
   int64_t group_size = 1;                // Hq / Hkv
   const LabelRange* q_ranges = nullptr;  // [B, n_q_tiles], null when the call has no labels
   const LabelRange* k_ranges = nullptr;  // [B, n_k_tiles]
+  const IdRange* q_doc_ranges = nullptr;  // [B, n_q_tiles], null when the call has no documents
+  const IdRange* k_doc_ranges = nullptr;  // [B, n_k_tiles]
 };
 
 // Number of tasks: one per (batch, kv head, query tile, query head of the group).
@@ -37,10 +39,10 @@ inline int64_t attention_tile_width(int64_t head_dim) {
 // fp32 scratch a thread needs for one task (64-byte aligned by the caller).
 inline size_t attention_scratch_floats(int64_t head_dim) {
   const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
-  // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels of a gathered and
-  // of a contiguous PARTIAL tile (4 x n int32); the query groups, sorted (m int32); the gathered
-  // keys of a FULL and a PARTIAL tile (2 x n int64).
-  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 4 * n + m + 4 * n + 64;
+  // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels and documents of a
+  // gathered and of a contiguous PARTIAL tile (6 x n int32); the query groups, sorted (m int32);
+  // the gathered keys of a FULL and a PARTIAL tile (2 x n int64).
+  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 6 * n + m + 4 * n + 64;
 }
 
 // Query row i of (batch b, head h) in float64, written to out and lse: for rows whose float32

@@ -17,11 +17,14 @@ _CHUNK_ELEMENTS = 1 << 26
 
 def _visible_chunk(labels, kv_lens, rows: slice, k_len: int, device) -> torch.Tensor | None:
     """bool [B or 1, 1, chunk, Lk] visibility of the query rows `rows`, or None (all visible)."""
-    q_order, q_group, k_order, k_group = labels
+    q_order, q_group, k_order, k_group, q_doc, k_doc = labels
     visible = None
     if q_order is not None:
         qo, qg = q_order[:, rows, None], q_group[:, rows, None]
         visible = (k_order[:, None, :] < qo) | (k_group[:, None, :] == qg)
+    if q_doc is not None:
+        same_doc = k_doc[:, None, :] == q_doc[:, rows, None]
+        visible = same_doc if visible is None else visible & same_doc
     if kv_lens is not None:
         in_range = torch.arange(k_len, device=device)[None, None, :] < kv_lens[:, None, None]
         visible = in_range if visible is None else visible & in_range

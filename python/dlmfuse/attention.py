@@ -168,7 +168,7 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
     if not 1 <= D <= ATTENTION_MAX_HEAD_DIM:
         raise ValueError(f"{_OP}: head_dim={D} unsupported (supported: 1 to {ATTENTION_MAX_HEAD_DIM})")
 
-    labels = (None, None, None, None)
+    labels = (None,) * 6
     if mask is not None:
         if not isinstance(mask, Mask):
             raise TypeError(f"{_OP}: mask must be a dlmfuse.Mask or None, got {type(mask).__name__}")
@@ -181,7 +181,7 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
             raise ValueError(f"{_OP}: mask batch must be 1 or B={B}, got {mask.batch}")
         if mask.device != q.device:
             raise TypeError(f"{_OP}: mask is on {mask.device} but q is on {q.device}")
-        labels = (mask.q_order, mask.q_group, mask.k_order, mask.k_group)
+        labels = mask.labels()
 
     if bias is not None:
         expect_tensor(_OP, "bias", bias)
@@ -226,9 +226,11 @@ def _check_kv_lens_values(kv_lens: Tensor, Lk: int) -> None:
 # ----------------------------------------------------------------------------- implementations
 
 
-def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale):
-    if use_reference("attention", q.device) or (q.is_cuda and q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS):
-        mask = None if q_order is None else Mask(q_order, q_group, k_order, k_group)
+def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale):
+    # The CUDA kernels do not read document labels yet: packed calls take the reference there.
+    on_reference = q.is_cuda and (q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS or q_doc is not None)
+    if use_reference("attention", q.device) or on_reference:
+        mask = None if q_order is None else Mask(q_order, q_group, k_order, k_group, q_doc, k_doc)
         out, lse = reference.attention(
             q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale, return_lse=True
         )
@@ -238,6 +240,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
                   out, lse)
+    docs = dlpack(*(None if t is None else t.detach() for t in (q_doc, k_doc)))
     if q.is_cuda:
         kernel = cuda_kernel_args(cuda_kernel_for(q, k, q_order is not None, bias is not None))
         splits = cuda_num_splits(q, k, kernel, has_bias=bias is not None)
@@ -253,7 +256,7 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, 
                                   gather_keys=kernel.gather_keys,
                                   **workspace)
     else:
-        _C.attention_forward(*args, scale)
+        _C.attention_forward(*args, scale, *docs)
     return out, lse
 
 
@@ -404,11 +407,13 @@ def _attention_op(
     q_group: Optional[Tensor],
     k_order: Optional[Tensor],
     k_group: Optional[Tensor],
+    q_doc: Optional[Tensor],
+    k_doc: Optional[Tensor],
     bias: Optional[Tensor],
     kv_lens: Optional[Tensor],
     scale: float,
 ) -> Tuple[Tensor, Tensor]:
-    return _attention_impl(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale)
+    return _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale)
 
 
 @torch.library.custom_op("dlmfuse::check_kv_lens", mutates_args=())
@@ -426,21 +431,21 @@ def _(kv_lens, k_len):
 
 
 @_attention_op.register_fake
-def _(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale):
+def _(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale):
     B, Lq, Hq, D = q.shape
     return q.new_empty((B, Lq, Hq, D)), q.new_empty((B, Hq, Lq), dtype=torch.float32)
 
 
 def _attention_setup_context(ctx, inputs, output):
-    q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, scale = inputs
+    q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale = inputs
     out, lse = output
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse)
+    ctx.save_for_backward(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, out, lse)
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
     try:
-        q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse = ctx.saved_tensors
+        q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, out, lse = ctx.saved_tensors
     except RuntimeError as e:
         if "modified by an inplace operation" not in str(e):
             raise
@@ -450,12 +455,12 @@ def _attention_backward(ctx, grad_out, grad_lse):
             "in place after the forward, e.g. a KV cache overwritten by dlmfuse.kv_scatter_ or KVCache.write; "
             "the gradient would use the new values. Run the backward before the write, or pass a clone of the "
             f"cache to attention. PyTorch's report: {e}") from None
-    needs_bias_grad = bias is not None and ctx.needs_input_grad[7]
+    needs_bias_grad = bias is not None and ctx.needs_input_grad[9]
     dq, dk, dv, dbias = attention_backward(
-        grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group), bias, kv_lens,
+        grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group, q_doc, k_doc), bias, kv_lens,
         out, lse, ctx.scale, needs_bias_grad,
     )
-    return dq, dk, dv, None, None, None, None, dbias, None, None
+    return dq, dk, dv, None, None, None, None, None, None, dbias, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)

@@ -202,6 +202,7 @@ class KVCache:
         # (validate=False) so they never land on a real slot; views hide it.
         self._order = torch.empty((batch, max_len + 1), dtype=torch.int32, device=device)
         self._group = torch.empty((batch, max_len + 1), dtype=torch.int32, device=device)
+        self._doc = torch.empty((batch, max_len + 1), dtype=torch.int32, device=device)
         self.lengths = torch.empty((batch,), dtype=torch.int32, device=device)
         self.reset()
 
@@ -216,29 +217,38 @@ class KVCache:
         return self._group[:, : self.max_len]
 
     @property
+    def k_doc(self) -> Tensor:
+        """int32 [B, Lmax] document labels of the cached keys (packed sequences; 0 unless written)."""
+        return self._doc[:, : self.max_len]
+
+    @property
     def nbytes(self) -> int:
         """Memory footprint in bytes (K, V, labels and lengths)."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self._order, self._group, self.lengths))
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self._order, self._group, self._doc, self.lengths))
 
     def reset(self) -> None:
         """Forget every slot (labels and lengths; K/V bits are left as they are, invisible)."""
         self._order.fill_(ORDER_INFINITY)
         self._group.fill_(UNWRITTEN_GROUP)
+        self._doc.zero_()
         self.lengths.zero_()
 
     def write(self, layer: int, positions: Tensor, k: Tensor, v: Tensor, order: Optional[Tensor] = None,
-              group: Optional[Tensor] = None, *, validate: bool = True, update_lengths: bool = True) -> None:
+              group: Optional[Tensor] = None, *, doc: Optional[Tensor] = None, validate: bool = True,
+              update_lengths: bool = True) -> None:
         """Write ``k, v [B, n, Hkv, D]`` of `layer` at ``positions [B, n]`` (int32/int64) with
-        :func:`kv_scatter_`; set the key labels of those slots when `order` / `group` are given
-        (int ``[B, n]``, or ``[1, n]`` / scalars broadcast; labels are shared by all layers, so
-        passing them on one layer's write is enough); grow ``lengths``. No host sync when
+        :func:`kv_scatter_`; set the key labels of those slots when `order` / `group` / `doc` (the
+        document, for packed sequences) are given (int ``[B, n]``, or ``[1, n]`` / scalars
+        broadcast; labels are shared by all layers, so passing them on one layer's write is
+        enough); grow ``lengths``. No host sync when
         ``validate=False``. ``update_lengths=False`` leaves ``lengths`` alone: for the later
         layers of a model that writes the same positions on every layer (a few launches less
         per layer)."""
         self._check_layer("write", layer)
         expect_tensor("KVCache.write", "positions", positions)
         labels = [(store, self._checked_labels(name, value, positions))
-                  for name, value, store in (("order", order, self._order), ("group", group, self._group))
+                  for name, value, store in (("order", order, self._order), ("group", group, self._group),
+                                             ("doc", doc, self._doc))
                   if value is not None]  # checked before anything is written
         kv_scatter_(self.k[layer], self.v[layer], k, v, positions, validate=validate)
         if not labels and not update_lengths:
@@ -282,19 +292,23 @@ class KVCache:
         self._check_layer("view", layer)
         return CacheView(self.k[layer], self.v[layer], self.k_order, self.k_group, self.lengths)
 
-    def mask(self, q_order: Tensor, q_group: Tensor) -> Mask:
-        """A Mask of the given query labels ``[B or 1, Lq]`` against the cached keys."""
-        return Mask(q_order, q_group, self.k_order, self.k_group)
+    def mask(self, q_order: Tensor, q_group: Tensor, q_doc: Optional[Tensor] = None) -> Mask:
+        """A Mask of the given query labels ``[B or 1, Lq]`` against the cached keys; with
+        ``q_doc``, restricted to the queries' documents (packed sequences)."""
+        if q_doc is None:
+            return Mask(q_order, q_group, self.k_order, self.k_group)
+        return Mask(q_order, q_group, self.k_order, self.k_group, q_doc, self.k_doc)
 
-    def attend(self, layer: int, q: Tensor, q_order: Tensor, q_group: Tensor, **kwargs):
-        """``dlmfuse.attention(q, K, V, mask=self.mask(q_order, q_group), kv_lens=self.lengths)``
+    def attend(self, layer: int, q: Tensor, q_order: Tensor, q_group: Tensor, q_doc: Optional[Tensor] = None,
+               **kwargs):
+        """``dlmfuse.attention(q, K, V, mask=self.mask(q_order, q_group, q_doc), kv_lens=self.lengths)``
         for one layer; other keyword arguments (bias, scale, return_lse) pass through. The
         lengths' values are not read back (no host sync)."""
         self._check_layer("attend", layer)
         view = self.view(layer)
         # lengths stay in [0, max_len] (write() only raises them to an in-range position + 1), so
         # their values are not read back: that would be a host sync per layer on CUDA.
-        return _attention(q, view.k, view.v, mask=self.mask(q_order, q_group), kv_lens=view.kv_lens,
+        return _attention(q, view.k, view.v, mask=self.mask(q_order, q_group, q_doc), kv_lens=view.kv_lens,
                           check_kv_lens_values=False, **kwargs)
 
     def __repr__(self) -> str:

@@ -7,7 +7,11 @@ Every query row i carries two int32 labels ``(q_order[i], q_group[i])`` and ever
 
 ("strictly earlier in the order, or in the same group"). Labels are plain ``[B, L]`` int32 tensors
 whose batch may be 1 (broadcast); changing them costs nothing, so a mask that changes every denoising
-step needs no mask building and no recompilation. See DESIGN.md section 4.
+step needs no mask building and no recompilation.
+
+Packed sequences add optional document labels ``q_doc`` / ``k_doc``: key j is visible to query i
+iff ``q_doc[i] == k_doc[j]`` **and** the rule above holds, so every mask family works inside each
+document of a packed row (``Mask.within_documents``, or ``documents=`` in the constructors).
 
 This module imports only torch: it is shared by the kernels' Python layer and the pure-PyTorch
 reference.
@@ -20,7 +24,7 @@ from typing import Optional, Union
 
 import torch
 
-__all__ = ["Mask", "INT32_MAX", "INT32_MIN"]
+__all__ = ["Mask", "document_positions", "INT32_MAX", "INT32_MIN"]
 
 INT32_MAX = 2**31 - 1
 """Largest int32 label: an order no query can exceed (keys with it are only seen through the group)."""
@@ -123,6 +127,17 @@ def _common_batch(sizes: dict) -> Optional[int]:
     return None
 
 
+def _combined_documents(q_old, q_new, k_old, k_new):
+    """Document ids of the pairs (old, new): equal exactly when both ids are equal (dense ranks of
+    the pairs over queries and keys together; reads nothing on the host)."""
+    batch = max(t.shape[0] for t in (q_old, q_new, k_old, k_new))
+    q_pairs = torch.stack([q_old.expand(batch, -1), q_new.expand(batch, -1)], -1).to(torch.int64)
+    k_pairs = torch.stack([k_old.expand(batch, -1), k_new.expand(batch, -1)], -1).to(torch.int64)
+    keys = ((torch.cat([q_pairs, k_pairs], 1)[..., 0] << 32) + (torch.cat([q_pairs, k_pairs], 1)[..., 1] & 0xFFFFFFFF))
+    ranks = torch.unique(keys, return_inverse=True)[1].to(torch.int32)
+    return ranks[:, :q_old.shape[1]], ranks[:, q_old.shape[1]:]
+
+
 def _check_bool(name: str, value: object) -> torch.Tensor:
     """Validate a bool ``[L]`` / ``[B, L]`` argument and return it 2-D."""
     if not isinstance(value, torch.Tensor):
@@ -134,14 +149,47 @@ def _check_bool(name: str, value: object) -> torch.Tensor:
     return value.unsqueeze(0) if value.dim() == 1 else value
 
 
+def document_positions(documents: Optional[torch.Tensor], seq_len: int,
+                       device: DeviceLike = None) -> tuple:
+    """``(doc, pos)``: the document index and the position within it of every token of packed rows.
+
+    ``documents``: integer ``[B, seq_len]`` or ``[seq_len]`` ids; every maximal run of equal ids is
+    one document (ids may repeat in other runs: those are other documents). ``doc`` int32 counts
+    the runs from 0; ``pos`` int32 restarts at 0 at each run. ``documents=None``: ``(None,
+    positions 0 .. seq_len - 1)`` as a ``[1, seq_len]`` row. Nothing is read on the host.
+
+    Example (documents of lengths 3, 2, 2; ``torch.repeat_interleave`` turns lengths into ids)::
+
+        >>> ids = torch.repeat_interleave(torch.arange(3), torch.tensor([3, 2, 2]))
+        >>> doc, pos = document_positions(ids, 7)
+        >>> doc.tolist(), pos.tolist()
+        ([[0, 0, 0, 1, 1, 2, 2]], [[0, 1, 2, 0, 1, 0, 1]])
+    """
+    index = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))[None]
+    if documents is None:
+        return None, index
+    ids = _to_int32_labels("documents", documents)
+    if ids.shape[1] != seq_len:
+        raise ValueError(f"Mask: documents must have length {seq_len}, got shape {list(documents.shape)}")
+    index = index.to(ids.device)
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    doc = starts.to(torch.int32).cumsum(1, dtype=torch.int32) - 1
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(1).values
+    return doc, (index - first).to(torch.int32)
+
+
 class Mask:
     """Query and key visibility labels; key j is visible to query i iff
-    ``k_order[j] < q_order[i] or k_group[j] == q_group[i]``.
+    ``k_order[j] < q_order[i] or k_group[j] == q_group[i]`` (and, with document labels, only if
+    ``q_doc[i] == k_doc[j]``).
 
     Attributes ``q_order``, ``q_group`` (int32 ``[Bq, Lq]``) and ``k_order``, ``k_group`` (int32
     ``[Bk, Lk]``) are plain tensors; each batch is 1 (broadcast) or the common batch ``B``. Labels
     given as int32 2-D tensors are stored without a copy; other integer dtypes are converted (int64
     values are range-checked, which reads them on the host), 1-D labels become ``[1, L]`` views.
+    ``q_doc`` (``[Bq, Lq]``) and ``k_doc`` (``[Bk, Lk]``) are None, or both given (packed
+    sequences: see :meth:`within_documents`).
 
     Example:
         >>> import torch
@@ -161,6 +209,8 @@ class Mask:
         q_group: torch.Tensor,
         k_order: torch.Tensor,
         k_group: torch.Tensor,
+        q_doc: Optional[torch.Tensor] = None,
+        k_doc: Optional[torch.Tensor] = None,
     ) -> None:
         labels = {
             "q_order": _to_int32_labels("q_order", q_order),
@@ -168,13 +218,21 @@ class Mask:
             "k_order": _to_int32_labels("k_order", k_order),
             "k_group": _to_int32_labels("k_group", k_group),
         }
+        if (q_doc is None) != (k_doc is None):
+            raise ValueError(f"Mask: give both q_doc and k_doc or neither, got q_doc "
+                             f"{'None' if q_doc is None else 'a tensor'} and k_doc {'None' if k_doc is None else 'a tensor'}")
+        if q_doc is not None:
+            labels["q_doc"] = _to_int32_labels("q_doc", q_doc)
+            labels["k_doc"] = _to_int32_labels("k_doc", k_doc)
         for side in ("q", "k"):
-            order, group = labels[f"{side}_order"], labels[f"{side}_group"]
-            if order.shape[1] != group.shape[1]:
-                raise ValueError(
-                    f"Mask: {side}_order and {side}_group must have the same length, got shapes "
-                    f"{list(order.shape)} and {list(group.shape)}"
-                )
+            order = labels[f"{side}_order"]
+            for kind in ("group", "doc"):
+                other = labels.get(f"{side}_{kind}")
+                if other is not None and other.shape[1] != order.shape[1]:
+                    raise ValueError(
+                        f"Mask: {side}_order and {side}_{kind} must have the same length, got shapes "
+                        f"{list(order.shape)} and {list(other.shape)}"
+                    )
         batches = {name: t.shape[0] for name, t in labels.items()}
         if _common_batch(batches) is None:
             raise ValueError(f"Mask: label batches must each be 1 or a common B, got {batches}")
@@ -187,14 +245,24 @@ class Mask:
         self.q_group = labels["q_group"]
         self.k_order = labels["k_order"]
         self.k_group = labels["k_group"]
+        self.q_doc: Optional[torch.Tensor] = labels.get("q_doc")
+        self.k_doc: Optional[torch.Tensor] = labels.get("k_doc")
         self._family: Optional[str] = None  # set by the family constructors, shown by __repr__
 
     # ----------------------------------------------------------------------------------- properties
     @property
     def batch(self) -> int:
         """The batch the labels broadcast to (1 if every label tensor has batch 1)."""
-        return max(self.q_order.shape[0], self.q_group.shape[0],
-                   self.k_order.shape[0], self.k_group.shape[0])
+        return max(t.shape[0] for t in self.labels() if t is not None)
+
+    @property
+    def has_documents(self) -> bool:
+        """Whether the mask carries document labels (packed sequences)."""
+        return self.q_doc is not None
+
+    def labels(self) -> tuple:
+        """``(q_order, q_group, k_order, k_group, q_doc, k_doc)``; the last two may be None."""
+        return self.q_order, self.q_group, self.k_order, self.k_group, self.q_doc, self.k_doc
 
     @property
     def q_len(self) -> int:
@@ -219,8 +287,7 @@ class Mask:
             >>> Mask.causal(4).to("cpu").device
             device(type='cpu')
         """
-        moved = Mask(self.q_order.to(device), self.q_group.to(device),
-                     self.k_order.to(device), self.k_group.to(device))
+        moved = Mask(*(None if t is None else t.to(device) for t in self.labels()))
         moved._family = self._family
         return moved
 
@@ -236,7 +303,45 @@ class Mask:
         """
         earlier = self.k_order[:, None, :] < self.q_order[:, :, None]
         same_group = self.k_group[:, None, :] == self.q_group[:, :, None]
-        return earlier | same_group
+        visible = earlier | same_group
+        if self.has_documents:
+            visible = visible & (self.k_doc[:, None, :] == self.q_doc[:, :, None])
+        return visible
+
+    def within_documents(self, q_doc: torch.Tensor, k_doc: Optional[torch.Tensor] = None) -> "Mask":
+        """This mask restricted to packed documents: key j stays visible to query i only if
+        ``q_doc[i] == k_doc[j]`` (int ``[B, Lq]`` / ``[B, Lk]`` or ``[L]``, any ids). ``k_doc``
+        defaults to ``q_doc`` when Lq == Lk. A mask that has document labels already keeps both
+        conditions (the new ids must match too, as a pair with the old ones).
+
+        Kernels skip every tile whose query and key document ranges do not meet, so packing costs
+        no work across documents. Labels that depend on positions (block ids) must restart at
+        each document: the constructors do that when given ``documents=``.
+
+        Example (two documents of 3 and 2 tokens, causal inside each)::
+
+            >>> doc = torch.tensor([0, 0, 0, 1, 1])
+            >>> Mask.causal(5).within_documents(doc).to_dense()[0].int()
+            tensor([[1, 0, 0, 0, 0],
+                    [1, 1, 0, 0, 0],
+                    [1, 1, 1, 0, 0],
+                    [0, 0, 0, 1, 0],
+                    [0, 0, 0, 1, 1]], dtype=torch.int32)
+        """
+        if k_doc is None:
+            if self.q_len != self.k_len:
+                raise ValueError(f"within_documents: k_doc is needed when Lq ({self.q_len}) != Lk ({self.k_len})")
+            k_doc = q_doc
+        q_doc = _to_int32_labels("q_doc", q_doc)
+        k_doc = _to_int32_labels("k_doc", k_doc)
+        for name, doc, length in (("q_doc", q_doc, self.q_len), ("k_doc", k_doc, self.k_len)):
+            if doc.shape[1] != length:
+                raise ValueError(f"within_documents: {name} must have length {length}, got shape {list(doc.shape)}")
+        if self.has_documents:  # both conditions: documents are the pairs (old id, new id)
+            q_doc, k_doc = _combined_documents(self.q_doc, q_doc, self.k_doc, k_doc)
+        mask = Mask(self.q_order, self.q_group, self.k_order, self.k_group, q_doc, k_doc)
+        mask._family = None if self._family is None else f"{self._family}, within documents"
+        return mask
 
     def gather_queries(self, index: torch.Tensor) -> "Mask":
         """Keep only the query rows ``index`` (sparse queries); key labels are unchanged.
@@ -275,7 +380,7 @@ class Mask:
                     bad += 1 << 64  # the uint64 value the caller passed
                 raise ValueError(f"gather_queries: index value {bad} is outside [0, q_len={self.q_len})")
 
-        q_batch = max(self.q_order.shape[0], self.q_group.shape[0])
+        q_batch = max(t.shape[0] for t in (self.q_order, self.q_group, self.q_doc) if t is not None)
         batch = _common_batch({"labels": q_batch, "index": index.shape[0]})
         if batch is None:
             raise ValueError(
@@ -283,33 +388,37 @@ class Mask:
                 f"batch {q_batch} (each must be 1 or a common B)"
             )
         rows = index.expand(batch, -1)
-        q_order = torch.gather(self.q_order.expand(batch, -1), 1, rows)
-        q_group = torch.gather(self.q_group.expand(batch, -1), 1, rows)
-        gathered = Mask(q_order, q_group, self.k_order, self.k_group)
+        q_order, q_group, q_doc = (None if t is None else torch.gather(t.expand(batch, -1), 1, rows)
+                                   for t in (self.q_order, self.q_group, self.q_doc))
+        gathered = Mask(q_order, q_group, self.k_order, self.k_group, q_doc, self.k_doc)
         gathered._family = None if self._family is None else f"{self._family}, gathered"
         return gathered
 
     def __repr__(self) -> str:
         family = "" if self._family is None else f"{self._family}, "
+        if self.has_documents and "documents" not in family:
+            family += "documents, "
         return (f"Mask({family}q=[{self.q_order.shape[0]}, {self.q_len}], "
                 f"k=[{self.k_order.shape[0]}, {self.k_len}], device={self.device})")
 
     # --------------------------------------------------------------------------------- constructors
     @classmethod
-    def _family_of(cls, family: str, q_order, q_group, k_order, k_group) -> "Mask":
-        mask = cls(q_order, q_group, k_order, k_group)
-        mask._family = family
+    def _family_of(cls, family: str, q_order, q_group, k_order, k_group, q_doc=None, k_doc=None) -> "Mask":
+        mask = cls(q_order, q_group, k_order, k_group, q_doc, k_doc)
+        mask._family = family if q_doc is None else f"{family}, documents"
         return mask
 
     @classmethod
-    def _same_qk(cls, family: str, order: torch.Tensor, group: torch.Tensor) -> "Mask":
+    def _same_qk(cls, family: str, order: torch.Tensor, group: torch.Tensor, doc: Optional[torch.Tensor] = None) -> "Mask":
         """A mask whose query and key labels are equal (separate tensors, so that editing one side
         in place never changes the other)."""
-        return cls._family_of(family, order, group, order.clone(), group.clone())
+        return cls._family_of(family, order, group, order.clone(), group.clone(),
+                              doc, None if doc is None else doc.clone())
 
     @classmethod
-    def causal(cls, seq_len: int, device: DeviceLike = None) -> "Mask":
-        """Causal mask: query i sees keys j <= i (order = group = position).
+    def causal(cls, seq_len: int, device: DeviceLike = None, *, documents: Optional[torch.Tensor] = None) -> "Mask":
+        """Causal mask: query i sees keys j <= i (order = group = position); with ``documents``,
+        only keys of its own document (see :func:`document_positions`).
 
         Example:
             >>> Mask.causal(3).to_dense()[0].int()
@@ -318,17 +427,19 @@ class Mask:
                     [1, 1, 1]], dtype=torch.int32)
         """
         seq_len = _seq_len(seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
-        return cls._same_qk("causal", pos[None], pos[None].clone())
+        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))[None]
+        doc = None if documents is None else document_positions(documents, seq_len, pos.device)[0]
+        return cls._same_qk("causal", pos, pos.clone(), doc)
 
     @classmethod
     def block_causal(cls, seq_len: int, block_size: int, prefix_len: int = 0,
-                     device: DeviceLike = None) -> "Mask":
+                     device: DeviceLike = None, *, documents: Optional[torch.Tensor] = None) -> "Mask":
         """Block-causal (semi-autoregressive) mask with a bidirectional prompt.
 
         The prompt (positions < prefix_len) is block 0; the rest is cut into blocks of block_size
         (the last may be shorter). A query sees every key of its own and earlier blocks
-        (order = group = block id).
+        (order = group = block id). With ``documents`` (packed sequences), every document starts
+        its own prompt and blocks at its first token, and sees only itself.
 
         Example:
             >>> Mask.block_causal(5, 2, prefix_len=1).q_order
@@ -342,17 +453,18 @@ class Mask:
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        doc, pos = document_positions(documents, seq_len, _default_device(device))
         first_block = 1 if prefix_len > 0 else 0
         block = torch.where(pos < prefix_len, 0,
                             torch.div(pos - prefix_len, block_size, rounding_mode="floor") + first_block)
-        block = block.to(torch.int32)[None]
-        return cls._same_qk("block_causal", block, block.clone())
+        block = block.to(torch.int32)
+        return cls._same_qk("block_causal", block, block.clone(), doc)
 
     @classmethod
-    def block_diagonal(cls, seq_len: int, block_size: int, device: DeviceLike = None) -> "Mask":
+    def block_diagonal(cls, seq_len: int, block_size: int, device: DeviceLike = None, *,
+                       documents: Optional[torch.Tensor] = None) -> "Mask":
         """Block-diagonal mask: a query sees exactly the keys of its own block of block_size
-        (order all 0, group = block id).
+        (order all 0, group = block id); with ``documents``, blocks restart at each document.
 
         Example:
             >>> Mask.block_diagonal(5, 2).q_group
@@ -360,15 +472,17 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
-        block = torch.div(pos, block_size, rounding_mode="floor")[None]
-        return cls._same_qk("block_diagonal", torch.zeros_like(block), block)
+        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        block = torch.div(pos, block_size, rounding_mode="floor")
+        return cls._same_qk("block_diagonal", torch.zeros_like(block), block, doc)
 
     @classmethod
-    def prefix_lm(cls, seq_len: int, prefix_len: int, device: DeviceLike = None) -> "Mask":
+    def prefix_lm(cls, seq_len: int, prefix_len: int, device: DeviceLike = None, *,
+                  documents: Optional[torch.Tensor] = None) -> "Mask":
         """Prefix-LM mask: the prompt (positions < prefix_len) is bidirectional, the response is
         causal and sees the whole prompt. Prompt labels: order 0, group 0; response position i:
-        order = group = i.
+        order = group = i. With ``documents``, every document has its own prompt of prefix_len
+        tokens (positions counted from the document's start).
 
         Example:
             >>> Mask.prefix_lm(4, 2).to_dense()[0].int()
@@ -379,18 +493,23 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
-        label = torch.where(pos < prefix_len, 0, pos).to(torch.int32)[None]
-        return cls._same_qk("prefix_lm", label, label.clone())
+        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        label = torch.where(pos < prefix_len, 0, pos).to(torch.int32)
+        return cls._same_qk("prefix_lm", label, label.clone(), doc)
 
     @classmethod
-    def bd3_train(cls, seq_len: int, block_size: int, device: DeviceLike = None) -> "Mask":
+    def bd3_train(cls, seq_len: int, block_size: int, device: DeviceLike = None, *,
+                  documents: Optional[torch.Tensor] = None) -> "Mask":
         """BD3-LM training mask over the 2*seq_len sequence ``[x_t ; x_0]``.
 
         With k the block id of a position: an x_t query of block k sees the x_t keys of block k and
         the x_0 keys of blocks < k; an x_0 query of block k sees the x_0 keys of blocks <= k.
         Labels: x_t queries order = group = k; x_t keys order = INT32_MAX, group = k; x_0 queries
         order = k + 1, group = -2; x_0 keys order = k, group = -1.
+
+        ``documents`` (int ``[B, seq_len]`` or ``[seq_len]``, the documents packed into x_0 and
+        likewise into x_t): blocks restart at each document, and both halves of a document see
+        only that document (packed BD3-LM training; see :func:`document_positions`).
 
         Example:
             >>> Mask.bd3_train(2, 1).to_dense()[0].int()      # rows/cols: xt0 xt1 x0_0 x0_1
@@ -401,17 +520,20 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))
+        doc, pos = document_positions(documents, seq_len, _default_device(device))
         block = torch.div(pos, block_size, rounding_mode="floor")
         full = torch.full_like(block, INT32_MAX)
-        q_order = torch.cat([block, block + 1])
-        q_group = torch.cat([block, torch.full_like(block, -2)])
-        k_order = torch.cat([full, block])
-        k_group = torch.cat([block, torch.full_like(block, -1)])
-        return cls._family_of("bd3_train", q_order[None], q_group[None], k_order[None], k_group[None])
+        q_order = torch.cat([block, block + 1], dim=1)
+        q_group = torch.cat([block, torch.full_like(block, -2)], dim=1)
+        k_order = torch.cat([full, block], dim=1)
+        k_group = torch.cat([block, torch.full_like(block, -1)], dim=1)
+        both_halves = None if doc is None else torch.cat([doc, doc], dim=1)
+        return cls._family_of("bd3_train", q_order, q_group, k_order, k_group,
+                              both_halves, None if doc is None else both_halves.clone())
 
     @classmethod
-    def eso(cls, order_rank: torch.Tensor, is_clean: torch.Tensor, variant: str) -> "Mask":
+    def eso(cls, order_rank: torch.Tensor, is_clean: torch.Tensor, variant: str, *,
+            documents: Optional[torch.Tensor] = None) -> "Mask":
         """Eso-LM masks from each token's sorted slot ``order_rank`` (clean tokens first).
 
         ``order_rank``: integer ``[B, L]`` (or ``[L]``), ``is_clean``: bool ``[B, L]`` (or ``[L]``);
@@ -419,7 +541,8 @@ class Mask:
         = r, so a token sees the tokens of rank <= its own. Variant ``"A"`` ("mixed2"): clean tokens
         see each other bidirectionally; masks are causal in rank and see all clean tokens. Labels:
         clean order = r, group 0; mask order = r, group -1 - r. Pass int32 ranks to avoid a host
-        read (the int64 range check).
+        read (the int64 range check). With ``documents``, each document of a packed row sees only
+        itself (ranks order the tokens within each document).
 
         Example:
             >>> rank = torch.tensor([[2, 0, 1]])            # token 1 then 2 clean, token 0 last
@@ -447,11 +570,13 @@ class Mask:
             group = order.clone()
         else:
             group = torch.where(clean, torch.zeros_like(order), -1 - order).to(torch.int32)
-        return cls._same_qk(f"eso_{variant}", order, group)
+        doc = None if documents is None else document_positions(documents, order.shape[1], order.device)[0]
+        return cls._same_qk(f"eso_{variant}", order, group, doc)
 
     @classmethod
-    def clean_and_self(cls, is_clean: torch.Tensor) -> "Mask":
-        """Masks see the clean keys and themselves, not other masks; clean tokens see clean keys.
+    def clean_and_self(cls, is_clean: torch.Tensor, *, documents: Optional[torch.Tensor] = None) -> "Mask":
+        """Masks see the clean keys and themselves, not other masks; clean tokens see clean keys
+        (with ``documents``, those of their own document only).
 
         ``is_clean``: bool ``[B, L]`` (or ``[L]``). Labels: clean rows order 0, group -1; mask rows
         order 1, group = own position.
@@ -466,13 +591,15 @@ class Mask:
         pos = torch.arange(clean.shape[1], dtype=torch.int32, device=clean.device)
         order = (~clean).to(torch.int32)
         group = torch.where(clean, torch.full_like(order, -1), pos).to(torch.int32)
-        return cls._same_qk("clean_and_self", order, group)
+        doc = None if documents is None else document_positions(documents, clean.shape[1], clean.device)[0]
+        return cls._same_qk("clean_and_self", order, group, doc)
 
     @classmethod
     def bidirectional(cls, seq_len: int, k_len: Optional[int] = None,
-                      device: DeviceLike = None) -> "Mask":
+                      device: DeviceLike = None, *, documents: Optional[torch.Tensor] = None) -> "Mask":
         """Everything visible (all labels 0); ``k_len`` defaults to ``seq_len``. Passing
-        ``mask=None`` to attention is equivalent and faster.
+        ``mask=None`` to attention is equivalent and faster. With ``documents`` (``k_len`` must
+        then equal ``seq_len``), each document of a packed row is bidirectional and sees only itself.
 
         Example:
             >>> Mask.bidirectional(2, k_len=3).to_dense().shape
@@ -483,5 +610,11 @@ class Mask:
         device = _default_device(device)
         zeros_q = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
         zeros_k = torch.zeros(1, k_len, dtype=torch.int32, device=device)
-        return cls._family_of("bidirectional", zeros_q, zeros_q.clone(), zeros_k, zeros_k.clone())
+        doc = None
+        if documents is not None:
+            if k_len != seq_len:
+                raise ValueError(f"Mask.bidirectional: documents need k_len == seq_len, got {k_len} and {seq_len}")
+            doc = document_positions(documents, seq_len, device)[0]
+        return cls._family_of("bidirectional", zeros_q, zeros_q.clone(), zeros_k, zeros_k.clone(),
+                              doc, None if doc is None else doc.clone())
 

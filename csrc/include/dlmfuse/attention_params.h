@@ -82,6 +82,12 @@ struct AttentionParams {
   // sees into FULL tiles, keys some row sees into PARTIAL tiles, the others never loaded. Set by
   // the binding only for calls with labels and without a bias. Last, so that no earlier field moves.
   bool gather_keys = false;
+
+  // Packed sequences (needs labels): key j is visible to query i only if q_doc[i] == k_doc[j].
+  // The CPU kernel reads them; the CUDA kernels are not given calls that have them.
+  bool has_docs = false;
+  LabelView q_doc;  // [B or 1, Lq]
+  LabelView k_doc;  // [B or 1, Lk]
 };
 
 // Arguments of merge_attention: (out_a, lse_a) and (out_b, lse_b) -> (out, lse).

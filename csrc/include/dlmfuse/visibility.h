@@ -63,6 +63,33 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE bool contains_sorted(const int32_t* sorted, i
   return lo < n && sorted[lo] == x;
 }
 
+// Packed sequences add document labels: key j is visible to query i only if q_doc[i] == k_doc[j]
+// as well. The min/max of a tile's document ids refine its kind: tiles whose document ranges do
+// not meet are SKIP, and a FULL tile stays FULL only when its queries and keys are all one document.
+struct IdRange {
+  int32_t min;
+  int32_t max;
+
+  DLMFUSE_HOST_DEVICE static IdRange empty() { return {INT32_MAX, INT32_MIN}; }
+  DLMFUSE_HOST_DEVICE DLMFUSE_INLINE void add(int32_t id) {
+    min = id < min ? id : min;
+    max = id > max ? id : max;
+  }
+};
+
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind within_documents(TileKind kind, const IdRange& q, const IdRange& k) {
+  if (kind == TileKind::kSkip || k.max < q.min || q.max < k.min) return TileKind::kSkip;
+  if (kind == TileKind::kFull && !(q.min == q.max && k.min == k.max && q.min == k.min)) return TileKind::kPartial;
+  return kind;
+}
+
+// One key of document k_doc against query rows whose documents span q: SKIP outside that span,
+// FULL only when every row is of the key's document; PARTIAL may still hide the key from every
+// row (rows of documents on both sides of it), which the per-element test then does.
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE TileKind key_within_documents(TileKind kind, const IdRange& q, int32_t k_doc) {
+  return within_documents(kind, q, IdRange{k_doc, k_doc});
+}
+
 // One key against a query tile: FULL (visible to every query), SKIP (to none) or PARTIAL (to some),
 // exactly. `q` is the tile's label range and q_groups its n query groups in ascending order.
 // Written with bitwise operations: keys of the two kinds interleave at random in mask-only steps,

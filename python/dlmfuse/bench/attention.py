@@ -1,4 +1,4 @@
-"""Attention benchmarks: the DESIGN.md §8 rows A1-A5 on CUDA, C1 and CPU-sized A1/A2/A4 on CPU.
+"""Attention benchmarks: the DESIGN.md §8 rows A1-A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4 on CPU.
 
 Every workload times ``dlmfuse.attention`` against, in the same run:
 
@@ -8,7 +8,8 @@ Every workload times ``dlmfuse.attention`` against, in the same run:
   (``sdpa-flash``, ``sdpa-efficient``, ``sdpa-cudnn``); a backend that refuses the inputs is
   recorded with its reason.
 * ``flex``: FlexAttention compiled with ``torch.compile``, the BlockMask built beforehand from a
-  ``mask_mod`` that reads the same label tensors (a bias becomes a ``score_mod``);
+  ``mask_mod`` that reads the same label tensors (a bias becomes a ``score_mod``; packed documents
+  ``and_masks(document, labels)``, FlexAttention's document masking);
   ``flex.create_block_mask`` times building that BlockMask alone, the cost Flex pays on every
   denoising step whose mask changed (compiled on CUDA; eager on CPU, where compiling it would
   cost another cold inductor compile).
@@ -39,7 +40,7 @@ from .common import DLMFUSE, Case, Impl, Workload
 FAMILY = "attention"
 PEERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex", "flex.create_block_mask")
 SEED = 0
-PATTERNS = ("dense", "bias", "block_causal", "sparse", "bd3_train")
+PATTERNS = ("dense", "bias", "block_causal", "sparse", "bd3_train", "packed")
 TRAIN_FLOPS_FACTOR = 3.5  # forward + backward against the forward alone (2 + 5 matrix products)
 
 
@@ -51,7 +52,9 @@ class AttnSpec:
     "block_causal" (``Mask.block_causal(L, block, prefix_len=prompt)``) or "sparse" (``n`` masked
     query rows per sequence against all ``L`` keys, half of them clean: ``Mask.clean_and_self`` on
     a random ``is_clean``, then ``gather_queries``) or "bd3_train" (BD3-LM training on
-    ``[x_t ; x_0]``: ``Mask.bd3_train(L, block)``, 2L queries and keys). ``L`` is the key length,
+    ``[x_t ; x_0]``: ``Mask.bd3_train(L, block)``, 2L queries and keys) or "packed" (``docs``
+    documents of ``L / docs`` tokens packed into one row of ``L``, block-causal ``block`` inside
+    each: ``Mask.block_causal(L, block, documents=...)``). ``L`` is the key length,
     and the query length, except for "sparse" and "bd3_train". ``Hkv``: key/value heads (0: ``H``;
     fewer: grouped-query attention, peers given ``enable_gqa=True``). ``train``: time forward and
     backward (the gradients of q, k and v).
@@ -69,6 +72,7 @@ class AttnSpec:
     n: int = 0
     Hkv: int = 0
     train: bool = False
+    docs: int = 0
 
     @property
     def kv_heads(self) -> int:
@@ -98,6 +102,8 @@ class AttnSpec:
             return f"block-causal {self.block}{prompt} L={self.L}"
         if self.pattern == "bd3_train":
             return f"BD3 [x_t ; x_0] L={self.L} (2L={2 * self.L}) block {self.block}"
+        if self.pattern == "packed":
+            return f"{self.docs} documents x {self.L // self.docs} packed, block-causal {self.block} in each"
         return f"sparse n={self.n} Lk={self.L} B={self.B}"
 
 
@@ -107,6 +113,8 @@ def workload(spec: AttnSpec) -> Workload:
         raise ValueError(f"attention bench: pattern must be one of {PATTERNS}, got {spec.pattern!r}")
     if spec.Hkv < 0 or spec.H % spec.kv_heads != 0:
         raise ValueError(f"attention bench: Hkv must divide H={spec.H} (0: Hkv = H), got {spec.Hkv}")
+    if spec.pattern == "packed" and not (spec.docs > 0 and spec.L % spec.docs == 0):
+        raise ValueError(f"attention bench: packed needs docs > 0 dividing L={spec.L}, got {spec.docs}")
     if spec.pattern == "sparse" and not 0 < spec.n <= spec.L - spec.L // 2:
         raise ValueError(f"attention bench: sparse n must be in [1, {spec.L - spec.L // 2}] "
                          f"(the masked half of L={spec.L}), got {spec.n}")
@@ -129,8 +137,10 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         specs += [AttnSpec("A4g", "sparse", L=2048, B=8, n=n, H=28, Hkv=4, D=128, dtype="bfloat16")
                   for n in (32, 128)]
         specs.append(AttnSpec("A5", "bd3_train", L=1024, block=16, train=True, **llada))
+        specs.append(AttnSpec("A6", "packed", L=4 * 4096, docs=4, block=32, **llada))
     else:
         specs = [AttnSpec("C1", "block_causal", L=1024, block=32),
+                 AttnSpec("C3", "packed", L=1024, docs=4, block=32),
                  AttnSpec("A1", "dense", L=1024),
                  AttnSpec("A2", "block_causal", L=1024, block=32, prompt=256)]
         specs += [AttnSpec("A4", "sparse", L=1024, B=2, n=n) for n in ((32,) if quick else (32, 128))]
@@ -165,6 +175,9 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         mask = _sparse_mask(spec, gen, device)
     elif spec.pattern == "bd3_train":
         mask = dlmfuse.Mask.bd3_train(spec.L, spec.block, device=device)
+    elif spec.pattern == "packed":
+        documents = torch.arange(spec.L, device=device) // (spec.L // spec.docs)
+        mask = dlmfuse.Mask.block_causal(spec.L, spec.block, device=device, documents=documents)
 
     # Visible (query, key) pairs summed over the batch: the work a mask-aware kernel must do.
     if mask is None:
@@ -280,14 +293,21 @@ def _compiled(name: str):
 
 
 def _label_mask_mod(mask: dlmfuse.Mask):
-    """A Flex ``mask_mod`` implementing the visibility rule on the mask's own label tensors."""
-    batch = max(t.shape[0] for t in (mask.q_order, mask.q_group, mask.k_order, mask.k_group))
-    q_order, q_group, k_order, k_group = (t.expand(batch, -1).contiguous() for t in
-                                          (mask.q_order, mask.q_group, mask.k_order, mask.k_group))
+    """A Flex ``mask_mod`` implementing the visibility rule on the mask's own label tensors; with
+    documents, ``and_masks`` of a document mask and the label rule (Flex's document masking)."""
+    batch = mask.batch
+    q_order, q_group, k_order, k_group, q_doc, k_doc = (None if t is None else t.expand(batch, -1).contiguous()
+                                                        for t in mask.labels())
 
     def mask_mod(b, h, q_idx, kv_idx):
         return (k_order[b, kv_idx] < q_order[b, q_idx]) | (k_group[b, kv_idx] == q_group[b, q_idx])
-    return mask_mod, batch
+    if q_doc is None:
+        return mask_mod, batch
+    from torch.nn.attention.flex_attention import and_masks
+
+    def document_mod(b, h, q_idx, kv_idx):
+        return q_doc[b, q_idx] == k_doc[b, kv_idx]
+    return and_masks(document_mod, mask_mod), batch
 
 
 def _flex_impls(heads_first, mask, bias, device: torch.device, gqa: bool = False) -> list[Impl]:

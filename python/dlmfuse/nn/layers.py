@@ -103,7 +103,9 @@ def _gather_queries(mask: Optional[Mask], rows: Optional[Tensor]) -> Optional[Ma
     """The mask with only the query rows ``rows`` (unchecked: the model checks logits_for)."""
     if mask is None or rows is None:
         return mask
-    return Mask(gather_rows(mask.q_order, rows), gather_rows(mask.q_group, rows), mask.k_order, mask.k_group)
+    q_doc = None if mask.q_doc is None else gather_rows(mask.q_doc, rows)
+    return Mask(gather_rows(mask.q_order, rows), gather_rows(mask.q_group, rows), mask.k_order, mask.k_group,
+                q_doc, mask.k_doc)
 
 
 class DenoiserAttention(nn.Module):
@@ -191,8 +193,8 @@ class DenoiserAttention(nn.Module):
         labels = (mask.k_order, mask.k_group) if write_labels else (None, None)
         # Labels, the range check and lengths are shared by all layers: the first layer does them.
         cache.write(self.layer_idx, positions.expand(batch, length).contiguous(), k, v, *labels,
-                    validate=write_labels, update_lengths=write_labels)
-        return cache.attend(self.layer_idx, q, mask.q_order, mask.q_group)
+                    doc=mask.k_doc if write_labels else None, validate=write_labels, update_lengths=write_labels)
+        return cache.attend(self.layer_idx, q, mask.q_order, mask.q_group, mask.q_doc)
 
     def _check_cache(self, cache, batch: int, dtype: torch.dtype) -> None:
         if not isinstance(cache, KVCache):

@@ -31,7 +31,8 @@ def visibility(
     """Dense visibility, bool ``[batch, q_len, k_len]`` (True = query i may read key j).
 
     Key j is visible to query i iff ``k_order[j] < q_order[i] or k_group[j] == q_group[i]``
-    (``mask=None``: every key), and additionally ``j < kv_lens[b]`` when ``kv_lens`` is given.
+    (``mask=None``: every key), and additionally ``q_doc[i] == k_doc[j]`` when the mask has
+    document labels and ``j < kv_lens[b]`` when ``kv_lens`` is given.
     ``device`` defaults to the mask's device, else that of ``kv_lens``, else CPU.
     """
     if device is None:
@@ -54,6 +55,8 @@ def visibility(
         earlier = k_order[:, None, :] < q_order[:, :, None]
         same_group = k_group[:, None, :] == q_group[:, :, None]
         visible = earlier | same_group  # [1 or B, Lq, Lk]
+        if mask.q_doc is not None:  # packed sequences: and the same document
+            visible = visible & (mask.k_doc.to(device)[:, None, :] == mask.q_doc.to(device)[:, :, None])
         if visible.shape[0] not in (1, batch):
             raise ValueError(f"visibility: mask batch {visible.shape[0]} is neither 1 nor {batch}")
     if kv_lens is not None:
