@@ -142,7 +142,7 @@ if wants bench; then
   # winners first, so that a budget cut drops the least telling.
   step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
     --json "$OUT/bench_ops.jsonl"
-  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention \
+  step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention --only backward \
     --json "$OUT/bench_attention.jsonl"
   # One JSONL for all of them (the device tool returns at most 8 files).
   for kernel in ${BENCH_KERNELS:-wide sm90 gather sm90_gather next double_buffer}; do

@@ -13,7 +13,7 @@ import dlmfuse
 from dlmfuse import bench
 from dlmfuse.__main__ import build_parser, main as cli_main
 from dlmfuse.bench import common
-from dlmfuse.bench import generate as gen_bench, kv_cache, sampling
+from dlmfuse.bench import backward, generate as gen_bench, kv_cache, sampling
 from dlmfuse.bench.attention import AttnSpec, workload, workloads
 
 CPU = torch.device("cpu")
@@ -143,10 +143,13 @@ def test_default_workloads_follow_design():
         assert (c3[0]["H"], c3[0]["D"], c3[0]["dtype"]) == (8, 64, "float32")
         assert {"A1", "A2", "A4"} <= {w.id for w in cpu}
     gpu = workloads(torch.device("cuda"), quick=False)
-    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g", "A5", "A6"}
+    assert {w.id for w in gpu} == {"A1", "A2", "A3", "A4", "A4g", "A6"}
     a6 = [w.params for w in gpu if w.id == "A6"]
     assert len(a6) == 1 and (a6[0]["L"], a6[0]["docs"], a6[0]["block"]) == (4 * 4096, 4, 32)
-    a5 = [w.params for w in gpu if w.id == "A5"]
+    c2 = backward.workloads(CPU, quick=False)
+    assert [w.id for w in c2] == ["C2"] and c2[0].family == "backward"
+    assert (c2[0].params["pattern"], c2[0].params["L"], c2[0].params["block"], c2[0].params["train"]) == ("bd3_train", 512, 16, True)
+    a5 = [w.params for w in backward.workloads(torch.device("cuda"), quick=False) if w.id == "A5"]
     assert len(a5) == 1 and a5[0]["pattern"] == "bd3_train" and a5[0]["train"]
     assert (a5[0]["L"], a5[0]["block"], a5[0]["H"], a5[0]["D"]) == (1024, 16, 32, 128)
     assert sorted(w.params["n"] for w in gpu if w.id == "A4") == [32, 128, 512]
@@ -240,7 +243,7 @@ def test_kv_cache_and_sampling_workloads_follow_design():
         assert {(p["V"], p["dtype"]) for p in cpu if p["top_k"] is None} == \
             {(32000, "float32"), (32000, "bfloat16")}
         assert {w.params["n"] for w in kv_cache.workloads(CPU, quick)} == {32, 256}
-    assert set(bench.FAMILIES) == {"attention", "kv_cache", "sampling", "generate"}
+    assert set(bench.FAMILIES) == {"attention", "backward", "kv_cache", "sampling", "generate"}
     args = build_parser().parse_args(["bench", "--only", "kv_cache", "--only", "sampling"])
     assert args.only == ["kv_cache", "sampling"]
 

@@ -30,8 +30,9 @@ def test_token_probability_over_several_chunks(monkeypatch):
 
 
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
-def test_attention_backward_over_several_query_chunks(monkeypatch, with_bias):
-    """dK / dV / dbias accumulate over query chunks: every chunk must add, none overwrite."""
+def test_composite_attention_backward_over_several_query_chunks(monkeypatch, with_bias):
+    """The PyTorch backward (CUDA's, until a fused one exists) accumulates dK / dV over query
+    chunks: every chunk must add, none overwrite. Called directly, as the CPU runs the C++ one."""
     g = torch.Generator().manual_seed(1)
     B, Lq, Lk, Hq, Hkv, D = 2, 13, 9, 4, 2, 16
     q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
@@ -39,18 +40,23 @@ def test_attention_backward_over_several_query_chunks(monkeypatch, with_bias):
     v = torch.randn(B, Lk, Hkv, D, generator=g, dtype=torch.float64)
     bias = torch.randn(1, Hq, Lq, Lk, generator=g, dtype=torch.float64) if with_bias else None
     mask = dlmfuse.Mask(torch.randint(0, 4, (B, Lq), generator=g), torch.randint(0, 3, (B, Lq), generator=g),
-                        torch.randint(0, 4, (B, Lk), generator=g), torch.randint(0, 3, (B, Lk), generator=g))
+                        torch.randint(0, 4, (B, Lk), generator=g), torch.randint(0, 3, (B, Lk), generator=g),
+                        torch.randint(0, 2, (B, Lq), generator=g), torch.randint(0, 2, (B, Lk), generator=g))
     grad_out = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
+    grad_lse = torch.randn(B, Hq, Lq, generator=g, dtype=torch.float64)
     kv_lens = torch.tensor([Lk, 6], dtype=torch.int32)
 
-    def grads(fn, *inputs):
-        leaves = [t.float().requires_grad_(True) for t in inputs if t is not None]
-        out = fn(*leaves[:3], mask=mask, bias=leaves[3] if with_bias else None, kv_lens=kv_lens)
-        torch.autograd.backward(out, grad_out.to(out.dtype))
-        return [t.grad.double() for t in leaves]
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v) + ((bias,) if with_bias else ())]
+    out, lse = dlmfuse.reference.attention(*leaves[:3], mask=mask, bias=leaves[3] if with_bias else None,
+                                           kv_lens=kv_lens, return_lse=True, out_dtype=torch.float64)
+    torch.autograd.backward((out, lse), (grad_out, grad_lse))
+    expected = [t.grad for t in leaves]
 
-    expected = grads(lambda *a, **kw: dlmfuse.reference.attention(*a, **kw, compute_dtype=torch.float64), q, k, v, bias)
     monkeypatch.setattr(_attention_backward, "_CHUNK_ELEMENTS", B * Hq * Lk * 3)  # 3 query rows per chunk: 5 chunks
-    got = grads(dlmfuse.attention, q, k, v, bias)
-    for name, a, e in zip(("dq", "dk", "dv", "dbias"), got, expected):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    full_bias = None if bias is None else bias.expand(B, Hq, Lq, Lk)
+    got = _attention_backward.attention_backward(grad_out, grad_lse, q, k, v, mask.labels(), full_bias, kv_lens,
+                                                 out.detach(), lse.detach().float(), D**-0.5, with_bias)
+    for name, a, e in zip(("dq", "dk", "dv", "dbias"), got, expected):  # no bias: stops after dv
+        if name == "dbias":
+            a = a.sum(dim=0, keepdim=True)  # the gradient of the [B, ...] broadcast of a [1, ...] bias
+        torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")

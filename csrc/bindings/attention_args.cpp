@@ -115,6 +115,46 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
 }
 
 
+namespace {
+
+// A float32 buffer with exactly this shape, contiguous (the backward writes it as such).
+float* contiguous_float_buffer(const char* name, const Array& a, std::initializer_list<int64_t> shape,
+                               int32_t device_type) {
+  expect_device(kOp, name, a, device_type);
+  expect_dtype(kOp, name, a, nb::dlpack::dtype_code::Float, 32, "float32");
+  expect_shape(kOp, name, a, shape);
+  int64_t expected = 1;
+  for (size_t d = a.ndim(); d-- > 0;) {
+    if (a.shape(d) > 1 && a.stride(d) != expected) throw_value_error(kOp, ": ", name, " must be contiguous");
+    expected *= static_cast<int64_t>(a.shape(d));
+  }
+  return static_cast<float*>(a.data());
+}
+
+}  // namespace
+
+AttentionBackwardParams attention_backward_params(const AttentionParams& forward, const Array& grad_out,
+                                                  const Array& delta, const Array& grad_q, const Array& grad_k,
+                                                  const Array& grad_v, const std::optional<Array>& grad_bias,
+                                                  int32_t device_type) {
+  AttentionBackwardParams p;
+  p.fwd = forward;
+  const AttentionParams& f = forward;
+  expect_bhd_layout(kOp, "grad_out", grad_out, device_type);
+  if (float_dtype(kOp, "grad_out", grad_out) != f.dtype)
+    throw_type_error(kOp, ": grad_out must have the dtype of q (", dtype_name(f.dtype), "), got ", dtype_string(grad_out));
+  expect_shape(kOp, "grad_out", grad_out, {f.batch, f.q_len, f.q_heads, f.head_dim});
+  p.grad_out = grad_out.data();
+  copy_strides(p.grad_out_strides, grad_out);
+  p.delta = contiguous_float_buffer("delta", delta, {f.batch, f.q_heads, f.q_len}, device_type);
+  p.grad_q = contiguous_float_buffer("grad_q", grad_q, {f.batch, f.q_heads, f.q_len, f.head_dim}, device_type);
+  p.grad_k = contiguous_float_buffer("grad_k", grad_k, {f.batch, f.k_len, f.kv_heads, f.head_dim}, device_type);
+  p.grad_v = contiguous_float_buffer("grad_v", grad_v, {f.batch, f.k_len, f.kv_heads, f.head_dim}, device_type);
+  if (grad_bias.has_value())
+    p.grad_bias = contiguous_float_buffer("grad_bias", *grad_bias, {f.batch, f.q_heads, f.q_len, f.k_len}, device_type);
+  return p;
+}
+
 MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& out_b, const Array& lse_b,
                          const Array& out, const Array& lse, int32_t device_type) {
   constexpr const char* op = "merge_attention";

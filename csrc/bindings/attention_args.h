@@ -19,6 +19,14 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
                                  const std::optional<Array>& q_doc = std::nullopt,
                                  const std::optional<Array>& k_doc = std::nullopt);
 
+// The forward's arguments (out: the forward's output, lse: its lse) plus grad_out [B, Lq, Hq, D]
+// in q's dtype and float32 contiguous delta [B, Hq, Lq], grad_q [B, Hq, Lq, D], grad_k / grad_v
+// [B, Lk, Hkv, D] and grad_bias [B, Hq, Lq, Lk] (optional).
+AttentionBackwardParams attention_backward_params(const AttentionParams& forward, const Array& grad_out,
+                                                  const Array& delta, const Array& grad_q, const Array& grad_k,
+                                                  const Array& grad_v, const std::optional<Array>& grad_bias,
+                                                  int32_t device_type);
+
 // attention_num_splits, attention_packs_gqa and ATTENTION_MAX_SPLITS (attention_plan_bindings.cpp).
 void register_attention_plan(nb::module_& m);
 

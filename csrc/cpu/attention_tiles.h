@@ -11,6 +11,7 @@ namespace dlmfuse::cpu {
 
 constexpr int kAttnTileM = 64;  // query rows per task
 constexpr int kAttnTileN = 64;  // keys per inner tile
+constexpr int kAttnTileRowBlock = 4;  // rows of the micro-kernels' register block (M % it == 0)
 
 // Per-call precomputation shared by all tasks (read-only while tasks run).
 struct AttentionPlan {
@@ -53,12 +54,33 @@ void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t
 using AttentionTaskFn = void (*)(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
                                  float* scratch);
 
-// Each ISA namespace returns its kernel for (dtype, head_dim): the narrowest tile width that holds
+// The backward's split of each (batch, KV head) into key ranges, each with its own dQ slice.
+struct BackwardPlan {
+  AttentionPlan tiles;
+  int64_t splits = 1;         // key ranges per (batch, KV head)
+  int64_t q_rows_padded = 0;  // Lq rounded up to the micro-kernel's row block (rows per (b, h) in a slice)
+  float* grad_q_slices = nullptr;  // [splits, B, Hq, q_rows_padded, D_tile] float32, zeroed
+  int64_t tile_width = 0;     // D_tile
+};
+
+// Fp32 scratch of one backward task (64-byte aligned by the caller).
+inline size_t attention_backward_scratch_floats(int64_t head_dim) {
+  const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
+  // K tile twice (rows, transposed), V transposed, dK and dV accumulators, Q and dO tiles; S / P /
+  // dS and dP; the rows' lse and delta; a bias row; key labels (3 x n int32).
+  return 7 * n * d + 2 * m * n + 2 * m + n + 3 * n + 64;
+}
+
+using AttentionBackwardTaskFn = void (*)(const AttentionBackwardParams& p, const BackwardPlan& plan, int64_t task,
+                                         float* scratch);
+
+// Each ISA namespace returns its kernels for (dtype, head_dim): the narrowest tile width that holds
 // head_dim, or null when none does
 // (the dispatcher has already raised a clear error for unsupported values by then).
 #define DLMFUSE_DECLARE_ATTENTION_ISA(isa) \
   namespace isa {                          \
   AttentionTaskFn attention_task_fn(DType dtype, int64_t head_dim); \
+  AttentionBackwardTaskFn attention_backward_task_fn(DType dtype, int64_t head_dim); \
   }
 
 DLMFUSE_DECLARE_ATTENTION_ISA(baseline)

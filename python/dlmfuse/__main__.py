@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser(
         "bench", help="benchmark dlmfuse against torch SDPA and FlexAttention in the same run",
         description="Run the DESIGN.md benchmark workloads that fit this device (CUDA: A1-A6 and "
-                    "A4g, K1, S1, E1; CPU: C1, C3, CPU-sized A1/A2/A4, K1, S1, E1), print a progress "
+                    "A4g, K1, S1, E1; CPU: C1, C2, C3, CPU-sized A1/A2/A4, K1, S1, E1), print a progress "
                     "line per workload and a "
                     "table of times with ratios peer/dlmfuse (>1: dlmfuse faster).",
         epilog="example: python -m dlmfuse bench --quick --json bench_out/cpu.jsonl "

@@ -4,7 +4,8 @@
     dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO,  dbias = dS.
 
 Query rows are processed in chunks so the [B, Hq, chunk, Lk] intermediates stay bounded; this
-runs on any device (a fused backward kernel is future work).
+runs on devices without a fused backward (CUDA today, and DLMFUSE_BACKEND=reference); the CPU has
+the C++ kernel (csrc/cpu/attention_backward_tiles.cpp).
 """
 
 from __future__ import annotations

@@ -456,14 +456,63 @@ def _attention_backward(ctx, grad_out, grad_lse):
             "the gradient would use the new values. Run the backward before the write, or pass a clone of the "
             f"cache to attention. PyTorch's report: {e}") from None
     needs_bias_grad = bias is not None and ctx.needs_input_grad[9]
-    dq, dk, dv, dbias = attention_backward(
-        grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group, q_doc, k_doc), bias, kv_lens,
-        out, lse, ctx.scale, needs_bias_grad,
-    )
-    return dq, dk, dv, None, None, None, None, None, None, dbias, None, None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    if grad_lse is None:
+        grad_lse = torch.zeros_like(lse)
+    dq, dk, dv, dbias = torch.ops.dlmfuse.attention_backward(
+        grad_out, grad_lse, q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, out, lse,
+        ctx.scale, needs_bias_grad)
+    return dq, dk, dv, None, None, None, None, None, None, dbias if needs_bias_grad else None, None, None
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
+
+
+@torch.library.custom_op("dlmfuse::attention_backward", mutates_args=())
+def _attention_backward_op(
+    grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor, q_order: Optional[Tensor],
+    q_group: Optional[Tensor], k_order: Optional[Tensor], k_group: Optional[Tensor], q_doc: Optional[Tensor],
+    k_doc: Optional[Tensor], bias: Optional[Tensor], kv_lens: Optional[Tensor], out: Tensor, lse: Tensor,
+    scale: float, needs_bias_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of q, k, v and (when needs_bias_grad; else an empty tensor) of the broadcast bias."""
+    labels = (q_order, q_group, k_order, k_group, q_doc, k_doc)
+    if q.device.type == "cpu" and not use_reference("attention", q.device):
+        dq, dk, dv, dbias = _cpu_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
+                                          needs_bias_grad)
+    else:  # the PyTorch composite (CUDA has no fused backward yet)
+        dq, dk, dv, dbias = attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
+                                               needs_bias_grad)
+    # In the inputs' layouts (what the fake implementation promises).
+    dq, dk, dv = (torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv, dbias.contiguous() if dbias is not None else q.new_empty(0)
+
+
+@_attention_backward_op.register_fake
+def _(grad_out, grad_lse, q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, out, lse, scale,
+      needs_bias_grad):
+    dbias = bias.new_empty(bias.shape) if needs_bias_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+
+def _cpu_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
+    """The C++ backward: float32 gradients, returned in the inputs' dtypes and layouts."""
+    B, Lq, Hq, D = q.shape
+    Lk, Hkv = k.shape[1], k.shape[2]
+    f32 = torch.float32
+    delta = ((grad_out.to(f32) * out.to(f32)).sum(-1).transpose(1, 2) - grad_lse.to(f32)).contiguous()
+    grad_out = grad_out.to(q.dtype)
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq = torch.zeros((B, Hq, Lq, D), dtype=f32)
+    dk, dv = torch.zeros((B, Lk, Hkv, D), dtype=f32), torch.zeros((B, Lk, Hkv, D), dtype=f32)
+    dbias = torch.zeros((B, Hq, Lq, Lk), dtype=f32) if needs_bias_grad else None
+    q_order, q_group, k_order, k_group, q_doc, k_doc = labels
+    _C.attention_backward(*dlpack(*(None if t is None else t.detach() for t in (
+        q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse))), scale,
+        *dlpack(q_doc, k_doc, grad_out.detach(), delta, dq, dk, dv, dbias))
+    return dq.transpose(1, 2), dk, dv, None if dbias is None else dbias.to(bias.dtype)
 
 
 @torch.library.custom_op("dlmfuse::merge_attention", mutates_args=())

@@ -90,6 +90,19 @@ struct AttentionParams {
   LabelView k_doc;  // [B or 1, Lk]
 };
 
+// Arguments of one attention backward call (CPU): the forward's (its `out` unused, `lse` read),
+// the output gradient, and zeroed float32 gradient buffers that the kernel fills.
+struct AttentionBackwardParams {
+  AttentionParams fwd;
+  const void* grad_out = nullptr;  // [B, Lq, Hq, D], dtype of q
+  int64_t grad_out_strides[3] = {0, 0, 0};
+  const float* delta = nullptr;  // [B, Hq, Lq] contiguous: rowsum(grad_out * out) - grad_lse
+  float* grad_q = nullptr;       // [B, Hq, Lq, D] contiguous (heads before rows)
+  float* grad_k = nullptr;       // [B, Lk, Hkv, D] contiguous
+  float* grad_v = nullptr;       // [B, Lk, Hkv, D] contiguous
+  float* grad_bias = nullptr;    // [B, Hq, Lq, Lk] contiguous, or null: no bias gradient
+};
+
 // Arguments of merge_attention: (out_a, lse_a) and (out_b, lse_b) -> (out, lse).
 struct MergeParams {
   const void* out_a = nullptr;  // [B, L, H, D]

@@ -21,12 +21,12 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from . import attention, generate, kv_cache, sampling
+from . import attention, backward, generate, kv_cache, sampling
 from .common import (MissingMatplotlib, Timing, Workload, default_timing, is_skipped,
                      run as _run_harness)
 
 # Registered op families, in the order the main job runs them.
-FAMILIES = {module.FAMILY: module for module in (attention, kv_cache, sampling, generate)}
+FAMILIES = {module.FAMILY: module for module in (attention, backward, kv_cache, sampling, generate)}
 
 __all__ = ["FAMILIES", "add_arguments", "main", "reproducer", "resolve_device", "run"]
 

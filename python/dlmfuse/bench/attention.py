@@ -1,4 +1,5 @@
-"""Attention benchmarks: the DESIGN.md §8 rows A1-A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4 on CPU.
+"""Attention benchmarks: the DESIGN.md §8 rows A1-A4 and A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4
+on CPU (the training rows A5 / C2 are the ``backward`` family, built from the same specs).
 
 Every workload times ``dlmfuse.attention`` against, in the same run:
 
@@ -136,7 +137,6 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
         # where packing the 7 query heads of a KV head into shared CTAs reads each K/V tile once.
         specs += [AttnSpec("A4g", "sparse", L=2048, B=8, n=n, H=28, Hkv=4, D=128, dtype="bfloat16")
                   for n in (32, 128)]
-        specs.append(AttnSpec("A5", "bd3_train", L=1024, block=16, train=True, **llada))
         specs.append(AttnSpec("A6", "packed", L=4 * 4096, docs=4, block=32, **llada))
     else:
         specs = [AttnSpec("C1", "block_causal", L=1024, block=32),
