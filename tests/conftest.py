@@ -141,7 +141,8 @@ def lowp_attention_bound(q, k, v, ref_out, *, rounded_p: bool, mask=None, bias=N
     score_size = torch.matmul(q64, k64.transpose(-1, -2)) * abs(scale)  # [B, Hq, Lq, Lk]
     if bias is not None:
         score_size = score_size + bias.detach().cpu().double().abs().nan_to_num(posinf=0.0)
-    score_size = torch.where(p > 0, score_size, torch.zeros_like(score_size)).amax(-1)  # [B, Hq, Lq]
+    score_size = torch.where(p > 0, score_size, torch.zeros_like(score_size))
+    score_size = score_size.amax(-1) if Lk > 0 else score_size.sum(-1)  # [B, Hq, Lq] (0 without keys)
     score_err = ((D + 2) * u32 * 2 * score_size + 2.0**-21).transpose(1, 2)[..., None]  # [B, Lq, Hq, 1]
     delta = score_err * (weighted_abs_v + ref.abs()) + (Lk + D) * u32 * weighted_abs_v
     bound = u * ref.abs() + (1 + u) * delta

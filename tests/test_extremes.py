@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import dlmfuse
-from dlmfuse import Mask
+from dlmfuse import KVCache, Mask
 
 from conftest import assert_fp32_close
 
@@ -141,3 +141,55 @@ def test_merge_rules_for_infinite_and_nan_lse():
         assert out[0, 0].eq(1.0).all() and lse[0, 0, 0] == inf, "+inf outweighs a finite lse"
         assert out[0, 1].eq(2.0).all() and lse[0, 0, 1] == inf, "two +inf sides weigh 1/2 each"
         assert out[0, 2:].isnan().all() and lse[0, 0, 2:].isnan().all(), "a NaN lse gives a NaN row"
+
+
+# ------------------------------------------------------------------- found by tests/test_fuzz.py
+def test_unsigned_integer_tensors_are_integers():
+    q = torch.randn(2, 3, 2, 8)
+    expected = dlmfuse.attention(q, q, q, kv_lens=torch.tensor([1, 2]))
+    for dtype in (torch.uint16, torch.uint32, torch.uint64):
+        assert torch.equal(dlmfuse.attention(q, q, q, kv_lens=torch.tensor([1, 2], dtype=dtype)), expected)
+        conf, cand = torch.rand(2, 4, generator=torch.Generator().manual_seed(0)), torch.ones(2, 4, dtype=torch.bool)
+        assert torch.equal(dlmfuse.select_unmask(conf, cand, k=torch.tensor([2, 1], dtype=dtype)),
+                           dlmfuse.select_unmask(conf, cand, k=torch.tensor([2, 1])))
+    with pytest.raises(ValueError, match=r"kv_lens values must lie in \[0, Lk=3\]"):
+        dlmfuse.attention(q, q, q, kv_lens=torch.tensor([1, 2**64 - 1], dtype=torch.uint64))
+    numpy = pytest.importorskip("numpy")
+    assert dlmfuse.select_unmask(conf, cand, k=numpy.uint64(2**64 - 1)).all()
+
+
+def test_kv_cache_labels_of_any_integer_kind():
+    cache = KVCache(1, 1, 8, 1, 64, torch.float32)
+    k = torch.randn(1, 1, 1, 64)
+    cache.write(0, torch.tensor([[1]]), k, k, order=torch.tensor([[3]], dtype=torch.uint32), group=numpy_int(5))
+    assert int(cache.k_order[0, 1]) == 3 and int(cache.k_group[0, 1]) == 5
+    with pytest.raises(ValueError, match="KVCache.write: order values must fit in int32, got 9223372036854775808"):
+        cache.write(0, torch.tensor([[1]]), k, k, order=2**63)
+    with pytest.raises(TypeError, match="KVCache.write: order must be an integer tensor or an int, got str"):
+        cache.write(0, torch.tensor([[1]]), k, k, order="0")
+
+
+def numpy_int(value):
+    return pytest.importorskip("numpy").int64(value)
+
+
+SAMPLING_EDGES = [
+    # (logits, kwargs, expected token, expected confidence): confidences are the float64 softmax's
+    (torch.tensor([[1e308, -1e308]], dtype=torch.float64), dict(confidence="neg_entropy"), 0, 0.0),
+    (torch.tensor([[15.41, -21.79]]), dict(temperature=1e-307, seed=1, tempered_confidence=True, confidence="neg_entropy"), 0, 0.0),
+    (torch.tensor([[1e308, 0.0]], dtype=torch.float64), dict(temperature=0.5, seed=1, tempered_confidence=True), 0, 1.0),
+    (torch.tensor([[2.0, 1.0, 3.0]]), dict(temperature=1e-320, seed=0, tempered_confidence=True), 2, 1.0),
+    (torch.tensor([[1.0, -1.0]]), dict(temperature=5e-324, seed=0, suppress_tokens=[0]), 1, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SAMPLING_EDGES)))
+def test_sampling_where_logits_over_temperature_overflow(case):
+    """l / T beyond float64: the token is still the most likely kept one (not the first index, not
+    a suppressed one) and confidences are the softmax's, not NaN; kernel and reference agree."""
+    logits, kwargs, token, confidence = SAMPLING_EDGES[case]
+    for sample in (dlmfuse.sample_tokens, dlmfuse.reference.sample_tokens):
+        tokens, conf = sample(logits, **kwargs)
+        assert int(tokens[0]) == token and float(conf[0]) == pytest.approx(confidence, abs=1e-6), sample
+    with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
+        dlmfuse.sample_tokens(logits.float(), temperature=2**1100)

@@ -17,6 +17,16 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
     return l > -INFINITY && !(p.suppressed != nullptr && p.suppressed[j]);  // NaN fails
   };
 
+  // Where the largest kept l / T overflows float64 (T tiny, or |l| near the float64 limit), scores
+  // and confidences use l - l_max instead of l: the same ranks and probabilities, with no inf - inf.
+  double l_max = -INFINITY;
+  reader.for_each([&](int64_t j, double l) {
+    if (eligible(j, l) && l > l_max) l_max = l;
+  });
+  const bool finite_max = std::isfinite(l_max);  // (a +inf logit is chosen as it is)
+  const double score_shift = finite_max && p.temperature > 0.0 && l_max / p.temperature == INFINITY ? l_max : 0.0;
+  const double confidence_shift = finite_max && p.tempered_confidence && l_max / divisor == INFINITY ? l_max : 0.0;
+
   double cut = -INFINITY;
   if (p.top_k > 0 || p.top_p < 1.0) {
     std::vector<ScoredToken<double>> tokens;
@@ -31,10 +41,10 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
   int64_t best_index = -1;
   reader.for_each([&](int64_t j, double l) {
     if (!eligible(j, l) || !(l / divisor >= cut)) return;
-    const double c = confidence_score(p, l);
+    const double c = confidence_score(p, l - confidence_shift);
     if (c > c_max) c_second = c_max, c_max = c;
     else if (c > c_second) c_second = c;
-    const double score = exact_score(p, row, j, l);
+    const double score = exact_score(p, row, j, l - score_shift);
     if (best_index < 0 || score > best) best = score, best_index = j;
   });
   *token = best_index;
@@ -45,10 +55,10 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
   double z = 0.0, s = 0.0, chosen_c = 0.0, chosen_l = 0.0;
   reader.for_each([&](int64_t j, double l) {
     if (!eligible(j, l) || !(l / divisor >= cut)) return;
-    const double c = confidence_score(p, l);
+    const double c = confidence_score(p, l - confidence_shift);
     const double d = c - c_max, e = std::exp(d);
     z += e;
-    s += e * d;
+    if (e > 0.0) s += e * d;  // p log p -> 0 as p -> 0 (d may be -inf)
     if (j == best_index) chosen_c = c, chosen_l = l;
   });
   switch (p.confidence) {

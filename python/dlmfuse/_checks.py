@@ -51,6 +51,21 @@ def expect_int_in(op: str, name: str, value, low: int, high: int | None = None) 
     return value
 
 
+_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # (uint8 has every kernel torch has)
+INT64_MAX = 2**63 - 1
+
+
+def as_signed_int(t: torch.Tensor) -> torch.Tensor:
+    """An integer tensor with its values as int64 where torch has few kernels for its dtype
+    (uint16/32/64); uint64 values beyond int64 saturate at 2**63 - 1. Other dtypes unchanged."""
+    if t.dtype not in _UNSIGNED:
+        return t
+    if t.dtype != torch.uint64:
+        return t.to(torch.int64)
+    wide = t.view(torch.int64)  # values >= 2**63 read negative
+    return torch.where(wide < 0, torch.full_like(wide, INT64_MAX), wide)
+
+
 def expect_float_dtype(op: str, name: str, t: torch.Tensor) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype}")

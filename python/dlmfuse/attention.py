@@ -19,6 +19,7 @@ from torch import Tensor
 from . import _C, reference
 from ._attention_backward import attention_backward
 from ._checks import (
+    as_signed_int,
     can_read_values,
     expect_float32_finite,
     expect_float_dtype,
@@ -200,6 +201,7 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
         expect_same_device(_OP, "kv_lens", kv_lens, "q", q)
         if tuple(kv_lens.shape) != (B,):
             raise ValueError(f"{_OP}: kv_lens must have shape [B={B}], got {list(kv_lens.shape)}")
+        kv_lens = as_signed_int(kv_lens)
         if check_kv_lens_values and torch.compiler.is_compiling():
             # No values while tracing: the check becomes an op of the graph, run on the real values.
             kv_lens = torch.ops.dlmfuse.check_kv_lens(kv_lens, Lk)

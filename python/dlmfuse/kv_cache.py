@@ -7,6 +7,7 @@ dKV-Cache, Eso-LM); kv_scatter_ does K and V in one pass, in place, without copi
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
@@ -16,7 +17,7 @@ from . import _C, reference
 from ._ext import ATTENTION_MAX_HEAD_DIM, ORDER_INFINITY, _C_cuda
 from .attention import _attention
 from .mask import INT32_MAX, INT32_MIN, Mask
-from ._checks import (FLOAT_DTYPES, can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
+from ._checks import (FLOAT_DTYPES, as_signed_int, can_read_values, expect_last_dim_contiguous, expect_ndim, expect_positive_int,
                       expect_same_device, expect_tensor, needs_dispatcher)
 from ._ext import dlpack, use_reference
 from ._memory import may_share_memory
@@ -268,9 +269,14 @@ class KVCache:
 
     def _checked_labels(self, name: str, labels, positions: Tensor) -> Tensor:
         """Labels as int32 broadcast to the positions' shape; errors name the received value."""
+        if not isinstance(labels, (Tensor, numbers.Integral)) or isinstance(labels, bool):
+            raise TypeError(f"KVCache.write: {name} must be an integer tensor or an int, got {type(labels).__name__}")
+        if isinstance(labels, numbers.Integral) and not INT32_MIN <= labels <= INT32_MAX:
+            raise ValueError(f"KVCache.write: {name} values must fit in int32, got {labels}")
         labels = torch.as_tensor(labels, device=self._order.device)
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise TypeError(f"KVCache.write: {name} must be an integer tensor, got {labels.dtype}")
+        labels = as_signed_int(labels)
         try:
             labels = labels.expand(positions.shape)
         except RuntimeError:

@@ -88,7 +88,11 @@ def sample_tokens(
         raise ValueError(f"{_OP}: logits must have a contiguous last dimension, got strides {logits.stride()}")
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
         raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
-    if not math.isfinite(temperature) or temperature < 0:
+    try:
+        finite = math.isfinite(temperature)
+    except OverflowError:  # an int beyond float64
+        finite = False
+    if not finite or temperature < 0:
         raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
     top_k_code = _top_k_code(top_k, logits.shape[-1])
     top_p_value = _top_p_value(top_p)

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-from ._checks import can_read_values, expect_same_device, expect_tensor
+from ._checks import as_signed_int, can_read_values, expect_same_device, expect_tensor
 
 __all__ = ["select_unmask"]
 
@@ -91,10 +91,10 @@ def select_unmask(
 
     if rule == "k":
         if isinstance(k, Tensor):
-            k_row = k.to(device=rank.device, dtype=torch.int64).reshape(-1, 1)  # [B or 1, 1]
+            k_row = as_signed_int(k).to(device=rank.device, dtype=torch.int64).reshape(-1, 1)  # [B or 1, 1]
             take = rank < k_row
-        else:  # a k beyond the row selects every candidate, however large the int
-            take = rank < (min(k, key.shape[1]) if isinstance(k, int) else k)
+        else:  # a k beyond the row selects every candidate, however large the int (numpy's too)
+            take = rank < (k if isinstance(k, torch.SymInt) else min(int(k), key.shape[1]))
     elif rule == "threshold":
         # Candidates above the threshold are a prefix of the sorted candidates (NaN sits at -inf).
         take = (sorted_key.to(torch.float64) > threshold) | (rank == 0)
@@ -164,7 +164,7 @@ def _check_k(k, confidence: Tensor) -> None:
         batch = confidence.shape[0]
         if k.dim() > 1 or (k.dim() == 1 and k.shape[0] != batch):
             raise ValueError(f"{_OP}: k must have shape [B={batch}] (or be 0-dim), got {list(k.shape)}")
-        if can_read_values(k) and k.numel() > 0 and bool((k < 0).any()):
+        if can_read_values(k) and k.numel() > 0 and bool((as_signed_int(k) < 0).any()):
             raise ValueError(f"{_OP}: k must be >= 0 in every row, got {k.tolist()}")
         return
     if isinstance(k, bool) or not isinstance(k, (numbers.Integral, torch.SymInt)):

@@ -180,18 +180,29 @@ def sample_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[i
     keep = kept_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens)
     has_token = keep.any(dim=1)
 
+    # Rows whose largest kept l / T overflows float64 rank and weigh l - l_max instead of l (the
+    # same order and softmax, without inf - inf); other rows use l itself.
+    l_max = l.masked_fill(~keep, -math.inf).amax(dim=1, keepdim=True)
+
+    def shifted_where_overflowing(divisor: float) -> Tensor:
+        overflow = (l_max / divisor == math.inf) & torch.isfinite(l_max)  # a +inf logit stays as it is
+        return l - torch.where(overflow, l_max, torch.zeros_like(l_max))
+
     if temperature > 0:
         if uniforms is None:
             u = gumbel_uniforms(rows, vocab, seed, offset)
         else:
             u = uniforms.detach().to("cpu", torch.float64).reshape(rows, vocab)
-        score = l / temperature - torch.log(-torch.log(u))
+        score = shifted_where_overflowing(temperature) / temperature - torch.log(-torch.log(u))
     else:
         score = l
-    tokens = score.masked_fill(~keep, -math.inf).argmax(dim=1)  # first index on ties
+    score = score.masked_fill(~keep, -math.inf)
+    # The first kept index with the best score (ties; and rows whose kept scores are all -inf).
+    best = score.amax(dim=1, keepdim=True)
+    tokens = (keep & (score == best)).to(torch.int64).argmax(dim=1)
 
     t_eff = temperature if temperature > 0 else 1.0
-    c = l / t_eff if tempered_confidence else l
+    c = shifted_where_overflowing(t_eff) / t_eff if tempered_confidence else l
     p = torch.softmax(c.masked_fill(~keep, -math.inf), dim=1)  # NaN rows only where nothing is kept
     if confidence == "prob":
         conf = p.gather(1, tokens.unsqueeze(1)).squeeze(1)
