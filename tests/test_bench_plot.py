@@ -3,6 +3,7 @@ and overheads not), the legend outside the panels, and no text drawn over anothe
 
 import io
 import itertools
+import warnings
 
 import pytest
 
@@ -116,7 +117,9 @@ def _extents(fig):
 
 
 def test_nothing_overlaps_and_the_legend_is_outside(rows):
-    fig = plot.ratio_figure(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Tight layout not applied": the layout did not fit
+        fig = plot.ratio_figure(rows)
     try:
         fig.canvas.draw()
         renderer, extents, legend = _extents(fig)
@@ -148,6 +151,22 @@ def test_real_rows_plot_their_peers(tmp_path):
     path = tmp_path / "plot.png"
     plot.write_plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_busy_run_says_so_in_the_title(rows):
+    quiet = plot.ratio_figure(rows)
+    # The smallest figure: one panel, one line, one bar.
+    one_line = [dict(r, peer_ratios={"sdpa": r["peer_ratios"]["sdpa"]}) for r in rows
+                if r["workload"] == "C1" and r["impl"] == "dlmfuse"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the two-line title must fit too
+        busy = plot.ratio_figure([dict(r, machine=dict(r["machine"], busy=True)) for r in one_line])
+    try:
+        assert "WARNING" not in quiet._suptitle.get_text()
+        assert "WARNING: the machine was busy" in busy._suptitle.get_text()
+    finally:
+        plot.require_matplotlib().close(quiet)
+        plot.require_matplotlib().close(busy)
 
 
 def test_a_run_without_peers_says_so():

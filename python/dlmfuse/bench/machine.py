@@ -148,9 +148,9 @@ def machine_record(run_load: RunLoad, before_s: float, after_s: float) -> dict:
             "calibration_drift": change, "busy": run_load.busy or change > DRIFT_LIMIT}
 
 
-def drift_warning(before_s: float, after_s: float) -> Optional[str]:
+def drift_warning(workload: str, before_s: float, after_s: float) -> Optional[str]:
     change = drift(before_s, after_s)
     if change <= DRIFT_LIMIT:
         return None
-    return (f"machine speed changed: the calibration kernel took {before_s * 1e3:.3g} ms before and "
-            f"{after_s * 1e3:.3g} ms after this workload ({change:.0%}, limit {DRIFT_LIMIT:.0%})")
+    return (f"machine speed changed during {workload}: the calibration kernel took {before_s * 1e3:.3g} ms "
+            f"before it and {after_s * 1e3:.3g} ms after ({change:.0%}, limit {DRIFT_LIMIT:.0%})")

@@ -19,6 +19,7 @@ __all__ = ["MissingMatplotlib", "require_matplotlib", "ratio_figure", "write_plo
 
 BAR_SLOT_INCHES = 0.24    # vertical room per bar: more than a 7-point label needs
 PANEL_EXTRA_INCHES = 0.9  # title and x axis of a panel
+TITLE_INCHES = 0.6        # the figure's title (two lines when the run has a warning)
 LABEL_ROOM = 4.0          # the x axis extends this factor past the largest bar, for its value label
 
 
@@ -60,10 +61,13 @@ def ratio_figure(rows: Sequence[dict]):
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(peers)}
     heights = [len(lines) * max(len(r["peer_ratios"]) for r in lines) * BAR_SLOT_INCHES + PANEL_EXTRA_INCHES
                for lines in families.values()] or [2.0]
-    fig, axes = plt.subplots(len(heights), 1, figsize=(9.0, sum(heights)), squeeze=False,
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9.0, sum(heights) + TITLE_INCHES), squeeze=False,
                              gridspec_kw={"height_ratios": heights})
     device = rows[0]["device"] if rows else "?"
-    fig.suptitle(f"dlmfuse vs peers on {device}: peer time / dlmfuse time (>1: dlmfuse faster)", fontsize=9)
+    title = f"dlmfuse vs peers on {device}: peer time / dlmfuse time (>1: dlmfuse faster)"
+    if any((r.get("machine") or {}).get("busy") for r in rows):
+        title += "\nWARNING: the machine was busy during this run; these ratios may not reproduce"
+    fig.suptitle(title, fontsize=9)
     if not families:
         axes[0, 0].set_axis_off()
         axes[0, 0].text(0.5, 0.5, "no peer ran: nothing to compare", ha="center", va="center")

@@ -282,7 +282,7 @@ def run(workloads: Sequence[Workload], *, device: torch.device, timing: Timing,
                 own = Timing(warmup=own.warmup, repeats=repeats)
             new_rows = run_workload(workload, device, own, skip)
             after = machine.calibration_seconds(device)
-            _add_machine(new_rows, run_load, calibration, after)
+            _add_machine(new_rows, f"{workload.id} {workload.desc}", run_load, calibration, after)
             calibration = after
             new_rows = [{**row, **env} for row in new_rows]
             print(_progress_summary(new_rows), file=progress, flush=True)
@@ -305,9 +305,9 @@ def run(workloads: Sequence[Workload], *, device: torch.device, timing: Timing,
     return rows
 
 
-def _add_machine(rows: list[dict], run_load: machine.RunLoad, before: float, after: float) -> None:
+def _add_machine(rows: list[dict], workload: str, run_load: machine.RunLoad, before: float, after: float) -> None:
     record = machine.machine_record(run_load, before, after)
-    extra = [w for w in (run_load.warning(), machine.drift_warning(before, after)) if w is not None]
+    extra = [w for w in (run_load.warning(), machine.drift_warning(workload, before, after)) if w is not None]
     for row in rows:
         row["machine"] = record
         row["warnings"] = extra + row["warnings"]
