@@ -213,3 +213,20 @@ def test_rows_are_json(clock, tmp_path):
     assert [r["impl"] for r in rows] == ["dlmfuse", "a"]
     assert rows[0]["verdict"] == "faster" and rows[0]["interleaved"] is True
     assert rows[0]["peer_ratios"] == {"a": {"ratio": 2.0, "q1": 2.0, "q3": 2.0}}
+
+
+def test_an_implementation_failing_mid_rounds_leaves_them(clock):
+    """A peer that raises in a timed round is recorded as failed; the others keep every round."""
+    calls = iter(range(100))
+
+    def flaky():
+        if next(calls) == 2:  # first call and round 1 pass, round 2 raises
+            raise RuntimeError("out of workspace")
+        clock.now += 1.0
+        return torch.zeros(1)
+    by, table = run_case([clock.impl("dlmfuse", [0.0] + [1.0] * 5, kind="dlmfuse"),
+                          common.Impl("flaky", lambda: flaky), clock.impl("a", [0.0] + [2.0] * 5)])
+    assert by["flaky"]["status"] == "error" and "RuntimeError: out of workspace" in by["flaky"]["error"]
+    assert by["flaky"]["time_ms"] is None and by["dlmfuse"]["best_peer"] == "a"
+    assert len(by["dlmfuse"]["times_ms"]) == len(by["a"]["times_ms"]) == 5
+    assert "flaky: RuntimeError: out of workspace" in table
