@@ -1,4 +1,4 @@
-"""Attention benchmarks (DESIGN.md §8 A1-A4 on CUDA, C1 and CPU-sized A1/A2/A4 on CPU) against
+"""Attention benchmarks (docs/benchmarks.md: A1-A4, A4g and A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4 on CPU) against
 torch SDPA and FlexAttention: ``python -m dlmfuse bench --only attention`` as a script, same flags.
 The implementation lives in ``dlmfuse.bench.attention`` so that it also runs from a wheel."""
 

@@ -1,4 +1,4 @@
-"""End-to-end generation benchmark (DESIGN.md §8 E1): tokens/s of dlmfuse.generate (exact, prefix
+"""End-to-end generation benchmark (docs/benchmarks.md, E1): tokens/s of dlmfuse.generate (exact, prefix
 and dual cache, Fast-dLLM threshold decoding) against LLaDA's reference loop on the same random
 model: ``python -m dlmfuse bench --only generate`` as a script, same flags. The implementation
 lives in ``dlmfuse.bench.generate`` so that it also runs from a wheel."""

@@ -4,7 +4,7 @@
         --section SpeedOfLight --section Occupancy --section WarpStateStats ... \
         python3 scripts/profile_kernels.py
 
-Each op runs twice (the first call warms up; ncu skips it with --launch-skip) on the DESIGN.md §8
+Each op runs twice (the first call warms up; ncu skips it with --launch-skip) on the docs/benchmarks.md
 shapes: A1 dense, A2 block-causal and A3 dense + bias attention (L=2048, H=32, D=128, bf16), A4 with 32 sparse
 queries (split-KV), K1 (n=256) and S1 (T=1). The output of ncu goes to stdout; nothing is timed
 here (timings come from ``python -m dlmfuse bench``).

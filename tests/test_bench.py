@@ -12,8 +12,8 @@ import torch
 import dlmfuse
 from dlmfuse import bench
 from dlmfuse.__main__ import build_parser, main as cli_main
-from dlmfuse.bench import common
-from dlmfuse.bench import backward, generate as gen_bench, kv_cache, sampling
+from dlmfuse.bench import backward, common, plot, report, runner
+from dlmfuse.bench import generate as gen_bench, kv_cache, sampling
 from dlmfuse.bench.attention import AttnSpec, workload, workloads
 
 CPU = torch.device("cpu")
@@ -26,7 +26,10 @@ TINY = [AttnSpec("T1", "dense", L=64, H=2),
         AttnSpec("T6", "bd3_train", L=16, H=2, block=4, train=True)]  # forward + backward
 
 ROW_KEYS = {"family", "workload", "desc", "impl", "kind", "params", "status", "error", "time_ms",
-            "times_ms", "tflops_dense", "tflops_visible", "gbps", "ratio_vs_dlmfuse",
+            "times_ms", "time_q1_ms", "time_q3_ms", "time_spread", "tflops_dense", "tflops_visible", "gbps",
+            "ratio_vs_dlmfuse", "ratio_q1", "ratio_q3", "ratio_spread", "best_peer", "best_peer_time_ms",
+            "best_peer_ratio", "best_peer_ratio_q1", "best_peer_ratio_q3", "best_peer_ratio_spread", "peer_ratios",
+            "floor", "floor_percent", "verdict", "warnings", "machine", "interleaved",
             "max_abs_diff_vs_dlmfuse", "device", "torch", "cuda", "python", "dlmfuse",
             "build_info", "git_sha", "timestamp", "command", "graph_time_ms", "graph_gbps", "graph_error"}
 
@@ -119,15 +122,16 @@ def test_plot_is_png(tmp_path):
 
 def test_plot_without_matplotlib_says_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` fail
-    with pytest.raises(common.MissingMatplotlib, match="pip install matplotlib"):
-        common.require_matplotlib()
+    with pytest.raises(plot.MissingMatplotlib, match="pip install matplotlib"):
+        plot.require_matplotlib()
 
 
 def test_skip_matches_peer_variants():
-    assert common.is_skipped("flex.create_block_mask", ["flex"])
-    assert common.is_skipped("sdpa-cudnn", ["sdpa"])
-    assert not common.is_skipped("sdpa", ["sdpa-cudnn"])
-    assert not common.is_skipped("dlmfuse", ["dlmfuse"])
+    assert runner.is_skipped("flex.create_block_mask", ["flex"])
+    assert runner.is_skipped("sdpa-cudnn", ["sdpa"])
+    assert not runner.is_skipped("sdpa", ["sdpa-cudnn"])
+    assert not runner.is_skipped("dlmfuse", ["dlmfuse"])
+    assert runner.is_skipped("floor.amax", ["floor"])
 
 
 def test_default_workloads_follow_design():
@@ -193,6 +197,13 @@ def test_kv_cache_tiny_rows_are_exact(tmp_path):
     for row in rows:
         if row["kind"] == "peer":
             assert row["max_abs_diff_vs_dlmfuse"] == 0.0  # the whole caches, bit for bit
+    # The copy of the new rows is a floor: dlmfuse's share of it, no ratio row of its own.
+    for row in rows:
+        if row["impl"] == "floor.copy_":
+            assert row["kind"] == "floor" and row["verdict"] is None
+        if row["impl"] == "dlmfuse":
+            assert row["floor"] == "floor.copy_" and row["floor_percent"] > 0
+            assert row["best_peer"] in ("index_copy_", "index_put_")
     n4 = next(r for r in rows if r["impl"] == "dlmfuse" and r["params"]["n"] == 4)
     assert n4["gbps"] == pytest.approx(2 * 2 * 2 * 4 * 2 * 64 * 4 / n4["time_ms"] / 1e6)
     assert "validate=False" in table and "index_put_" in table and "failed" not in table
@@ -219,6 +230,10 @@ def test_sampling_tiny_rows_agree(tmp_path):
         assert by[wid, "llada-fp64"]["max_abs_diff_vs_dlmfuse"] < 1e-5
         assert by[wid, "torch-greedy"]["max_abs_diff_vs_dlmfuse"] < 1e-5
         assert by[wid, "floor.amax"]["max_abs_diff_vs_dlmfuse"] is None
+        assert by[wid, "floor.amax"]["kind"] == "floor" and by[wid, "dlmfuse"]["floor"] == "floor.amax"
+        # Greedy sampling is compared with greedy torch only; T=1 sampling with both peers.
+        assert set(by[wid, "dlmfuse.greedy"]["peer_ratios"]) == {"torch-greedy"}
+        assert set(by[wid, "dlmfuse"]["peer_ratios"]) == {"llada-fp64", "torch-greedy"}
     assert {impl for w, impl in by if w == "T3"} == {"dlmfuse", "dream-topk-topp", "floor.amax"}
     assert by["T1", "dlmfuse"]["gbps"] == pytest.approx(
         2 * 3 * 97 * 4 / by["T1", "dlmfuse"]["time_ms"] / 1e6)
@@ -286,7 +301,7 @@ def test_harness_workload_timing_and_stats():
         assert row["stats"]["calls"] == 1
         assert row["stats"]["inverse"] == pytest.approx(1e3 / row["time_ms"])
     table = out.getvalue()
-    assert "X1 own timing: median of 3 runs after 0 warm-up" in table
+    assert "X1 own timing: 3 rounds after 0 warm-up" in table
     assert "stats:" in table and "X2 run timing / other: calls=1, inverse=" in table
 
 
@@ -307,12 +322,12 @@ def test_generate_tiny_rows(tmp_path):
         assert stats["ms_per_step"] == pytest.approx(row["time_ms"] / stats["steps"])
         if name != "dlmfuse":
             assert 0.0 <= stats["same_tokens_vs_exact"] <= 1.0
-        if name != "llada-loop":
-            assert stats["speedup_vs_llada_loop"] == pytest.approx(by["llada-loop"]["time_ms"] / row["time_ms"])
+        if name != "llada-loop":  # every mode is a line of the report with its speedup over the loop
+            assert row["best_peer"] == "llada-loop" and math.isfinite(row["best_peer_ratio"])
     loop = by["llada-loop"]
     # The reference loop gives the exact mode's tokens, and its ratio is the exact mode's speedup.
     assert loop["max_abs_diff_vs_dlmfuse"] == 0.0 and loop["stats"]["same_tokens_vs_exact"] == 1.0
-    assert loop["ratio_vs_dlmfuse"] == pytest.approx(by["dlmfuse"]["stats"]["speedup_vs_llada_loop"])
+    assert loop["ratio_vs_dlmfuse"] == by["dlmfuse"]["best_peer_ratio"]
     # The first-step probe: logits_for rows against the all-rows LM head (fp32 here: same argmax).
     probe = by["dlmfuse"]["stats"]
     assert 0.0 <= probe["first_step_logits_max_diff"] < 1e-3 and probe["first_step_argmax_agree"] == 1.0
@@ -320,7 +335,9 @@ def test_generate_tiny_rows(tmp_path):
         assert by[name]["stats"]["steps"] == GEN_TINY.steps
     assert GEN_TINY.gen // GEN_TINY.block <= by["dlmfuse.dual+threshold"]["stats"]["steps"] <= GEN_TINY.gen
     table = out.getvalue()
-    assert GEN_TINY.desc in table and "speedup_vs_llada_loop=" in table and "failed" not in table
+    assert GEN_TINY.desc in table and "tokens_per_s=" in table and "failed" not in table
+    for mode in ("prefix", "dual", "dual+threshold"):
+        assert f"{GEN_TINY.desc} / {mode}" in table
 
 
 @pytest.mark.parametrize("steps, gen_length, block_length", [(8, 8, 4), (4, 8, 4), (3, 12, 12)])
@@ -378,7 +395,7 @@ def test_graph_timing_is_cuda_only_and_printed():
     ok = dict(rows[0], graph_time_ms=0.02, graph_gbps=2500.0)
     refused = dict(rows[1], graph_time_ms=None, graph_error="RuntimeError: capture")
     out = io.StringIO()
-    common.print_table([ok, refused, rows[2]], common.environment(CPU, "pytest"), TINY_TIMING, out)
+    report.print_report([ok, refused, rows[2]], common.environment(CPU, "pytest"), TINY_TIMING, out)
     text = out.getvalue()
     assert "CUDA-graph replay (device time without launch overhead):" in text
     assert f"/ {ok['impl']}: 20.0 us, 2500 GB/s" in text
@@ -408,7 +425,7 @@ def test_generate_rows_that_do_not_fit_record_why(monkeypatch):
     runs before the model is built, so this never touches a GPU)."""
     monkeypatch.setattr(gen_bench, "_free_gpu_bytes", lambda device: 4 * 2**30)
     e1 = gen_bench.GenSpec(B=1, **gen_bench.GPU_SETTINGS, **gen_bench.LLADA_8B)
-    rows = common.run_workload(gen_bench.workload(e1), torch.device("cuda"), TINY_TIMING)
+    rows = runner.run_workload(gen_bench.workload(e1), torch.device("cuda"), TINY_TIMING)
     assert [r["impl"] for r in rows] == [name for name, _ in gen_bench.ROWS]
     for row in rows:
         assert row["status"] == "error" and row["time_ms"] is None and row["stats"] is None

@@ -1,6 +1,6 @@
 """dlmfuse: compiled kernels for masked diffusion language models.
 
-Public API (contract: DESIGN.md):
+Public API (documented in docs/: docs/ops.md, docs/visibility.md):
     dlmfuse.Mask                       visibility labels and the mask families of the field
     dlmfuse.attention(q, k, v, ...)    label-mask attention with bias, kv_lens, GQA, lse
     dlmfuse.merge_attention(...)       exact merge of two partial attentions

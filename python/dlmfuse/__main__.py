@@ -1,4 +1,5 @@
-"""Command line: ``python -m dlmfuse bench`` (the main job) and ``python -m dlmfuse info``."""
+"""Command line: ``python -m dlmfuse bench`` (the main job), ``python -m dlmfuse info`` and
+``python -m dlmfuse --version``."""
 
 from __future__ import annotations
 
@@ -9,20 +10,23 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from . import __version__, bench
 
     parser = argparse.ArgumentParser(
         prog="python -m dlmfuse",
         description="dlmfuse: compiled kernels for masked diffusion language models.")
+    parser.add_argument("--version", action="version", version=f"dlmfuse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench_parser = commands.add_parser(
-        "bench", help="benchmark dlmfuse against torch SDPA and FlexAttention in the same run",
-        description="Run the DESIGN.md benchmark workloads that fit this device (CUDA: A1-A6 and "
-                    "A4g, K1, S1, E1; CPU: C1, C2, C3, CPU-sized A1/A2/A4, K1, S1, E1), print a progress "
-                    "line per workload and a "
-                    "table of times with ratios peer/dlmfuse (>1: dlmfuse faster).",
+        "bench", help="benchmark dlmfuse against torch SDPA, FlexAttention and other peers in the same run",
+        description="Run the benchmark workloads that fit this device (CUDA: A1-A6 and A4g, K1, S1, E1; "
+                    "CPU: C1, C2, C3, CPU-sized A1/A2/A4, K1, S1, E1; defined in docs/benchmarks.md). "
+                    "dlmfuse and its peers are timed in interleaved rounds; the table gives, per "
+                    "dlmfuse row, the best peer, the ratio peer time / dlmfuse time (>1: dlmfuse "
+                    "faster) with its spread (interquartile range over the rounds) and a verdict, and "
+                    "warns when the spread or a busy machine does not support a ratio.",
         epilog="example: python -m dlmfuse bench --quick --json bench_out/cpu.jsonl "
-               "--plot bench_out/cpu.png")
+               "--plot bench_out/cpu.png  (how to read the output: docs/benchmarks.md in the dlmfuse repository)")
     bench.add_arguments(bench_parser)
     commands.add_parser("info", help="print dlmfuse.build_info() as JSON",
                         description="Print what this build of dlmfuse contains "

@@ -1,4 +1,4 @@
-"""dlmfuse.attention and dlmfuse.merge_attention: label-mask attention (DESIGN.md sections 4-5).
+"""dlmfuse.attention and dlmfuse.merge_attention: label-mask attention (docs/visibility.md, docs/ops.md).
 
 Both are `torch.library.custom_op`s (`torch.ops.dlmfuse.attention`, `...merge_attention`) with
 fake implementations for torch.compile; plain eager calls skip the dispatcher (~25 us) and call

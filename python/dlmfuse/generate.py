@@ -1,4 +1,4 @@
-"""dlmfuse.generate: the denoising loop around a step sampler (DESIGN.md section 5).
+"""dlmfuse.generate: the denoising loop around a step sampler (docs/ops.md, docs/generation.md).
 
 The loop appends ``sampler.gen_length`` mask tokens to the prompts and calls ``sampler.step``
 until the sampler is done. Every network call asks the model only for the rows the step uses

@@ -1,4 +1,4 @@
-"""Partial KV-cache updates for diffusion LMs (DESIGN.md section 5): dlmfuse.kv_scatter_ and
+"""Partial KV-cache updates for diffusion LMs (docs/ops.md): dlmfuse.kv_scatter_ and
 dlmfuse.KVCache.
 
 Diffusion decoders rewrite cache rows at scattered positions every step (Fast-dLLM DualCache,
@@ -162,7 +162,7 @@ class KVCache:
 
     K and V of all layers live in one buffer each (``[num_layers, B, Lmax, Hkv, D]``). Slots are
     written at any positions, in any order, with :meth:`write`; the key labels of a slot say who
-    may attend to it (DESIGN.md section 4). Slots never written carry order ``ORDER_INFINITY`` and
+    may attend to it (docs/visibility.md). Slots never written carry order ``ORDER_INFINITY`` and
     group :data:`UNWRITTEN_GROUP`, so they are invisible to every query; ``lengths[b]`` is one
     past the largest written position and becomes ``kv_lens``.
 

@@ -1,4 +1,4 @@
-"""dlmfuse.sample_tokens: fused token sampling for diffusion LMs (DESIGN.md section 5).
+"""dlmfuse.sample_tokens: fused token sampling for diffusion LMs (docs/ops.md).
 
 One pass over the vocabulary per row (top-k / top-p add a selection step, never a sort of V):
 greedy or Gumbel-max sampling with counter-based Philox noise keyed by (seed, offset, row,

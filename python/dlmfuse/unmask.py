@@ -1,4 +1,4 @@
-"""Which masked positions to reveal this step (DESIGN.md section 5): dlmfuse.select_unmask.
+"""Which masked positions to reveal this step (docs/ops.md): dlmfuse.select_unmask.
 
 Diffusion samplers (LLaDA low-confidence remasking, Fast-dLLM threshold / factor parallel decoding,
 Dream) pick, per row, a subset of the still-masked positions by confidence. select_unmask does that

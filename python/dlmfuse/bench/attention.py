@@ -1,4 +1,4 @@
-"""Attention benchmarks: the DESIGN.md §8 rows A1-A4 and A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4
+"""Attention benchmarks (docs/benchmarks.md): A1-A4, A4g and A6 on CUDA, C1, C3 and CPU-sized A1/A2/A4
 on CPU (the training rows A5 / C2 are the ``backward`` family, built from the same specs).
 
 Every workload times ``dlmfuse.attention`` against, in the same run:
@@ -16,7 +16,7 @@ Every workload times ``dlmfuse.attention`` against, in the same run:
   cost another cold inductor compile).
 
 FLOPs: ``tflops_dense`` counts ``4*B*H*Lq*Lk*D`` (every pair), ``tflops_visible`` only the visible
-pairs (what DESIGN.md §8 calls "effective TFLOP/s"). The sparse-query rows (A4) also report GB/s of
+pairs ("effective TFLOP/s"). The sparse-query rows (A4) also report GB/s of
 the K and V read, the floor of their cost. Training rows (A5, ``train=True``) time the forward and
 the gradients of q, k and v for a fixed upstream gradient, and count FLOPs as 3.5x the forward's
 (the backward's five matrix products against the forward's two).
@@ -125,7 +125,8 @@ def workload(spec: AttnSpec) -> Workload:
 
 
 def workloads(device: torch.device, quick: bool) -> list[Workload]:
-    """DESIGN.md §8 attention rows that fit ``device``; ``quick`` drops the largest CPU shape."""
+    """The attention workloads of docs/benchmarks.md that fit ``device``; ``quick`` drops the largest
+    CPU shape."""
     if device.type == "cuda":
         llada = dict(H=32, D=128, dtype="bfloat16")  # LLaDA-8B attention shape
         specs = [AttnSpec("A1", "dense", L=2048, **llada),
@@ -133,7 +134,7 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
                  AttnSpec("A2", "block_causal", L=2048, block=32, prompt=512, **llada),
                  AttnSpec("A3", "bias", L=2048, **llada)]
         specs += [AttnSpec("A4", "sparse", L=2048, B=8, n=n, **llada) for n in (32, 128, 512)]
-        # Beyond DESIGN.md §8: A4 with Dream-7B's grouped heads (28 query heads over 4 KV heads),
+        # A4g: A4 with Dream-7B's grouped heads (28 query heads over 4 KV heads),
         # where packing the 7 query heads of a KV head into shared CTAs reads each K/V tile once.
         specs += [AttnSpec("A4g", "sparse", L=2048, B=8, n=n, H=28, Hkv=4, D=128, dtype="bfloat16")
                   for n in (32, 128)]
@@ -186,7 +187,7 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         visible = int(mask.to_dense().expand(spec.B, Lq, Lk).sum())
     kv_bytes = 2 * spec.B * Lk * spec.kv_heads * spec.D * q.element_size()
     if spec.pattern == "sparse":
-        # GB/s counts every K/V row (DESIGN.md's A4 measure). Kernels that gather keys (the CPU
+        # GB/s counts every K/V row (A4's measure). Kernels that gather keys (the CPU
         # kernel, CUDA's gather kernels) read only the rows some query sees: about this fraction.
         params["visible_kv_fraction"] = round(float(mask.to_dense().any(dim=1).float().mean()), 4)
 

@@ -1,4 +1,4 @@
-"""KV-cache scatter benchmarks: DESIGN.md §8 row K1 on CUDA, a CPU-sized K1 on CPU.
+"""KV-cache scatter benchmarks: workload K1 of docs/benchmarks.md on CUDA, a CPU-sized K1 on CPU.
 
 Every workload writes ``n`` new rows per sequence, at random distinct positions (sorted within a
 row), into K and V caches ``[B, Lmax, H, D]`` that hold random values, and times
@@ -12,6 +12,10 @@ calls each (K, then V), in the same run:
 * ``index_put_``: advanced indexing ``k_cache[b_idx, positions] = k_new`` with the constant
   ``b_idx = arange(B)[:, None]`` built beforehand, as a user would hoist it.
 
+and the bandwidth floor ``floor.copy_``: ``k_out.copy_(k_new); v_out.copy_(v_new)`` into
+contiguous buffers of the new rows' shape, the same bytes read and written as the scatter with
+none of its addressing (a floor, not a peer: the report gives dlmfuse's "% of floor").
+
 Each shape runs twice, as two workloads: once with ``validate=True`` (the default: positions are
 checked on the host before any write, a device-to-host copy on CUDA) and once with
 ``validate=False`` (no host sync, CUDA-graph capturable; out-of-range rows are skipped), so that
@@ -22,7 +26,7 @@ output is the whole cache pair after its calls; ``max |diff|`` is 0.0 exactly wh
 bit-identical (new rows written, nothing else changed).
 
 Bandwidth: ``gbps`` counts ``2 x (K + V new rows)`` bytes, i.e. the new rows read once and
-written once, the floor of any scatter (KERNELS.md "KV scatter").
+written once, the floor of any scatter.
 """
 
 from __future__ import annotations
@@ -34,10 +38,10 @@ import torch
 
 import dlmfuse
 
-from .common import DLMFUSE, Case, Impl, Workload
+from .common import DLMFUSE, KIND_FLOOR, Case, Impl, Workload
 
 FAMILY = "kv_cache"
-PEERS = ("index_copy_", "index_put_")
+PEERS = ("index_copy_", "index_put_", "floor.copy_")
 SEED = 0
 
 
@@ -82,7 +86,7 @@ def workloads(device: torch.device, quick: bool) -> list[Workload]:
     ``workload(KVSpec("K1", n=256, B=8, Lmax=4096, H=32, dtype="bfloat16"))`` runs it by hand.
     """
     if device.type == "cuda":
-        shape = dict(B=8, Lmax=4096, H=32, D=128, dtype="bfloat16")  # DESIGN.md §8 K1
+        shape = dict(B=8, Lmax=4096, H=32, D=128, dtype="bfloat16")  # K1: LLaDA-8B's K/V heads
     else:
         shape = dict(B=4, Lmax=2048, H=8, D=128, dtype="float32")
     return [workload(KVSpec("K1", n=n, validate=validate, **shape))
@@ -134,8 +138,15 @@ def _setup(spec: KVSpec, device: torch.device) -> Case:
         k_cache[batch_index, positions] = k_new
         v_cache[batch_index, positions] = v_new
 
+    k_out, v_out = torch.empty_like(k_new), torch.empty_like(v_new)
+
+    def copy_floor():
+        k_out.copy_(k_new)
+        v_out.copy_(v_new)
+
     # validate=True reads the positions on the host: no CUDA graph for it.
     impls = [Impl(DLMFUSE, fresh(dlmfuse_call), to_common=caches, kind=DLMFUSE, graph=not spec.validate),
              Impl("index_copy_", fresh(index_copy_call), to_common=caches, graph=True),
-             Impl("index_put_", fresh(index_put_call), to_common=caches, graph=True)]
+             Impl("index_put_", fresh(index_put_call), to_common=caches, graph=True),
+             Impl("floor.copy_", lambda: copy_floor, kind=KIND_FLOOR, graph=True)]
     return Case(impls=impls, bytes_read=spec.moved_bytes)

@@ -1,4 +1,4 @@
-"""Denoiser layers built on dlmfuse's ops (DESIGN.md section 5).
+"""Denoiser layers built on dlmfuse's ops (docs/ops.md).
 
     RMSNorm, RotaryEmbedding, apply_rotary   norm and RoPE with per-row positions (LLaMA convention)
     DenoiserAttention                        QKV + RoPE, GQA, label masks, KV cache, sparse query rows

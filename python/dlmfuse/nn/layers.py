@@ -1,7 +1,7 @@
 """LLaMA-shaped denoiser layers on dlmfuse's ops: RMSNorm, rotary embedding with per-row positions,
 label-mask attention (GQA, KV-cache aware, sparse query rows), SwiGLU MLP and the pre-norm block.
 
-Layout is ``[B, L, H, D]`` throughout (DESIGN.md section 3); K/V are never repeated for GQA, the
+Layout is ``[B, L, H, D]`` throughout (docs/ops.md, "Conventions"); K/V are never repeated for GQA, the
 attention kernel reads kv head ``h // (Hq // Hkv)`` natively. Parameter names follow transformers'
 Llama / Qwen2 modules (``q_proj``, ``input_layernorm``, ``mlp.gate_proj``, ...), so a transformers
 state dict maps onto these layers by dropping its ``model.`` prefix (see :mod:`dlmfuse.nn.loading`).

@@ -1,5 +1,5 @@
 """DenoiserLM: a LLaMA/LLaDA-shaped bidirectional denoiser whose forward takes positions, a label
-mask, a KV cache and the rows that need logits (DESIGN.md section 5)."""
+mask, a KV cache and the rows that need logits (docs/ops.md)."""
 
 from __future__ import annotations
 

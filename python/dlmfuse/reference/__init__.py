@@ -1,6 +1,6 @@
 """Pure-PyTorch ground truth for dlmfuse's ops (float64 where it matters).
 
-Built from the contract in DESIGN.md, independently of the C++/CUDA kernels; tests compare the
+Built from the contract (docs/visibility.md, docs/ops.md), independently of the C++/CUDA kernels; tests compare the
 kernels against these functions, and ``DLMFUSE_BACKEND=reference`` routes the public ops here.
 """
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch ground truth for label-mask attention (DESIGN.md sections 3-5).
+"""Pure-PyTorch ground truth for label-mask attention (docs/visibility.md, docs/ops.md).
 
 Written from the contract alone, independently of the kernels: the visibility rule is evaluated on
 a dense [B, Lq, Lk] matrix and softmax is computed in ``compute_dtype`` (float64 by default). Only

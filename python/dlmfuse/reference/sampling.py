@@ -1,6 +1,6 @@
 """Pure-PyTorch float64 reference of dlmfuse.sample_tokens (ground truth for tests).
 
-Written from the contract (DESIGN.md section 5) alone, independently of the C++/CUDA kernels:
+Written from the contract (docs/ops.md) alone, independently of the C++/CUDA kernels:
 Philox4x32-10 on int64 tensors holding uint32 values, the (seed, offset, row, column) counter
 layout, 52-bit uniforms, Gumbel-max, top-k / top-p filtering by sorting, and the confidence kinds,
 all in float64 on the CPU. Vectorised over rows and columns; not fast, obviously right.

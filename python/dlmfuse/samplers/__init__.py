@@ -8,6 +8,10 @@ dlmfuse's ops (:func:`dlmfuse.sample_tokens`, :func:`dlmfuse.select_unmask`, :cl
     MDLM       ancestral sampling, log-linear schedule, no network call for empty steps
     EsoLM      Eso-LM two-phase sampling (diffusion, then sequential), variants A and B
 
+Shape arguments may be given by position (LLaDA: ``steps, gen_length, block_length``; FastDLLM:
+``gen_length, block_length``; Dream, MDLM, EsoLM: ``steps, gen_length``); every option after them
+is keyword-only, so a misplaced value raises TypeError instead of landing in another option.
+
 Each sampler has ``start(x, gen_start, seed=...) -> SamplerState`` and ``step(state, forward)``
 (see :mod:`dlmfuse.samplers.base` for the protocol and the random streams);
 :func:`dlmfuse.generate` runs the loop.

@@ -60,8 +60,8 @@ class FastDLLM(LLaDA):
                  cfg_scale: float = 0.0, mask_token_id: int = LLADA_MASK_TOKEN_ID,
                  suppress_tokens: Optional[Sequence[int]] = None):
         # steps = gen_length satisfies LLaDA's checks; the per-block schedule is not used.
-        super().__init__(gen_length, gen_length, block_length, temperature, remasking, cfg_scale, mask_token_id,
-                         suppress_tokens=suppress_tokens)
+        super().__init__(gen_length, gen_length, block_length, temperature=temperature, remasking=remasking,
+                         cfg_scale=cfg_scale, mask_token_id=mask_token_id, suppress_tokens=suppress_tokens)
         if (threshold is None) == (factor is None):
             raise ValueError(f"FastDLLM: give exactly one of threshold, factor; got threshold={threshold!r}, "
                              f"factor={factor!r}")

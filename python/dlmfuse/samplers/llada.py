@@ -59,6 +59,9 @@ def transfer_schedule(mask_count: Tensor, steps: int) -> Tensor:
 class LLaDA(Sampler):
     """LLaDA's published sampler; see the module docstring.
 
+    ``steps``, ``gen_length`` and ``block_length`` may be given by position; every later option
+    is keyword-only (``LLaDA(32, 32, 8, 999)`` is a TypeError, not a temperature of 999).
+
     Args:
         steps: total denoising steps, a multiple of the number of blocks.
         gen_length: generated tokens, a multiple of ``block_length``.
@@ -77,9 +80,9 @@ class LLaDA(Sampler):
         (2, 4)
     """
 
-    def __init__(self, steps: int, gen_length: int, block_length: int, temperature: float = 0.0,
+    def __init__(self, steps: int, gen_length: int, block_length: int, *, temperature: float = 0.0,
                  remasking: str = "low_confidence", cfg_scale: float = 0.0,
-                 mask_token_id: int = LLADA_MASK_TOKEN_ID, *, suppress_tokens: Optional[Sequence[int]] = None):
+                 mask_token_id: int = LLADA_MASK_TOKEN_ID, suppress_tokens: Optional[Sequence[int]] = None):
         name = type(self).__name__
         self.steps = check_int(name, "steps", steps)
         self.gen_length = check_int(name, "gen_length", gen_length)
