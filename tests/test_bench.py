@@ -151,10 +151,11 @@ def test_default_workloads_follow_design():
     a6 = [w.params for w in gpu if w.id == "A6"]
     assert len(a6) == 1 and (a6[0]["L"], a6[0]["docs"], a6[0]["block"]) == (4 * 4096, 4, 32)
     c2 = backward.workloads(CPU, quick=False)
-    assert [w.id for w in c2] == ["C2"] and c2[0].family == "backward"
+    assert [w.id for w in c2] == ["C2", "C2"] and {w.family for w in c2} == {"backward"}
+    assert [w.params["train"] for w in c2] == [True, False]  # fwd+bwd, and the forward alone
     assert (c2[0].params["pattern"], c2[0].params["L"], c2[0].params["block"], c2[0].params["train"]) == ("bd3_train", 512, 16, True)
     a5 = [w.params for w in backward.workloads(torch.device("cuda"), quick=False) if w.id == "A5"]
-    assert len(a5) == 1 and a5[0]["pattern"] == "bd3_train" and a5[0]["train"]
+    assert len(a5) == 2 and a5[0]["pattern"] == "bd3_train" and [p["train"] for p in a5] == [True, False]
     assert (a5[0]["L"], a5[0]["block"], a5[0]["H"], a5[0]["D"]) == (1024, 16, 32, 128)
     assert sorted(w.params["n"] for w in gpu if w.id == "A4") == [32, 128, 512]
     assert {(w.params["H"], w.params["Hkv"]) for w in gpu if w.id == "A4g"} == {(28, 4)}  # Dream-7B heads

@@ -21,9 +21,11 @@ __all__ = ["FAMILY", "PEERS", "workloads"]
 
 def workloads(device: torch.device, quick: bool) -> list[Workload]:
     """C2 (CPU: L=512, 2L=1024, block 16, H=8, D=64, fp32) or A5 (CUDA: L=1024, LLaDA's H=32,
-    D=128, bf16); ``quick`` changes nothing (one shape each)."""
+    D=128, bf16), forward + backward, and the same forward alone (the backward's cost is their
+    difference); ``quick`` changes nothing."""
     if device.type == "cuda":
         spec = AttnSpec("A5", "bd3_train", L=1024, block=16, train=True, H=32, D=128, dtype="bfloat16")
     else:
         spec = AttnSpec("C2", "bd3_train", L=512, block=16, train=True)
-    return [dataclasses.replace(attention_workload(spec), family=FAMILY)]
+    return [dataclasses.replace(attention_workload(s), family=FAMILY)
+            for s in (spec, dataclasses.replace(spec, train=False))]

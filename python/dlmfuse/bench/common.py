@@ -132,7 +132,10 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()})"
+    # OMP_WAIT_POLICY: whether torch's OpenMP threads spin between ops (python -m dlmfuse bench sets
+    # PASSIVE, so that they do not hold the cores of the implementation timed next).
+    return (f"{model} ({os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')})")
 
 
 def git_sha() -> str:
