@@ -115,6 +115,39 @@ class DenoiserLM(nn.Module):
         return cls(**{**denoiser_kwargs_from_hf_config(config), **kwargs})  # kwargs win (e.g. init_std)
 
     @classmethod
+    def from_pretrained(cls, path, dtype: Optional[torch.dtype] = None, device=None) -> "DenoiserLM":
+        """A model from a local checkpoint directory: ``config.json`` and safetensors weights (one
+        ``model.safetensors``, or shards with ``model.safetensors.index.json``) in LLaDA's, Dream's,
+        Llama's or Qwen2's format (see :mod:`dlmfuse.nn.checkpoints`).
+
+        ``dtype``: of the parameters (default: the checkpoint's ``torch_dtype``, else its stored
+        dtype); ``device``: where they live (default CPU). Weights stream from the files one tensor
+        at a time into parameters allocated once. Unknown architectures, unsupported features
+        (ALiBi, RoPE scaling, QK norms, ...) and weights that do not match the config raise
+        ValueError naming them. Returns the model in eval mode.
+
+        Example::
+
+            >>> import tempfile, torch, dlmfuse
+            >>> model = dlmfuse.nn.DenoiserLM(97, 128, 2, 4, 2, 256, head_dim=64)
+            >>> with tempfile.TemporaryDirectory() as path:
+            ...     model.save_pretrained(path)
+            ...     loaded = dlmfuse.nn.DenoiserLM.from_pretrained(path)
+            >>> ids = torch.randint(0, 97, (1, 8))
+            >>> torch.equal(loaded(ids), model.eval()(ids))
+            True
+        """
+        from .checkpoints import load_pretrained
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_bytes: int = 4 << 30) -> None:
+        """Writes ``config.json`` and safetensors weights to the directory ``path`` in transformers'
+        Llama format (Qwen2's when only q/k/v have biases), sharded with an index past
+        ``max_shard_bytes``; :meth:`from_pretrained` reads it back exactly."""
+        from .checkpoints import save_pretrained
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+    @classmethod
     def from_hf_state_dict(cls, state_dict, config, **kwargs) -> "DenoiserLM":
         """``from_hf_config(config, **kwargs)`` then :func:`dlmfuse.nn.load_hf_state_dict`."""
         from .loading import load_hf_state_dict
