@@ -41,3 +41,18 @@ def test_ci_runs_the_readme_commands():
     setup = re.search(r"## Setup\n\n```bash\n(.*?)```", readme, flags=re.S).group(1)
     install, test = (line.split("#")[0].strip() for line in setup.splitlines()[:2])
     assert install in ci and test in ci
+
+
+def test_readme_packed_and_training_examples_run():
+    """The packed-sequences and training examples (the real-checkpoint one needs a download)."""
+    blocks = _python_blocks((ROOT / "README.md").read_text())
+    packed = [b for b in blocks if "documents=documents" in b]
+    training = [b for b in blocks if "optimizer.step()" in b]
+    assert len(packed) == 1 and len(training) == 1
+    namespace: dict = {}
+    exec(compile(packed[0], "README.md", "exec"), namespace)
+    assert namespace["out"].shape == (1, 192, 4, 64) and namespace["q"].grad is not None
+    assert namespace["positions"][0, 40].item() == 0  # the second document starts at position 0
+    namespace = {}
+    exec(compile(training[0], "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"]) and namespace["model"].embed_tokens.weight.grad is not None
