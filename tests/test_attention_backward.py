@@ -146,7 +146,7 @@ def test_low_precision_gradients(dtype):
 
 def test_one_kv_head_splits_its_key_range_and_stays_deterministic():
     """B = Hkv = 1 leaves one (batch, KV head): the key range is split into tasks whose dQ slices
-    are added; the result must not depend on the thread count and repeat bit for bit."""
+    are added; the result must repeat bit for bit, whatever the thread count."""
     q, k, v, grad_out, grad_lse = random_inputs(1, 70, 600, 2, 1, 64, seed=12)
     before = dlmfuse.num_threads()
     try:
@@ -156,10 +156,9 @@ def test_one_kv_head_splits_its_key_range_and_stays_deterministic():
             runs.append(gradients(dlmfuse.attention, (q, k, v), torch.float32, grad_out, grad_lse))
     finally:
         dlmfuse.set_num_threads(before)
-    for a, b in zip(runs[1], runs[2]):
-        assert torch.equal(a, b), "two runs with the same threads differ"
-    for a, b in zip(runs[0], runs[1]):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            assert torch.equal(a, b), "the gradients depend on the thread count or differ between runs"
     check_gradients((q, k, v), grad_out, grad_lse)
 
 

@@ -253,3 +253,23 @@ def test_loading_keeps_one_copy_of_the_weights_in_memory(tmp_path):
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1])
     assert size <= growth < 1.6 * size, f"peak grew by {growth / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of weights"
+
+
+def test_save_replaces_an_earlier_sharded_save_and_index_paths_stay_inside(tmp_path):
+    model = DenoiserLM(53, 64, 2, 4, 2, 96, head_dim=16).eval()
+    model.save_pretrained(tmp_path, max_shard_bytes=30_000)
+    assert len([f for f in os.listdir(tmp_path) if f.startswith("model-")]) > 1
+    model.save_pretrained(tmp_path)  # one file now: the old shards and index must go
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "model.safetensors"]
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"model.norm.weight": "../elsewhere.safetensors"}}, f)
+    with pytest.raises(ValueError, match="names files outside the checkpoint directory"):
+        DenoiserLM.from_pretrained(tmp_path)
+    os.remove(tmp_path / "model.safetensors.index.json")
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump({**config, "torch_dtype": "int8"}, f)
+    with pytest.raises(ValueError, match="torch_dtype torch.int8 is not a float dtype; pass dtype="):
+        DenoiserLM.from_pretrained(tmp_path)
+    assert DenoiserLM.from_pretrained(tmp_path, dtype=torch.float32).norm.weight.dtype == torch.float32

@@ -193,3 +193,20 @@ def test_sampling_where_logits_over_temperature_overflow(case):
         assert int(tokens[0]) == token and float(conf[0]) == pytest.approx(confidence, abs=1e-6), sample
     with pytest.raises(ValueError, match="temperature must be finite and >= 0"):
         dlmfuse.sample_tokens(logits.float(), temperature=2**1100)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_scores_that_all_overflow_downwards_are_not_an_empty_row(dtype):
+    """Every visible q.k of a row below -3.4e38: the float32 scores are all -inf, which looked like
+    a row that saw no key (output 0, lse -inf); in float64 the row attends to its largest score."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 9, 1, 64, generator=g) for _ in range(3))
+    q[0, 2, 0, 0] = 1e20
+    k[0, :, 0, 0] = -1e20
+    k[0, 4, 0, 0] = -2e19  # the least negative score: the row's output is v[4]
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True)
+    assert torch.isfinite(out).all() and not torch.isneginf(lse).any()
+    assert torch.equal(out[0, 2, 0], v[0, 4, 0])
+    ref_out, ref_lse = dlmfuse.reference.attention(q, k, v, return_lse=True, out_dtype=torch.float64)
+    torch.testing.assert_close(lse, ref_lse.to(torch.float32), rtol=1e-5, atol=0)

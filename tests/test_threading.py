@@ -1,6 +1,8 @@
 """The CPU thread pool: concurrent Python threads and fork()ed children get correct results; the
-pool is bounded by the hardware, grows lazily, follows set_num_threads both ways and degrades
-instead of hanging when the OS refuses a thread."""
+pool is bounded by the hardware, grows lazily, follows set_num_threads both ways, degrades
+instead of hanging when the OS refuses a thread, and hands a task's error to the caller."""
+
+from __future__ import annotations
 
 import multiprocessing
 import os
@@ -159,3 +161,20 @@ def test_a_thread_that_cannot_start_degrades_the_pool_without_hanging():
     same, _ = map(int, result.stdout.split())
     assert same == 1
     assert result.stderr.count("dlmfuse: could not start CPU worker thread 1") == 1, result.stderr
+
+
+def test_a_task_that_raises_stops_the_job_and_the_pool_keeps_working():
+    """The first error of a job reaches the caller (after every thread has stopped using the job);
+    later jobs run normally. Without this, a throwing worker aborted the process and a throwing
+    caller left workers running a destroyed job."""
+    before = dlmfuse.num_threads()
+    try:
+        dlmfuse.set_num_threads(dlmfuse._C.max_threads())
+        for failing in (0, 1, 500, 9999):
+            with pytest.raises(ValueError, match=f"task {failing} failed on purpose"):
+                dlmfuse._C._parallel_for_check(10000, failing)
+            assert dlmfuse._C._parallel_for_check(10000) == 10000
+        q = _inputs()
+        assert torch.equal(dlmfuse.attention(q, q, q), dlmfuse.attention(q, q, q))
+    finally:
+        dlmfuse.set_num_threads(before)

@@ -87,7 +87,8 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
     p.k_group = label_view("k_group", *k_group, p.batch, p.k_len, device_type);
   }
   if (q_doc.has_value() != k_doc.has_value())
-    throw_value_error(kOp, ": pass both document labels (q_doc, k_doc) or neither");
+    throw_value_error(kOp, ": pass both document labels (q_doc, k_doc) or neither, got only ",
+                      q_doc.has_value() ? "q_doc" : "k_doc");
   if (q_doc.has_value()) {
     if (!p.has_labels) throw_value_error(kOp, ": document labels need the four labels too");
     p.has_docs = true;
@@ -125,7 +126,9 @@ float* contiguous_float_buffer(const char* name, const Array& a, std::initialize
   expect_shape(kOp, name, a, shape);
   int64_t expected = 1;
   for (size_t d = a.ndim(); d-- > 0;) {
-    if (a.shape(d) > 1 && a.stride(d) != expected) throw_value_error(kOp, ": ", name, " must be contiguous");
+    if (a.shape(d) > 1 && a.stride(d) != expected)
+      throw_value_error(kOp, ": ", name, " must be contiguous, got stride ", a.stride(d), " in dim ", d,
+                        " of shape ", shape_string(a));
     expected *= static_cast<int64_t>(a.shape(d));
   }
   return static_cast<float*>(a.data());

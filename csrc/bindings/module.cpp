@@ -1,5 +1,7 @@
 // The CPU extension module dlmfuse._C: build facts, exception translation, op registration.
 #include <nanobind/nanobind.h>
+
+#include <atomic>
 #include <nanobind/stl/string.h>
 
 #include "bindings/attention_args.h"
@@ -34,19 +36,25 @@ NB_MODULE(_C, m) {
         "Force a compiled CPU kernel variant (for tests and benchmarks).");
   m.def("num_threads", &cpu::num_threads, "Threads used by the CPU kernels.");
   m.def("max_threads", &cpu::max_threads, "The bound on the CPU threads: the hardware thread count.");
+  // For tests of the pool's error path: parallel_for over n_tasks where task `failing` throws a
+  // ValueError; returns how many tasks ran (all of them when none fails).
   m.def(
-      "set_num_threads",
-      [](int n) {
-        const int in_effect = cpu::set_num_threads(n);
-        if (in_effect < n &&
-            PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
-                             "dlmfuse: set_num_threads(%d) clamped to %d, the hardware thread count", n, in_effect) != 0)
-          throw nb::python_error();  // warnings turned into errors
-        return in_effect;
+      "_parallel_for_check",
+      [](int64_t n_tasks, int64_t failing) {
+        std::atomic<int64_t> ran{0};
+        {
+          nb::gil_scoped_release release;
+          cpu::parallel_for(n_tasks, [&](int64_t task, int) {
+            if (task == failing) throw_value_error("_parallel_for_check: task ", task, " failed on purpose");
+            ran.fetch_add(1);
+          });
+        }
+        return ran.load();
       },
-      nb::arg("n"),
-      "Set the threads used by the CPU kernels; clamped (with a RuntimeWarning) to max_threads(). "
-      "Returns the count in effect.");
+      nb::arg("n_tasks"), nb::arg("failing") = -1);
+  m.def("set_num_threads", &cpu::set_num_threads, nb::arg("n"),
+        "Set the threads used by the CPU kernels, clamped to max_threads(); returns the count in effect "
+        "(dlmfuse.set_num_threads validates and warns).");
 
   bindings::register_attention(m);
   bindings::register_attention_plan(m);

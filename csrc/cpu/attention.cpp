@@ -133,13 +133,15 @@ void attention_backward(const AttentionBackwardParams& bp) {
   if (kv_units == 0 || p.q_len == 0 || p.k_len == 0) return;
 
   // Tasks own (batch, KV head, key range): split the key range when there are too few (batch, KV
-  // head) pairs to keep two tasks per worker, each split adding a dQ slice (at most ~256 MiB of them).
+  // head) pairs to keep two tasks per hardware thread, each split adding a dQ slice (at most ~256 MiB
+  // of them). From the hardware's count, not the threads in use, so that the splits (and the order
+  // of the dQ sums) and hence the bits of the result do not depend on set_num_threads.
   BackwardPlan plan;
   plan.tiles = tiles.plan;
   plan.tile_width = attention_tile_width(p.head_dim);
   plan.q_rows_padded = (p.q_len + kAttnTileRowBlock - 1) / kAttnTileRowBlock * kAttnTileRowBlock;
   const int64_t slice_floats = p.batch * p.q_heads * plan.q_rows_padded * plan.tile_width;
-  const int64_t wanted = (2 * workers + kv_units - 1) / kv_units;
+  const int64_t wanted = (2 * int64_t{max_threads()} + kv_units - 1) / kv_units;
   const int64_t affordable = std::max<int64_t>(1, (int64_t{64} << 20) / std::max<int64_t>(1, slice_floats));
   plan.splits = std::max<int64_t>(1, std::min({wanted, tiles.plan.n_k_tiles, affordable}));
   const auto grad_q_slices = aligned_floats(static_cast<size_t>(plan.splits * slice_floats), "dQ slices");

@@ -38,6 +38,7 @@ struct TileScratch {
   int32_t* tile_group;  // [N]
   int32_t* tile_doc;    // [N]
   int32_t* q_groups;     // [M] the query rows' groups, ascending (classify_key)
+  int32_t* overflow;     // [M] 1 where a raw score of the row overflowed float32 (+-inf or NaN)
   int64_t* full_keys;    // [N] keys gathered for a FULL tile
   int64_t* partial_keys; // [N] keys gathered for a PARTIAL tile
 
@@ -57,12 +58,23 @@ struct TileScratch {
     tile_group = tile_order + N;
     tile_doc = tile_group + N;
     q_groups = tile_doc + N;
+    overflow = q_groups + M;
     // 8-byte alignment: the float offset so far is even (M, N, D are multiples of 8).
-    full_keys = reinterpret_cast<int64_t*>(q_groups + M);
+    full_keys = reinterpret_cast<int64_t*>(overflow + M);
     partial_keys = full_keys + N;
   }
 };
 
+
+// Whether every score of a row is finite (x - x is 0 exactly for finite x, NaN otherwise).
+inline bool all_finite(const float* s_row) {
+  vfloat acc = {};
+  for (int j = 0; j < N; j += W) {
+    const vfloat x = vec::load(s_row + j);
+    acc += x - x;
+  }
+  return vec::reduce_sum(acc) == 0.0f;
+}
 
 // Online-softmax update of one row: scores -> probabilities in place; returns the rescale factor
 // for the row's output accumulator.
@@ -114,6 +126,7 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
 
   for (int i = 0; i < t.rows; ++i) {
     float* s_row = ws.s + i * N;
+    ws.overflow[i] |= !all_finite(s_row);  // before the bias and the mask add their own infinities
     if (p.bias != nullptr)
       add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, ws.bias_row, s_row);
     if (kind == TileKind::kPartial)
@@ -175,6 +188,7 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   vec::fill(ws.o, ws.o + rows_padded * D, 0.0f);
   vec::fill(ws.row_max, ws.row_max + M, -INFINITY);
   vec::fill(ws.row_sum, ws.row_sum + M, 0.0f);
+  vec::fill(ws.overflow, ws.overflow + M, 0);
 
   const LabelRange* q_range = plan.q_ranges ? plan.q_ranges + b * plan.n_q_tiles + q_tile : nullptr;
   const IdRange* q_docs = plan.q_doc_ranges ? plan.q_doc_ranges + b * plan.n_q_tiles + q_tile : nullptr;
@@ -270,8 +284,8 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
   for (int i = 0; i < rows; ++i) {
-    // Scores beyond float32 (an infinite running max, or inf - inf in a sum): redo the row in float64.
-    if (!(ws.row_max[i] < INFINITY) || ws.row_sum[i] != ws.row_sum[i]) {
+    // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf): redo the row in float64.
+    if (ws.overflow[i] || !(ws.row_max[i] < INFINITY) || ws.row_sum[i] != ws.row_sum[i]) {
       attention_row_exact(p, b, h, q0 + i);
       continue;
     }

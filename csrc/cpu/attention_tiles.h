@@ -41,9 +41,9 @@ inline int64_t attention_tile_width(int64_t head_dim) {
 inline size_t attention_scratch_floats(int64_t head_dim) {
   const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
   // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels and documents of a
-  // gathered and of a contiguous PARTIAL tile (6 x n int32); the query groups, sorted (m int32);
-  // the gathered keys of a FULL and a PARTIAL tile (2 x n int64).
-  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 6 * n + m + 4 * n + 64;
+  // gathered and of a contiguous PARTIAL tile (6 x n int32); the query groups, sorted, and the
+  // rows' overflow flags (2 x m int32); the gathered keys of a FULL and a PARTIAL tile (2 x n int64).
+  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 6 * n + 2 * m + 4 * n + 64;
 }
 
 // Query row i of (batch b, head h) in float64, written to out and lse: for rows whose float32

@@ -46,7 +46,8 @@ std::atomic<int> g_requested_threads{0};  // 0 = not set yet
 
 class ThreadPool {
  public:
-  ThreadPool() : pid_(getpid()) {}
+  // Room for every worker up front: adding one never reallocates (nor throws once it runs).
+  ThreadPool() : pid_(getpid()) { workers_.reserve(static_cast<size_t>(max_threads())); }
 
   // Pool size, the caller's thread included.
   int size() const { return static_cast<int>(workers_.size()) + 1; }
@@ -56,18 +57,19 @@ class ThreadPool {
   // for good (the limit that refused it will refuse the next one too). Returns the size.
   int grow(int n) {
     while (size() < n && !start_failed_) {
-      auto worker = std::make_unique<Worker>();
       const int index = size();
+      workers_.push_back(std::make_unique<Worker>());  // owned before its thread can use it
+      Worker* worker = workers_.back().get();
       try {
-        worker->thread = std::thread(&ThreadPool::worker_loop, this, index, worker.get());
+        worker->thread = std::thread(&ThreadPool::worker_loop, this, index, worker);
       } catch (const std::exception& e) {
+        workers_.pop_back();
         start_failed_ = true;
         std::fprintf(stderr, "dlmfuse: could not start CPU worker thread %d (%s); the CPU kernels use %d thread%s\n",
                      index, e.what(), size(), size() == 1 ? "" : "s");
         break;
       }
       worker->thread.detach();  // never joined: the pool lives until the process ends
-      workers_.push_back(std::move(worker));
     }
     return size();
   }
@@ -90,9 +92,16 @@ class ThreadPool {
       worker.wake.notify_one();
     }
     drain(0);
-    std::unique_lock<std::mutex> lock(done_mutex_);
-    done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    {
+      std::unique_lock<std::mutex> lock(done_mutex_);
+      done_.wait(lock, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+    }
     body_ = nullptr;
+    if (error_) {  // every thread has stopped touching the job: hand the first error to the caller
+      std::exception_ptr error = error_;
+      error_ = nullptr;
+      std::rethrow_exception(error);
+    }
   }
 
   std::mutex busy;
@@ -105,9 +114,19 @@ class ThreadPool {
     std::thread thread;
   };
 
+  // Runs tasks until none is left. A task that throws stops the job: the other threads take no
+  // further task, and run() rethrows the first error once they have all returned (an exception
+  // must neither escape a worker thread nor unwind the caller while workers still use the job).
   void drain(int worker) {
-    for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1))
-      (*body_)(task, worker);
+    for (int64_t task = next_task_.fetch_add(1); task < n_tasks_; task = next_task_.fetch_add(1)) {
+      try {
+        (*body_)(task, worker);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex_);
+        if (!error_) error_ = std::current_exception();
+        next_task_.store(n_tasks_);
+      }
+    }
   }
 
   void worker_loop(int index, Worker* self) {
@@ -136,6 +155,8 @@ class ThreadPool {
   uint64_t generation_ = 0;
   std::mutex done_mutex_;
   std::condition_variable done_;
+  std::mutex error_mutex_;
+  std::exception_ptr error_;  // the job's first exception
 };
 
 // Created on first parallel use, empty; workers start when a call needs them. Intentionally

@@ -4,7 +4,6 @@ shapes and values; every message names the op, the argument, the expectation and
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -37,18 +36,6 @@ def expect_float32_finite(op: str, name: str, value) -> float:
     if not abs(as_float) <= FLOAT32_MAX:
         raise ValueError(f"{op}: {name} must be finite in float32 (|{name}| <= 3.4e38), got {value}")
     return as_float
-
-
-def expect_int_in(op: str, name: str, value, low: int, high: int | None = None) -> int:
-    """TypeError unless ``value`` is an integer (not a bool; numpy ints count), ValueError unless it
-    lies in [low, high] (high None: no upper bound); returns it as a Python int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{op}: {name} must be {bounds}, got {value}")
-    return value
 
 
 _UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)  # (uint8 has every kernel torch has)

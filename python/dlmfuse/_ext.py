@@ -8,6 +8,7 @@ touches a GPU at import time.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import torch
@@ -66,9 +67,9 @@ def _warn_if_bad_thread_count() -> None:
     value = os.environ.get(_THREADS_ENV)
     if value is None:
         return
-    if not (value.strip().isdigit() and int(value) >= 1):
+    if not (re.fullmatch(r"\s*\+?[0-9]+\s*", value) and int(value) >= 1):  # what the C++ pool accepts
         warnings.warn(f"{_THREADS_ENV}={value!r} is not a positive integer; ignored (dlmfuse uses one thread "
-                      f"per core)", RuntimeWarning, stacklevel=3)
+                      f"per CPU this process may run on)", RuntimeWarning, stacklevel=3)
     elif int(value) > _C.max_threads():
         warnings.warn(f"{_THREADS_ENV}={value.strip()} exceeds the hardware thread count; clamped to "
                       f"{_C.max_threads()}", RuntimeWarning, stacklevel=3)

@@ -486,8 +486,9 @@ def _attention_backward_op(
     else:  # the PyTorch composite (CUDA has no fused backward yet)
         dq, dk, dv, dbias = attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
                                                needs_bias_grad)
-    # In the inputs' layouts (what the fake implementation promises).
-    dq, dk, dv = (torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
+    # In the inputs' layouts and dtypes (what the fake implementation promises); copied only where not.
+    dq, dk, dv = (grad if grad.dtype == like.dtype and grad.stride() == like.stride()
+                  else torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
     return dq, dk, dv, dbias.contiguous() if dbias is not None else q.new_empty(0)
 
 

@@ -154,9 +154,11 @@ def document_positions(documents: Optional[torch.Tensor], seq_len: int,
     """``(doc, pos)``: the document index and the position within it of every token of packed rows.
 
     ``documents``: integer ``[B, seq_len]`` or ``[seq_len]`` ids; every maximal run of equal ids is
-    one document (ids may repeat in other runs: those are other documents). ``doc`` int32 counts
-    the runs from 0; ``pos`` int32 restarts at 0 at each run. ``documents=None``: ``(None,
-    positions 0 .. seq_len - 1)`` as a ``[1, seq_len]`` row. Nothing is read on the host.
+    one document (ids may repeat in other runs: those are other documents; :meth:`Mask.within_documents`,
+    by contrast, treats equal ids as one document wherever they are). ``doc`` int32 counts the runs
+    from 0; ``pos`` int32 restarts at 0 at each run; both on ``device`` (default: the ids').
+    ``documents=None``: ``(None, positions 0 .. seq_len - 1)`` as a ``[1, seq_len]`` row. Int32 ids
+    are read nothing of on the host (int64 ids are range-checked, one host read).
 
     Example (documents of lengths 3, 2, 2; ``torch.repeat_interleave`` turns lengths into ids)::
 
@@ -165,13 +167,14 @@ def document_positions(documents: Optional[torch.Tensor], seq_len: int,
         >>> doc.tolist(), pos.tolist()
         ([[0, 0, 0, 1, 1, 2, 2]], [[0, 1, 2, 0, 1, 0, 1]])
     """
-    index = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))[None]
     if documents is None:
-        return None, index
+        return None, torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))[None]
     ids = _to_int32_labels("documents", documents)
     if ids.shape[1] != seq_len:
         raise ValueError(f"Mask: documents must have length {seq_len}, got shape {list(documents.shape)}")
-    index = index.to(ids.device)
+    if device is not None:
+        ids = ids.to(device)
+    index = torch.arange(seq_len, dtype=torch.int32, device=ids.device)[None]
     starts = torch.ones_like(ids, dtype=torch.bool)
     starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
     doc = starts.to(torch.int32).cumsum(1, dtype=torch.int32) - 1
@@ -314,9 +317,13 @@ class Mask:
         defaults to ``q_doc`` when Lq == Lk. A mask that has document labels already keeps both
         conditions (the new ids must match too, as a pair with the old ones).
 
-        Kernels skip every tile whose query and key document ranges do not meet, so packing costs
-        no work across documents. Labels that depend on positions (block ids) must restart at
-        each document: the constructors do that when given ``documents=``.
+        Equal ids are one document wherever they occur (the constructors' ``documents=`` instead
+        makes each run of equal ids its own document). The CPU kernel skips every tile whose query
+        and key document ranges do not meet; a tile that straddles a document boundary is computed
+        with the per-element test (on CUDA, calls with documents run the reference for now).
+        Labels that depend on positions (block ids) must restart at each document: the
+        constructors do that when given ``documents=``. Combining with existing document labels
+        ranks the id pairs with ``torch.unique`` (a host sync on CUDA).
 
         Example (two documents of 3 and 2 tokens, causal inside each)::
 
@@ -427,8 +434,7 @@ class Mask:
                     [1, 1, 1]], dtype=torch.int32)
         """
         seq_len = _seq_len(seq_len)
-        pos = torch.arange(seq_len, dtype=torch.int32, device=_default_device(device))[None]
-        doc = None if documents is None else document_positions(documents, seq_len, pos.device)[0]
+        doc, pos = document_positions(documents, seq_len, device)
         return cls._same_qk("causal", pos, pos.clone(), doc)
 
     @classmethod
@@ -453,7 +459,7 @@ class Mask:
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
-        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        doc, pos = document_positions(documents, seq_len, device)
         first_block = 1 if prefix_len > 0 else 0
         block = torch.where(pos < prefix_len, 0,
                             torch.div(pos - prefix_len, block_size, rounding_mode="floor") + first_block)
@@ -472,7 +478,7 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
-        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        doc, pos = document_positions(documents, seq_len, device)
         block = torch.div(pos, block_size, rounding_mode="floor")
         return cls._same_qk("block_diagonal", torch.zeros_like(block), block, doc)
 
@@ -493,7 +499,7 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         prefix_len = _prefix_len(prefix_len, seq_len)
-        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        doc, pos = document_positions(documents, seq_len, device)
         label = torch.where(pos < prefix_len, 0, pos).to(torch.int32)
         return cls._same_qk("prefix_lm", label, label.clone(), doc)
 
@@ -520,7 +526,7 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         block_size = _block_size(block_size, seq_len)
-        doc, pos = document_positions(documents, seq_len, _default_device(device))
+        doc, pos = document_positions(documents, seq_len, device)
         block = torch.div(pos, block_size, rounding_mode="floor")
         full = torch.full_like(block, INT32_MAX)
         q_order = torch.cat([block, block + 1], dim=1)
@@ -607,6 +613,8 @@ class Mask:
         """
         seq_len = _seq_len(seq_len)
         k_len = seq_len if k_len is None else _seq_len(k_len, "k_len")
+        if device is None and isinstance(documents, torch.Tensor):
+            device = documents.device  # (as every constructor: the labels live where the ids do)
         device = _default_device(device)
         zeros_q = torch.zeros(1, seq_len, dtype=torch.int32, device=device)
         zeros_k = torch.zeros(1, k_len, dtype=torch.int32, device=device)

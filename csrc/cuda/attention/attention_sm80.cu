@@ -12,7 +12,6 @@ namespace {
 
 using namespace sm80;
 
-constexpr int64_t kMaxGridDim = kAttentionMaxGridDim;
 static_assert(kBlockM == kAttentionCtaRows && kBlockN == kAttentionKeyTile, "the planner's tile sizes");
 // Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
 constexpr int kMergeWarps = 4;
@@ -153,8 +152,8 @@ bool attention_sm80_supports(const AttentionParams& p) {
          (!p.wgmma || (p.next_paths && p.kv_stages == 2 && !p.wide_rows)) &&
          (!p.gather_keys || (p.next_paths && !p.wide_rows && p.has_labels && p.bias == nullptr)) &&
          (!p.pack_gqa || (p.next_paths && !p.wide_rows && p.bias == nullptr &&
-                          p.q_len * (p.q_heads / p.kv_heads) <= kMaxGridDim * kBlockM)) &&
-         p.q_len <= kMaxGridDim * kBlockM && p.q_heads <= kMaxGridDim && p.batch * p.num_splits <= kMaxGridDim;
+                          p.q_len * (p.q_heads / p.kv_heads) <= kAttentionMaxGridDim * kBlockM)) &&
+         p.q_len <= kAttentionMaxGridDim * kBlockM && p.q_heads <= kAttentionMaxGridDim && p.batch * p.num_splits <= kAttentionMaxGridDim;
 }
 
 cudaError_t attention_forward_sm80(const AttentionParams& p, cudaStream_t stream) {

@@ -71,7 +71,8 @@ def _llada_kwargs(config: Dict[str, Any]) -> Dict[str, Any]:
             raise ValueError(f"{_OP}: LLaDA config {name}={value!r} unsupported (DenoiserLM needs {needed!r})")
     if not config.get("rope", True):
         raise ValueError(f"{_OP}: LLaDA config rope=False unsupported (DenoiserLM uses rotary embeddings)")
-    for name, allowed in (("layer_norm_type", ("rms",)), ("activation_type", ("silu", "swiglu")),
+    # (activation_type "swiglu" would split ff_proj in halves, which is not LLaDA's llama block)
+    for name, allowed in (("layer_norm_type", ("rms",)), ("activation_type", ("silu",)),
                           ("block_type", ("llama",))):
         value = config.get(name, allowed[0])
         if value not in allowed:
@@ -135,7 +136,11 @@ def _weight_files(path: str) -> list:
         weight_map = _read_json(index, "shard index").get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{_OP}: {index} has no weight_map")
-        return [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
+        files = [os.path.join(path, name) for name in dict.fromkeys(weight_map.values())]
+        outside = [f for f in files if os.path.dirname(os.path.realpath(f)) != os.path.realpath(path)]
+        if outside:
+            raise ValueError(f"{_OP}: {index} names files outside the checkpoint directory: {outside[:3]}")
+        return files
     if os.path.exists(single):
         return [single]
     raise ValueError(f"{_OP}: {path} has neither {WEIGHTS_NAME} nor {INDEX_NAME}")
@@ -157,6 +162,8 @@ def _stored_dtype(config: Dict[str, Any], files: list) -> torch.dtype:
     """The config's torch_dtype, else the dtype of the first stored tensor (read from its header)."""
     named = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or ""), None)
     if isinstance(named, torch.dtype):
+        if not named.is_floating_point:
+            raise ValueError(f"{_OP}: config torch_dtype {named} is not a float dtype; pass dtype=")
         return named
     safe_open, _ = _require_safetensors()
     with safe_open(files[0], framework="pt") as f:
@@ -261,8 +268,8 @@ def save_pretrained(model, path: str, max_shard_bytes: int = 4 << 30) -> None:
         current[name] = tensor
         size += nbytes
     shards.append(current)
-    for stale in (WEIGHTS_NAME, INDEX_NAME):
-        if os.path.exists(os.path.join(path, stale)):
+    for stale in os.listdir(path):  # an earlier save's weights, shards included
+        if stale in (WEIGHTS_NAME, INDEX_NAME) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", stale):
             os.remove(os.path.join(path, stale))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(path, WEIGHTS_NAME), metadata={"format": "pt"})
