@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import dlmfuse
+from conftest import DispatchLog
 from dlmfuse.generate import generate
 from dlmfuse.samplers import FastDLLM, ReMDM
 from dlmfuse.samplers.refine import confidence_weights, fed_columns, remask_and_unmask, token_edits
@@ -242,6 +243,21 @@ def test_token_editing_is_bounded_by_max_post_steps():
         assert state.step == len(calls) == 2 * (1 + max_post_steps) == state.total_steps - 8 + 2
 
 
+def test_a_block_ends_at_the_first_editing_only_step_that_changes_nothing():
+    """A model sure of the token already written: the step after the fill finds nothing to edit
+    (its proposal equals the token) and ends the block, long before max_post_steps."""
+    def forward(rows):
+        logits = torch.zeros(*rows.shape, VOCAB)
+        logits[..., 7] = 9.0
+        return logits
+
+    sampler = FastDLLM(8, 4, threshold=0.5, edit_threshold=0.5, max_post_steps=5, mask_token_id=MASK)
+    state = sampler.start(torch.cat([prompts(2, 3), torch.full((2, 8), MASK)], dim=1), 3)
+    while not state.done:
+        sampler.step(state, forward)
+    assert state.step == state.network_calls == 2 * 2 and bool((state.x[:, 3:] == 7).all())
+
+
 def test_token_editing_rows_match_each_row_alone(soft_model):
     """Rows finish their editing at different steps; a batch computes what each row computes alone."""
     sampler = FastDLLM(16, 8, threshold=0.3, edit_threshold=0.2, mask_token_id=MASK)
@@ -297,8 +313,9 @@ def test_remdm_dual_cache_feeds_exactly_the_changed_and_requested_columns():
 
 
 # ------------------------------------------------------------------------ device-side ops
-def test_decisions_trace_without_a_graph_break():
-    """torch.compile(fullgraph=True) fails on any host read: the remask / edit decisions have none."""
+def test_decisions_read_nothing_on_the_host_and_trace_whole():
+    """The remask / edit decisions make no host read (no aten._local_scalar_dense: no sync on
+    CUDA) and no data-dependent branch (torch.compile(fullgraph=True) traces them whole)."""
     def decide(x, psi, u, tokens, confidence, editable):
         masked, generated = x == MASK, x >= 0
         decoded = generated & ~masked
@@ -311,8 +328,11 @@ def test_decisions_trace_without_a_graph_break():
     args = (x, torch.rand(2, 9, generator=g, dtype=torch.float64), torch.rand(2, 9, generator=g, dtype=torch.float64),
             torch.randint(0, MASK, (2, 9), generator=g), torch.rand(2, 9, generator=g, dtype=torch.float64),
             torch.rand(2, 9, generator=g) < 0.5)
+    with DispatchLog() as log:
+        eager = decide(*args)
+    assert str(torch.ops.aten._local_scalar_dense.default) not in log.ops
     compiled = torch.compile(decide, fullgraph=True, backend="aot_eager")
-    for got, want in zip(compiled(*args), decide(*args)):
+    for got, want in zip(compiled(*args), eager):
         assert torch.equal(got, want)
 
 
