@@ -31,6 +31,12 @@ runs = [
     ("MDLM ancestral", samplers.MDLM(16, GEN, mask_token_id=MASK), ("none",)),
     ("EsoLM variant A", samplers.EsoLM(8, GEN, mask_token_id=MASK, alpha_0=0.5, variant="A"), ("none",)),
     ("EsoLM variant B", samplers.EsoLM(8, GEN, mask_token_id=MASK, alpha_0=0.5, variant="B"), ("none", "prefix")),
+    # Refinement: tokens already written are remasked (ReMDM) or edited (LLaDA 2.1).
+    *[(f"ReMDM {schedule}", samplers.ReMDM(GEN, GEN, mask_token_id=MASK, schedule=schedule), ("none", "dual"))
+      for schedule in ("cap", "conf")],
+    ("ReMDM loop", samplers.ReMDM(GEN, GEN, mask_token_id=MASK, schedule="loop"), ("prefix",)),
+    ("FastDLLM threshold 0.7 + editing", samplers.FastDLLM(GEN, BLOCK, threshold=0.7, edit_threshold=0.5,
+                                                           max_post_steps=4, mask_token_id=MASK), ("none", "dual")),
 ]
 
 for name, sampler, caches in runs:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
+_REFINE = "tests/test_refinement_samplers.py"
 
 
 class Mutant(NamedTuple):
@@ -76,6 +77,55 @@ MUTANTS = [
     Mutant("backward grad_lse sign", "_attention_backward.py",
            "delta = delta - grad_lse.to(f32)", "delta = delta + grad_lse.to(f32)",
            ("tests/test_attention_autograd.py",)),
+    *[Mutant(name, path, old, new, tuple(f"{_REFINE}::{test}" for test in tests)) for name, path, old, new, tests in [
+        ("ReMDM cap takes the larger sigma", "samplers/remdm.py",
+         "sigma = self.eta if ratio is None else min(self.eta, ratio)",
+         "sigma = self.eta if ratio is None else max(self.eta, ratio)", ("test_remdm_matches_published_update_step_by_step",)),
+        ("ReMDM loop remasks in its MDLM phases", "samplers/remdm.py", "sigma = self.eta if looping else 0.0",
+         "sigma = self.eta", ("test_remdm_matches_published_update_step_by_step",)),
+        ("ReMDM conf never records psi", "samplers/remdm.py",
+         'ext["psi"] = _scatter_psi(ext["psi"], slots, valid, probability)', "pass",
+         ("test_remdm_matches_published_update_step_by_step",)),
+        ("ReMDM rescale ignores sigma_max", "samplers/remdm.py", "sigma = self.eta * sigma_max", "sigma = self.eta",
+         ("test_remdm_transition_frequencies",)),
+        ("ReMDM unmasks at MDLM's rate", "samplers/remdm.py",
+         'sigma_masked = 0.0 if self.schedule == "conf" else sigma', "sigma_masked = 0.0",
+         ("test_remdm_transition_frequencies",)),
+        ("ReMDM conf remasks the confident tokens first", "samplers/refine.py",
+         "scores = torch.where(decoded, -confidence.to(torch.float64), -math.inf)",
+         "scores = torch.where(decoded, confidence.to(torch.float64), -math.inf)", ("test_remdm_transition_frequencies",)),
+        ("ReMDM remask decision reads the host", "samplers/refine.py",
+         "remask = decoded & (uniforms < remask_probability)",
+         "remask = decoded & (uniforms < float(torch.as_tensor(remask_probability).max()))",
+         ("test_decisions_read_nothing_on_the_host_and_trace_whole",)),
+        ("ReMDM dual cache forgets stale columns (feeds)", "samplers/remdm.py", 'fed = ext["stale"] | ext["requested"]',
+         'fed = ext["requested"]', ("test_remdm_dual_cache_feeds_exactly_the_changed_and_requested_columns",)),
+        ("ReMDM dual cache never refreshes remasked rows", "samplers/remdm.py", 'ext["stale"] |= written | remask',
+         'ext["stale"] |= written', ("test_cache_is_exact_for_a_one_layer_model",)),
+        ("fed columns keep the sort key", "samplers/refine.py", "return key.sort(dim=1).values[:, :count] % length",
+         "return key.sort(dim=1).values[:, :count]", ("test_fed_columns_are_distinct_with_the_fed_ones_first",)),
+        ("ReMDM loop allows a last step before t_off", "samplers/remdm.py", "if self.steps * t_off < 1.0:",
+         "if False:", ("test_bad_arguments_name_the_value",)),
+        ("ReMDM cap default eta", "samplers/remdm.py", '"cap": 0.008', '"cap": 0.08',
+         ("test_published_defaults_and_docstring",)),
+        ("token edits ignore the threshold", "samplers/refine.py",
+         "return editable & (tokens != current) & (confidence > threshold)", "return editable & (tokens != current)",
+         ("test_token_editing_matches_llada21_step_by_step",)),
+        ("token edits count unchanged tokens", "samplers/refine.py",
+         "return editable & (tokens != current) & (confidence > threshold)", "return editable & (confidence > threshold)",
+         ("test_a_block_ends_at_the_first_editing_only_step_that_changes_nothing",)),
+        ("editing-only steps bound inclusive", "samplers/fast_dllm.py",
+         'ext["finished"] |= post & (ext["post_steps"] > self.max_post_steps)',
+         'ext["finished"] |= post & (ext["post_steps"] >= self.max_post_steps)',
+         ("test_token_editing_is_bounded_by_max_post_steps",)),
+        ("finished rows keep editing", "samplers/fast_dllm.py",
+         "editable = ~masked & (cols >= state.block[0]) & (cols < state.block[1]) & active",
+         "editable = ~masked & (cols >= state.block[0]) & (cols < state.block[1])",
+         ("test_token_editing_rows_match_each_row_alone",)),
+        ("block caches are not refreshed at a new block", "generate.py",
+         "if self.kv is None or block != self.cached_block or", "if self.kv is None or",
+         ("test_cache_is_exact_for_a_one_layer_model[editing-prefix]",)),
+    ]],
 ]
 
 

@@ -14,6 +14,7 @@ POSITIONAL = {
     samplers.Dream: ("steps", "gen_length"),
     samplers.MDLM: ("steps", "gen_length"),
     samplers.EsoLM: ("steps", "gen_length"),
+    samplers.ReMDM: ("steps", "gen_length"),
 }
 
 
@@ -44,7 +45,8 @@ def test_llada_pinned_signature():
     lambda: samplers.Dream(32, 32, 999),
     lambda: samplers.MDLM(32, 32, 999),
     lambda: samplers.EsoLM(32, 32, 999),
-], ids=["llada-mask-id", "llada-options", "fastdllm", "dream", "mdlm", "esolm"])
+    lambda: samplers.ReMDM(32, 32, 999),
+], ids=["llada-mask-id", "llada-options", "fastdllm", "dream", "mdlm", "esolm", "remdm"])
 def test_an_option_given_by_position_raises_type_error(make):
     with pytest.raises(TypeError, match="positional argument"):
         make()

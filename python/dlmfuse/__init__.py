@@ -9,7 +9,7 @@ Public API (documented in docs/: docs/ops.md, docs/visibility.md):
     dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
     dlmfuse.select_unmask(conf, cand)  which masked positions to unmask this step (k / threshold / factor)
     dlmfuse.nn                         DenoiserAttention / DenoiserBlock / DenoiserLM layers
-    dlmfuse.samplers                   LLaDA, FastDLLM, Dream, MDLM, EsoLM step samplers
+    dlmfuse.samplers                   LLaDA, FastDLLM, Dream, MDLM, EsoLM, ReMDM step samplers
     dlmfuse.generate(model, prompt, s) the denoising loop (cache="none" | "prefix" | "dual")
     dlmfuse.integrations.transformers  attn_implementation="dlmfuse" for transformers models
     dlmfuse.reference                  pure-PyTorch ground truth for every op

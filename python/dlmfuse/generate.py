@@ -20,9 +20,11 @@ Cache modes (``cache=``):
   bound by the host, not the GPU.
 
 A step that asks for a column outside the recomputed window (a mask token in the prompt, or a
-column the model refilled with the mask token) refreshes the cache first. Dream and MDLM treat
-the whole generation as one block, so only the prompt is cached. For Eso-LM variant B,
-``cache="prefix"`` is Eso-LM's exact KV cache (see :mod:`dlmfuse.samplers.eso`).
+column the model refilled with the mask token) refreshes the cache first. Dream, MDLM and ReMDM
+treat the whole generation as one block, so only the prompt is cached. For Eso-LM variant B,
+``cache="prefix"`` is Eso-LM's exact KV cache (see :mod:`dlmfuse.samplers.eso`); ReMDM's
+``cache="dual"`` feeds only the columns whose tokens changed since the cache saw them and those
+that need logits (see :mod:`dlmfuse.samplers.remdm`).
 
 The cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.DenoiserLM`:
 ``forward(input_ids, positions, mask, cache, logits_for)`` and ``config.num_layers``,
@@ -61,7 +63,7 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
             ``mask=`` keywords are passed only for ragged prompts or samplers with their own
             attention mask, ``cache=`` only in the cache modes).
         prompt_ids: int64 ``[B, P]`` prompts, left padded when ragged.
-        sampler: a :mod:`dlmfuse.samplers` policy (LLaDA, FastDLLM, Dream, MDLM, EsoLM).
+        sampler: a :mod:`dlmfuse.samplers` policy (LLaDA, FastDLLM, Dream, MDLM, EsoLM, ReMDM).
         cache: ``"none"`` (exact), ``"prefix"`` or ``"dual"`` (see the module docstring).
         seed: Philox key of every random draw (same seed, same tokens; see dlmfuse.samplers.base).
         attention_mask: optional ``[B, P]`` (bool or 0/1 ints): 1 for real prompt tokens, 0 for
@@ -96,7 +98,7 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
     """
     prompt_ids = _check_prompt(prompt_ids)
     if not isinstance(sampler, Sampler):
-        raise TypeError(f"{_OP}: sampler must be a dlmfuse.samplers sampler (LLaDA, FastDLLM, Dream, MDLM, EsoLM), "
+        raise TypeError(f"{_OP}: sampler must be a dlmfuse.samplers sampler (LLaDA, FastDLLM, Dream, MDLM, EsoLM, ReMDM), "
                         f"got {type(sampler).__name__}")
     if cache not in CACHE_MODES:
         raise ValueError(f"{_OP}: cache must be one of {list(CACHE_MODES)}, got {cache!r}")
@@ -214,7 +216,7 @@ class _Runner:
         if self.cache_mode == "none":
             logits = self._call(self._ids(), self._twice(rows), mask=self._full_mask(mask),
                                 positions=self._twice(self.positions) if self.padded else None)
-        elif self.sampler.incremental_cache:
+        elif self.cache_mode in self.sampler.incremental_modes:
             logits = self._incremental(rows, mask)
         else:
             logits = self._cached(rows)
@@ -267,8 +269,9 @@ class _Runner:
         return self._call(window_ids, window_rows, positions=window_positions, cache=self.kv)
 
     def _incremental(self, rows: Tensor, mask: Optional[Mask]) -> Tensor:
-        """Eso-LM B: a full pass fills the cache, later steps feed only the columns the sampler
-        names (their key labels written, their queries under the sampler's labels)."""
+        """Eso-LM B's prefix cache, ReMDM's dual cache: a full pass fills the cache, later steps
+        feed only the columns the sampler names (their K/V and key labels written at those rows,
+        their queries under the sampler's labels)."""
         ids, full = self._ids(), self._full_mask(mask)
         columns = self.sampler.incremental_columns(self.state)
         if self.kv is None or columns is None:

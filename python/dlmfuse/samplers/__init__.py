@@ -3,13 +3,15 @@ dlmfuse's ops (:func:`dlmfuse.sample_tokens`, :func:`dlmfuse.select_unmask`, :cl
 
     LLaDA      semi-autoregressive blocks, linear transfer schedule, low_confidence / random
                remasking, classifier-free guidance, EOS / EoT suppression
-    FastDLLM   Fast-dLLM parallel decoding: confidence threshold or factor rule
+    FastDLLM   Fast-dLLM parallel decoding: confidence threshold or factor rule; LLaDA 2.1's
+               token-to-token editing of decoded tokens (edit_threshold)
     Dream      origin / maskgit_plus / topk_margin / entropy, alg_temp, shifted logits
     MDLM       ancestral sampling, log-linear schedule, no network call for empty steps
     EsoLM      Eso-LM two-phase sampling (diffusion, then sequential), variants A and B
+    ReMDM      MDLM with remasking of decoded tokens: cap / rescale / conf / loop schedules
 
 Shape arguments may be given by position (LLaDA: ``steps, gen_length, block_length``; FastDLLM:
-``gen_length, block_length``; Dream, MDLM, EsoLM: ``steps, gen_length``); every option after them
+``gen_length, block_length``; Dream, MDLM, EsoLM, ReMDM: ``steps, gen_length``); every option after them
 is keyword-only, so a misplaced value raises TypeError instead of landing in another option.
 
 Each sampler has ``start(x, gen_start, seed=...) -> SamplerState`` and ``step(state, forward)``
@@ -38,5 +40,6 @@ from .fast_dllm import FastDLLM
 from .dream import Dream
 from .mdlm import MDLM
 from .eso import EsoLM
+from .remdm import ReMDM
 
-__all__ = ["Sampler", "SamplerState", "LLaDA", "FastDLLM", "Dream", "MDLM", "EsoLM", "transfer_schedule"]
+__all__ = ["Sampler", "SamplerState", "LLaDA", "FastDLLM", "Dream", "MDLM", "EsoLM", "ReMDM", "transfer_schedule"]

@@ -101,8 +101,8 @@ class Sampler:
     Attributes used by :func:`dlmfuse.generate`: ``cfg_scale`` (classifier-free guidance weight,
     0 = off), ``shift_logits`` (token i is predicted by the logits of row i - 1, Dream's
     convention), ``cache_modes`` (the KV-cache modes that apply besides "none"; by default
-    Fast-dLLM's "prefix" / "dual" over ``state.block``) and ``incremental_cache`` (the cache is
-    instead fed :meth:`incremental_columns`).
+    Fast-dLLM's "prefix" / "dual" over ``state.block``) and ``incremental_modes`` (the modes in
+    which the cache is instead fed :meth:`incremental_columns`).
     """
 
     gen_length: int
@@ -110,13 +110,13 @@ class Sampler:
     cfg_scale: float = 0.0
     shift_logits: bool = False
     cache_modes: Tuple[str, ...] = ("prefix", "dual")
-    incremental_cache: bool = False
+    incremental_modes: Tuple[str, ...] = ()
 
     def incremental_columns(self, state: SamplerState) -> Optional[Tensor]:
-        """For samplers with an exact incremental KV cache (Eso-LM B): the columns whose K/V
-        this step must (re)compute, int64 ``[B, m]`` (the requested rows among them), or None
-        when the step needs a full pass. Block samplers return None (their caches are windows
-        of ``state.block``)."""
+        """For samplers with an incremental KV cache (Eso-LM B, ReMDM's "dual"): the columns
+        whose K/V this step must (re)compute, int64 ``[B, m]`` (distinct within a row, the
+        requested rows among them), or None when the step needs a full pass. Block samplers
+        return None (their caches are windows of ``state.block``)."""
         return None
 
     def start(self, x: Tensor, gen_start: int, *, seed: int = 0) -> SamplerState:

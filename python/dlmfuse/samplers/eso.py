@@ -78,7 +78,7 @@ class EsoLM(Sampler):
         extra = check_token_ids("EsoLM", "suppress_tokens", suppress_tokens) or ()
         self.suppress_tokens = tuple(sorted({self.mask_token_id, *extra}))
 
-    incremental_cache = True
+    incremental_modes = ("prefix",)
 
     @property
     def cache_modes(self):
