@@ -157,11 +157,6 @@ void sample_tokens(const SamplingParams& p) {
     p.tokens[row] = token;
     p.confidence_out[row] = token >= 0 ? confidence_of(p, reader, token, pass) : -INFINITY;
   });
-
-  for (int64_t row = 0; row < p.rows; ++row)
-    if (p.tokens[row] < 0)
-      throw_value_error("sample_tokens: row ", row,
-                        " has no token that can be emitted (every logit is suppressed, -inf or NaN)");
 }
 
 }  // namespace dlmfuse::cpu

@@ -18,10 +18,11 @@ inline double confidence_score(const SamplingParams& p, double l) {
 }
 
 // The score the float64 reference ranks tokens by: l / T + Gumbel noise of (row, column) when
-// sampling, l itself when greedy.
+// sampling, l itself when greedy (column: of the logits row; the noise is the vocabulary's).
 inline double exact_score(const SamplingParams& p, int64_t row, int64_t column, double l) {
   if (p.temperature <= 0.0) return l;
-  const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, column));
+  const int64_t vocabulary_column = column + static_cast<int64_t>(p.column_offset);
+  const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, vocabulary_column));
   return l / p.temperature - std::log(-std::log(u));
 }
 

@@ -170,37 +170,53 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
 
 def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, kind, tempered):
     lead_shape = logits.shape[:-1]
+    tokens, conf = sample_rows(logits.detach().reshape(-1, logits.shape[-1]), temperature, top_k, top_p, suppressed,
+                               seed, offset, seed_tensor, offset_tensor, kind, tempered)
+    if not logits.is_cuda:  # the CUDA kernel has no host sync to raise with: it returns -1
+        empty = (tokens < 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
+                             "(every logit is suppressed, -inf or NaN)")
+    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+
+
+def sample_rows(rows: Tensor, temperature: float, top_k: int, top_p: float, suppressed: Optional[Tensor], seed: int,
+                offset: int, seed_tensor: Optional[Tensor], offset_tensor: Optional[Tensor], kind: int,
+                tempered: bool, column_offset: int = 0) -> Tuple[Tensor, Tensor]:
+    """The kernel (or the reference) on checked arguments: ``rows [N, V]`` -> tokens int64 ``[N]``
+    (-1 in a row with no token that can be emitted) and confidence float32 ``[N]``. Column i of
+    ``rows`` draws the noise of vocabulary column ``i + column_offset`` (even): a vocabulary
+    shard samples as its slice of the whole row would (dlmfuse.distributed)."""
     # The CUDA kernel scores in fp32 with float64 re-scoring of the near-best tokens; float64
     # logits and extreme temperatures (whose fp32 scores overflow) take the reference there.
-    fp32_safe = logits.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
-    cuda_kernel = logits.is_cuda and fp32_safe and not use_reference("sample_tokens", logits.device)
+    fp32_safe = rows.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
+    cuda_kernel = rows.is_cuda and fp32_safe and not use_reference("sample_tokens", rows.device)
     if not cuda_kernel:  # the CPU kernel and the reference take plain ints
         seed = seed if seed_tensor is None else int(seed_tensor.item())
         offset = offset if offset_tensor is None else int(offset_tensor.item())
-    if use_reference("sample_tokens", logits.device) or (logits.is_cuda and not cuda_kernel):
+    if use_reference("sample_tokens", rows.device) or (rows.is_cuda and not cuda_kernel):
         ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
+        uniforms = None
+        if temperature > 0 and column_offset:
+            uniforms = reference.gumbel_uniforms(rows.shape[0], rows.shape[1], seed, offset, first_column=column_offset)
         tokens, conf = reference.sample_tokens(
-            logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+            rows, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
             seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind], suppress_tokens=ids,
-            tempered_confidence=tempered,
+            tempered_confidence=tempered, uniforms=uniforms,
         )
-        if not logits.is_cuda:  # same contract as the CPU kernel
-            empty = (tokens.reshape(-1) < 0).nonzero()
-            if empty.numel():
-                raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
-                                 "(every logit is suppressed, -inf or NaN)")
-        return tokens.to(logits.device), conf.to(logits.device)  # the reference computes on the CPU
-    rows = logits.detach().reshape(-1, logits.shape[-1])
-    tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
-    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
+        return tokens.to(rows.device), conf.to(rows.device)  # the reference computes on the CPU
+    tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
     rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
     if cuda_kernel:
-        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        stream = torch.cuda.current_stream(rows.device).cuda_stream
         _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset,
-                              *dlpack(seed_tensor, offset_tensor), kind, tempered, tokens_, conf_, stream)
+                              *dlpack(seed_tensor, offset_tensor), column_offset, kind, tempered, tokens_, conf_,
+                              stream)
     else:
-        _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, kind, tempered, tokens_, conf_)
-    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+        _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, column_offset, kind, tempered,
+                         tokens_, conf_)
+    return tokens, conf
 
 
 @torch.library.custom_op("dlmfuse::sample_tokens", mutates_args=())

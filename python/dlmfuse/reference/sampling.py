@@ -83,15 +83,19 @@ def _u64(value, name: str) -> int:
     return int(value)
 
 
-def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0) -> Tensor:
-    """float64 ``[rows, vocab]``: the uniform u in (0, 1) for every (row, column) of the layout."""
+def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0, *, first_column: int = 0) -> Tensor:
+    """float64 ``[rows, vocab]``: the uniform u in (0, 1) for every (row, column) of the layout,
+    for the columns ``first_column + [0, vocab)`` (even ``first_column``: a vocabulary shard)."""
     seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
     row = torch.arange(rows, dtype=torch.int64).unsqueeze(1)  # [rows, 1]
     if rows > _MASK32 + 1:
         raise ValueError(f"sample_tokens: at most 2^32 rows, got {rows}")
+    if first_column < 0 or first_column % 2 or (first_column + vocab) // 2 > _MASK32 + 1:
+        raise ValueError(f"sample_tokens: first_column must be even, >= 0 and leave (column / 2) in 32 bits, "
+                         f"got {first_column}")
     # Columns j and j + 1 (j even) share one Philox call: compute once per pair.
     pairs = (vocab + 1) // 2
-    out = philox4x32_10(torch.arange(pairs, dtype=torch.int64).unsqueeze(0), row,
+    out = philox4x32_10(torch.arange(pairs, dtype=torch.int64).unsqueeze(0) + first_column // 2, row,
                         offset & _MASK32, offset >> 32, seed & _MASK32, seed >> 32)
     hi = torch.stack((out[0], out[2]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
     lo = torch.stack((out[1], out[3]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
