@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,6 +61,12 @@ def sample_tokens(
             tempered_confidence=True uses softmax(logits / T) instead, as Dream does.
         suppress_tokens: token ids never emitted (int tensor [n] or a sequence of ints).
 
+    Logits split over ranks by vocabulary (a DTensor with placement ``Shard(-1)`` on a 1-D mesh,
+    what a :func:`dlmfuse.distributed.tensor_parallel` model returns) are sampled without
+    gathering them: every rank of the mesh calls this and gets the tokens (global ids) and
+    confidences of the whole rows (:func:`dlmfuse.distributed.sample_tokens`; ``seed`` is then
+    required when sampling).
+
     Returns:
         ``(tokens, confidence)``: int64 and float32 tensors of shape ``logits.shape[:-1]``.
         A row in which no token can be emitted (all suppressed or -inf) raises ValueError on the
@@ -79,6 +86,11 @@ def sample_tokens(
         >>> torch.equal(t1, t2)
         True
     """
+    if _is_dtensor(logits):  # tensor-parallel logits: sampled where they lie (dlmfuse.distributed)
+        from .distributed.sampling import sample_dtensor
+        return sample_dtensor(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+                              confidence=confidence, suppress_tokens=suppress_tokens,
+                              tempered_confidence=tempered_confidence)
     expect_tensor(_OP, "logits", logits)
     if logits.dtype not in _LOGITS_DTYPES:
         raise TypeError(f"{_OP}: logits must be a float tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
@@ -86,14 +98,7 @@ def sample_tokens(
         raise ValueError(f"{_OP}: logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"{_OP}: logits must have a contiguous last dimension, got strides {logits.stride()}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
-        raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
-    try:
-        finite = math.isfinite(temperature)
-    except OverflowError:  # an int beyond float64
-        finite = False
-    if not finite or temperature < 0:
-        raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
+    temperature = _temperature_value(temperature)
     top_k_code = _top_k_code(top_k, logits.shape[-1])
     top_p_value = _top_p_value(top_p)
     if confidence not in CONFIDENCE_KINDS:
@@ -102,11 +107,30 @@ def sample_tokens(
     offset_value, offset_tensor = _counter("offset", offset, logits)
     suppressed = _suppressed_mask(suppress_tokens, logits.shape[-1], logits.device)
 
-    args = (logits, float(temperature), top_k_code, top_p_value, suppressed, seed_value, offset_value,
+    args = (logits, temperature, top_k_code, top_p_value, suppressed, seed_value, offset_value,
             seed_tensor, offset_tensor, CONFIDENCE_KINDS.index(confidence), bool(tempered_confidence))
     if needs_dispatcher(logits, suppressed, seed_tensor, offset_tensor):
         return torch.ops.dlmfuse.sample_tokens(*args)
     return _sample_impl(*args)
+
+
+def _is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (checked without importing torch.distributed: a DTensor
+    exists only once its module is loaded)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def _temperature_value(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
+        raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
+    try:
+        finite = math.isfinite(temperature)
+    except OverflowError:  # an int beyond float64
+        finite = False
+    if not finite or temperature < 0:
+        raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
+    return float(temperature)
 
 
 def _top_k_code(top_k, vocab: int) -> int:

@@ -20,7 +20,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "kept_tokens", "CONFIDENCE_KINDS"]
+__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "uniforms_at", "kept_tokens", "CONFIDENCE_KINDS"]
 
 CONFIDENCE_KINDS = ("prob", "margin", "neg_entropy", "logit")
 
@@ -100,6 +100,18 @@ def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0, *, first_
     hi = torch.stack((out[0], out[2]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
     lo = torch.stack((out[1], out[3]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
     a = (hi << 20) | (lo >> 12)  # 52 bits, exact in int64 and in float64
+    return (2 * a + 1).to(torch.float64) * 2.0 ** -_UNIFORM_BITS
+
+
+def uniforms_at(rows: Tensor, columns: Tensor, seed: int, offset: int = 0) -> Tensor:
+    """float64: the uniform of the layout at each (row, column) pair (int64 tensors, broadcast
+    together; columns of the whole vocabulary)."""
+    seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
+    rows, columns = torch.broadcast_tensors(rows.to(torch.int64), columns.to(torch.int64))
+    out = philox4x32_10(columns >> 1, rows, offset & _MASK32, offset >> 32, seed & _MASK32, seed >> 32)
+    odd = (columns & 1).bool()
+    hi, lo = torch.where(odd, out[2], out[0]), torch.where(odd, out[3], out[1])
+    a = (hi << 20) | (lo >> 12)
     return (2 * a + 1).to(torch.float64) * 2.0 ** -_UNIFORM_BITS
 
 
