@@ -21,7 +21,8 @@ DType logits_dtype(const Array& a) {
 SamplingParams sampling_params(const Array& logits, double temperature, int64_t top_k, double top_p,
                                const std::optional<Array>& suppressed, uint64_t seed, uint64_t offset,
                                uint64_t column_offset, int confidence_kind, bool tempered_confidence,
-                               const Array& tokens, const Array& confidence, int32_t device_type) {
+                               const Array& tokens, const Array& confidence, const std::optional<Array>& stats,
+                               int32_t device_type) {
   SamplingParams p;
   expect_device(kOp, "logits", logits, device_type);
   expect_ndim(kOp, "logits", logits, 2, "[rows, V]");
@@ -70,6 +71,14 @@ SamplingParams sampling_params(const Array& logits, double temperature, int64_t 
     throw_value_error(kOp, ": tokens and confidence must be contiguous");
   p.tokens = static_cast<int64_t*>(tokens.data());
   p.confidence_out = static_cast<float*>(confidence.data());
+  if (stats.has_value()) {
+    expect_device(kOp, "stats", *stats, device_type);
+    expect_dtype(kOp, "stats", *stats, nb::dlpack::dtype_code::Float, 64, "float64");
+    expect_shape(kOp, "stats", *stats, {p.rows, kSamplingStats});
+    if (p.rows > 0 && (stats->stride(1) != 1 || (p.rows > 1 && stats->stride(0) != kSamplingStats)))
+      throw_value_error(kOp, ": stats must be contiguous");
+    p.stats = static_cast<double*>(stats->data());
+  }
 
   return p;
 }

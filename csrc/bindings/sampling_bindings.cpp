@@ -10,10 +10,10 @@ namespace {
 void sample_tokens(Array logits, double temperature, int64_t top_k, double top_p,
                    std::optional<Array> suppressed, uint64_t seed, uint64_t offset,
                    uint64_t column_offset, int confidence_kind, bool tempered_confidence, Array tokens,
-                   Array confidence) {
+                   Array confidence, std::optional<Array> stats) {
   const SamplingParams p =
       sampling_params(logits, temperature, top_k, top_p, suppressed, seed, offset, column_offset,
-                      confidence_kind, tempered_confidence, tokens, confidence, nb::device::cpu::value);
+                      confidence_kind, tempered_confidence, tokens, confidence, stats, nb::device::cpu::value);
   nb::gil_scoped_release release;
   cpu::sample_tokens(p);
 }
@@ -24,8 +24,8 @@ void register_sampling(nb::module_& m) {
         nb::arg("top_k"), nb::arg("top_p"), nb::arg("suppressed").none(), nb::arg("seed"),
         nb::arg("offset"), nb::arg("column_offset"), nb::arg("confidence_kind"),
         nb::arg("tempered_confidence"),
-        nb::arg("tokens").noconvert(), nb::arg("confidence").noconvert(),
-        "Fills tokens [rows] and confidence [rows] (CPU). Use dlmfuse.sample_tokens.");
+        nb::arg("tokens").noconvert(), nb::arg("confidence").noconvert(), nb::arg("stats").noconvert().none(),
+        "Fills tokens [rows], confidence [rows] and, when given, stats [rows, 4] (CPU). Use dlmfuse.sample_tokens.");
   m.attr("CONFIDENCE_KINDS") = nb::make_tuple("prob", "margin", "neg_entropy", "logit");
 }
 

@@ -26,6 +26,15 @@ inline double exact_score(const SamplingParams& p, int64_t row, int64_t column, 
   return l / p.temperature - std::log(-std::log(u));
 }
 
+// The row's softmax statistics into p.stats (when set), in SamplingStat order.
+inline void write_stats(const SamplingParams& p, int64_t row, double c_max, double z, double s, double c_second) {
+  double* out = p.stats + row * kSamplingStats;
+  out[kStatMax] = c_max;
+  out[kStatSumExp] = z;
+  out[kStatSumExpTimesD] = s;
+  out[kStatSecond] = c_second;
+}
+
 // One row of logits, read as float (what the fp32 pass sees) or as double (exact scoring).
 struct RowReader {
   const SamplingParams& p;

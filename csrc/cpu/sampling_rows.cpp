@@ -216,8 +216,8 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
     r.s += fb * (sb + (block_cmax - m_new) * zb);
     r.z += fb * zb;
     r.kept += static_cast<int64_t>(vec::reduce_sum(vcount));
-    // Second-largest c (margin confidence): only a block reaching above it can change it.
-    if (p.confidence == ConfidenceKind::kMargin && block_cmax > r.c_second) {
+    // Second-largest c (margin confidence, statistics): only a block reaching above it can change it.
+    if ((p.confidence == ConfidenceKind::kMargin || p.stats != nullptr) && block_cmax > r.c_second) {
       double first = r.c_max;
       for (int j = 0; j < n; ++j) {
         const double x = c[j];

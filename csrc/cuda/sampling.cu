@@ -609,6 +609,13 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sampli
       }
     }
     p.confidence_out[row] = conf;
+    if (p.stats != nullptr) {
+      double* out = p.stats + row * kSamplingStats;
+      out[kStatMax] = row_stats.c_max;
+      out[kStatSumExp] = row_stats.z;
+      out[kStatSumExpTimesD] = row_stats.s;
+      out[kStatSecond] = row_stats.c_second;
+    }
   }
 }
 

@@ -206,11 +206,13 @@ def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, se
 
 def sample_rows(rows: Tensor, temperature: float, top_k: int, top_p: float, suppressed: Optional[Tensor], seed: int,
                 offset: int, seed_tensor: Optional[Tensor], offset_tensor: Optional[Tensor], kind: int,
-                tempered: bool, column_offset: int = 0) -> Tuple[Tensor, Tensor]:
+                tempered: bool, column_offset: int = 0, stats: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """The kernel (or the reference) on checked arguments: ``rows [N, V]`` -> tokens int64 ``[N]``
     (-1 in a row with no token that can be emitted) and confidence float32 ``[N]``. Column i of
     ``rows`` draws the noise of vocabulary column ``i + column_offset`` (even): a vocabulary
-    shard samples as its slice of the whole row would (dlmfuse.distributed)."""
+    shard samples as its slice of the whole row would; ``stats`` (float64 ``[N, 4]``, filled when
+    given) receives the rows' softmax statistics (reference.softmax_stats), from which shards'
+    confidences merge (dlmfuse.distributed)."""
     # The CUDA kernel scores in fp32 with float64 re-scoring of the near-best tokens; float64
     # logits and extreme temperatures (whose fp32 scores overflow) take the reference there.
     fp32_safe = rows.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
@@ -223,23 +225,24 @@ def sample_rows(rows: Tensor, temperature: float, top_k: int, top_p: float, supp
         uniforms = None
         if temperature > 0 and column_offset:
             uniforms = reference.gumbel_uniforms(rows.shape[0], rows.shape[1], seed, offset, first_column=column_offset)
-        tokens, conf = reference.sample_tokens(
-            rows, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
-            seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind], suppress_tokens=ids,
-            tempered_confidence=tempered, uniforms=uniforms,
-        )
+        filters = dict(temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+                       suppress_tokens=ids)
+        tokens, conf = reference.sample_tokens(rows, seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind],
+                                               tempered_confidence=tempered, uniforms=uniforms, **filters)
+        if stats is not None:
+            stats.copy_(reference.softmax_stats(rows, tempered_confidence=tempered, **filters))
         return tokens.to(rows.device), conf.to(rows.device)  # the reference computes on the CPU
     tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
     conf = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
-    rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
+    rows_, suppressed_, tokens_, conf_, stats_ = dlpack(rows, suppressed, tokens, conf, stats)
     if cuda_kernel:
         stream = torch.cuda.current_stream(rows.device).cuda_stream
         _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset,
                               *dlpack(seed_tensor, offset_tensor), column_offset, kind, tempered, tokens_, conf_,
-                              stream)
+                              stats_, stream)
     else:
         _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, column_offset, kind, tempered,
-                         tokens_, conf_)
+                         tokens_, conf_, stats_)
     return tokens, conf
 
 

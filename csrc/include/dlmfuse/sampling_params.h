@@ -20,6 +20,11 @@ namespace dlmfuse {
 
 enum class ConfidenceKind : int32_t { kProb = 0, kMargin = 1, kNegEntropy = 2, kLogit = 3 };
 
+// Per-row softmax statistics of the kept tokens' confidence scores c (c = l / T' when
+// tempered_confidence, else l), written when SamplingParams::stats is set: enough to merge the
+// confidences of vocabulary shards (dlmfuse.distributed).
+enum SamplingStat : int { kStatMax = 0, kStatSumExp = 1, kStatSumExpTimesD = 2, kStatSecond = 3, kSamplingStats = 4 };
+
 struct SamplingParams {
   const void* logits = nullptr;  // [rows, vocab], row stride below, column stride 1
   int64_t rows = 0, vocab = 0, row_stride = 0;
@@ -34,6 +39,8 @@ struct SamplingParams {
   bool tempered_confidence = false;  // confidence from softmax(l / T) instead of softmax(l)
   int64_t* tokens = nullptr;         // [rows]; -1 where no token can be emitted
   float* confidence_out = nullptr;   // [rows]
+  double* stats = nullptr;           // [rows, kSamplingStats] or null: max c, sum exp(c - max),
+                                     // sum exp(c - max) (c - max), second-largest c
 };
 
 struct GumbelWords {

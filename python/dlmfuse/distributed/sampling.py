@@ -4,19 +4,20 @@ the logits.
 
 Each rank (its columns ``[vocab_offset, vocab_offset + Vs)`` of every row):
 
-1. top-k / top-p (when asked): the whole row's cut, by small all-gathers (:mod:`.cuts`);
-2. its best token: the sampling kernel on its columns, with the Philox noise of the GLOBAL
-   columns (``column_offset``), so each column draws exactly the noise it draws unsharded;
-3. six float64 numbers per row: the best token's global id and logit, the largest and second
-   largest kept logit, ``z = sum exp((l - l_max) / T_c)`` and ``s = sum e * d`` over its kept
-   columns (T_c: the confidence temperature, T or 1).
+1. top-k / top-p (when asked): the whole row's cut, by small all-gathers (:mod:`.cuts`), applied
+   by masking the shard's dropped logits;
+2. one sampling-kernel pass over its columns, with the Philox noise of the GLOBAL columns
+   (``column_offset``, so each column draws exactly the noise it draws unsharded): its best
+   token and the softmax statistics of its kept confidence scores c (``stats``: max c,
+   ``z = sum exp(c - max)``, ``s = sum e (c - max)``, the second-largest c);
+3. six float64 numbers per row: the best token's global id and logit, and those statistics.
 
 One all-gather of those numbers (``STATS_PER_ROW`` x 8 bytes per row and rank), then every rank
 combines them in rank order: the winner is the best Gumbel score ``l / T + G(row, global id)``
 (recomputed from the gathered logit and id; ties to the lower id, as the kernel), and the
-confidence comes from the merged softmax statistics (``Z = sum_r z_r exp((m_r - M) / T_c)``).
-Tokens equal the unsharded call's; confidences agree to float32 rounding (they are computed in
-float64 here, while the single-process kernel accumulates its statistics in its own order).
+confidence comes from the merged statistics (``Z = sum_r z_r exp(m_r - M)``, ...). Tokens equal
+the unsharded call's; confidences agree to float32 rounding (the single-process kernel
+accumulates the same statistics over the whole row in its own order).
 """
 
 from __future__ import annotations
@@ -80,19 +81,16 @@ def sample_tokens(logits: Tensor, *, vocab_offset: int, vocab_size: int, group=N
         suppressed = suppressed[vocab_offset:vocab_offset + width]
 
     rows = logits.detach().reshape(-1, width)
-    eligible = rows > -math.inf  # NaN fails too
-    if suppressed is not None:
-        eligible &= suppressed[None, :] == 0
-    kept, kernel_rows = eligible, rows
     if top_k_code or top_p_value < 1.0:
+        eligible = rows > -math.inf  # NaN fails too
+        if suppressed is not None:
+            eligible &= suppressed[None, :] == 0
         w = scaled_logits(rows, temperature, eligible)
-        kept = eligible & (w >= kept_cut(w, top_k_code, top_p_value, group)[:, None])
-        kernel_rows = rows.masked_fill(~kept, -math.inf)
-    winner = _local_winner(kernel_rows, suppressed, temperature, seed_value, offset_value, vocab_offset)
-    divisor = (temperature if temperature > 0 else 1.0) if tempered_confidence else 1.0
-    stats = _local_stats(rows, kept, winner, vocab_offset, divisor)
-    tokens, conf = _combine(all_gather_rows(stats, group), temperature, seed_value, offset_value, divisor,
-                            confidence)
+        rows = rows.masked_fill(~(w >= kept_cut(w, top_k_code, top_p_value, group)[:, None]), -math.inf)
+    numbers = _shard_numbers(rows, suppressed, temperature, seed_value, offset_value, tempered_confidence,
+                             vocab_offset)
+    tokens, conf = _combine(all_gather_rows(numbers, group), temperature, seed_value, offset_value,
+                            _ConfidenceScore(logits.dtype, temperature, tempered_confidence), confidence)
     if not logits.is_cuda:
         empty = (tokens < 0).nonzero()
         if empty.numel():
@@ -174,49 +172,50 @@ def _check_shard(logits, vocab_offset, vocab_size) -> int:
     return width
 
 
-def _local_winner(rows: Tensor, suppressed: Optional[Tensor], temperature: float, seed: int, offset: int,
-                  vocab_offset: int) -> Tensor:
-    """int64 ``[N]``: the row's best kept column of this shard (local index; -1: none), scored
-    with the noise of the global columns."""
+class _ConfidenceScore:
+    """c of a logit l as the kernel scores it: ``l * float32(1 / T')`` in float32 (tempered) or l,
+    except where the kernel works in float64 (float64 logits, extreme temperatures): ``l / T'``."""
+
+    def __init__(self, dtype: torch.dtype, temperature: float, tempered: bool):
+        self.divisor = (temperature if temperature > 0 else 1.0) if tempered else 1.0
+        self.float64 = dtype == torch.float64 or (temperature > 0 and not 1e-30 <= temperature <= 1e30)
+
+    def __call__(self, logit: Tensor) -> Tensor:
+        if self.float64:
+            return logit / self.divisor
+        scale = torch.tensor(1.0 / self.divisor, dtype=torch.float32, device=logit.device)
+        return (logit.float() * scale).double()
+
+
+def _shard_numbers(rows: Tensor, suppressed: Optional[Tensor], temperature: float, seed: int, offset: int,
+                   tempered: bool, vocab_offset: int) -> Tensor:
+    """float64 ``[N, STATS_PER_ROW]``: the shard's best kept token (global id, -1: none), its logit,
+    and the kernel's softmax statistics of the shard's kept confidence scores."""
     pad = vocab_offset % 2  # the kernel pairs columns as the whole row does: start at an even column
     if pad:
         rows = torch.cat([rows.new_full((rows.shape[0], 1), -math.inf), rows], dim=1)
         if suppressed is not None:
             suppressed = torch.cat([suppressed.new_zeros(1), suppressed])
+    stats = torch.empty(rows.shape[0], 4, dtype=torch.float64, device=rows.device)
     tokens, _ = sample_rows(rows.contiguous(), temperature, 0, 1.0, suppressed, seed, offset, None, None,
-                            _LOGIT_KIND, False, column_offset=vocab_offset - pad)
-    return torch.where(tokens >= 0, tokens - pad, -1)
+                            _LOGIT_KIND, tempered, column_offset=vocab_offset - pad, stats=stats)
+    found = tokens >= 0
+    winner_logit = torch.where(found, rows.double().gather(1, tokens.clamp(min=0)[:, None])[:, 0], -math.inf)
+    winner_id = torch.where(found, tokens - pad + vocab_offset, -1).double()  # ids < 2^53: exact
+    return torch.cat([winner_id[:, None], winner_logit[:, None], stats], dim=1)
 
 
-def _local_stats(rows: Tensor, kept: Tensor, winner: Tensor, vocab_offset: int, divisor: float) -> Tensor:
-    """float64 ``[N, STATS_PER_ROW]``: (winner's global id or -1, its logit, largest and second
-    largest kept logit, z, s) of this shard (see the module docstring)."""
-    logits = torch.where(kept, rows.double(), -math.inf)
-    top = logits.topk(min(2, logits.shape[1]), dim=1).values
-    largest = top[:, 0]
-    second = top[:, 1] if top.shape[1] > 1 else torch.full_like(largest, -math.inf)
-    has_kept = largest > -math.inf
-    d = torch.where(kept, (logits - torch.where(has_kept, largest, 0.0)[:, None]) / divisor, -math.inf)
-    e = torch.exp(d)
-    z = e.sum(dim=1)
-    s = torch.where(e > 0, e * d, 0.0).sum(dim=1)  # p log p -> 0 as p -> 0
-    found = winner >= 0
-    winner_logit = torch.where(found, rows.double().gather(1, winner.clamp(min=0)[:, None])[:, 0], -math.inf)
-    winner_id = torch.where(found, winner + vocab_offset, -1).double()  # ids < 2^53: exact
-    return torch.stack([winner_id, winner_logit, largest, second, z, s], dim=1)
-
-
-def _combine(gathered: Tensor, temperature: float, seed: int, offset: int, divisor: float,
+def _combine(gathered: Tensor, temperature: float, seed: int, offset: int, score_of: _ConfidenceScore,
              confidence: str) -> Tuple[Tensor, Tensor]:
     """Every rank's ``[world, N, STATS_PER_ROW]`` numbers -> (tokens int64 [N], confidence float32 [N])."""
-    ids, logit, largest, second, z, s = gathered.unbind(dim=2)  # each [world, N]
+    ids, logit, c_max, z, s, c_second = gathered.unbind(dim=2)  # each [world, N]
     found = ids >= 0
-    row_max = largest.amax(dim=0)  # [N]
     if temperature > 0:
         # As the kernel's float64 path: rows whose l_max / T overflows rank by l - l_max.
-        shift = torch.where(torch.isfinite(row_max) & (row_max / temperature == math.inf), row_max, 0.0)
-        rows = torch.arange(ids.shape[1], device=ids.device)[None, :]
-        u = uniforms_at(rows.cpu(), ids.clamp(min=0).long().cpu(), seed, offset).to(ids.device)
+        l_max = torch.where(found, logit, -math.inf).amax(dim=0)
+        shift = torch.where(torch.isfinite(l_max) & (l_max / temperature == math.inf), l_max, 0.0)
+        rows = torch.arange(ids.shape[1])[None, :]
+        u = uniforms_at(rows, ids.clamp(min=0).long().cpu(), seed, offset).to(ids.device)
         score = (logit - shift) / temperature - torch.log(-torch.log(u))
     else:
         score = logit
@@ -228,16 +227,18 @@ def _combine(gathered: Tensor, temperature: float, seed: int, offset: int, divis
     owner = (is_best & (ids == token)).to(torch.int64).argmax(dim=0)
     token_logit = logit.gather(0, owner[None])[0]
 
-    # The softmax statistics of the whole row, merged from the shards'.
-    d = torch.where(z > 0, (largest - row_max) / divisor, -math.inf)
+    # The softmax statistics of the whole row, merged from the shards' (shards with nothing
+    # kept have z = 0 and add nothing).
+    row_max = c_max.amax(dim=0)  # [N]
+    d = torch.where(z > 0, c_max - row_max, -math.inf)
     e = torch.exp(d)
     total = (z * e).sum(dim=0)
     entropy_term = torch.where(z > 0, e * (s + z * d), 0.0).sum(dim=0)
-    runner_up = torch.cat([largest, second], dim=0).topk(2, dim=0).values[1]
+    runner_up = torch.cat([c_max, c_second], dim=0).topk(2, dim=0).values[1]
     if confidence == "prob":
-        conf = torch.exp((token_logit - row_max) / divisor) / total
+        conf = torch.exp(score_of(token_logit) - row_max) / total
     elif confidence == "margin":
-        conf = (1.0 - torch.exp((runner_up - row_max) / divisor)) / total
+        conf = (1.0 - torch.exp(runner_up - row_max)) / total
     elif confidence == "neg_entropy":
         conf = entropy_term / total - torch.log(total)
     else:

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "uniforms_at", "kept_tokens", "CONFIDENCE_KINDS"]
+__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "uniforms_at", "kept_tokens", "softmax_stats",
+           "CONFIDENCE_KINDS"]
 
 CONFIDENCE_KINDS = ("prob", "margin", "neg_entropy", "logit")
 
@@ -161,6 +162,26 @@ def kept_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int
         boundary = sorted_w.gather(1, last.unsqueeze(1))  # [N, 1]
         keep &= w >= boundary
     return keep & kept
+
+
+def softmax_stats(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, suppress_tokens=None, tempered_confidence: bool = False) -> Tensor:
+    """float64 ``[N, 4]``: per row, the softmax statistics of the kept tokens' confidence scores
+    c (``l / T'`` when ``tempered_confidence``, else ``l``): max c, ``sum exp(c - max)``,
+    ``sum exp(c - max) (c - max)`` and the second-largest c (a repeated maximum counts twice);
+    ``(-inf, 0, 0, -inf)`` for a row with nothing kept. What the kernels report with ``stats``,
+    from which the confidences of vocabulary shards merge (dlmfuse.distributed)."""
+    vocab = logits.shape[-1]
+    keep = kept_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens)
+    l = logits.detach().to("cpu", torch.float64).reshape(-1, vocab)
+    c = l / (float(temperature) if temperature > 0 else 1.0) if tempered_confidence else l
+    c = c.masked_fill(~keep, -math.inf)
+    top = c.topk(min(2, vocab), dim=1).values
+    c_max = top[:, 0]
+    second = top[:, 1] if vocab > 1 else torch.full_like(c_max, -math.inf)
+    d = torch.where(keep, c - torch.where(c_max > -math.inf, c_max, 0.0)[:, None], -math.inf)
+    e = torch.exp(d)
+    return torch.stack([c_max, e.sum(dim=1), torch.where(e > 0, e * d, 0.0).sum(dim=1), second], dim=1)
 
 
 def sample_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
