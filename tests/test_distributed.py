@@ -18,7 +18,7 @@ import torch
 import dlmfuse
 import distributed_ranks as ranks_fn
 from dlmfuse.distributed import RankPool
-from dlmfuse.reference.sampling import gumbel_uniforms, uniforms_at
+from dlmfuse.reference.sampling import gumbel_uniforms, softmax_stats, uniforms_at
 from dlmfuse.sampling import CONFIDENCE_KINDS, sample_rows
 
 START_SECONDS = 120.0  # start-up of a pool (imports torch in every rank) on a busy 2-core machine
@@ -71,6 +71,27 @@ def test_the_cpu_kernel_gives_minus_one_for_an_empty_row_and_the_op_raises():
     assert tokens[1] == -1 and conf[1] == -math.inf and bool((tokens[[0, 2]] >= 0).all())
     with pytest.raises(ValueError, match="row 1 has no token that can be emitted"):
         dlmfuse.sample_tokens(logits, temperature=1.0, seed=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_the_kernel_reports_the_softmax_statistics_of_the_kept_tokens(dtype):
+    """stats = (max c, sum exp(c - max), sum exp(c - max)(c - max), second c) over the kept tokens,
+    as reference.softmax_stats defines them, for every filter and both confidence scores; a row
+    with nothing kept gives (-inf, 0, 0, -inf)."""
+    logits = (torch.randn(5, 300, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    logits[2] = -math.inf
+    logits[3, 5:] = -math.inf
+    rtol = 1e-14 if dtype == torch.float64 else 2e-6  # the fp32 pass accumulates exp in float32 blocks
+    for temperature, top_k, top_p, tempered in [(0.0, 0, 1.0, False), (0.7, 10, 1.0, True), (1.3, 0, 0.6, True),
+                                                (1e-31, 0, 1.0, True)]:
+        stats = torch.empty(5, 4, dtype=torch.float64)
+        sample_rows(logits, temperature, top_k, top_p, torch.tensor([1, 0] * 150, dtype=torch.uint8), 1, 2, None, None,
+                    0, tempered, stats=stats)
+        expected = softmax_stats(logits, temperature=temperature, top_k=top_k or None,
+                                 top_p=None if top_p >= 1 else top_p, suppress_tokens=torch.arange(0, 300, 2),
+                                 tempered_confidence=tempered)
+        assert stats[2].tolist() == [-math.inf, 0.0, 0.0, -math.inf]
+        torch.testing.assert_close(stats, expected, rtol=rtol, atol=0.0)
 
 
 def test_uniforms_at_reads_the_layout_at_any_row_and_column():
