@@ -117,8 +117,8 @@ def sample_tokens(
 def _is_dtensor(t) -> bool:
     """A torch.distributed DTensor (checked without importing torch.distributed: a DTensor
     exists only once its module is loaded)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(t, module.DTensor)
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
 
 
 def _temperature_value(temperature) -> float:

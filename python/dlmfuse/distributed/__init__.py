@@ -14,6 +14,15 @@
 are; every rank runs the same loop and gets the unsharded model's tokens.
 """
 
+import torch
+
+try:  # DTensor and the tensor-parallel plans are public from torch 2.5 on
+    import torch.distributed.tensor.parallel  # noqa: F401
+    from torch.distributed.tensor import DTensor  # noqa: F401
+except ImportError as error:  # torch 2.4, or a build without torch.distributed
+    raise ImportError(f"dlmfuse.distributed needs torch >= 2.5 with torch.distributed (torch.distributed.tensor), "
+                      f"got torch {torch.__version__}: {error}") from error
+
 from .collectives import count_sent_bytes
 from .parallel import Sharding, tensor_parallel
 from .processes import RankPool, rank_state, run_local

@@ -29,8 +29,8 @@ import torch
 from torch import Tensor
 
 from ..reference.sampling import uniforms_at
-from ..sampling import (CONFIDENCE_KINDS, _counter, _suppressed_mask, _temperature_value, _top_k_code, _top_p_value,
-                        sample_rows)
+from ..sampling import (_LOGITS_DTYPES, CONFIDENCE_KINDS, _counter, _suppressed_mask, _temperature_value,
+                        _top_k_code, _top_p_value, sample_rows)
 from .collectives import all_gather_rows
 from .cuts import kept_cut, scaled_logits
 
@@ -160,6 +160,8 @@ def sample_dtensor(logits, **options) -> Tuple[Tensor, Tensor]:
 def _check_shard(logits, vocab_offset, vocab_size) -> int:
     if not isinstance(logits, Tensor):
         raise TypeError(f"{_OP}: logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _LOGITS_DTYPES:
+        raise TypeError(f"{_OP}: logits must be float32, bfloat16, float16 or float64, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"{_OP}: logits must have shape [..., Vs] with Vs >= 1 (every rank holds a column), "
                          f"got {list(logits.shape)}")
