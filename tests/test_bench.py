@@ -13,7 +13,7 @@ import dlmfuse
 from dlmfuse import bench
 from dlmfuse.__main__ import build_parser, main as cli_main
 from dlmfuse.bench import backward, common, plot, report, runner
-from dlmfuse.bench import generate as gen_bench, kv_cache, sampling
+from dlmfuse.bench import distributed as dist_bench, generate as gen_bench, kv_cache, sampling
 from dlmfuse.bench.attention import AttnSpec, workload, workloads
 
 CPU = torch.device("cpu")
@@ -259,7 +259,8 @@ def test_kv_cache_and_sampling_workloads_follow_design():
         assert {(p["V"], p["dtype"]) for p in cpu if p["top_k"] is None} == \
             {(32000, "float32"), (32000, "bfloat16")}
         assert {w.params["n"] for w in kv_cache.workloads(CPU, quick)} == {32, 256}
-    assert set(bench.FAMILIES) == {"attention", "backward", "kv_cache", "sampling", "generate"}
+    assert set(bench.FAMILIES) == {"attention", "backward", "kv_cache", "sampling", "generate", "distributed"}
+    assert bench.OPT_IN_FAMILIES == ("distributed",)  # it starts processes: only with --only
     args = build_parser().parse_args(["bench", "--only", "kv_cache", "--only", "sampling"])
     assert args.only == ["kv_cache", "sampling"]
 
@@ -431,3 +432,23 @@ def test_generate_rows_that_do_not_fit_record_why(monkeypatch):
     for row in rows:
         assert row["status"] == "error" and row["time_ms"] is None and row["stats"] is None
         assert row["error"].startswith("SkippedRow: skipped: the bfloat16 model needs ~14.9 GiB")
+
+
+def test_distributed_family_runs_ranks_and_reports_the_bytes_sent(tmp_path):
+    """A tiny D2 (sampling [2, 4, 64] over 2 gloo ranks) through the harness: three rows (2 ranks,
+    2 ranks gathering the logits, one rank), the same tokens, and the bytes per sampling step:
+    STATS_PER_ROW float64 per row against the other rank's half of the logits."""
+    assert [w.id for w in dist_bench.workloads(CPU, quick=True)] == ["D1", "D2"]
+    assert dist_bench.workloads(torch.device("cuda"), quick=False) == []  # gloo on the CPU only
+    spec = dist_bench.DistSpec("D2", "sampling", B=2, rows=4, V=64)
+    try:
+        rows = bench.run([dist_bench.workload(spec)], device=CPU, timing=TINY_TIMING, command="pytest",
+                         json_path=str(tmp_path / "rows.jsonl"), out=io.StringIO(), progress=io.StringIO())
+    finally:
+        dist_bench.close_pools()
+    assert [r["impl"] for r in rows] == ["dlmfuse", "gather-logits", "one-rank"]
+    assert all(r["status"] == "ok" for r in rows), [r["error"] for r in rows]
+    assert all(r["max_abs_diff_vs_dlmfuse"] == 0.0 for r in rows[1:])
+    sent = {r["impl"]: r["stats"]["bytes_sent_per_rank"] for r in rows}
+    assert sent == {"dlmfuse": 8 * dlmfuse.distributed.STATS_PER_ROW * 8, "gather-logits": 8 * 32 * 4, "one-rank": 0}
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 3

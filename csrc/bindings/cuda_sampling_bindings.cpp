@@ -20,11 +20,11 @@ const int64_t* device_scalar(const std::optional<Array>& a, const char* name, in
 void sample_tokens(Array logits, double temperature, int64_t top_k, double top_p,
                    std::optional<Array> suppressed, uint64_t seed, uint64_t offset,
                    std::optional<Array> seed_tensor, std::optional<Array> offset_tensor,
-                   int confidence_kind, bool tempered_confidence, Array tokens, Array confidence,
-                   uint64_t stream) {
+                   uint64_t column_offset, int confidence_kind, bool tempered_confidence, Array tokens,
+                   Array confidence, std::optional<Array> stats, uint64_t stream) {
   const SamplingParams p =
-      sampling_params(logits, temperature, top_k, top_p, suppressed, seed, offset, confidence_kind,
-                      tempered_confidence, tokens, confidence, nb::device::cuda::value);
+      sampling_params(logits, temperature, top_k, top_p, suppressed, seed, offset, column_offset,
+                      confidence_kind, tempered_confidence, tokens, confidence, stats, nb::device::cuda::value);
   const int device = logits.device_id();
   const int64_t* seed_ptr = device_scalar(seed_tensor, "seed", device);
   const int64_t* offset_ptr = device_scalar(offset_tensor, "offset", device);
@@ -39,9 +39,10 @@ void register_cuda_sampling(nb::module_& m) {
   m.def("sample_tokens", &sample_tokens, nb::arg("logits"), nb::arg("temperature"),
         nb::arg("top_k"), nb::arg("top_p"), nb::arg("suppressed").none(), nb::arg("seed"),
         nb::arg("offset"), nb::arg("seed_tensor").none(), nb::arg("offset_tensor").none(),
-        nb::arg("confidence_kind"), nb::arg("tempered_confidence"), nb::arg("tokens").noconvert(),
-        nb::arg("confidence").noconvert(), nb::arg("stream"),
-        "Fills tokens [rows] and confidence [rows] on CUDA. Use dlmfuse.sample_tokens.");
+        nb::arg("column_offset"), nb::arg("confidence_kind"), nb::arg("tempered_confidence"),
+        nb::arg("tokens").noconvert(), nb::arg("confidence").noconvert(), nb::arg("stats").noconvert().none(),
+        nb::arg("stream"),
+        "Fills tokens [rows], confidence [rows] and, when given, stats [rows, 4] on CUDA. Use dlmfuse.sample_tokens.");
 }
 
 }  // namespace dlmfuse::bindings

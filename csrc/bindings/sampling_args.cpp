@@ -20,8 +20,9 @@ DType logits_dtype(const Array& a) {
 
 SamplingParams sampling_params(const Array& logits, double temperature, int64_t top_k, double top_p,
                                const std::optional<Array>& suppressed, uint64_t seed, uint64_t offset,
-                               int confidence_kind, bool tempered_confidence, const Array& tokens,
-                               const Array& confidence, int32_t device_type) {
+                               uint64_t column_offset, int confidence_kind, bool tempered_confidence,
+                               const Array& tokens, const Array& confidence, const std::optional<Array>& stats,
+                               int32_t device_type) {
   SamplingParams p;
   expect_device(kOp, "logits", logits, device_type);
   expect_ndim(kOp, "logits", logits, 2, "[rows, V]");
@@ -42,6 +43,13 @@ SamplingParams sampling_params(const Array& logits, double temperature, int64_t 
   p.top_p = top_p;
   p.seed = seed;
   p.offset = offset;
+  // Philox pairs columns (j / 2): an even offset keeps the shard's pairs those of the whole row, and
+  // j / 2 must fit the counter's 32-bit word.
+  constexpr uint64_t kColumns = uint64_t{1} << 33;
+  if (column_offset % 2 != 0 || column_offset > kColumns || column_offset + static_cast<uint64_t>(p.vocab) > kColumns)
+    throw_value_error(kOp, ": column_offset must be even with column_offset + V <= 2^33, got ", column_offset,
+                      " (V = ", p.vocab, ")");
+  p.column_offset = column_offset;
   p.confidence = static_cast<ConfidenceKind>(confidence_kind);
   p.tempered_confidence = tempered_confidence;
   p.logits = logits.data();
@@ -63,6 +71,14 @@ SamplingParams sampling_params(const Array& logits, double temperature, int64_t 
     throw_value_error(kOp, ": tokens and confidence must be contiguous");
   p.tokens = static_cast<int64_t*>(tokens.data());
   p.confidence_out = static_cast<float*>(confidence.data());
+  if (stats.has_value()) {
+    expect_device(kOp, "stats", *stats, device_type);
+    expect_dtype(kOp, "stats", *stats, nb::dlpack::dtype_code::Float, 64, "float64");
+    expect_shape(kOp, "stats", *stats, {p.rows, kSamplingStats});
+    if (p.rows > 0 && (stats->stride(1) != 1 || (p.rows > 1 && stats->stride(0) != kSamplingStats)))
+      throw_value_error(kOp, ": stats must be contiguous");
+    p.stats = static_cast<double*>(stats->data());
+  }
 
   return p;
 }

@@ -13,7 +13,8 @@ namespace dlmfuse::bindings {
 
 SamplingParams sampling_params(const Array& logits, double temperature, int64_t top_k, double top_p,
                                const std::optional<Array>& suppressed, uint64_t seed, uint64_t offset,
-                               int confidence_kind, bool tempered_confidence, const Array& tokens,
-                               const Array& confidence, int32_t device_type);
+                               uint64_t column_offset, int confidence_kind, bool tempered_confidence,
+                               const Array& tokens, const Array& confidence, const std::optional<Array>& stats,
+                               int32_t device_type);
 
 }  // namespace dlmfuse::bindings

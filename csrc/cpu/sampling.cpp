@@ -152,16 +152,12 @@ void sample_tokens(const SamplingParams& p) {
       return;
     }
     const int64_t token = pass.kept > 0 ? pick_token(p, reader, row, cut, pass) : -1;
-    if (token >= 0 && p.confidence != ConfidenceKind::kLogit && p.dtype == DType::kFloat64)
+    if (token >= 0 && (p.confidence != ConfidenceKind::kLogit || p.stats != nullptr) && p.dtype == DType::kFloat64)
       exact_stats(p, reader, cut, pass);
     p.tokens[row] = token;
     p.confidence_out[row] = token >= 0 ? confidence_of(p, reader, token, pass) : -INFINITY;
+    if (p.stats != nullptr) write_stats(p, row, pass.c_max, pass.z, pass.s, pass.c_second);
   });
-
-  for (int64_t row = 0; row < p.rows; ++row)
-    if (p.tokens[row] < 0)
-      throw_value_error("sample_tokens: row ", row,
-                        " has no token that can be emitted (every logit is suppressed, -inf or NaN)");
 }
 
 }  // namespace dlmfuse::cpu

@@ -50,6 +50,7 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
   *token = best_index;
   if (best_index < 0) {
     *confidence = -INFINITY;
+    if (p.stats != nullptr) write_stats(p, row, -INFINITY, 0.0, 0.0, -INFINITY);
     return;
   }
   double z = 0.0, s = 0.0, chosen_c = 0.0, chosen_l = 0.0;
@@ -61,6 +62,7 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
     if (e > 0.0) s += e * d;  // p log p -> 0 as p -> 0 (d may be -inf)
     if (j == best_index) chosen_c = c, chosen_l = l;
   });
+  if (p.stats != nullptr) write_stats(p, row, c_max, z, s, c_second);
   switch (p.confidence) {
     case ConfidenceKind::kProb: *confidence = static_cast<float>(std::exp(chosen_c - c_max) / z); break;
     case ConfidenceKind::kMargin: *confidence = static_cast<float>((1.0 - std::exp(c_second - c_max)) / z); break;

@@ -18,11 +18,21 @@ inline double confidence_score(const SamplingParams& p, double l) {
 }
 
 // The score the float64 reference ranks tokens by: l / T + Gumbel noise of (row, column) when
-// sampling, l itself when greedy.
+// sampling, l itself when greedy (column: of the logits row; the noise is the vocabulary's).
 inline double exact_score(const SamplingParams& p, int64_t row, int64_t column, double l) {
   if (p.temperature <= 0.0) return l;
-  const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, column));
+  const int64_t vocabulary_column = column + static_cast<int64_t>(p.column_offset);
+  const double u = gumbel_uniform(gumbel_words(p.seed, p.offset, row, vocabulary_column));
   return l / p.temperature - std::log(-std::log(u));
+}
+
+// The row's softmax statistics into p.stats (when set), in SamplingStat order.
+inline void write_stats(const SamplingParams& p, int64_t row, double c_max, double z, double s, double c_second) {
+  double* out = p.stats + row * kSamplingStats;
+  out[kStatMax] = c_max;
+  out[kStatSumExp] = z;
+  out[kStatSumExpTimesD] = s;
+  out[kStatSecond] = c_second;
 }
 
 // One row of logits, read as float (what the fp32 pass sees) or as double (exact scoring).

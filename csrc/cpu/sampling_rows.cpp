@@ -108,6 +108,7 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
   float* raw = scratch + 4 * B;    // [B] logits as fp32
   const uint32_t seed_lo = static_cast<uint32_t>(p.seed), seed_hi = static_cast<uint32_t>(p.seed >> 32);
   const uint32_t off_lo = static_cast<uint32_t>(p.offset), off_hi = static_cast<uint32_t>(p.offset >> 32);
+  const uint32_t first_pair = static_cast<uint32_t>(p.column_offset >> 1);  // column_offset is even
 
   const vfloat neg_inf = vec::splat(-INFINITY), pos_inf = vec::splat(INFINITY), vcut = vec::splat(cut);
   RowPass r;
@@ -144,7 +145,7 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
       if (block_best + kGumbelMax >= best - sampling_score_margin(best)) {
         for (int v = 0; v < B / 2; v += W) {
           vuint words[4];
-          const vuint counter = lane_index + static_cast<uint32_t>((j0 >> 1) + v);
+          const vuint counter = lane_index + (static_cast<uint32_t>((j0 >> 1) + v) + first_pair);
           philox_vector(counter, static_cast<uint32_t>(row), off_lo, off_hi, seed_lo, seed_hi, words);
           const vfloat g_even = gumbel_from_words(words[0], words[1]);
           const vfloat g_odd = gumbel_from_words(words[2], words[3]);
@@ -215,8 +216,8 @@ void sample_row(const SamplingParams& p, int64_t row, float cut, float* scratch,
     r.s += fb * (sb + (block_cmax - m_new) * zb);
     r.z += fb * zb;
     r.kept += static_cast<int64_t>(vec::reduce_sum(vcount));
-    // Second-largest c (margin confidence): only a block reaching above it can change it.
-    if (p.confidence == ConfidenceKind::kMargin && block_cmax > r.c_second) {
+    // Second-largest c (margin confidence, statistics): only a block reaching above it can change it.
+    if ((p.confidence == ConfidenceKind::kMargin || p.stats != nullptr) && block_cmax > r.c_second) {
       double first = r.c_max;
       for (int j = 0; j < n; ++j) {
         const double x = c[j];

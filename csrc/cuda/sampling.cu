@@ -206,9 +206,11 @@ __device__ __forceinline__ void add_column(RowStats& st, const RowScan& rs, int6
 
 // Philox4x32-10 of one row: counter (pair, row, offset lo, offset hi), key = seed; the same bits
 // as philox4x32_10. Only the counter's first word changes along the row, so what the first two
-// rounds compute from the other words is done once per row.
+// rounds compute from the other words is done once per row. Pair indices are the row's own; the
+// counter takes them shifted by first_pair = column_offset / 2 (a vocabulary shard's place).
 struct RowNoise {
   uint32_t k0, k1;      // the key (seed)
+  uint32_t first_pair;  // column_offset / 2
   uint32_t round1_c2;   // offset hi ^ k1: round 1's c2 is mulhi(kMul0, pair) ^ this
   uint32_t round2_c0;   // round 2's c0 is mulhi(kMul1, c2) ^ this
   uint32_t round2_c2;   // round 2's c2 is (kMul0 * pair) ^ this
@@ -221,8 +223,9 @@ struct RowNoise {
     lo = a * b;
   }
 
-  __device__ RowNoise(uint32_t row, uint64_t offset, uint64_t seed)
-      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)) {
+  __device__ RowNoise(uint32_t row, uint64_t offset, uint64_t seed, uint64_t column_offset)
+      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)),
+        first_pair(static_cast<uint32_t>(column_offset >> 1)) {
     using namespace philox_detail;
     const uint32_t offset_lo = static_cast<uint32_t>(offset), offset_hi = static_cast<uint32_t>(offset >> 32);
     // Round 1 (key k0, k1): c0 = mulhi(kMul1, offset lo) ^ row ^ k0, c1 = kMul1 * offset lo.
@@ -243,7 +246,7 @@ struct RowNoise {
     using namespace philox_detail;
     // Round 1: c0, c1 are row constants (folded into round2_*); c2 = mulhi ^ .., c3 = kMul0 * pair.
     uint32_t hi0, lo0, hi1, lo1;
-    mul_wide(kMul0, pair_index, hi0, lo0);
+    mul_wide(kMul0, pair_index + first_pair, hi0, lo0);
     const uint32_t r1_c2 = hi0 ^ round1_c2;
     // Round 2
     mul_wide(kMul1, r1_c2, hi1, lo1);
@@ -528,7 +531,7 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sampli
   const float inv_t = gumbel ? static_cast<float>(1.0 / p.temperature) : 1.0f;
   const float conf_scale = p.tempered_confidence ? inv_t : 1.0f;
   RowScan rs{inv_t, conf_scale, -INFINITY, p.suppressed};
-  const RowNoise noise(static_cast<uint32_t>(row), offset, seed);
+  const RowNoise noise(static_cast<uint32_t>(row), offset, seed, p.column_offset);
 
   if (p.top_k > 0 || p.top_p < 1.0) {
     __shared__ SelectShared select_shared;
@@ -606,6 +609,13 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sampli
       }
     }
     p.confidence_out[row] = conf;
+    if (p.stats != nullptr) {
+      double* out = p.stats + row * kSamplingStats;
+      out[kStatMax] = row_stats.c_max;
+      out[kStatSumExp] = row_stats.z;
+      out[kStatSumExpTimesD] = row_stats.s;
+      out[kStatSecond] = row_stats.c_second;
+    }
   }
 }
 

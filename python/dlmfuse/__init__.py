@@ -11,6 +11,7 @@ Public API (documented in docs/: docs/ops.md, docs/visibility.md):
     dlmfuse.nn                         DenoiserAttention / DenoiserBlock / DenoiserLM layers
     dlmfuse.samplers                   LLaDA, FastDLLM, Dream, MDLM, EsoLM, ReMDM step samplers
     dlmfuse.generate(model, prompt, s) the denoising loop (cache="none" | "prefix" | "dual")
+    dlmfuse.distributed                tensor parallelism on torch.distributed (imported on first use)
     dlmfuse.integrations.transformers  attn_implementation="dlmfuse" for transformers models
     dlmfuse.reference                  pure-PyTorch ground truth for every op
     dlmfuse.build_info()               what this build contains
@@ -26,4 +27,13 @@ from .unmask import select_unmask
 from .generate import generate
 from . import integrations, nn, reference, samplers
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "integrations", "build_info", "num_threads", "set_num_threads", "ORDER_INFINITY", "__version__"]
+
+def __getattr__(name: str):
+    # dlmfuse.distributed imports torch.distributed's tensor-parallel API (~1 s): only when used.
+    if name == "distributed":
+        import importlib
+        return importlib.import_module(".distributed", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "distributed", "integrations", "build_info", "num_threads", "set_num_threads", "ORDER_INFINITY", "__version__"]

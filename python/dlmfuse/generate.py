@@ -27,8 +27,13 @@ treat the whole generation as one block, so only the prompt is cached. For Eso-L
 that need logits (see :mod:`dlmfuse.samplers.remdm`).
 
 The cache modes need a model with dlmfuse's cache protocol (:class:`dlmfuse.nn.DenoiserLM`:
-``forward(input_ids, positions, mask, cache, logits_for)`` and ``config.num_layers``,
-``num_kv_heads``, ``head_dim``).
+``forward(input_ids, positions, mask, cache, logits_for)`` and ``new_cache(batch, max_len)``, or
+``config.num_layers``, ``num_kv_heads``, ``head_dim``).
+
+Tensor parallelism: on a model sharded by :func:`dlmfuse.distributed.tensor_parallel` every rank
+runs this loop with the same arguments; the logits stay split over the vocabulary and the
+samplers pick tokens from the shards (:func:`dlmfuse.distributed.sample_tokens`), so every rank
+writes the same tokens: the unsharded model's.
 """
 
 from __future__ import annotations
@@ -79,7 +84,8 @@ def generate(model: Callable[..., Tensor], prompt_ids: Tensor, sampler: Sampler,
             (captured at the first cached step, replayed for every block, since the block's shape
             does not change). The graph computes the logits of every block row and the step keeps
             the rows it asked for. False: eager calls (for debugging, or a model whose forward
-            cannot be captured).
+            cannot be captured). A model sharded by :func:`dlmfuse.distributed.tensor_parallel`
+            always runs eagerly.
 
     Returns:
         int64 ``[B, P + gen_length]``: the prompts followed by the generated tokens.
@@ -158,8 +164,10 @@ class _Runner:
     def __init__(self, model, sampler: Sampler, state: SamplerState, valid: Tensor, prompt_len: int, cache: str,
                  *, cuda_graphs: bool = True):
         self.model, self.sampler, self.state, self.cache_mode = model, sampler, state, cache
-        # The dual cache's block steps on CUDA: one graph, captured at the first cached step.
-        self.graphs = cuda_graphs and cache == "dual" and _graphs_supported(valid.device)
+        # The dual cache's block steps on CUDA: one graph, captured at the first cached step (not
+        # for a tensor-parallel model: capturing its collectives has not been verified).
+        self.graphs = (cuda_graphs and cache == "dual" and _graphs_supported(valid.device)
+                       and getattr(model, "sharding", None) is None)
         self.window_graph: Optional[_WindowGraph] = None
         batch, length = valid.shape
         self.padded = not bool(valid.all())
@@ -327,6 +335,8 @@ def _graphs_supported(device: torch.device) -> bool:
 
 
 def _new_cache(model, batch: int, length: int, mode: str) -> KVCache:
+    if callable(getattr(model, "new_cache", None)):  # DenoiserLM: its own KV heads, or its rank's share
+        return model.new_cache(batch, length)
     config = getattr(model, "config", None)
     needed = ("num_layers", "num_kv_heads", "head_dim")
     if config is None or not all(hasattr(config, name) for name in needed):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -60,6 +61,12 @@ def sample_tokens(
             tempered_confidence=True uses softmax(logits / T) instead, as Dream does.
         suppress_tokens: token ids never emitted (int tensor [n] or a sequence of ints).
 
+    Logits split over ranks by vocabulary (a DTensor with placement ``Shard(-1)`` on a 1-D mesh,
+    what a :func:`dlmfuse.distributed.tensor_parallel` model returns) are sampled without
+    gathering them: every rank of the mesh calls this and gets the tokens (global ids) and
+    confidences of the whole rows (:func:`dlmfuse.distributed.sample_tokens`; ``seed`` is then
+    required when sampling).
+
     Returns:
         ``(tokens, confidence)``: int64 and float32 tensors of shape ``logits.shape[:-1]``.
         A row in which no token can be emitted (all suppressed or -inf) raises ValueError on the
@@ -79,6 +86,11 @@ def sample_tokens(
         >>> torch.equal(t1, t2)
         True
     """
+    if _is_dtensor(logits):  # tensor-parallel logits: sampled where they lie (dlmfuse.distributed)
+        from .distributed.sampling import sample_dtensor
+        return sample_dtensor(logits, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset,
+                              confidence=confidence, suppress_tokens=suppress_tokens,
+                              tempered_confidence=tempered_confidence)
     expect_tensor(_OP, "logits", logits)
     if logits.dtype not in _LOGITS_DTYPES:
         raise TypeError(f"{_OP}: logits must be a float tensor (float32, bfloat16, float16, float64), got {logits.dtype}")
@@ -86,14 +98,7 @@ def sample_tokens(
         raise ValueError(f"{_OP}: logits must have shape [..., V] with V >= 1, got {list(logits.shape)}")
     if logits.stride(-1) != 1 and logits.shape[-1] > 1:
         raise ValueError(f"{_OP}: logits must have a contiguous last dimension, got strides {logits.stride()}")
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
-        raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
-    try:
-        finite = math.isfinite(temperature)
-    except OverflowError:  # an int beyond float64
-        finite = False
-    if not finite or temperature < 0:
-        raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
+    temperature = _temperature_value(temperature)
     top_k_code = _top_k_code(top_k, logits.shape[-1])
     top_p_value = _top_p_value(top_p)
     if confidence not in CONFIDENCE_KINDS:
@@ -102,11 +107,30 @@ def sample_tokens(
     offset_value, offset_tensor = _counter("offset", offset, logits)
     suppressed = _suppressed_mask(suppress_tokens, logits.shape[-1], logits.device)
 
-    args = (logits, float(temperature), top_k_code, top_p_value, suppressed, seed_value, offset_value,
+    args = (logits, temperature, top_k_code, top_p_value, suppressed, seed_value, offset_value,
             seed_tensor, offset_tensor, CONFIDENCE_KINDS.index(confidence), bool(tempered_confidence))
     if needs_dispatcher(logits, suppressed, seed_tensor, offset_tensor):
         return torch.ops.dlmfuse.sample_tokens(*args)
     return _sample_impl(*args)
+
+
+def _is_dtensor(t) -> bool:
+    """A torch.distributed DTensor (checked without importing torch.distributed: a DTensor
+    exists only once its module is loaded)."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return dtensor is not None and isinstance(t, dtensor)
+
+
+def _temperature_value(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real):  # numpy scalars too
+        raise TypeError(f"{_OP}: temperature must be a float, got {type(temperature).__name__}")
+    try:
+        finite = math.isfinite(temperature)
+    except OverflowError:  # an int beyond float64
+        finite = False
+    if not finite or temperature < 0:
+        raise ValueError(f"{_OP}: temperature must be finite and >= 0, got {temperature}")
+    return float(temperature)
 
 
 def _top_k_code(top_k, vocab: int) -> int:
@@ -170,37 +194,56 @@ def _suppressed_mask(suppress_tokens, vocab: int, device) -> Optional[Tensor]:
 
 def _sample_impl(logits, temperature, top_k, top_p, suppressed, seed, offset, seed_tensor, offset_tensor, kind, tempered):
     lead_shape = logits.shape[:-1]
+    tokens, conf = sample_rows(logits.detach().reshape(-1, logits.shape[-1]), temperature, top_k, top_p, suppressed,
+                               seed, offset, seed_tensor, offset_tensor, kind, tempered)
+    if not logits.is_cuda:  # the CUDA kernel has no host sync to raise with: it returns -1
+        empty = (tokens < 0).nonzero()
+        if empty.numel():
+            raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
+                             "(every logit is suppressed, -inf or NaN)")
+    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+
+
+def sample_rows(rows: Tensor, temperature: float, top_k: int, top_p: float, suppressed: Optional[Tensor], seed: int,
+                offset: int, seed_tensor: Optional[Tensor], offset_tensor: Optional[Tensor], kind: int,
+                tempered: bool, column_offset: int = 0, stats: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """The kernel (or the reference) on checked arguments: ``rows [N, V]`` -> tokens int64 ``[N]``
+    (-1 in a row with no token that can be emitted) and confidence float32 ``[N]``. Column i of
+    ``rows`` draws the noise of vocabulary column ``i + column_offset`` (even): a vocabulary
+    shard samples as its slice of the whole row would; ``stats`` (float64 ``[N, 4]``, filled when
+    given) receives the rows' softmax statistics (reference.softmax_stats), from which shards'
+    confidences merge (dlmfuse.distributed)."""
     # The CUDA kernel scores in fp32 with float64 re-scoring of the near-best tokens; float64
     # logits and extreme temperatures (whose fp32 scores overflow) take the reference there.
-    fp32_safe = logits.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
-    cuda_kernel = logits.is_cuda and fp32_safe and not use_reference("sample_tokens", logits.device)
+    fp32_safe = rows.dtype != torch.float64 and (temperature == 0.0 or 1e-30 <= temperature <= 1e30)
+    cuda_kernel = rows.is_cuda and fp32_safe and not use_reference("sample_tokens", rows.device)
     if not cuda_kernel:  # the CPU kernel and the reference take plain ints
         seed = seed if seed_tensor is None else int(seed_tensor.item())
         offset = offset if offset_tensor is None else int(offset_tensor.item())
-    if use_reference("sample_tokens", logits.device) or (logits.is_cuda and not cuda_kernel):
+    if use_reference("sample_tokens", rows.device) or (rows.is_cuda and not cuda_kernel):
         ids = None if suppressed is None else suppressed.nonzero().reshape(-1)
-        tokens, conf = reference.sample_tokens(
-            logits, temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
-            seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind], suppress_tokens=ids,
-            tempered_confidence=tempered,
-        )
-        if not logits.is_cuda:  # same contract as the CPU kernel
-            empty = (tokens.reshape(-1) < 0).nonzero()
-            if empty.numel():
-                raise ValueError(f"{_OP}: row {int(empty[0])} has no token that can be emitted "
-                                 "(every logit is suppressed, -inf or NaN)")
-        return tokens.to(logits.device), conf.to(logits.device)  # the reference computes on the CPU
-    rows = logits.detach().reshape(-1, logits.shape[-1])
-    tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=logits.device)
-    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=logits.device)
-    rows_, suppressed_, tokens_, conf_ = dlpack(rows, suppressed, tokens, conf)
+        uniforms = None
+        if temperature > 0 and column_offset:
+            uniforms = reference.gumbel_uniforms(rows.shape[0], rows.shape[1], seed, offset, first_column=column_offset)
+        filters = dict(temperature=temperature, top_k=top_k or None, top_p=None if top_p >= 1.0 else top_p,
+                       suppress_tokens=ids)
+        tokens, conf = reference.sample_tokens(rows, seed=seed, offset=offset, confidence=CONFIDENCE_KINDS[kind],
+                                               tempered_confidence=tempered, uniforms=uniforms, **filters)
+        if stats is not None:
+            stats.copy_(reference.softmax_stats(rows, tempered_confidence=tempered, **filters))
+        return tokens.to(rows.device), conf.to(rows.device)  # the reference computes on the CPU
+    tokens = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+    conf = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+    rows_, suppressed_, tokens_, conf_, stats_ = dlpack(rows, suppressed, tokens, conf, stats)
     if cuda_kernel:
-        stream = torch.cuda.current_stream(logits.device).cuda_stream
+        stream = torch.cuda.current_stream(rows.device).cuda_stream
         _C_cuda.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset,
-                              *dlpack(seed_tensor, offset_tensor), kind, tempered, tokens_, conf_, stream)
+                              *dlpack(seed_tensor, offset_tensor), column_offset, kind, tempered, tokens_, conf_,
+                              stats_, stream)
     else:
-        _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, kind, tempered, tokens_, conf_)
-    return tokens.reshape(lead_shape), conf.reshape(lead_shape)
+        _C.sample_tokens(rows_, temperature, top_k, top_p, suppressed_, seed, offset, column_offset, kind, tempered,
+                         tokens_, conf_, stats_)
+    return tokens, conf
 
 
 @torch.library.custom_op("dlmfuse::sample_tokens", mutates_args=())

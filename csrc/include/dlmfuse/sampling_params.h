@@ -5,6 +5,9 @@
 // argmax exp(l) / (-log u)^T. Each u_j is a 52-bit uniform in (0, 1):
 //   words (w_hi, w_lo) = Philox4x32-10(key = seed, counter = (j / 2, row, offset_lo, offset_hi)),
 //   taking outputs (0, 1) for even j and (2, 3) for odd j;
+// j is the column in the whole vocabulary: logits column i has j = i + column_offset, so a
+// vocabulary shard draws the noise the unsharded row would (column_offset is even: the shard's
+// columns pair up as the whole row's do).
 //   a = (w_hi << 20) | (w_lo >> 12)   (52 bits),   u = (2a + 1) / 2^53,
 // so u is exact in float64, never 0 or 1, and 1 - u is exact as well.
 #pragma once
@@ -17,6 +20,11 @@ namespace dlmfuse {
 
 enum class ConfidenceKind : int32_t { kProb = 0, kMargin = 1, kNegEntropy = 2, kLogit = 3 };
 
+// Per-row softmax statistics of the kept tokens' confidence scores c (c = l / T' when
+// tempered_confidence, else l), written when SamplingParams::stats is set: enough to merge the
+// confidences of vocabulary shards (dlmfuse.distributed).
+enum SamplingStat : int { kStatMax = 0, kStatSumExp = 1, kStatSumExpTimesD = 2, kStatSecond = 3, kSamplingStats = 4 };
+
 struct SamplingParams {
   const void* logits = nullptr;  // [rows, vocab], row stride below, column stride 1
   int64_t rows = 0, vocab = 0, row_stride = 0;
@@ -26,10 +34,13 @@ struct SamplingParams {
   double top_p = 1.0;             // >= 1: off
   const uint8_t* suppressed = nullptr;  // [vocab], 1 = never emitted; null: none
   uint64_t seed = 0, offset = 0;
+  uint64_t column_offset = 0;     // even; Philox column of logits column 0 (a vocabulary shard's first id)
   ConfidenceKind confidence = ConfidenceKind::kProb;
   bool tempered_confidence = false;  // confidence from softmax(l / T) instead of softmax(l)
-  int64_t* tokens = nullptr;         // [rows]
+  int64_t* tokens = nullptr;         // [rows]; -1 where no token can be emitted
   float* confidence_out = nullptr;   // [rows]
+  double* stats = nullptr;           // [rows, kSamplingStats] or null: max c, sum exp(c - max),
+                                     // sum exp(c - max) (c - max), second-largest c
 };
 
 struct GumbelWords {

@@ -24,15 +24,17 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from . import attention, backward, generate, kv_cache, sampling
+from . import attention, backward, distributed, generate, kv_cache, sampling
 from .common import Timing, Workload, default_timing
 from .plot import MissingMatplotlib
 from .runner import is_skipped, run as _run_harness
 
 # Registered op families, in the order the main job runs them.
-FAMILIES = {module.FAMILY: module for module in (attention, backward, kv_cache, sampling, generate)}
+FAMILIES = {module.FAMILY: module for module in (attention, backward, kv_cache, sampling, generate, distributed)}
+# Families a plain run leaves out (they start processes): run with --only.
+OPT_IN_FAMILIES = (distributed.FAMILY,)
 
-__all__ = ["FAMILIES", "add_arguments", "main", "reproducer", "resolve_device", "run"]
+__all__ = ["FAMILIES", "OPT_IN_FAMILIES", "add_arguments", "main", "reproducer", "resolve_device", "run"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -95,7 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, families: bool = True) -> 
     if families:
         parser.add_argument("--only", action="append", choices=sorted(FAMILIES), metavar="FAMILY",
                             help=f"run only this op family (repeatable; one of: "
-                                 f"{', '.join(FAMILIES)}); default: all")
+                                 f"{', '.join(FAMILIES)}); default: all but "
+                                 f"{', '.join(OPT_IN_FAMILIES)}")
     parser.add_argument("--skip", action="append", default=[], metavar="PEER",
                         help=f"do not run this peer (repeatable; a prefix such as 'flex' or "
                              f"'sdpa' also drops its variants): {', '.join(peers)}")
@@ -130,7 +133,7 @@ def main(args: argparse.Namespace, command: str) -> int:
         print(f"error: --skip {unknown[0]!r} names no peer (peers: {', '.join(_all_peers())})",
               file=sys.stderr)
         return 2
-    names = getattr(args, "only", None) or list(FAMILIES)
+    names = getattr(args, "only", None) or [name for name in FAMILIES if name not in OPT_IN_FAMILIES]
     workloads = [w for name in names for w in FAMILIES[name].workloads(device, args.quick)]
     try:
         run(workloads, device=device, quick=args.quick, repeats=args.repeats, skip=args.skip,

@@ -155,6 +155,15 @@ class DenoiserLM(nn.Module):
         load_hf_state_dict(model, state_dict)
         return model
 
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """An empty :class:`dlmfuse.KVCache` for this model's forward: its layers, head_dim, the
+        parameters' dtype and device, and the KV heads this process computes (all of them, or a
+        rank's share after :func:`dlmfuse.distributed.tensor_parallel`)."""
+        weight = self.layers[0].self_attn.q_proj.weight
+        local = weight.to_local() if hasattr(weight, "to_local") else weight  # a DTensor when sharded
+        return KVCache(len(self.layers), batch, max_len, self.layers[0].self_attn.num_kv_heads, self.config.head_dim,
+                       dtype=local.dtype, device=local.device)
+
     # ------------------------------------------------------------------------------------ forward
     def forward(self, input_ids: Tensor, positions: Optional[Tensor] = None, mask: Optional[Mask] = None,
                 cache: Optional[KVCache] = None, logits_for: Optional[Tensor] = None) -> Tensor:

@@ -20,7 +20,8 @@ from typing import Optional, Union
 import torch
 from torch import Tensor
 
-__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "kept_tokens", "CONFIDENCE_KINDS"]
+__all__ = ["philox4x32_10", "sample_tokens", "gumbel_uniforms", "uniforms_at", "kept_tokens", "softmax_stats",
+           "CONFIDENCE_KINDS"]
 
 CONFIDENCE_KINDS = ("prob", "margin", "neg_entropy", "logit")
 
@@ -83,19 +84,35 @@ def _u64(value, name: str) -> int:
     return int(value)
 
 
-def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0) -> Tensor:
-    """float64 ``[rows, vocab]``: the uniform u in (0, 1) for every (row, column) of the layout."""
+def gumbel_uniforms(rows: int, vocab: int, seed: int, offset: int = 0, *, first_column: int = 0) -> Tensor:
+    """float64 ``[rows, vocab]``: the uniform u in (0, 1) for every (row, column) of the layout,
+    for the columns ``first_column + [0, vocab)`` (even ``first_column``: a vocabulary shard)."""
     seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
     row = torch.arange(rows, dtype=torch.int64).unsqueeze(1)  # [rows, 1]
     if rows > _MASK32 + 1:
         raise ValueError(f"sample_tokens: at most 2^32 rows, got {rows}")
+    if first_column < 0 or first_column % 2 or (first_column + vocab) // 2 > _MASK32 + 1:
+        raise ValueError(f"sample_tokens: first_column must be even, >= 0 and leave (column / 2) in 32 bits, "
+                         f"got {first_column}")
     # Columns j and j + 1 (j even) share one Philox call: compute once per pair.
     pairs = (vocab + 1) // 2
-    out = philox4x32_10(torch.arange(pairs, dtype=torch.int64).unsqueeze(0), row,
+    out = philox4x32_10(torch.arange(pairs, dtype=torch.int64).unsqueeze(0) + first_column // 2, row,
                         offset & _MASK32, offset >> 32, seed & _MASK32, seed >> 32)
     hi = torch.stack((out[0], out[2]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
     lo = torch.stack((out[1], out[3]), dim=-1).reshape(rows, 2 * pairs)[:, :vocab]
     a = (hi << 20) | (lo >> 12)  # 52 bits, exact in int64 and in float64
+    return (2 * a + 1).to(torch.float64) * 2.0 ** -_UNIFORM_BITS
+
+
+def uniforms_at(rows: Tensor, columns: Tensor, seed: int, offset: int = 0) -> Tensor:
+    """float64: the uniform of the layout at each (row, column) pair (int64 tensors, broadcast
+    together; columns of the whole vocabulary)."""
+    seed, offset = _u64(seed, "seed"), _u64(offset, "offset")
+    rows, columns = torch.broadcast_tensors(rows.to(torch.int64), columns.to(torch.int64))
+    out = philox4x32_10(columns >> 1, rows, offset & _MASK32, offset >> 32, seed & _MASK32, seed >> 32)
+    odd = (columns & 1).bool()
+    hi, lo = torch.where(odd, out[2], out[0]), torch.where(odd, out[3], out[1])
+    a = (hi << 20) | (lo >> 12)
     return (2 * a + 1).to(torch.float64) * 2.0 ** -_UNIFORM_BITS
 
 
@@ -145,6 +162,26 @@ def kept_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int
         boundary = sorted_w.gather(1, last.unsqueeze(1))  # [N, 1]
         keep &= w >= boundary
     return keep & kept
+
+
+def softmax_stats(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,
+                  top_p: Optional[float] = None, suppress_tokens=None, tempered_confidence: bool = False) -> Tensor:
+    """float64 ``[N, 4]``: per row, the softmax statistics of the kept tokens' confidence scores
+    c (``l / T'`` when ``tempered_confidence``, else ``l``): max c, ``sum exp(c - max)``,
+    ``sum exp(c - max) (c - max)`` and the second-largest c (a repeated maximum counts twice);
+    ``(-inf, 0, 0, -inf)`` for a row with nothing kept. What the kernels report with ``stats``,
+    from which the confidences of vocabulary shards merge (dlmfuse.distributed)."""
+    vocab = logits.shape[-1]
+    keep = kept_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens)
+    l = logits.detach().to("cpu", torch.float64).reshape(-1, vocab)
+    c = l / (float(temperature) if temperature > 0 else 1.0) if tempered_confidence else l
+    c = c.masked_fill(~keep, -math.inf)
+    top = c.topk(min(2, vocab), dim=1).values
+    c_max = top[:, 0]
+    second = top[:, 1] if vocab > 1 else torch.full_like(c_max, -math.inf)
+    d = torch.where(keep, c - torch.where(c_max > -math.inf, c_max, 0.0)[:, None], -math.inf)
+    e = torch.exp(d)
+    return torch.stack([c_max, e.sum(dim=1), torch.where(e > 0, e * d, 0.0).sum(dim=1), second], dim=1)
 
 
 def sample_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[int] = None,

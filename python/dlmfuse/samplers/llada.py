@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..sampling import sample_tokens
+from ..sampling import _is_dtensor, sample_tokens
 from ..unmask import select_unmask
 from .base import (CONFIDENCE, TOKENS, Forward, Sampler, SamplerState, check_choice, check_float, check_int,
                    check_token_ids, compact, scatter_tokens)
@@ -171,6 +171,13 @@ def token_probability(logits: Tensor, tokens: Tensor, suppress_tokens: Optional[
     where float32 (sample_tokens' confidence) would round many of them to the same value and tie.
     Evaluated as ``1 / sum_j exp(l_j - l_token)`` in float64, a bounded number of rows at a time.
     """
+    if _is_dtensor(logits):  # split over ranks by vocabulary (tensor parallelism)
+        from ..distributed.sampling import vocab_shard, token_probability as sharded_probability
+        local, vocab_offset, vocab_size, group = vocab_shard(logits)
+        if group is not None:
+            return sharded_probability(local, tokens, suppress_tokens, vocab_offset=vocab_offset,
+                                       vocab_size=vocab_size, group=group)
+        logits = local
     vocab = logits.shape[-1]
     flat, chosen = logits.reshape(-1, vocab), tokens.reshape(-1, 1)
     out = torch.empty(flat.shape[0], dtype=torch.float64, device=logits.device)
