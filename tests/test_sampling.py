@@ -356,6 +356,23 @@ def test_nan_and_inf_entries_never_chosen():
         assert tokens[0].item() == 96
 
 
+def test_pos_inf_logit_beats_finite_logits_whose_score_overflows():
+    """A kept +inf logit is chosen even where a finite logit's l / T overflows to +inf as well
+    (T tiny, or a float64 logit near the float64 limit); suppressed +inf entries do not count."""
+    row = [-0.8931, -0.1447, 0.9534, INF, INF]
+    for dtype, temperature in ((torch.float32, 2.2e-309), (torch.float32, 1e-40), (torch.float64, 1e-300),
+                               (torch.float32, 1e-31), (torch.float32, 1.0)):
+        logits = torch.tensor([row, row[::-1]], dtype=dtype)
+        for extra in ({}, dict(top_k=3), dict(suppress_tokens=[3])):
+            tokens, _ = dlmfuse.sample_tokens(logits, temperature=temperature, seed=12345, **extra)
+            want, _ = dlmfuse.reference.sample_tokens(logits, temperature=temperature, seed=12345, **extra)
+            assert torch.equal(tokens, want)
+            expect = [4, 0] if extra.get("suppress_tokens") else [3, 0]
+            assert tokens.tolist() == expect, (dtype, temperature, extra)
+    big = torch.tensor([[1e308, INF, 1e308]], dtype=torch.float64)
+    assert dlmfuse.sample_tokens(big, temperature=0.5, seed=3)[0].tolist() == [1]
+
+
 def test_strided_and_permuted_rows():
     """Rows are the flattened leading dims of the logical tensor, whatever its strides."""
     base = random_logits((6, 4, 130), torch.float32, seed=2)

@@ -17,15 +17,17 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
     return l > -INFINITY && !(p.suppressed != nullptr && p.suppressed[j]);  // NaN fails
   };
 
-  // Where the largest kept l / T overflows float64 (T tiny, or |l| near the float64 limit), scores
+  // Where the largest kept l / T overflows float64 (either sign) (T tiny, or |l| near the float64 limit), scores
   // and confidences use l - l_max instead of l: the same ranks and probabilities, with no inf - inf.
   double l_max = -INFINITY;
   reader.for_each([&](int64_t j, double l) {
     if (eligible(j, l) && l > l_max) l_max = l;
   });
-  const bool finite_max = std::isfinite(l_max);  // (a +inf logit is chosen as it is)
-  const double score_shift = finite_max && p.temperature > 0.0 && l_max / p.temperature == INFINITY ? l_max : 0.0;
-  const double confidence_shift = finite_max && p.tempered_confidence && l_max / divisor == INFINITY ? l_max : 0.0;
+  const bool finite_max = std::isfinite(l_max);
+  // A kept +inf logit wins over every finite one, even one whose l / T overflows to +inf too.
+  const bool infinite_row = l_max == INFINITY;
+  const double score_shift = finite_max && p.temperature > 0.0 && std::isinf(l_max / p.temperature) ? l_max : 0.0;
+  const double confidence_shift = finite_max && p.tempered_confidence && std::isinf(l_max / divisor) ? l_max : 0.0;
 
   double cut = -INFINITY;
   if (p.top_k > 0 || p.top_p < 1.0) {
@@ -44,6 +46,7 @@ void sample_row_exact(const SamplingParams& p, int64_t row, int64_t* token, floa
     const double c = confidence_score(p, l - confidence_shift);
     if (c > c_max) c_second = c_max, c_max = c;
     else if (c > c_second) c_second = c;
+    if (infinite_row && l != INFINITY) return;
     const double score = exact_score(p, row, j, l - score_shift);
     if (best_index < 0 || score > best) best = score, best_index = j;
   });

@@ -217,12 +217,12 @@ def sample_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[i
     keep = kept_tokens(logits, temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens)
     has_token = keep.any(dim=1)
 
-    # Rows whose largest kept l / T overflows float64 rank and weigh l - l_max instead of l (the
+    # Rows whose largest kept l / T overflows float64 (either sign) rank and weigh l - l_max instead of l (the
     # same order and softmax, without inf - inf); other rows use l itself.
     l_max = l.masked_fill(~keep, -math.inf).amax(dim=1, keepdim=True)
 
     def shifted_where_overflowing(divisor: float) -> Tensor:
-        overflow = (l_max / divisor == math.inf) & torch.isfinite(l_max)  # a +inf logit stays as it is
+        overflow = torch.isinf(l_max / divisor) & torch.isfinite(l_max)  # a +inf logit stays as it is
         return l - torch.where(overflow, l_max, torch.zeros_like(l_max))
 
     if temperature > 0:
@@ -234,6 +234,8 @@ def sample_tokens(logits: Tensor, *, temperature: float = 0.0, top_k: Optional[i
     else:
         score = l
     score = score.masked_fill(~keep, -math.inf)
+    # A kept +inf logit wins over every finite one, even one whose l / T overflows to +inf too.
+    score = torch.where((l_max == math.inf) & (l != math.inf), -math.inf, score)
     # The first kept index with the best score (ties; and rows whose kept scores are all -inf).
     best = score.amax(dim=1, keepdim=True)
     tokens = (keep & (score == best)).to(torch.int64).argmax(dim=1)
