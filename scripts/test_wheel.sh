@@ -17,8 +17,7 @@ work="$(mktemp -d "${TMPDIR:-/tmp}/dlmfuse-wheel-test.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$torch_spec" "$wheel" pytest hypothesis packaging matplotlib transformers
-cp -r tests README.md pyproject.toml .ci "$work/"
-[ -d examples ] && cp -r examples "$work/"
+cp -r tests README.md pyproject.toml LICENSE CHANGELOG.md .ci docs examples "$work/"  # what the tests read besides dlmfuse
 
 # PATH: the venv and git (bench rows record the commit); no gcc, g++, cc, clang or nvcc.
 mkdir "$work/bin"
