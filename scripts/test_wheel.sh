@@ -3,21 +3,24 @@
 # given Python, the wheel and the given torch from the package index, no compiler on PATH, and the
 # tests copied away from the source tree (so `dlmfuse` can only come from the wheel).
 #
-#   bash scripts/test_wheel.sh dist/dlmfuse-*-cp311-*.whl torch==2.13.0 [python]
+#   bash scripts/test_wheel.sh dist/dlmfuse-*-cp311-*.whl torch==2.13.0 [python [pytest args]]
 #   bash scripts/test_wheel.sh dist/dlmfuse-*-abi3-*.whl torch==2.14.1 ~/.pyenv/versions/3.13.0/bin/python
 #
-# Extra pytest arguments go in PYTEST_ARGS (default -q -x).
+#   bash scripts/test_wheel.sh WHEEL TORCH PYTHON -q -rf tests/test_docs.py   (pytest arguments last;
+#                                                                        default: -q -x tests)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheel="$(realpath "$1")"
 torch_spec="$2"
 python="${3:-python3}"
+shift $(($# < 3 ? $# : 3))
+[ $# -gt 0 ] || set -- -q -x tests
 
 work="$(mktemp -d "${TMPDIR:-/tmp}/dlmfuse-wheel-test.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/venv"
 "$work/venv/bin/python" -m pip install -q "$torch_spec" "$wheel" pytest hypothesis packaging matplotlib transformers
-cp -r tests README.md pyproject.toml LICENSE CHANGELOG.md .ci docs examples "$work/"  # what the tests read besides dlmfuse
+cp -r tests README.md pyproject.toml LICENSE CHANGELOG.md .ci docs examples bench "$work/"  # what tests read
 
 # PATH: the venv and git (bench rows record the commit); no gcc, g++, cc, clang or nvcc.
 mkdir "$work/bin"
@@ -35,4 +38,4 @@ print(f"python {sys.version.split()[0]}, torch {torch.__version__}, dlmfuse {inf
 print(f"cuda {info['cuda']}, archs {info['cuda_archs']}, cpu isa {info['cpu_isa']}")
 EOF
 env -i HOME="$HOME" PATH="$work/venv/bin:$work/bin" TMPDIR="${TMPDIR:-/tmp}" \
-  "$work/venv/bin/python" -m pytest ${PYTEST_ARGS:--q -x} -p no:cacheprovider tests
+  "$work/venv/bin/python" -m pytest -p no:cacheprovider "$@"
