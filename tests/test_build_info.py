@@ -69,6 +69,29 @@ def test_cpu_fields_are_consistent():
     assert isinstance(info["num_threads"], int) and info["num_threads"] >= 1
 
 
+def _cpuinfo_flags() -> set:
+    try:
+        text = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(line.group(1).split()) if line else set()
+
+
+def test_the_best_compiled_isa_the_cpu_supports_is_active():
+    """The dispatcher sees what /proc/cpuinfo lists (a wheel linked by clang once saw nothing)."""
+    flags = _cpuinfo_flags()
+    if not flags or os.environ.get("DLMFUSE_CPU_ISA"):
+        pytest.skip("needs /proc/cpuinfo and no DLMFUSE_CPU_ISA override")
+    compiled = dlmfuse.build_info()["compiled_cpu_isas"]
+    want = "baseline"
+    if "avx2" in compiled and {"avx2", "fma", "f16c"} <= flags:
+        want = "avx2"
+    if "avx512" in compiled and {"avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        want = "avx512"
+    assert dlmfuse.build_info()["cpu_isa"] == want
+
+
 def test_build_info_is_json_serialisable():
     info = dlmfuse.build_info()
     assert json.loads(json.dumps(info)) == info

@@ -1,7 +1,12 @@
 #include "cpu/cpu_features.h"
 
 #include <atomic>
+#include <cstdint>
 #include <cstdlib>
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include "dlmfuse/errors.h"
 
@@ -21,16 +26,39 @@ bool compiled(CpuIsa isa) {
   }
 }
 
+#if defined(__x86_64__)
+// CPUID and XGETBV read directly: __builtin_cpu_supports depends on the runtime library having
+// initialised its CPU model, which a clang/zig-linked shared library (the wheels) does not do.
+struct X86Features {
+  bool avx2 = false, avx512 = false;
+};
+
+X86Features read_x86_features() {
+  X86Features f;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return f;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28), f16c = c & (1u << 29);
+  if (!osxsave || !avx) return f;
+  uint32_t xcr0_lo = 0, xcr0_hi = 0;
+  __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  const bool os_ymm = (xcr0_lo & 0x6u) == 0x6u;     // SSE and AVX state saved by the OS
+  const bool os_zmm = (xcr0_lo & 0xE6u) == 0xE6u;   // and opmask, ZMM_Hi256, Hi16_ZMM
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return f;
+  const bool avx2 = b & (1u << 5), avx512f = b & (1u << 16), avx512dq = b & (1u << 17);
+  const bool avx512bw = b & (1u << 30), avx512vl = b & (1u << 31);
+  f.avx2 = os_ymm && avx2 && fma && f16c;
+  f.avx512 = f.avx2 && os_zmm && avx512f && avx512dq && avx512bw && avx512vl;
+  return f;
+}
+#endif
+
 bool supported_by_cpu(CpuIsa isa) {
-#if defined(__x86_64__) || defined(_M_X64)
+#if defined(__x86_64__)
+  static const X86Features features = read_x86_features();
   switch (isa) {
     case CpuIsa::kBaseline: return true;
-    case CpuIsa::kAvx2:
-      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
-    case CpuIsa::kAvx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case CpuIsa::kAvx2: return features.avx2;
+    case CpuIsa::kAvx512: return features.avx512;
   }
   return false;
 #else
