@@ -19,8 +19,8 @@ shift $(($# < 3 ? $# : 3))
 work="$(mktemp -d "${TMPDIR:-/tmp}/dlmfuse-wheel-test.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 "$python" -m venv "$work/venv"
-"$work/venv/bin/python" -m pip install -q "$torch_spec" "$wheel" pytest hypothesis packaging matplotlib transformers
-cp -r tests README.md pyproject.toml LICENSE CHANGELOG.md .ci docs examples bench "$work/"  # what tests read
+"$work/venv/bin/python" -m pip install -q "$torch_spec" "$wheel" pytest hypothesis packaging matplotlib transformers tokenizers
+cp -r tests README.md pyproject.toml LICENSE CHANGELOG.md .ci docs examples bench scripts "$work/"  # what tests read
 
 # PATH: the venv and git (bench rows record the commit); no gcc, g++, cc, clang or nvcc.
 mkdir "$work/bin"

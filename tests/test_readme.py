@@ -56,3 +56,13 @@ def test_readme_packed_and_training_examples_run():
     namespace = {}
     exec(compile(training[0], "README.md", "exec"), namespace)
     assert torch.isfinite(namespace["loss"]) and namespace["model"].embed_tokens.weight.grad is not None
+
+
+def test_readme_tiny_model_example_runs():
+    """The shipped tiny code model's example: it completes a prompt, no mask token left."""
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if "tiny_code_model()" in b]
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    out, tok = namespace["out"], namespace["tok"]
+    assert out.shape == (1, namespace["prompt"].shape[1] + 32) and tok.mask_token_id not in out[0].tolist()

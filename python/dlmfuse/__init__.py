@@ -9,6 +9,7 @@ Public API (documented in docs/: docs/ops.md, docs/visibility.md):
     dlmfuse.sample_tokens(logits, ...) fused greedy / Gumbel sampling with confidence
     dlmfuse.select_unmask(conf, cand)  which masked positions to unmask this step (k / threshold / factor)
     dlmfuse.nn                         DenoiserAttention / DenoiserBlock / DenoiserLM layers
+    dlmfuse.codelm                     the shipped tiny code model: tokenizer, corpus, diffusion loss
     dlmfuse.samplers                   LLaDA, FastDLLM, Dream, MDLM, EsoLM, ReMDM step samplers
     dlmfuse.generate(model, prompt, s) the denoising loop (cache="none" | "prefix" | "dual")
     dlmfuse.distributed                tensor parallelism on torch.distributed (imported on first use)
@@ -25,7 +26,7 @@ from .kv_cache import KVCache, kv_scatter_
 from .sampling import sample_tokens
 from .unmask import select_unmask
 from .generate import generate
-from . import integrations, nn, reference, samplers
+from . import codelm, integrations, nn, reference, samplers
 
 
 def __getattr__(name: str):
@@ -36,4 +37,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "samplers", "generate", "distributed", "integrations", "build_info", "num_threads", "set_num_threads", "ORDER_INFINITY", "__version__"]
+__all__ = ["Mask", "attention", "merge_attention", "kv_scatter_", "KVCache", "sample_tokens", "select_unmask", "reference", "nn", "codelm", "samplers", "generate", "distributed", "integrations", "build_info", "num_threads", "set_num_threads", "ORDER_INFINITY", "__version__"]
