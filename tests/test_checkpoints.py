@@ -230,29 +230,33 @@ def test_save_pretrained_round_trips(tmp_path, biases, tie):
 
 
 def test_loading_keeps_one_copy_of_the_weights_in_memory(tmp_path):
-    """Peak memory while loading 204 MiB of weights from 30 MiB shards stays well under the 2x of a
-    second full copy (parameters allocated once, tensors streamed one at a time; the rest is the
-    shard being read, mapped, and the allocator keeping a few freed tensors: 1.45x measured)."""
+    """Peak memory while loading 204 MiB of weights from 30 MiB shards stays near one copy
+    (parameters allocated once, tensors streamed one at a time: the rest is the shard being read;
+    1.07x measured), far from the 2x of a second full copy or of every shard kept mapped. A small
+    checkpoint is loaded first: torch's one-time initialisation (libraries, a CUDA build's
+    lazily loaded parts: +0.4-0.8x) is not the loader's."""
     model = DenoiserLM(1000, 1024, 4, 8, 8, 2816, head_dim=128, init_std=0.02)
-    model.save_pretrained(tmp_path, max_shard_bytes=30 << 20)
+    model.save_pretrained(tmp_path / "big", max_shard_bytes=30 << 20)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     del model
+    DenoiserLM(50, 16, 1, 2, 2, 32, head_dim=8).save_pretrained(tmp_path / "small")
     code = textwrap.dedent(f"""
         import torch, dlmfuse
 
         def status(field):  # kB
             return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
 
+        dlmfuse.nn.DenoiserLM.from_pretrained({str(tmp_path / "small")!r})
         with open('/proc/self/clear_refs', 'w') as f:
             f.write('5')  # resets the peak (VmHWM) to the current resident size
         before = status('VmRSS')
-        model = dlmfuse.nn.DenoiserLM.from_pretrained({str(tmp_path)!r})
+        model = dlmfuse.nn.DenoiserLM.from_pretrained({str(tmp_path / "big")!r})
         print(status('VmHWM') - before)
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     growth = int(result.stdout.split()[-1])
-    assert size <= growth < 1.6 * size, f"peak grew by {growth / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of weights"
+    assert size <= growth < 1.3 * size, f"peak grew by {growth / 2**20:.0f} MiB for {size / 2**20:.0f} MiB of weights"
 
 
 def test_save_replaces_an_earlier_sharded_save_and_index_paths_stay_inside(tmp_path):
