@@ -131,6 +131,19 @@ MUTANTS = [
          "if self.kv is None or block != self.cached_block or", "if self.kv is None or",
          ("test_cache_is_exact_for_a_one_layer_model[editing-prefix]",)),
     ]],
+    Mutant("diffusion loss drops the 1/t weight", "codelm/objective.py",
+           "return (nll * masked).sum(dim=1) / ratios.to(nll.dtype)", "return (nll * masked).sum(dim=1)",
+           ("tests/test_eval.py",)),
+    Mutant("ELBO masks where u > t", "codelm/objective.py",
+           "masked = (uniforms < grid[None, :, None])", "masked = (uniforms > grid[None, :, None])",
+           ("tests/test_eval.py",)),
+    Mutant("compile rule accepts comment-only completions", "evaluation/compile_share.py",
+           "return any(has_code(text) and compiles(prompt + text)", "return any(text.strip() and compiles(prompt + text)",
+           ("tests/test_eval.py",)),
+    Mutant("eval counts the warm-up generation", "evaluation/runs.py",
+           "    counter.calls = 0\n", "\n", ("tests/test_eval.py",)),
+    Mutant("prompts keep functions that do not compile alone", "evaluation/prompts.py",
+           "if compiles(prompt + reference):", "if True:", ("tests/test_eval.py",)),
 ]
 
 
@@ -144,6 +157,7 @@ def compiled_modules() -> list[Path]:
 def make_scratch(base: Path) -> Path:
     shutil.copytree(ROOT / "python", base / "python")
     shutil.copytree(ROOT / "tests", base / "tests")
+    shutil.copytree(ROOT / "scripts", base / "scripts")  # tests/test_eval.py runs the training script
     shutil.copy(ROOT / "pyproject.toml", base / "pyproject.toml")
     for module in compiled_modules():
         shutil.copy(module, base / "python" / "dlmfuse" / module.name)
