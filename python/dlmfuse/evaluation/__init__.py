@@ -73,16 +73,6 @@ def evaluate(model, tokenizer, *, held_out_texts: Sequence, unigram_counts: Sequ
     return rows
 
 
-def _evaluate_cli(args, model, tokenizer, info, sizes, held_out_files) -> list:
-    from ..codelm import corpus
-
-    return evaluate(model, tokenizer, held_out_texts=corpus.read_texts(held_out_files),
-                    unigram_counts=info["unigram_counts"], seq_len=info["seq_len"],
-                    prompts=sizes[0] if args.prompts is None else args.prompts, gen_length=args.gen_length, block_length=args.block_length,
-                    samplers=args.only, caches=args.cache, nll_windows=sizes[1] if args.nll_windows is None else args.nll_windows,
-                    nll_ratios=sizes[2] if args.nll_ratios is None else args.nll_ratios, seed=args.seed)
-
-
 def _selected_specs(keys: Optional[Iterable[str]]):
     if keys is None:
         return list(SAMPLERS)
@@ -133,7 +123,12 @@ def main(args: argparse.Namespace, command: str, out: Optional[TextIO] = None) -
     model, tokenizer, info = tiny_code_model(path=args.model_dir)
     _, held_out_files = corpus.split_files(corpus.stdlib_files())
     try:
-        rows = _evaluate_cli(args, model, tokenizer, info, sizes, held_out_files)
+        rows = evaluate(model, tokenizer, held_out_texts=corpus.read_texts(held_out_files),
+                        unigram_counts=info["unigram_counts"], seq_len=info["seq_len"],
+                        prompts=sizes[0] if args.prompts is None else args.prompts, gen_length=args.gen_length,
+                        block_length=args.block_length, samplers=args.only, caches=args.cache,
+                        nll_windows=sizes[1] if args.nll_windows is None else args.nll_windows,
+                        nll_ratios=sizes[2] if args.nll_ratios is None else args.nll_ratios, seed=args.seed)
     except ValueError as error:  # bad sizes or flags: one line, not a traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
