@@ -19,7 +19,7 @@ from dlmfuse.codelm.tokenizer import END_OF_TEXT, MASK
 from dlmfuse.evaluation import evaluate
 from dlmfuse.evaluation.compile_share import accepted, compile_share, complete_lines
 from dlmfuse.evaluation.prompts import function_prompts
-from dlmfuse.evaluation.runs import CallCounter
+from dlmfuse.evaluation.runs import CallCounter, likelihood_row
 from dlmfuse.nn import DenoiserLM
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -174,11 +174,9 @@ def test_shipped_model_beats_the_unigram_baseline_on_held_out_code(shipped, held
     """Recomputed here on this Python's held-out files (not read from metadata.json)."""
     tok = shipped.tokenizer
     stream = torch.tensor(tok.encode_files(text for _, text in held_out))
-    windows = corpus.evenly_spaced_windows(stream, shipped.info["seq_len"], 6)
-    model_nll = objective.elbo_nll(shipped.model, windows, tok.mask_token_id, ratios=2)
-    counts = shipped.info["unigram_counts"]
-    unigram = objective.unigram_nll(objective.unigram_log_probs(counts, excluded=[tok.mask_token_id]), windows)
-    assert model_nll < 0.8 * unigram, (model_nll, unigram)
+    row = likelihood_row(shipped.model, tok, stream, shipped.info["unigram_counts"], seq_len=shipped.info["seq_len"],
+                         windows=6, ratios=2, seed=0)
+    assert row["model_nll"] < 0.8 * row["unigram_nll"], row
     recorded = shipped.info["results"]
     assert recorded["held_out_nll_as_saved"] < 0.8 * recorded["unigram_nll"]
 
