@@ -1,9 +1,10 @@
-// Attention forward on tensor cores (sm_80 mma.sync; runs on A100 and H100): the split-KV merge,
+// Attention forward on tensor cores (sm_80 mma.sync; runs on A100 and H100):
 // the launch (grid, shared memory, kernel instance per AttentionParams flags) and the host-side
 // checks. The kernel is in attention_sm80_kernel.cuh, its per-warp tile math in
 // attention_sm80_tile.cuh.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/attention_sm80_kernel.cuh"
+#include "cuda/attention/split_merge.cuh"
 
 #include <type_traits>
 
@@ -13,44 +14,6 @@ namespace {
 using namespace sm80;
 
 static_assert(kBlockM == kAttentionCtaRows && kBlockN == kAttentionKeyTile, "the planner's tile sizes");
-// Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
-constexpr int kMergeWarps = 4;
-static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per lane");
-
-// out, lse of one (batch, head, query row) per warp from the S partials:
-//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) out_s;  all parts empty: 0 and -inf.
-template <typename T, int D>
-__global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const AttentionParams p) {
-  constexpr int kPerLane = D / 32;  // consecutive output elements per lane (2 or 4)
-  static_assert(kPerLane == 2 || kPerLane == 4, "head_dim 64 or 128");
-  using Vec = typename std::conditional<kPerLane == 4, float4, float2>::type;
-  const int64_t rows = p.batch * p.q_heads * p.q_len;  // [B, Hq, Lq] order, as lse
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kMergeWarps + threadIdx.x / 32;
-  if (row >= rows) return;  // uniform across the warp
-  const int lane = threadIdx.x % 32;
-
-  const float part_lse = lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
-  const float lse_max = warp_max(part_lse);
-  const float e = lse_max == -INFINITY ? 0.0f : expf(part_lse - lse_max);
-  const float sum = warp_sum(e);
-  const float weight = sum > 0.0f ? e / sum : 0.0f;
-
-  float acc[kPerLane] = {};
-  for (int s = 0; s < p.num_splits; ++s) {
-    const float w = __shfl_sync(0xffffffffu, weight, s);
-    if (w == 0.0f) continue;  // an empty split, or one whose weight underflows
-    const Vec part = *reinterpret_cast<const Vec*>(p.partial_out + (s * rows + row) * D + lane * kPerLane);
-    const float* x = reinterpret_cast<const float*>(&part);
-    for (int j = 0; j < kPerLane; ++j) acc[j] += w * x[j];
-  }
-
-  const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
-  T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2] +
-           lane * kPerLane;
-  for (int j = 0; j < kPerLane; j += 2) *reinterpret_cast<uint32_t*>(out + j) = MmaType<T>::pack(acc[j], acc[j + 1]);
-  if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
-}
-
 // Whether the current device allows `bytes` of dynamic shared memory per block (with 1 KB to spare
 // for the kernel's static shared variables).
 // An attribute of the current device, 0 when it cannot be read.
@@ -98,10 +61,7 @@ cudaError_t launch_sm80(const AttentionParams& p, cudaStream_t stream) {
   if (p.num_splits == 1) return cudaGetLastError();
   const cudaError_t launched = cudaGetLastError();
   if (launched != cudaSuccess) return launched;
-  const int64_t merged_rows = p.batch * p.q_heads * p.q_len;
-  const auto merge_ctas = static_cast<unsigned>(ceil_div(merged_rows, kMergeWarps));
-  merge_splits_kernel<T, D><<<merge_ctas, 32 * kMergeWarps, 0, stream>>>(p);
-  return cudaGetLastError();
+  return launch_split_merge<T, D>(p, stream);
 }
 
 // Whether the current device is an sm_90 GPU (H100 / H200): only there does the wgmma instance
