@@ -29,6 +29,7 @@ AttentionBackwardParams attention_backward_params(const AttentionParams& forward
 
 // attention_num_splits, attention_packs_gqa and ATTENTION_MAX_SPLITS (attention_plan_bindings.cpp).
 void register_attention_plan(nb::module_& m);
+void register_attention_planner(nb::module_& m);  // _C only
 
 MergeParams merge_params(const Array& out_a, const Array& lse_a, const Array& out_b, const Array& lse_b,
                          const Array& out, const Array& lse, int32_t device_type);

@@ -1,8 +1,10 @@
-// The shape-only launch decisions of the CUDA attention (dlmfuse/attention_plan.h), bound into both
-// modules: CPU-only builds test them, the CUDA module's Python layer sizes workspaces with them.
+// The launch decisions of the CUDA attention (dlmfuse/attention_plan.h, dlmfuse/attention_planner.h):
+// CPU-only builds test them, the CUDA module plans its calls with them.
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
 
 #include "dlmfuse/attention_plan.h"
+#include "dlmfuse/attention_planner.h"
 
 namespace nb = nanobind;
 
@@ -19,6 +21,42 @@ void register_attention_plan(nb::module_& m) {
         "Whether the CUDA attention packs these shapes (when it also has no bias): packing the query heads "
         "of each KV head into shared CTAs needs fewer CTAs than one run per head.");
   m.attr("ATTENTION_MAX_SPLITS") = kAttentionMaxSplits;
+}
+
+// The planner's types, registered once, in _C: nanobind shares registered types between the
+// extension modules of one build, and _C_cuda (imported after _C) takes and returns them.
+void register_attention_planner(nb::module_& m) {
+  nb::class_<AttentionOverride>(m, "AttentionOverride",
+                                "A parsed DLMFUSE_CUDA_ATTENTION override of the attention planner.")
+      .def_ro("text", &AttentionOverride::text)
+      .def("__repr__", [](const AttentionOverride& o) { return "AttentionOverride(\"" + o.text + "\")"; });
+  m.def("parse_attention_override", &parse_attention_override, nb::arg("text"),
+        "Parses \"key=value,...\" (mma simt/sm80/sm90, tile_m 64/128, walk tiles/gather, splits 1-16, "
+        "pack_gqa 0/1; \"\" or \"auto\": nothing forced); ValueError naming the bad item otherwise.");
+
+  nb::class_<AttentionPlan>(m, "AttentionPlan", "Launch decisions of one CUDA attention call.")
+      .def_prop_ro("mma", [](const AttentionPlan& p) { return std::string(mma_name(p.mma)); })
+      .def_prop_ro("walk", [](const AttentionPlan& p) { return std::string(walk_name(p.walk)); })
+      .def_ro("tile_m", &AttentionPlan::tile_m)
+      .def_ro("splits", &AttentionPlan::splits)
+      .def_ro("pack_gqa", &AttentionPlan::pack_gqa)
+      .def("__str__", &AttentionPlan::describe)
+      .def("__repr__", [](const AttentionPlan& p) { return "AttentionPlan(" + p.describe() + ")"; });
+  m.def(
+      "plan_attention",
+      [](int64_t batch, int64_t q_len, int64_t k_len, int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+         bool half_precision, bool aligned, bool has_labels, bool has_bias, int sm_count, int cc_major, int cc_minor,
+         const AttentionOverride* forced) {
+        const AttentionCall call{batch, q_len, k_len, q_heads, kv_heads, head_dim, half_precision, aligned,
+                                 has_labels, has_bias};
+        return plan_attention(call, AttentionDevice{sm_count, cc_major, cc_minor},
+                              forced != nullptr ? *forced : AttentionOverride{});
+      },
+      nb::arg("batch"), nb::arg("q_len"), nb::arg("k_len"), nb::arg("q_heads"), nb::arg("kv_heads"),
+      nb::arg("head_dim"), nb::arg("half_precision"), nb::arg("aligned"), nb::arg("has_labels"), nb::arg("has_bias"),
+      nb::arg("sm_count"), nb::arg("cc_major"), nb::arg("cc_minor"), nb::arg("forced").none() = nb::none(),
+      "The planner's decisions for a call of these shapes on a GPU of sm_count SMs and compute capability "
+      "cc_major.cc_minor (the CUDA module plans real calls from their tensors the same way).");
 }
 
 }  // namespace dlmfuse::bindings

@@ -58,6 +58,7 @@ NB_MODULE(_C, m) {
 
   bindings::register_attention(m);
   bindings::register_attention_plan(m);
+  bindings::register_attention_planner(m);
   bindings::register_kv_cache(m);
   bindings::register_sampling(m);
 }

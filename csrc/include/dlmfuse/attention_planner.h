@@ -1,0 +1,83 @@
+// The planner of the CUDA attention family (cuda/attention/family): every launch decision of a
+// call (MMA policy, query tile, key walk, split count, GQA packing, workspace) in one place.
+// Host code with no CUDA in it, so CPU-only builds compile and test the same decisions; Python
+// asks it for the plan and holds no policy of its own.
+//
+// A debugging override (DLMFUSE_CUDA_ATTENTION="tile_m=128,walk=gather,splits=3" with the family
+// enabled) is parsed once into an AttentionOverride; a forced field the call cannot take is a
+// ValueError naming the field and the reason, never a silent substitute.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "dlmfuse/attention_params.h"
+#include "dlmfuse/attention_plan.h"
+
+namespace dlmfuse {
+
+// How the scores are computed: CUDA cores in fp32 (every dtype and head dim; the fp32 path),
+// mma.sync (sm_80+), or warpgroup MMAs (sm_90a).
+enum class AttentionMma : int32_t { kSimt = 0, kSm80 = 1, kSm90 = 2 };
+// How a CTA walks its keys: whole 64-key tiles (SKIP tiles never loaded), or with the keys of
+// PARTIAL tiles classified one by one and gathered into FULL and PARTIAL tiles (labels, no bias).
+enum class AttentionWalk : int32_t { kTiles = 0, kGather = 1 };
+
+const char* mma_name(AttentionMma mma);
+const char* walk_name(AttentionWalk walk);
+
+// What the planner needs to know of the GPU.
+struct AttentionDevice {
+  int sm_count = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
+};
+
+// What the planner needs to know of the call.
+struct AttentionCall {
+  int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
+  bool half_precision = false;  // bf16 / fp16 (tensor cores take nothing else)
+  bool aligned = false;         // q / k / v rows on 16-byte boundaries, out rows on 4 (cp.async, paired stores)
+  bool has_labels = false;
+  bool has_bias = false;
+};
+AttentionCall attention_call(const AttentionParams& p);
+
+// Fields the override forces; the planner decides the others (0 / kAuto: not forced).
+struct AttentionOverride {
+  static constexpr int kAuto = -1;
+  int mma = kAuto;     // an AttentionMma
+  int walk = kAuto;    // an AttentionWalk
+  int tile_m = 0;      // 64 or 128
+  int splits = 0;      // 1 .. kAttentionMaxSplits
+  int pack_gqa = kAuto;  // 0 or 1
+  std::string text;    // as parsed (for build_info and error messages)
+};
+// "key=value,..." with keys mma (simt / sm80 / sm90), tile_m (64 / 128), walk (tiles / gather),
+// splits (1-16), pack_gqa (0 / 1); "" and "auto" force nothing. Anything else is a ValueError.
+AttentionOverride parse_attention_override(const std::string& text);
+
+struct AttentionPlan {
+  AttentionMma mma = AttentionMma::kSimt;
+  AttentionWalk walk = AttentionWalk::kTiles;
+  int tile_m = kAttentionCtaRows;  // query rows (GQA-packed rows with pack_gqa) per CTA
+  int splits = 1;                  // key-range splits; > 1 needs the partial workspace
+  bool pack_gqa = false;           // the query heads of a KV head share CTAs
+
+  // "mma=sm80,tile_m=128,walk=tiles,splits=1,pack_gqa=0": what ran, for bench rows and errors.
+  std::string describe() const;
+};
+
+// The plan of `call` on `device` under `forced`. Raises ValueError when a forced field cannot run
+// this call (for example walk=gather without labels, mma=sm90 on a GPU that is not sm_90).
+AttentionPlan plan_attention(const AttentionCall& call, const AttentionDevice& device,
+                             const AttentionOverride& forced = {});
+inline AttentionPlan plan_attention(const AttentionParams& params, const AttentionDevice& device,
+                                    const AttentionOverride& forced = {}) {
+  return plan_attention(attention_call(params), device, forced);
+}
+
+// Whether `plan` can run `call` (the launcher's check of a plan it is handed): "" if so, else why not.
+std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& call, const AttentionDevice& device);
+
+}  // namespace dlmfuse
