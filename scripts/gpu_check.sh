@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
 # then, with the not-yet-verified CUDA kernels enabled, run the named parts in order:
-#   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
+#   tests     CUDA tests (every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV; the
+#             planned family's plans in their own process)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1; A1-A5 and A4g with the peers, then dlmfuse alone per
 #             attention kernel of BENCH_KERNELS, into one file), JSONL for bench/results/
@@ -35,7 +36,10 @@ site=/tmp/dlmfuse-site
 python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
 [[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
-export DLMFUSE_CUDA_KERNELS=1  # also the compiled CUDA kernels not yet verified (_ext._UNVERIFIED_CUDA_KERNELS; none now)
+# The unverified planned attention family (_ext._UNVERIFIED_CUDA_KERNELS) takes over every CUDA
+# attention call when DLMFUSE_CUDA_KERNELS=1, so only its own steps set it (a fault there kills
+# only that step's process): pytest_cuda_family, the family sanitizer steps, bench_attention_family.
+family_env="env DLMFUSE_CUDA_KERNELS=1"
 status=()
 
 step() {  # step NAME SECONDS COMMAND...  (the timeout is cut to what is left of the budget)
@@ -73,7 +77,8 @@ if wants tests; then
     [[ " $unverified " == *" $kernel "* ]] || verified="$verified $kernel"
   done
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
-  step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests
+  step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
+    --ignore=tests/test_attention_family.py
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
   # (the split tests set their own DLMFUSE_ATTENTION_SPLITS).
   step pytest_cuda_splits 90 env DLMFUSE_TEST_KERNELS="$verified" DLMFUSE_ATTENTION_SPLITS=3 \
@@ -90,6 +95,10 @@ if wants tests; then
     step "pytest_cuda_$kernel" 90 env DLMFUSE_TEST_KERNELS=$kernel DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
+  # The planned family: every plan forced through DLMFUSE_CUDA_ATTENTION against the float64
+  # reference (documents included), then the packed-document tests under its automatic plans.
+  step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_attention_family.py tests/test_documents.py
   if [[ -n $unverified ]]; then
     step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="$unverified" DLMFUSE_ATTENTION_SPLITS=3 \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
@@ -131,6 +140,11 @@ if wants sanitize; then
   # The gathering rounds' shared key list and scan (not sm90: the step below covers it).
   step sanitizer_racecheck_gather 60 bash -c 'racecheck "$@"' _ \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "not sm90 and not Lk8300"
+  # The planned family: small cases of every plan (memcheck), the walk's shared state (racecheck).
+  family_small="tests/test_attention_family.py::test_mask_only_rows_kv_lens_and_empty_rows tests/test_attention_family.py::test_other_documents_tiles_are_never_read"
+  step sanitizer_memcheck_family 120 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider $family_small
+  step sanitizer_racecheck_family 90 $family_env bash -c 'racecheck "$@"' _ $family_small
   step sanitizer_racecheck_sm90 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi
@@ -144,6 +158,10 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention --only backward \
     --json "$OUT/bench_attention.jsonl"
+  # The planned family under its automatic plans (each row records the plan that ran).
+  step bench_attention_family 90 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
+    --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
+  cat "$logs/bench_attention_family.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
   # One JSONL for all of them (the device tool returns at most 8 files).
   for kernel in ${BENCH_KERNELS:-wide sm90 gather sm90_gather next double_buffer}; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \

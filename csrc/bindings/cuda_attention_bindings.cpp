@@ -1,5 +1,10 @@
 // nanobind entry points of the attention family on CUDA: one launch on the caller's stream (two
 // with split-KV: the kernel, then the merge), no allocation, no host sync.
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/string.h>
+
+#include <mutex>
+
 #include "bindings/attention_args.h"
 #include "bindings/cuda_common.h"
 #include "cuda/attention/attention.h"
@@ -76,6 +81,64 @@ void attention_forward(Array q, Array k, Array v, std::optional<Array> q_order,
     check_launch(cuda::attention_forward_simple(p, as_stream(stream)), "attention", "attention_simple_kernel");
 }
 
+// What the planner needs of GPU `device`, read once per device.
+AttentionDevice attention_device(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mutex;
+  static AttentionDevice known[kMaxDevices];
+  static bool read[kMaxDevices] = {};
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (device >= 0 && device < kMaxDevices && read[device]) return known[device];
+  AttentionDevice d;
+  if (cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&d.cc_major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess)
+    throw_runtime_error("attention: cannot read the properties of CUDA device ", device);
+  if (device >= 0 && device < kMaxDevices) {
+    known[device] = d;
+    read[device] = true;
+  }
+  return d;
+}
+
+// DLMFUSE_CUDA_ATTENTION parsed once per value (calls repeat the same text).
+AttentionOverride parsed_override(const std::string& text) {
+  static std::mutex mutex;
+  static AttentionOverride last;
+  static bool parsed = false;
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (!parsed || last.text != text) {
+    last = parse_attention_override(text);
+    parsed = true;
+  }
+  return last;
+}
+
+// The planned family: plans the call (plan_attention under `forced`), asks `workspace(splits)` for
+// the split-KV partials when the plan splits, launches, and returns the plan that ran (describe()).
+std::string attention_forward_planned(Array q, Array k, Array v, std::optional<Array> q_order,
+                                        std::optional<Array> q_group, std::optional<Array> k_order,
+                                        std::optional<Array> k_group, std::optional<Array> q_doc,
+                                        std::optional<Array> k_doc, std::optional<Array> bias,
+                                        std::optional<Array> kv_lens, Array out, Array lse, float scale,
+                                        uint64_t stream, const std::string& forced, nb::callable workspace) {
+  AttentionParams p = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse, scale,
+                                       nb::device::cuda::value, q_doc, k_doc);
+  CudaDeviceGuard guard(q.device_id());
+  const AttentionPlan plan = plan_attention(p, attention_device(q.device_id()), parsed_override(forced));
+  std::optional<Array> partial_out, partial_lse;
+  if (plan.splits > 1) {
+    auto parts = nb::cast<std::pair<Array, Array>>(workspace(plan.splits));
+    partial_out = parts.first;
+    partial_lse = parts.second;
+  }
+  set_split_workspace(p, plan.splits, partial_out, partial_lse);
+  p.pack_gqa = plan.pack_gqa;
+  check_launch(cuda::attention_forward_family(p, plan, as_stream(stream)), "attention",
+               concat("attention_fwd_kernel (", plan.describe(), ")").c_str());
+  return plan.describe();
+}
+
 void merge_attention(Array out_a, Array lse_a, Array out_b, Array lse_b, Array out, Array lse,
                      uint64_t stream) {
   const MergeParams p = merge_params(out_a, lse_a, out_b, lse_b, out, lse, nb::device::cuda::value);
@@ -106,6 +169,16 @@ void register_cuda_attention(nb::module_& m) {
         "16 rows per warp) also warpgroup MMAs on sm_90 GPUs, with gather_keys = True (next_paths, 16 rows per "
         "warp) the keys of PARTIAL tiles gathered per key for calls with labels and no bias. Use dlmfuse.attention.");
   register_attention_plan(m);
+  m.def("attention_forward_planned", &attention_forward_planned, nb::arg("q"), nb::arg("k"), nb::arg("v"),
+        nb::arg("q_order").none(), nb::arg("q_group").none(), nb::arg("k_order").none(), nb::arg("k_group").none(),
+        nb::arg("q_doc").none(), nb::arg("k_doc").none(), nb::arg("bias").none(), nb::arg("kv_lens").none(),
+        nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("scale"), nb::arg("stream"),
+        nb::arg("forced"), nb::arg("workspace"),
+        "The planned attention family (not yet verified on a GPU): fills out [B, Lq, Hq, D] and lse "
+        "[B, Hq, Lq] with the plan plan_attention makes for this call under `forced` (DLMFUSE_CUDA_ATTENTION's "
+        "text), honouring document labels; workspace(splits) must return the float32 "
+        "partial_out [S, B, Hq, Lq, D] and partial_lse [S, B, Hq, Lq] when the plan splits. Returns the plan "
+        "that ran. Use dlmfuse.attention.");
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("stream"),
         "Fills out and lse with the exact merge of two partial attentions on CUDA.");

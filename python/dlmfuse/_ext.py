@@ -55,7 +55,10 @@ _NATIVE_KERNELS = {
 # CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
 # with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
 # a device run has verified it.
-_UNVERIFIED_CUDA_KERNELS: set[str] = set()  # none since 2026-11-27
+# attention_family: the planned CUDA attention (csrc/cuda/attention/family, planner in
+# csrc/plan/attention_planner.cpp) with document labels on every plan; it replaces the attention
+# kernels above once a device run has verified it.
+_UNVERIFIED_CUDA_KERNELS: set[str] = {"attention_family"}
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
 _THREADS_ENV = "DLMFUSE_NUM_THREADS"

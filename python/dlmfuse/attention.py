@@ -7,6 +7,7 @@ the kernel directly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
@@ -29,7 +30,7 @@ from ._checks import (
     expect_tensor,
     needs_dispatcher,
 )
-from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, dlpack, use_reference
+from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, _cuda_kernel_enabled, dlpack, use_reference
 from .mask import Mask
 
 _OP = "attention"
@@ -229,8 +230,9 @@ def _check_kv_lens_values(kv_lens: Tensor, Lk: int) -> None:
 
 
 def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale):
-    # The CUDA kernels do not read document labels yet: packed calls take the reference there.
-    on_reference = q.is_cuda and (q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS or q_doc is not None)
+    family = q.is_cuda and _cuda_kernel_enabled("attention_family")
+    # The verified CUDA kernels do not read document labels: packed calls take the reference there.
+    on_reference = q.is_cuda and (q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS or (q_doc is not None and not family))
     if use_reference("attention", q.device) or on_reference:
         mask = None if q_order is None else Mask(q_order, q_group, k_order, k_group, q_doc, k_doc)
         out, lse = reference.attention(
@@ -243,7 +245,9 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, b
     args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
                   out, lse)
     docs = dlpack(*(None if t is None else t.detach() for t in (q_doc, k_doc)))
-    if q.is_cuda:
+    if family:
+        _run_planned_family(q, args, docs, scale)
+    elif q.is_cuda:
         kernel = cuda_kernel_args(cuda_kernel_for(q, k, q_order is not None, bias is not None))
         splits = cuda_num_splits(q, k, kernel, has_bias=bias is not None)
         workspace = {}
@@ -263,6 +267,78 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, b
 
 
 _KERNEL_ENV = "DLMFUSE_CUDA_ATTENTION"
+_last_cuda_plan: Optional[str] = None
+
+
+def _run_planned_family(q, args, docs, scale):
+    """The planned CUDA attention family (opt-in while unverified: DLMFUSE_CUDA_KERNELS=1). The C++
+    planner decides everything; this allocates the split-KV workspace when the plan asks for it."""
+    global _last_cuda_plan
+    B, Lq, Hq, D = q.shape
+    kept = []  # the workspace lives until the launch is queued (the caching allocator is stream-ordered)
+
+    def workspace(splits):
+        partial_out = torch.empty((splits, B, Hq, Lq, D), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((splits, B, Hq, Lq), dtype=torch.float32, device=q.device)
+        kept.extend((partial_out, partial_lse))
+        return dlpack(partial_out, partial_lse)
+
+    q_, k_, v_, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse = args
+    plan = _C_cuda.attention_forward_planned(
+        q_, k_, v_, q_order, q_group, k_order, k_group, *docs, bias, kv_lens, out, lse, scale,
+        torch.cuda.current_stream(q.device).cuda_stream, cuda_attention_override(), workspace)
+    _last_cuda_plan = plan
+
+
+@functools.lru_cache(maxsize=16)
+def _checked_override(text: str) -> str:
+    _C.parse_attention_override(text)  # ValueError naming the bad item
+    return text
+
+
+def cuda_attention_override() -> str:
+    """DLMFUSE_CUDA_ATTENTION as the planned family reads it: ``key=value`` items that force the
+    planner's choices (``mma`` simt / sm80 / sm90, ``tile_m`` 64 / 128, ``walk`` tiles / gather,
+    ``splits`` 1-16, ``pack_gqa`` 0 / 1), for debugging and tests; unset, empty or ``auto`` forces
+    nothing. Parsed once per value; a bad value is a ValueError naming the item.
+
+    >>> from dlmfuse.attention import cuda_attention_override
+    >>> cuda_attention_override() in ("", "auto") or "DLMFUSE_CUDA_ATTENTION is set"
+    True
+    """
+    text = os.environ.get(_KERNEL_ENV, "")
+    if text in _CUDA_KERNEL_ARGS:
+        raise ValueError(f"{_OP}: {_KERNEL_ENV}={text!r} names a kernel of the verified set, but the planned family "
+                         f"(DLMFUSE_CUDA_KERNELS=1) takes key=value overrides such as 'tile_m=128,walk=gather,splits=3'")
+    return _checked_override(text)
+
+
+@contextlib.contextmanager
+def cuda_plan_override(text: str):
+    """Within the block the planned CUDA family runs under ``DLMFUSE_CUDA_ATTENTION=text`` (see
+    cuda_attention_override; validated on entry), and the previous value is restored after it.
+
+    >>> from dlmfuse.attention import cuda_plan_override, cuda_attention_override
+    >>> with cuda_plan_override("tile_m=128,splits=2"):
+    ...     cuda_attention_override()
+    'tile_m=128,splits=2'
+    """
+    _checked_override(text)
+    previous = os.environ.get(_KERNEL_ENV)
+    os.environ[_KERNEL_ENV] = text
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(_KERNEL_ENV, None)
+        else:
+            os.environ[_KERNEL_ENV] = previous
+
+
+def last_cuda_plan() -> Optional[str]:
+    """The plan of the last CUDA attention call the planned family ran in this process (for bench rows
+    and debugging), e.g. ``"mma=sm80,tile_m=128,walk=tiles,splits=1,pack_gqa=0"``; None before any."""
+    return _last_cuda_plan
 
 
 class CudaKernelArgs(NamedTuple):

@@ -6,6 +6,7 @@
 
 #include "dlmfuse/attention_params.h"
 #include "dlmfuse/attention_plan.h"
+#include "dlmfuse/attention_planner.h"
 
 namespace dlmfuse::cuda {
 
@@ -18,6 +19,11 @@ cudaError_t attention_forward_simple(const AttentionParams& params, cudaStream_t
 // With params.num_splits > 1 it splits each row's key range and merges the partials (split-KV).
 bool attention_sm80_supports(const AttentionParams& params);
 cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t stream);
+
+// The planned attention family (cuda/attention/family; opt-in until a GPU run verifies it): runs
+// `plan` (plan_attention's for these params, or one plan_mismatch accepts), the CUDA-core kernel
+// for mma=simt. Documents are honoured by every plan.
+cudaError_t attention_forward_family(const AttentionParams& params, const AttentionPlan& plan, cudaStream_t stream);
 
 // Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
 cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);

@@ -4,8 +4,9 @@
 // kRowsPerCta / kWarps rows. Key/value tiles of 32 keys are staged in shared memory as fp32.
 // For a row, lane j scores key j of the tile (the visibility rule, bias and kv_lens applied per
 // element), the warp runs the online softmax in base 2, and each lane accumulates D / 32 output
-// columns. Tiles are classified from label min/max first (dlmfuse/visibility.h): SKIP tiles are
-// never loaded.
+// columns. Tiles are classified from label (and document) min/max first (dlmfuse/visibility.h):
+// SKIP tiles are never loaded. Document labels are read only by the planned family's calls
+// (attention_forward_family with mma=simt), which are not yet verified on a GPU.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/half_convert.h"
@@ -59,16 +60,27 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
   // Own 16-byte slot: a widened LDS.128 of an unaligned q_range also read tile_kind, a hazard
   // with lane 0's write of it that racecheck reports.
   __shared__ alignas(16) LabelRange q_range;
+  // Packed sequences: the tile's document range (warp 1), for tile classification.
+  __shared__ alignas(16) IdRange q_docs;
   if (warp == 0) {
     LabelRange r = LabelRange::empty();
     if (p.has_labels)
       for (int i = lane; i < rows; i += 32) r.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
     r = warp_reduce(r);
     if (lane == 0) q_range = r;
+  } else if (warp == 1 && p.has_docs) {
+    int lo = INT32_MAX, hi = INT32_MIN;
+    for (int i = lane; i < rows; i += 32) {
+      lo = min(lo, p.q_doc.at(b, q0 + i));
+      hi = max(hi, p.q_doc.at(b, q0 + i));
+    }
+    lo = warp_reduce_min(lo);
+    hi = warp_reduce_max(hi);
+    if (lane == 0) q_docs = IdRange{lo, hi};
   }
 
   float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][kCols];
-  int32_t my_q_order[kRowsPerWarp], my_q_group[kRowsPerWarp];
+  int32_t my_q_order[kRowsPerWarp], my_q_group[kRowsPerWarp], my_q_doc[kRowsPerWarp];
   for (int r = 0; r < kRowsPerWarp; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
@@ -76,6 +88,7 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     const int row = warp * kRowsPerWarp + r;
     my_q_order[r] = p.has_labels && row < rows ? p.q_order.at(b, q0 + row) : 0;
     my_q_group[r] = p.has_labels && row < rows ? p.q_group.at(b, q0 + row) : 0;
+    my_q_doc[r] = p.has_docs && row < rows ? p.q_doc.at(b, q0 + row) : 0;
   }
   __syncthreads();
 
@@ -85,14 +98,19 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     const bool key_valid = lane < cols;
     const int32_t k_order = p.has_labels && key_valid ? p.k_order.at(b, key) : kOrderInfinity;
     const int32_t k_group = p.has_labels && key_valid ? p.k_group.at(b, key) : 0;
+    const int32_t k_doc = p.has_docs && key_valid ? p.k_doc.at(b, key) : 0;
     if (warp == 0) {
-      int kind = static_cast<int>(TileKind::kFull);
+      TileKind kind = TileKind::kFull;
       if (p.has_labels) {
         LabelRange kr = LabelRange::empty();
         if (key_valid) kr.add(k_order, k_group);
-        kind = static_cast<int>(classify_tile(q_range, warp_reduce(kr)));
+        kind = classify_tile(q_range, warp_reduce(kr));
       }
-      if (lane == 0) tile_kind = kind;
+      if (p.has_docs) {
+        const int lo = warp_reduce_min(key_valid ? k_doc : INT32_MAX), hi = warp_reduce_max(key_valid ? k_doc : INT32_MIN);
+        kind = within_documents(kind, q_docs, IdRange{lo, hi});
+      }
+      if (lane == 0) tile_kind = static_cast<int>(kind);
     }
     __syncthreads();
     const TileKind kind = static_cast<TileKind>(tile_kind);
@@ -110,7 +128,8 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
         const int row = warp * kRowsPerWarp + r;
         if (row >= rows) break;  // uniform across the warp
         float s = -INFINITY;
-        if (key_valid && (kind == TileKind::kFull || is_visible(my_q_order[r], my_q_group[r], k_order, k_group))) {
+        const bool doc_ok = !p.has_docs || my_q_doc[r] == k_doc;
+        if (key_valid && (kind == TileKind::kFull || (doc_ok && is_visible(my_q_order[r], my_q_group[r], k_order, k_group)))) {
           float dot = 0.0f;
 #pragma unroll 8
           for (int d = 0; d < D; ++d) dot += q_rows[row][d] * k_tile[lane][d];

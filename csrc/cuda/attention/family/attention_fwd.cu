@@ -1,0 +1,65 @@
+// Launch of the attention family from a plan (dlmfuse/attention_planner.h): the kernel instance,
+// shared memory and grid for the plan's MMA policy, query tile and key walk, then the split-KV merge.
+#include "cuda/attention/attention.h"
+#include "cuda/attention/family/attention_fwd.cuh"
+#include "cuda/attention/split_merge.cuh"
+
+namespace dlmfuse::cuda {
+namespace {
+
+using family::FwdTraits;
+
+int current_device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) return 0;
+  return value;
+}
+
+template <class Tr>
+cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
+  // Room for bias tiles where the device has it (the same for every call on a device, so that
+  // concurrent launches never lower the attribute under each other); used by tileable biases.
+  const int tiled_bytes = Tr::kSharedBytes + sm80::bias_tiles_bytes(Tr::kTileM);
+  const bool room_for_bias = tiled_bytes + 1024 <= current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const int most_bytes = room_for_bias ? tiled_bytes : Tr::kSharedBytes;
+  const int bytes = room_for_bias && sm80::bias_tileable(p) ? tiled_bytes : Tr::kSharedBytes;
+  auto kernel = family::attention_fwd_kernel<Tr>;
+  const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
+  if (attr != cudaSuccess) return attr;
+  const int64_t rows = p.pack_gqa ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;
+  const auto q_tiles = static_cast<unsigned>(family::ceil_div(rows, Tr::kTileM));
+  const auto heads = static_cast<unsigned>(p.pack_gqa ? p.kv_heads : p.q_heads);
+  const auto splits = static_cast<unsigned>(p.batch * p.num_splits);
+  // Heaviest query tiles first under labels (family::query_rows).
+  const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);
+  kernel<<<grid, sm80::kThreads, bytes, stream>>>(p);
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess || p.num_splits == 1) return launched;
+  return launch_split_merge<typename Tr::T, Tr::D>(p, stream);
+}
+
+template <typename T, int D>
+cudaError_t dispatch(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
+  constexpr auto kSm80 = AttentionMma::kSm80, kSm90 = AttentionMma::kSm90;
+  constexpr auto kTiles = AttentionWalk::kTiles, kGather = AttentionWalk::kGather;
+  const bool gather = plan.walk == kGather;
+  if (plan.mma == kSm90)
+    return gather ? launch<FwdTraits<T, D, 64, kSm90, kGather>>(p, stream)
+                  : launch<FwdTraits<T, D, 64, kSm90, kTiles>>(p, stream);
+  if (plan.tile_m == 128) return launch<FwdTraits<T, D, 128, kSm80, kTiles>>(p, stream);
+  return gather ? launch<FwdTraits<T, D, 64, kSm80, kGather>>(p, stream)
+                : launch<FwdTraits<T, D, 64, kSm80, kTiles>>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t attention_forward_family(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
+  if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
+  if (plan.mma == AttentionMma::kSimt) return attention_forward_simple(p, stream);
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) return bf16 ? dispatch<bf16_t, 64>(p, plan, stream) : dispatch<fp16_t, 64>(p, plan, stream);
+  return bf16 ? dispatch<bf16_t, 128>(p, plan, stream) : dispatch<fp16_t, 128>(p, plan, stream);
+}
+
+}  // namespace dlmfuse::cuda

@@ -1,0 +1,356 @@
+"""The planned CUDA attention family: its planner (C++, tested here on every machine) and its kernels
+(CUDA tests, run on a GPU with DLMFUSE_CUDA_KERNELS=1 while the family is unverified).
+
+The planner tests pin the automatic choice per workload family (the same-run H200 measurements in
+csrc/plan/attention_planner.cpp) and the override's rules: a forced field either runs or is a
+ValueError naming why, never a silent substitute. The CUDA tests force every plan the planner can
+choose through the override and compare with the float64 reference, documents included.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+import dlmfuse
+from dlmfuse import Mask, _C
+from dlmfuse.attention import cuda_attention_override, cuda_plan_override, last_cuda_plan
+
+from conftest import check_attention
+
+H200 = dict(sm_count=132, cc_major=9, cc_minor=0)
+A100 = dict(sm_count=108, cc_major=8, cc_minor=0)
+
+
+def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
+         labels=False, bias=False, device=H200, forced=""):
+    return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
+                             device["sm_count"], device["cc_major"], device["cc_minor"],
+                             _C.parse_attention_override(forced))
+
+
+def fields(p) -> tuple:
+    return p.mma, p.tile_m, p.walk, p.splits, p.pack_gqa
+
+
+# ------------------------------------------------------------------------------------- the override
+@pytest.mark.parametrize("text", ["", "auto", "  auto ", "tile_m=128", "mma=sm80, walk=gather ,splits=3",
+                                  "mma=simt", "pack_gqa=1,tile_m=64", "splits=16"])
+def test_override_parses(text):
+    assert _C.parse_attention_override(text).text == text
+
+
+@pytest.mark.parametrize("text, message", [
+    ("tile_m=96", 'tile_m must be one of 64, 128, got "96"'),
+    ("mma=sm100", "mma must be one of simt, sm80, sm90"),
+    ("walk=gathered", "walk must be one of tiles, gather"),
+    ("splits=0", r"splits must be an integer in \[1, 16\]"),
+    ("splits=17", r"splits must be an integer in \[1, 16\]"),
+    ("splits=-1", "splits must be an integer"),
+    ("splits=3x", "splits must be an integer"),
+    ("pack_gqa=yes", "pack_gqa must be one of 0, 1"),
+    ("tiles=64", 'unknown key "tiles"'),
+    ("tile_m=64,tile_m=128", "tile_m is given twice"),
+    ("next", "expected comma-separated key=value items"),
+    ("tile_m=64,,splits=2", "expected comma-separated key=value items"),
+])
+def test_override_rejects_bad_text(text, message):
+    with pytest.raises(ValueError, match=message) as info:
+        _C.parse_attention_override(text)
+    assert "DLMFUSE_CUDA_ATTENTION" in str(info.value)
+
+
+def test_override_from_the_environment(monkeypatch):
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "walk=gather,splits=2")
+    assert cuda_attention_override() == "walk=gather,splits=2"
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "double_buffer")  # a kernel name of the verified set
+    with pytest.raises(ValueError, match="key=value overrides"):
+        cuda_attention_override()
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "splits=99")
+    with pytest.raises(ValueError, match="splits must be an integer"):
+        cuda_attention_override()
+
+
+def test_override_context_manager_restores(monkeypatch):
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "tile_m=64")
+    with cuda_plan_override("mma=sm80,splits=2"):
+        assert os.environ["DLMFUSE_CUDA_ATTENTION"] == "mma=sm80,splits=2"
+    assert os.environ["DLMFUSE_CUDA_ATTENTION"] == "tile_m=64"
+    monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION")
+    with pytest.raises(ValueError, match="unknown key"):
+        with cuda_plan_override("rows=3"):
+            pass
+    assert "DLMFUSE_CUDA_ATTENTION" not in os.environ
+    with cuda_plan_override("splits=4"):
+        pass
+    assert "DLMFUSE_CUDA_ATTENTION" not in os.environ
+
+
+# ------------------------------------------------------------------------- automatic plans per family
+def test_dense_long_rows_take_128_row_tiles_on_sm90_and_64_elsewhere():  # A1
+    assert fields(plan()) == ("sm80", 128, "tiles", 1, False)
+    assert fields(plan(q_len=2048, k_len=2048)) == ("sm80", 128, "tiles", 1, False)
+    assert fields(plan(device=A100)) == ("sm80", 64, "tiles", 1, False)
+
+
+def test_block_causal_walks_whole_tiles():  # A2: as many queries as keys, labels
+    assert fields(plan(labels=True)) == ("sm80", 128, "tiles", 1, False)
+
+
+def test_bias_takes_wgmma_on_sm90_and_never_packs():  # A3
+    assert fields(plan(bias=True)) == ("sm90", 64, "tiles", 1, False)
+    assert fields(plan(bias=True, device=A100)) == ("sm80", 64, "tiles", 1, False)
+    assert not plan(bias=True, q_len=16, kv_heads=8).pack_gqa
+
+
+@pytest.mark.parametrize("n, mma", [(32, "sm80"), (128, "sm90"), (512, "sm90")])
+def test_mask_only_steps_gather_keys(n, mma):  # A4: n sparse query rows against 4096 keys
+    p = plan(q_len=n, labels=True)
+    assert (p.mma, p.tile_m, p.walk) == (mma, 64, "gather")
+    assert (plan(q_len=n, labels=True, device=A100).mma, plan(q_len=n, labels=True, device=A100).walk) == ("sm80", "gather")
+    assert plan(q_len=2049, labels=True).walk == "tiles"  # more than half as many queries as keys
+
+
+def test_grouped_heads_pack_when_it_saves_ctas():  # A4g: GQA with few query rows
+    p = plan(q_len=16, q_heads=32, kv_heads=8, labels=True)
+    assert p.pack_gqa and p.tile_m == 64
+    assert p.pack_gqa == _C.attention_packs_gqa(32, 8, 16, 64)
+    assert not plan(q_len=4096, q_heads=32, kv_heads=8).pack_gqa  # long rows: as many CTAs either way
+
+
+def test_split_kv_for_few_ctas():
+    p = plan(q_len=64, k_len=16384, q_heads=8, kv_heads=8)
+    assert p.splits == _C.attention_num_splits(1, 8, 64, 16384, 128, 132, 64, 0) and 1 < p.splits <= 16
+    assert plan().splits == 1  # 1024 CTAs already fill the GPU
+
+
+@pytest.mark.parametrize("call", [dict(half=False), dict(head_dim=96), dict(aligned=False), dict(head_dim=32, half=False)])
+def test_calls_tensor_cores_cannot_take_run_on_cuda_cores(call):
+    assert fields(plan(**call)) == ("simt", 64, "tiles", 1, False)
+
+
+def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
+    too_many_heads = dict(batch=1, q_len=64, k_len=64, q_heads=70000, kv_heads=70000)
+    assert plan(**too_many_heads).mma == "simt"
+    with pytest.raises(ValueError, match="grid would exceed"):
+        plan(**too_many_heads, forced="mma=sm80")
+
+
+# ---------------------------------------------------------------------------------- forced plans
+@pytest.mark.parametrize("forced, call, message", [
+    ("walk=gather", dict(), "walk=gather needs labels and no bias; this call has no labels"),
+    ("walk=gather", dict(labels=True, bias=True), "this call has a bias"),
+    ("mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
+    ("mma=sm80", dict(half=False), "needs bf16 / fp16"),
+    ("mma=sm80", dict(aligned=False), "unaligned rows"),
+    ("pack_gqa=1", dict(q_heads=8, kv_heads=8), "pack_gqa=1 needs no bias and grouped heads"),
+    ("pack_gqa=1", dict(q_heads=32, kv_heads=8, bias=True), "pack_gqa=1 needs no bias"),
+    ("tile_m=128,mma=sm90", dict(), "tile_m=128 runs with mma=sm80"),
+    ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with mma=sm80, walk=tiles"),
+    ("mma=simt,splits=2", dict(), "mma=simt has its own tiles"),
+    ("mma=simt,tile_m=128", dict(), "mma=simt has its own tiles"),
+    ("splits=2", dict(half=False), "mma=simt has its own tiles"),
+])
+def test_forced_fields_the_call_cannot_take_are_refused(forced, call, message):
+    with pytest.raises(ValueError, match=message) as info:
+        plan(forced=forced, **call)
+    assert f'DLMFUSE_CUDA_ATTENTION="{forced}" cannot run this call' in str(info.value)
+
+
+def test_forced_fields_win_and_the_others_adapt():
+    # A mask-only step would gather with wgmma; 128-row tiles force the whole-tile mma.sync walk.
+    assert fields(plan(q_len=128, labels=True, forced="tile_m=128"))[:3] == ("sm80", 128, "tiles")
+    assert fields(plan(q_len=128, labels=True))[:3] == ("sm90", 64, "gather")
+    assert fields(plan(labels=True, forced="walk=gather,splits=3")) == ("sm90", 64, "gather", 3, False)
+    assert fields(plan(labels=True, forced="walk=gather", device=A100))[:3] == ("sm80", 64, "gather")
+    assert fields(plan(forced="mma=simt")) == ("simt", 64, "tiles", 1, False)
+    assert plan(q_len=16, q_heads=32, kv_heads=8, forced="pack_gqa=0").pack_gqa is False
+    assert plan(q_heads=32, kv_heads=8, forced="pack_gqa=1").tile_m == 64
+
+
+CALLS = [dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), c)) for c in itertools.product(
+    (1, 64, 300, 4096), (64, 4096), (8, 32), (8, 2), (64, 128), (False, True), (False, True))]
+FORCED = ["", "mma=simt", "mma=sm80", "mma=sm90", "tile_m=64", "tile_m=128", "walk=tiles", "walk=gather", "splits=1",
+          "splits=5", "pack_gqa=0", "pack_gqa=1", "mma=sm80,tile_m=128,splits=2", "mma=sm90,walk=gather,pack_gqa=1"]
+
+
+@pytest.mark.parametrize("device", [H200, A100], ids=["sm90", "sm80"])
+def test_every_plan_keeps_its_forced_fields_and_replays_from_its_description(device):
+    """Over a grid of calls x overrides: a plan is made or refused with a reason, a made plan keeps
+    every forced field, and the plan's own description, given back as an override, gives it again
+    (a bench row's plan can be rerun as it is)."""
+    made = refused = 0
+    for call, forced in itertools.product(CALLS, FORCED):
+        try:
+            p = plan(device=device, forced=forced, **call)
+        except ValueError as e:
+            assert "cannot run this call" in str(e)
+            refused += 1
+            continue
+        made += 1
+        for item in filter(None, forced.split(",")):
+            key, value = item.split("=")
+            assert str(int(getattr(p, key)) if key == "pack_gqa" else getattr(p, key)) == value, (call, forced, str(p))
+        assert fields(plan(device=device, forced=str(p), **call)) == fields(p), (call, forced)
+    assert made > 1000 and refused > 100  # both branches ran
+
+
+# ----------------------------------------------------------------------------------- CUDA kernels
+def _family_plans():
+    """Every plan the planner can choose, as overrides: (name, text, needs sm90, needs labels)."""
+    return [
+        ("simt", "mma=simt", False, False),
+        ("sm80_64", "mma=sm80,tile_m=64,walk=tiles,pack_gqa=0", False, False),
+        ("sm80_128", "mma=sm80,tile_m=128", False, False),
+        ("sm80_gather", "mma=sm80,walk=gather", False, True),
+        ("sm90", "mma=sm90,walk=tiles", True, False),
+        ("sm90_gather", "mma=sm90,walk=gather", True, True),
+        ("sm80_splits", "mma=sm80,tile_m=64,splits=3", False, False),
+        ("sm80_128_splits", "mma=sm80,tile_m=128,splits=2", False, False),
+        ("gather_splits", "walk=gather,splits=3", False, True),
+        ("packed_gqa", "tile_m=64,pack_gqa=1", False, False),
+        ("auto", "", False, False),
+    ]
+
+
+PLAN_IDS = [name for name, *_ in _family_plans()]
+
+
+@pytest.fixture
+def family(monkeypatch, request):
+    """Runs the test under the planned family (DLMFUSE_CUDA_KERNELS=1) with one forced plan."""
+    name, text, needs_sm90, needs_labels = next(p for p in _family_plans() if p[0] == request.param)
+    if needs_sm90 and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("mma=sm90 plans need an sm_90 GPU")
+    monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
+    with cuda_plan_override(text):
+        yield text, needs_labels
+
+
+def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, Hq, D, generator=g)
+    k, v = (torch.randn(B, Lk, Hkv, D, generator=g) for _ in range(2))
+    return (t.to("cuda", dtype) for t in (q, k, v))
+
+
+def _run(text, q, k, v, **kwargs):
+    """Runs the family, checks that the plan that ran kept the forced fields, checks the result."""
+    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    torch.cuda.synchronize()
+    ran = last_cuda_plan()
+    assert ran is not None
+    for item in filter(None, text.split(",")):
+        assert item in ran.split(","), (text, ran)
+    check_attention(out, q, k, v, lse=lse, **kwargs)
+    return out, lse
+
+
+LOWP = [torch.bfloat16, torch.float16]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_dense_and_block_causal(family, dtype, head_dim):
+    text, needs_labels = family
+    q, k, v = _inputs(2, 200, 200, 4, 2, head_dim, dtype)
+    if not needs_labels:
+        _run(text, q, k, v)
+    _run(text, q, k, v, mask=Mask.block_causal(200, 16, prefix_len=7).to("cuda"))
+    _run(text, q, k, v, mask=Mask.bd3_train(100, 8).to("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
+def test_mask_only_rows_kv_lens_and_empty_rows(family):
+    text, _ = family
+    q, k, v = _inputs(2, 512, 512, 8, 2, 128, torch.bfloat16, seed=1)
+    g = torch.Generator().manual_seed(2)
+    clean = torch.rand(1, 512, generator=g) < 0.4
+    rows = torch.randperm(512, generator=g)[:40].sort().values
+    mask = Mask.clean_and_self(clean).gather_queries(rows).to("cuda")
+    _run(text, q[:, rows.cuda()], k, v, mask=mask)
+    kv_lens = torch.tensor([0, 300], dtype=torch.int32, device="cuda")  # batch 0: every row empty
+    _run(text, q, k, v, mask=Mask.block_causal(512, 64).to("cuda"), kv_lens=kv_lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
+                         indirect=True)
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16_bias", "fp32_bias"])
+def test_bias_broadcasts(family, bias_dtype):
+    text, _ = family
+    q, k, v = _inputs(2, 130, 260, 4, 4, 64, torch.bfloat16, seed=3)
+    g = torch.Generator().manual_seed(4)
+    for shape in [(1, 4, 130, 260), (2, 1, 130, 260), (1, 1, 1, 260)]:
+        bias = torch.randn(shape, generator=g).to("cuda", bias_dtype)
+        _run(text, q, k, v, bias=bias)
+        _run(text, q, k, v, bias=bias, mask=Mask.block_causal(260, 32).gather_queries(torch.arange(130)).to("cuda"))
+
+
+def _doc_ids(lengths):
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
+@pytest.mark.parametrize("lengths", [(37, 5, 90, 1, 64), (64, 128, 64), (130, 7, 7, 200)], ids=str)
+@pytest.mark.parametrize("inner", ["block_causal", "bd3_train", "eso"])
+def test_packed_documents_equal_each_document_alone(family, lengths, inner):
+    text, _ = family
+    L, docs = sum(lengths), _doc_ids(lengths)
+    if inner == "block_causal":
+        packed = Mask.block_causal(L, 16, documents=docs)
+        singles = [Mask.block_causal(n, 16) for n in lengths]
+        rows = [torch.arange(a, a + n) for a, n in zip(torch.tensor([0, *lengths]).cumsum(0).tolist(), lengths)]
+    elif inner == "bd3_train":
+        packed = Mask.bd3_train(L, 8, documents=docs)
+        singles = [Mask.bd3_train(n, 8) for n in lengths]
+        starts = torch.tensor([0, *lengths]).cumsum(0).tolist()
+        rows = [torch.cat([torch.arange(a, a + n), torch.arange(L + a, L + a + n)]) for a, n in zip(starts, lengths)]
+        L = 2 * L
+    else:
+        g = torch.Generator().manual_seed(5)
+        parts = []
+        for n in lengths:
+            clean = torch.rand(1, n, generator=g) < 0.5
+            key = torch.rand(1, n, generator=g) + (~clean).float()
+            rank = torch.empty(1, n, dtype=torch.int64).scatter_(1, key.argsort(1), torch.arange(n)[None])
+            parts.append((rank, clean))
+        rank, clean = (torch.cat([p[i] for p in parts], 1) for i in (0, 1))
+        packed = Mask.eso(rank, clean, "A", documents=docs)
+        singles = [Mask.eso(r, c, "A") for r, c in parts]
+        rows = [torch.arange(a, a + n) for a, n in zip(torch.tensor([0, *lengths]).cumsum(0).tolist(), lengths)]
+    q, k, v = _inputs(2, L, L, 4, 2, 64, torch.bfloat16, seed=6)
+    out, lse = _run(text, q, k, v, mask=packed.to("cuda"))
+    for r, single in zip(rows, singles):
+        r = r.cuda()
+        alone, alone_lse = dlmfuse.attention(q[:, r], k[:, r], v[:, r], mask=single.to("cuda"), return_lse=True)
+        torch.testing.assert_close(out[:, r].double(), alone.double(), rtol=2.0**-7, atol=2.0**-7)
+        torch.testing.assert_close(lse[:, :, r], alone_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["auto", "sm80_gather", "simt"], indirect=True)
+def test_other_documents_tiles_are_never_read(family):
+    """NaN keys and values in every other document must not reach a document's rows: the family skips
+    the tile pairs of two documents (and the gathered walk their keys) instead of weighting them 0.
+    Documents start on multiples of 128 rows, so that no query tile (64 or 128 rows) spans two."""
+    text, _ = family
+    lengths = (128, 256, 128, 128)
+    L, docs = sum(lengths), _doc_ids(lengths)
+    mask = Mask.block_causal(L, 16, documents=docs).to("cuda")
+    q, k, v = _inputs(1, L, L, 2, 2, 64, torch.bfloat16, seed=7)
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        start += n
+        poisoned_k, poisoned_v = torch.full_like(k, float("nan")), torch.full_like(v, float("nan"))
+        poisoned_k[:, s], poisoned_v[:, s] = k[:, s], v[:, s]
+        out = dlmfuse.attention(q, poisoned_k, poisoned_v, mask=mask)
+        assert torch.isfinite(out[:, s]).all(), (text, s)
