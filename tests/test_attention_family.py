@@ -21,15 +21,16 @@ from dlmfuse.attention import cuda_attention_override, cuda_plan_override, last_
 
 from conftest import check_attention
 
-H200 = dict(sm_count=132, cc_major=9, cc_minor=0)
-A100 = dict(sm_count=108, cc_major=8, cc_minor=0)
+H200 = dict(sm_count=132, cc_major=9, cc_minor=0, max_shared_bytes=232448)
+A100 = dict(sm_count=108, cc_major=8, cc_minor=0, max_shared_bytes=166912)
+L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
          labels=False, bias=False, device=H200, forced=""):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced))
+                             _C.parse_attention_override(forced), device["max_shared_bytes"])
 
 
 def fields(p) -> tuple:
@@ -160,6 +161,16 @@ def test_forced_fields_the_call_cannot_take_are_refused(forced, call, message):
     assert f'DLMFUSE_CUDA_ATTENTION="{forced}" cannot run this call' in str(info.value)
 
 
+def test_128_row_tiles_must_fit_the_gpus_shared_memory():
+    """At head_dim 128 a 128-row CTA needs ~100 KB of shared memory: more than the 99 KB of an L40 or
+    an RTX card (sm_86 / sm_89), so forcing it there is refused; head_dim 64 fits."""
+    with pytest.raises(ValueError, match="needs .* bytes of shared memory per block, this GPU has 101376"):
+        plan(device=L40, forced="tile_m=128")
+    assert plan(device=L40, forced="tile_m=128", head_dim=64).tile_m == 128
+    assert plan(device=A100, forced="tile_m=128").tile_m == 128
+    assert fields(plan(device=L40))[:3] == ("sm80", 64, "tiles")
+
+
 def test_forced_fields_win_and_the_others_adapt():
     # A mask-only step would gather with wgmma; 128-row tiles force the whole-tile mma.sync walk.
     assert fields(plan(q_len=128, labels=True, forced="tile_m=128"))[:3] == ("sm80", 128, "tiles")
@@ -177,7 +188,7 @@ FORCED = ["", "mma=simt", "mma=sm80", "mma=sm90", "tile_m=64", "tile_m=128", "wa
           "splits=5", "pack_gqa=0", "pack_gqa=1", "mma=sm80,tile_m=128,splits=2", "mma=sm90,walk=gather,pack_gqa=1"]
 
 
-@pytest.mark.parametrize("device", [H200, A100], ids=["sm90", "sm80"])
+@pytest.mark.parametrize("device", [H200, A100, L40], ids=["sm90", "sm80", "sm89"])
 def test_every_plan_keeps_its_forced_fields_and_replays_from_its_description(device):
     """Over a grid of calls x overrides: a plan is made or refused with a reason, a made plan keeps
     every forced field, and the plan's own description, given back as an override, gives it again

@@ -173,6 +173,11 @@ std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& c, con
   if (plan.tile_m != 64 && plan.tile_m != 128) return concat("tile_m must be 64 or 128, got ", plan.tile_m);
   if (plan.tile_m == 128 && (plan.mma != AttentionMma::kSm80 || plan.walk != AttentionWalk::kTiles || plan.pack_gqa))
     return "tile_m=128 runs with mma=sm80, walk=tiles and pack_gqa=0 only";
+  const int shared = attention_fwd_dynamic_bytes(plan.tile_m, static_cast<int>(c.head_dim), plan.mma == AttentionMma::kSm90) +
+                     attention_fwd_static_bytes(plan.tile_m, plan.walk == AttentionWalk::kGather);
+  if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
+    return concat("tile_m=", plan.tile_m, " at head_dim ", c.head_dim, " needs ", shared,
+                  " bytes of shared memory per block, this GPU has ", device.max_shared_bytes);
   if (plan.walk == AttentionWalk::kGather && (!c.has_labels || c.has_bias))
     return concat("walk=gather needs labels and no bias; this call has ", c.has_labels ? "a bias" : "no labels");
   if (plan.pack_gqa && (c.has_bias || !heads_pack(c)))

@@ -31,7 +31,21 @@ struct AttentionDevice {
   int sm_count = 0;
   int cc_major = 0;
   int cc_minor = 0;
+  int max_shared_bytes = 0;  // opt-in shared memory per block (0: unknown, not checked)
 };
+
+// Shared memory of one CTA of the family's tensor-core kernel (attention_fwd.cuh lays it out and
+// checks these at compile time): dynamic bytes (Q, two K and two V tiles, two buffers of key
+// labels, the 1024-byte alignment slack of the sm90 policy; bias tiles come on top where the
+// device has room) and an upper bound of its static bytes (query labels, the key walk's state).
+constexpr int kAttentionKeyLabelInts = 3 * kAttentionKeyTile;  // order, group, document of a key tile
+constexpr int attention_fwd_dynamic_bytes(int tile_m, int head_dim, bool sm90) {
+  return (tile_m * head_dim + 4 * kAttentionKeyTile * head_dim) * 2 + 2 * kAttentionKeyLabelInts * 4 +
+         (sm90 ? 1024 : 0);
+}
+constexpr int attention_fwd_static_bytes(int tile_m, bool gather) {
+  return 3 * tile_m * 4 + (gather ? 3072 : 512);
+}
 
 // What the planner needs to know of the call.
 struct AttentionCall {

@@ -20,11 +20,15 @@ template <class Tr>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   // Room for bias tiles where the device has it (the same for every call on a device, so that
   // concurrent launches never lower the attribute under each other); used by tileable biases.
+  auto kernel = family::attention_fwd_kernel<Tr>;
+  cudaFuncAttributes attributes{};
+  const cudaError_t read = cudaFuncGetAttributes(&attributes, kernel);
+  if (read != cudaSuccess) return read;
   const int tiled_bytes = Tr::kSharedBytes + sm80::bias_tiles_bytes(Tr::kTileM);
-  const bool room_for_bias = tiled_bytes + 1024 <= current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
+  const bool room_for_bias = tiled_bytes + static_cast<int>(attributes.sharedSizeBytes) <=
+                             current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
   const int most_bytes = room_for_bias ? tiled_bytes : Tr::kSharedBytes;
   const int bytes = room_for_bias && sm80::bias_tileable(p) ? tiled_bytes : Tr::kSharedBytes;
-  auto kernel = family::attention_fwd_kernel<Tr>;
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
   const int64_t rows = p.pack_gqa ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;

@@ -39,11 +39,16 @@ struct FwdTraits {
   static_assert(kM == 1 || (kM == 2 && kMma_ == AttentionMma::kSm80 && !kGather),
                 "128-row tiles: mma.sync, whole-tile walk");
   static_assert(kMma_ != AttentionMma::kSimt, "the CUDA-core kernel is attention_simple.cu");
-  // The kernel aligns its tiles to 1024 bytes for wgmma's swizzle atoms; the launch adds the slack.
-  static constexpr int kAlignSlack = kSm90 ? 1024 : 0;
-  // Q, two K and two V tiles (16-bit), two buffers of key labels (order, group, document).
-  static constexpr int kLabelInts = 3 * kBlockN;
-  static constexpr int kSharedBytes = (kTileM * D + 4 * kBlockN * D) * 2 + 2 * kLabelInts * 4 + kAlignSlack;
+  // Q, two K and two V tiles (16-bit), two buffers of key labels (order, group, document), and
+  // with sm90 the slack that aligns the tiles to wgmma's 1024-byte swizzle atoms: the planner's count.
+  static constexpr int kLabelInts = kAttentionKeyLabelInts;
+  static_assert(kBlockN == kAttentionKeyTile && kBlockM == kAttentionCtaRows, "the planner's tile sizes");
+  static constexpr int kSharedBytes = attention_fwd_dynamic_bytes(kTileM, D, kSm90);
+  static_assert(kSharedBytes == (kTileM * D + 4 * kBlockN * D) * 2 + 2 * kLabelInts * 4 + (kSm90 ? 1024 : 0),
+                "the layout of attention_fwd_kernel");
+  // Static: the key walk's state and the query rows' labels (q_labels in the kernel).
+  static_assert(sizeof(WalkShared<kGather>) + 3 * kTileM * sizeof(int32_t) <= attention_fwd_static_bytes(kTileM, kGather),
+                "the planner's bound on static shared memory");
 };
 
 template <class Tr>
@@ -178,6 +183,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
     const bool next_more = walk.next(next_tile);
     if (next_more) load_work(next_tile, stage ^ 1);
     sm80::cp_async_commit();
+    // A bias without tiles, loaded ahead of the MMAs so that its latency hides behind them (16 rows
+    // per warp; 32 add it by rows after the masking: no registers for it there).
+    float bias_regs[kBlockN / 8][4];
+    const bool bias_ahead = kM == 1 && has_bias && !bias_tiled && warp_has_rows;
+    if (bias_ahead)
+      sm80::load_bias_by_row(bias_regs, p, b, rows.h, rows.q0, tile.k0, row_in_tile[0], rows.count, tile.cols, lane);
     sm80::cp_async_wait<1>();  // this tile's loads have landed (the next tile's may be in flight)
     if constexpr (kWgmma) sm90::fence_proxy_async_shared();
     __syncthreads();
@@ -202,9 +213,14 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
           }
         mask_tile(s[m], score_scale, tile.kind, keys, p.has_docs, row_labels, row_in_tile[m], rows.count,
                   rows_full[m], tile.cols, lane);
-        if (bias_tiled)
+        if (bias_tiled) {
           sm80::add_bias_tile(s[m], p.bias_dtype, bias_tiles + stage * kTileM * sm80::kBiasPitch, row_in_tile[m], lane);
-        else if (has_bias)
+        } else if (bias_ahead) {
+#pragma unroll
+          for (int nt = 0; nt < kBlockN / 8; ++nt)
+            for (int e = 0; e < 4; ++e)
+              if (s[m][nt][e] != -INFINITY) s[m][nt][e] += bias_regs[nt][e];
+        } else if (has_bias)
           sm80::add_bias_by_row(s[m], p, b, rows.h, rows.q0, tile.k0, row_in_tile[m], rows.count, tile.cols, lane);
         sm80::softmax_update<D, true>(s[m], o[m], row_max[m], row_sum[m]);
         if constexpr (kM == 2) sm80::pack_p<T>(pa[m], s[m]);

@@ -72,10 +72,22 @@ __device__ __forceinline__ QueryRows query_rows(const AttentionParams& p) {
   return rows;
 }
 
-// Min/max of the document ids of keys [k0, k0 + cols) of row b.
+// Min/max of the document ids of keys [k0, k0 + cols) of row b: 16-byte loads when the row is
+// contiguous and 16-byte aligned (the common case), else one id at a time.
 __device__ __forceinline__ IdRange key_tile_docs(const LabelView& doc, int64_t b, int64_t k0, int cols) {
   const int32_t* d = doc.data + b * doc.batch_stride + k0 * doc.row_stride;
   IdRange range = IdRange::empty();
+  if (cols == kBlockN && doc.row_stride == 1 && reinterpret_cast<uintptr_t>(d) % 16 == 0) {
+#pragma unroll 4
+    for (int j = 0; j < kBlockN; j += 4) {
+      const int4 v = __ldg(reinterpret_cast<const int4*>(d + j));
+      range.add(v.x);
+      range.add(v.y);
+      range.add(v.z);
+      range.add(v.w);
+    }
+    return range;
+  }
 #pragma unroll 4
   for (int j = 0; j < cols; ++j) range.add(d[j * doc.row_stride]);
   return range;
@@ -284,7 +296,7 @@ class KeyWalk {
   }
 
   const AttentionParams& p_;
-  const QueryRows& rows_;
+  const QueryRows rows_;  // a copy: a reference to the kernel's local would put it in local memory
   WalkShared<kGather>& s_;
   const int64_t k_end_;
   int64_t scan_from_;    // where the walk over key tiles resumes
