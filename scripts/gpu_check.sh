@@ -36,9 +36,10 @@ site=/tmp/dlmfuse-site
 python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
 [[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
-# The unverified planned attention family (_ext._UNVERIFIED_CUDA_KERNELS) takes over every CUDA
-# attention call when DLMFUSE_CUDA_KERNELS=1, so only its own steps set it (a fault there kills
-# only that step's process): pytest_cuda_family, the family sanitizer steps, bench_attention_family.
+# The unverified kernels (_ext._UNVERIFIED_CUDA_KERNELS: the planned attention family, the fused
+# backward) take over every CUDA attention call when DLMFUSE_CUDA_KERNELS=1, so only their own
+# steps set it (a fault there kills only that step's process): pytest_cuda_family,
+# pytest_cuda_backward, their sanitizer steps, bench_attention_family.
 family_env="env DLMFUSE_CUDA_KERNELS=1"
 status=()
 
@@ -78,7 +79,7 @@ if wants tests; then
   done
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
-    --ignore=tests/test_attention_family.py
+    --ignore=tests/test_attention_family.py --ignore=tests/test_attention_backward_cuda.py
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
   # (the split tests set their own DLMFUSE_ATTENTION_SPLITS).
   step pytest_cuda_splits 90 env DLMFUSE_TEST_KERNELS="$verified" DLMFUSE_ATTENTION_SPLITS=3 \
@@ -96,9 +97,12 @@ if wants tests; then
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
   # The planned family: every plan forced through DLMFUSE_CUDA_ATTENTION against the float64
-  # reference (documents included), then the packed-document tests under its automatic plans.
+  # reference (documents included), then the packed-document tests under its automatic plans;
+  # the fused backward in its own process.
   step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
     tests/test_attention_family.py tests/test_documents.py
+  step pytest_cuda_backward 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_attention_backward_cuda.py
   if [[ -n $unverified ]]; then
     step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="$unverified" DLMFUSE_ATTENTION_SPLITS=3 \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
@@ -145,6 +149,10 @@ if wants sanitize; then
   step sanitizer_memcheck_family 120 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $family_small
   step sanitizer_racecheck_family 90 $family_env bash -c 'racecheck "$@"' _ $family_small
+  step sanitizer_memcheck_backward 90 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_attention_backward_cuda.py -k "bias or kv_lens"
+  step sanitizer_racecheck_backward 90 $family_env bash -c 'racecheck "$@"' _ \
+    tests/test_attention_backward_cuda.py -k "kv_lens"
   step sanitizer_racecheck_sm90 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi

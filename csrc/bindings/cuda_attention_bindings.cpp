@@ -140,6 +140,25 @@ std::string attention_forward_planned(Array q, Array k, Array v, std::optional<A
   return plan.describe();
 }
 
+// The fused backward (attention_bwd.cu): the same arguments as the CPU module's attention_backward,
+// plus the stream.
+void attention_backward(Array q, Array k, Array v, std::optional<Array> q_order, std::optional<Array> q_group,
+                        std::optional<Array> k_order, std::optional<Array> k_group, std::optional<Array> bias,
+                        std::optional<Array> kv_lens, Array out, Array lse, float scale, std::optional<Array> q_doc,
+                        std::optional<Array> k_doc, Array grad_out, Array delta, Array grad_q, Array grad_k,
+                        Array grad_v, std::optional<Array> grad_bias, uint64_t stream) {
+  const AttentionParams forward = attention_params(q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out,
+                                                   lse, scale, nb::device::cuda::value, q_doc, k_doc);
+  const AttentionBackwardParams p = attention_backward_params(forward, grad_out, delta, grad_q, grad_k, grad_v,
+                                                              grad_bias, nb::device::cuda::value);
+  if (!cuda::attention_backward_supports(p))
+    throw_value_error("attention backward: the CUDA kernel takes bf16 / fp16 inputs at head_dim 64 or 128 whose rows "
+                      "(q, k, v, grad_out) start on 16-byte boundaries");
+  CudaDeviceGuard guard(q.device_id());
+  check_launch(cuda::attention_backward(p, as_stream(stream)), "attention backward",
+               "query_grads_kernel / key_grads_kernel");
+}
+
 void merge_attention(Array out_a, Array lse_a, Array out_b, Array lse_b, Array out, Array lse,
                      uint64_t stream) {
   const MergeParams p = merge_params(out_a, lse_a, out_b, lse_b, out, lse, nb::device::cuda::value);
@@ -180,6 +199,14 @@ void register_cuda_attention(nb::module_& m) {
         "text), honouring document labels; workspace(splits) must return the float32 "
         "partial_out [S, B, Hq, Lq, D] and partial_lse [S, B, Hq, Lq] when the plan splits. Returns the plan "
         "that ran. Use dlmfuse.attention.");
+  m.def("attention_backward", &attention_backward, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("q_order").none(),
+        nb::arg("q_group").none(), nb::arg("k_order").none(), nb::arg("k_group").none(), nb::arg("bias").none(),
+        nb::arg("kv_lens").none(), nb::arg("out"), nb::arg("lse"), nb::arg("scale"), nb::arg("q_doc").none(),
+        nb::arg("k_doc").none(), nb::arg("grad_out"), nb::arg("delta"), nb::arg("grad_q").noconvert(),
+        nb::arg("grad_k").noconvert(), nb::arg("grad_v").noconvert(), nb::arg("grad_bias").none(), nb::arg("stream"),
+        "The fused attention backward on CUDA (not yet verified on a GPU): fills the float32 grad_q [B, Hq, Lq, D], "
+        "grad_k and grad_v [B, Lk, Hkv, D] and, where given, the zeroed grad_bias [B, Hq, Lq, Lk]; delta "
+        "[B, Hq, Lq] is rowsum(grad_out * out) - grad_lse. Use dlmfuse.attention with autograd.");
   m.def("merge_attention", &merge_attention, nb::arg("out_a"), nb::arg("lse_a"), nb::arg("out_b"),
         nb::arg("lse_b"), nb::arg("out").noconvert(), nb::arg("lse").noconvert(), nb::arg("stream"),
         "Fills out and lse with the exact merge of two partial attentions on CUDA.");

@@ -57,8 +57,9 @@ _NATIVE_KERNELS = {
 # a device run has verified it.
 # attention_family: the planned CUDA attention (csrc/cuda/attention/family, planner in
 # csrc/plan/attention_planner.cpp) with document labels on every plan; it replaces the attention
-# kernels above once a device run has verified it.
-_UNVERIFIED_CUDA_KERNELS: set[str] = {"attention_family"}
+# kernels above once a device run has verified it. attention_backward: the fused CUDA backward
+# (csrc/cuda/attention/attention_bwd.cu) in place of the PyTorch composite.
+_UNVERIFIED_CUDA_KERNELS: set[str] = {"attention_family", "attention_backward"}
 
 _BACKEND_ENV = "DLMFUSE_BACKEND"
 _THREADS_ENV = "DLMFUSE_NUM_THREADS"

@@ -556,10 +556,10 @@ def _attention_backward_op(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of q, k, v and (when needs_bias_grad; else an empty tensor) of the broadcast bias."""
     labels = (q_order, q_group, k_order, k_group, q_doc, k_doc)
-    if q.device.type == "cpu" and not use_reference("attention", q.device):
-        dq, dk, dv, dbias = _cpu_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
-                                          needs_bias_grad)
-    else:  # the PyTorch composite (CUDA has no fused backward yet)
+    if (q.device.type == "cpu" and not use_reference("attention", q.device)) or _cuda_backward_runs(q, k, v):
+        dq, dk, dv, dbias = _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
+                                             needs_bias_grad)
+    else:  # the PyTorch composite (fp32 and other head dims on CUDA; the fused CUDA backward while unverified)
         dq, dk, dv, dbias = attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
                                                needs_bias_grad)
     # In the inputs' layouts and dtypes (what the fake implementation promises); copied only where not.
@@ -575,22 +575,36 @@ def _(grad_out, grad_lse, q, k, v, q_order, q_group, k_order, k_group, q_doc, k_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 
 
-def _cpu_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
-    """The C++ backward: float32 gradients, returned in the inputs' dtypes and layouts."""
+def _cuda_backward_runs(q, k, v) -> bool:
+    """Whether the fused CUDA backward takes this call: enabled (DLMFUSE_CUDA_KERNELS=1 while it is
+    unverified), bf16 / fp16 at head_dim 64 / 128, rows on 16-byte boundaries (cp.async)."""
+    return (q.is_cuda and _cuda_kernel_enabled("attention_backward") and q.dtype in (torch.bfloat16, torch.float16)
+            and q.shape[-1] in CUDA_ATTENTION_HEAD_DIMS
+            and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+                    for t in (q, k, v)))
+
+
+def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
+    """The fused backward (C++ on CPU, tensor cores on CUDA): float32 gradients, returned in the
+    inputs' dtypes and layouts by the caller."""
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
-    f32 = torch.float32
+    f32, device = torch.float32, q.device
     delta = ((grad_out.to(f32) * out.to(f32)).sum(-1).transpose(1, 2) - grad_lse.to(f32)).contiguous()
     grad_out = grad_out.to(q.dtype)
-    if grad_out.stride(-1) != 1:
+    if grad_out.stride(-1) != 1 or (q.is_cuda and grad_out.data_ptr() % 16 != 0):
         grad_out = grad_out.contiguous()
-    dq = torch.zeros((B, Hq, Lq, D), dtype=f32)
-    dk, dv = torch.zeros((B, Lk, Hkv, D), dtype=f32), torch.zeros((B, Lk, Hkv, D), dtype=f32)
-    dbias = torch.zeros((B, Hq, Lq, Lk), dtype=f32) if needs_bias_grad else None
+    dq = torch.zeros((B, Hq, Lq, D), dtype=f32, device=device)
+    dk, dv = (torch.zeros((B, Lk, Hkv, D), dtype=f32, device=device) for _ in range(2))
+    dbias = torch.zeros((B, Hq, Lq, Lk), dtype=f32, device=device) if needs_bias_grad else None
     q_order, q_group, k_order, k_group, q_doc, k_doc = labels
-    _C.attention_backward(*dlpack(*(None if t is None else t.detach() for t in (
+    args = (*dlpack(*(None if t is None else t.detach() for t in (
         q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens, out, lse))), scale,
         *dlpack(q_doc, k_doc, grad_out.detach(), delta, dq, dk, dv, dbias))
+    if q.is_cuda:
+        _C_cuda.attention_backward(*args, torch.cuda.current_stream(device).cuda_stream)
+    else:
+        _C.attention_backward(*args)
     return dq.transpose(1, 2), dk, dv, None if dbias is None else dbias.to(bias.dtype)
 
 

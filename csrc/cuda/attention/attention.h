@@ -25,6 +25,12 @@ cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t s
 // for mma=simt. Documents are honoured by every plan.
 cudaError_t attention_forward_family(const AttentionParams& params, const AttentionPlan& plan, cudaStream_t stream);
 
+// Fused backward on tensor cores (attention_bwd.cu; not yet run on a GPU): bf16 / fp16, head_dim
+// 64 / 128, 16-byte aligned rows of q, k, v and grad_out. Fills grad_q, grad_k, grad_v (and
+// grad_bias where given; the caller zeroes it) without atomics.
+bool attention_backward_supports(const AttentionBackwardParams& params);
+cudaError_t attention_backward(const AttentionBackwardParams& params, cudaStream_t stream);
+
 // Exact merge of two partial attentions (same math as the CPU: dlmfuse/online_softmax.h).
 cudaError_t merge_attention(const MergeParams& params, cudaStream_t stream);
 
