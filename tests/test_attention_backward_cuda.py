@@ -92,3 +92,21 @@ def test_kv_lens_sparse_rows_and_empty_rows():
     rows = torch.randperm(300, generator=torch.Generator().manual_seed(8))[:40]
     kv_lens = torch.tensor([0, 211], dtype=torch.int32)  # batch 0: every row empty, zero gradients
     check([q, k, v], torch.bfloat16, mask=Mask.clean_and_self(clean).gather_queries(rows), kv_lens=kv_lens)
+
+
+def test_strided_qkv_views_and_per_batch_labels():
+    """q, k, v as views of one packed [B, L, 3, H, D] buffer (row strides of 3 H D elements) and labels
+    of batch 2 (not broadcast)."""
+    g = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 130, 3, 4, 64, generator=g, dtype=torch.float64)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    order = torch.randint(0, 5, (2, 130), generator=g)
+    group = torch.randint(0, 3, (2, 130), generator=g)
+    check([q, k, v], torch.bfloat16, mask=Mask(order, group, order, group))
+
+
+def test_reference_backend_overrides_the_fused_backward(monkeypatch):
+    monkeypatch.setenv("DLMFUSE_BACKEND", "reference")
+    q, k, v = (torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with pytest.raises(AssertionError, match="the PyTorch composite ran"):
+        dlmfuse.attention(q, k, v).sum().backward()

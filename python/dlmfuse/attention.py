@@ -578,10 +578,16 @@ def _(grad_out, grad_lse, q, k, v, q_order, q_group, k_order, k_group, q_doc, k_
 def _cuda_backward_runs(q, k, v) -> bool:
     """Whether the fused CUDA backward takes this call: enabled (DLMFUSE_CUDA_KERNELS=1 while it is
     unverified), bf16 / fp16 at head_dim 64 / 128, rows on 16-byte boundaries (cp.async)."""
-    return (q.is_cuda and _cuda_kernel_enabled("attention_backward") and q.dtype in (torch.bfloat16, torch.float16)
-            and q.shape[-1] in CUDA_ATTENTION_HEAD_DIMS
-            and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
-                    for t in (q, k, v)))
+    most = 65535  # CUDA's grid limit on the heads and batch axes
+    return (q.is_cuda and _cuda_kernel_enabled("attention_backward") and not use_reference("attention", q.device)
+            and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in CUDA_ATTENTION_HEAD_DIMS
+            and q.shape[0] <= most and q.shape[2] <= most and _rows_16_byte_aligned(q, k, v))
+
+
+def _rows_16_byte_aligned(*tensors) -> bool:
+    """Rows of [B, L, H, D] tensors start on 16-byte boundaries (strides of 8 16-bit elements): cp.async."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in t.stride()[:-1])
+               for t in tensors)
 
 
 def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
@@ -592,7 +598,7 @@ def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, ls
     f32, device = torch.float32, q.device
     delta = ((grad_out.to(f32) * out.to(f32)).sum(-1).transpose(1, 2) - grad_lse.to(f32)).contiguous()
     grad_out = grad_out.to(q.dtype)
-    if grad_out.stride(-1) != 1 or (q.is_cuda and grad_out.data_ptr() % 16 != 0):
+    if grad_out.stride(-1) != 1 or (q.is_cuda and not _rows_16_byte_aligned(grad_out)):
         grad_out = grad_out.contiguous()
     dq = torch.zeros((B, Hq, Lq, D), dtype=f32, device=device)
     dk, dv = (torch.zeros((B, Lk, Hkv, D), dtype=f32, device=device) for _ in range(2))

@@ -87,6 +87,19 @@ __device__ __forceinline__ void range_of(const RowLabel* rows, int n, LabelRange
   docs = IdRange{warp_reduce_min(lo), warp_reduce_max(hi)};
 }
 
+// The fixed side's label and document ranges of rows [0, n) into t (warp 0); the next barrier
+// (classify_walked's first) publishes them.
+__device__ __forceinline__ void set_fixed_side(const AttentionParams& p, TileLabels& t, const RowLabel* rows, int n) {
+  if (!p.has_labels || threadIdx.x >= 32) return;
+  LabelRange range;
+  IdRange docs;
+  range_of(rows, n, range, docs);
+  if (threadIdx.x == 0) {
+    t.fixed_range = range;
+    t.fixed_docs = docs;
+  }
+}
+
 // Loads the walked side's labels for rows [first, first + n) into t.rows and classifies the pair
 // against the fixed side (all threads; two barriers). Without labels every pair is FULL.
 __device__ __forceinline__ TileKind classify_walked(const AttentionParams& p, TileLabels& t, bool walked_queries,
@@ -155,15 +168,7 @@ __global__ void __launch_bounds__(kThreads) query_grads_kernel(const AttentionBa
   }
   sm80::cp_async_wait_all();
   __syncthreads();
-  if (p.has_labels && threadIdx.x < 32) {
-    LabelRange range;
-    IdRange docs;
-    range_of(q_labels, q_rows, range, docs);
-    if (threadIdx.x == 0) {
-      labels.fixed_range = range;
-      labels.fixed_docs = docs;
-    }
-  }
+  set_fixed_side(p, labels, q_labels, q_rows);
   RowLabel mine[2];
   for (int r = 0; r < 2; ++r) mine[r] = row[r] < q_rows ? q_labels[row[r]] : RowLabel{};
 
@@ -243,15 +248,7 @@ __global__ void __launch_bounds__(kThreads) key_grads_kernel(const AttentionBack
     if (static_cast<int>(threadIdx.x) < cols) k_labels[threadIdx.x] = label_at(p, false, b, k0 + threadIdx.x);
     sm80::cp_async_wait_all();
     __syncthreads();
-    if (p.has_labels && threadIdx.x < 32) {
-      LabelRange range;
-      IdRange docs;
-      range_of(k_labels, cols, range, docs);
-      if (threadIdx.x == 0) {
-        labels.fixed_range = range;
-        labels.fixed_docs = docs;
-      }
-    }
+    set_fixed_side(p, labels, k_labels, cols);
     RowLabel mine[2];
     for (int r = 0; r < 2; ++r) mine[r] = row[r] < cols ? k_labels[row[r]] : RowLabel{};
     const float scale2 = p.scale * kLog2e;
