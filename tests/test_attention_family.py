@@ -365,3 +365,16 @@ def test_other_documents_tiles_are_never_read(family):
         poisoned_k[:, s], poisoned_v[:, s] = k[:, s], v[:, s]
         out = dlmfuse.attention(q, poisoned_k, poisoned_v, mask=mask)
         assert torch.isfinite(out[:, s]).all(), (text, s)
+
+
+def test_build_info_reports_the_override(monkeypatch):
+    monkeypatch.delenv("DLMFUSE_CUDA_ATTENTION", raising=False)
+    assert dlmfuse.build_info()["cuda_attention_override"] is None
+    family = dlmfuse._ext._cuda_kernel_enabled("attention_family")
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "tile_m=128,splits=3")
+    report = dlmfuse.build_info()["cuda_attention_override"]
+    assert report["text"] == "tile_m=128,splits=3"
+    assert (report["error"] is None) == family  # key=value items are the planned family's syntax only
+    monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
+    report = dlmfuse.build_info()["cuda_attention_override"]
+    assert (report["error"] is None) != family and report["read_by"] == ("planned family" if family else "verified kernels")

@@ -166,4 +166,24 @@ def build_info() -> dict:
         # CUDA kernels compiled in but not yet verified on a GPU, and whether they are enabled
         "unverified_cuda_kernels": sorted(_UNVERIFIED_CUDA_KERNELS) if cuda else [],
         "unverified_cuda_kernels_enabled": os.environ.get(_UNVERIFIED_ENV, "") == "1",
+        # DLMFUSE_CUDA_ATTENTION as set: a kernel name (verified kernels) or the planned family's
+        # key=value override, with the error it gives if it is not valid for the path that reads it
+        "cuda_attention_override": _attention_override_report(),
     }
+
+
+def _attention_override_report() -> dict | None:
+    text = os.environ.get("DLMFUSE_CUDA_ATTENTION")
+    if text is None:
+        return None
+    from .attention import CUDA_ATTENTION_KERNELS, cuda_attention_override  # (attention imports this module)
+
+    family = _cuda_kernel_enabled("attention_family")
+    try:
+        if family:
+            cuda_attention_override()
+        elif text not in ("", *CUDA_ATTENTION_KERNELS):
+            raise ValueError(f"DLMFUSE_CUDA_ATTENTION must be one of {list(CUDA_ATTENTION_KERNELS)}, got {text!r}")
+    except ValueError as e:
+        return {"text": text, "read_by": "planned family" if family else "verified kernels", "error": str(e)}
+    return {"text": text, "read_by": "planned family" if family else "verified kernels", "error": None}
