@@ -78,6 +78,13 @@ if wants tests; then
     [[ " $unverified " == *" $kernel "* ]] || verified="$verified $kernel"
   done
   attention_tests="tests/test_torch_integration.py tests/test_attention.py tests/test_attention_gather.py"
+  # First what waits for verification. The planned family: every plan forced through
+  # DLMFUSE_CUDA_ATTENTION against the float64 reference (documents included), then the
+  # packed-document tests under its automatic plans; the fused backward in its own process.
+  step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_attention_family.py tests/test_documents.py
+  step pytest_cuda_backward 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_attention_backward_cuda.py
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
     --ignore=tests/test_attention_family.py --ignore=tests/test_attention_backward_cuda.py
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
@@ -96,13 +103,6 @@ if wants tests; then
     step "pytest_cuda_$kernel" 90 env DLMFUSE_TEST_KERNELS=$kernel DLMFUSE_CUDA_ATTENTION=$kernel \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests
   done
-  # The planned family: every plan forced through DLMFUSE_CUDA_ATTENTION against the float64
-  # reference (documents included), then the packed-document tests under its automatic plans;
-  # the fused backward in its own process.
-  step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
-    tests/test_attention_family.py tests/test_documents.py
-  step pytest_cuda_backward 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
-    tests/test_attention_backward_cuda.py
   if [[ -n $unverified ]]; then
     step pytest_cuda_splits_unverified 90 env DLMFUSE_TEST_KERNELS="$unverified" DLMFUSE_ATTENTION_SPLITS=3 \
       python3 -m pytest -m cuda -q -p no:cacheprovider $attention_tests \
