@@ -144,9 +144,9 @@ MUTANTS = [
            "    counter.calls = 0\n", "\n", ("tests/test_eval.py",)),
     Mutant("prompts keep functions that do not compile alone", "evaluation/prompts.py",
            "if compiles(prompt + reference):", "if True:", ("tests/test_eval.py",)),
-    Mutant("the planned family's override takes kernel names", "attention.py",
+    Mutant("the planned family's override takes kernel names", "_cuda_attention.py",
            "    if text in _CUDA_KERNEL_ARGS:", "    if False:", ("tests/test_attention_family.py",)),
-    Mutant("cuda_plan_override leaves its value behind", "attention.py",
+    Mutant("cuda_plan_override leaves its value behind", "_cuda_attention.py",
            "            os.environ.pop(_KERNEL_ENV, None)", "            pass", ("tests/test_attention_family.py",)),
 ]
 
