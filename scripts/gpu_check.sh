@@ -160,7 +160,7 @@ if wants bench; then
   # The op families; then attention with the peers in the same run (SDPA backends and
   # FlexAttention, whose inductor compiles take most of the time; the verified default kernel),
   # which the targets' ratios need; then dlmfuse alone with each other tensor-core kernel (A/B
-  # against the default; listed at _CUDA_KERNEL_ARGS in python/dlmfuse/attention.py), likeliest
+  # against the default; listed at _CUDA_KERNEL_ARGS in python/dlmfuse/_cuda_attention.py), likeliest
   # winners first, so that a budget cut drops the least telling.
   step bench_ops 90 python3 -m dlmfuse bench --quick --device cuda --only kv_cache --only sampling \
     --json "$OUT/bench_ops.jsonl"
