@@ -166,9 +166,10 @@ if wants bench; then
     --json "$OUT/bench_ops.jsonl"
   step bench_attention 240 python3 -m dlmfuse bench --quick --device cuda --only attention --only backward \
     --json "$OUT/bench_attention.jsonl"
-  # The planned family under its automatic plans (each row records the plan that ran).
-  step bench_attention_family 90 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
-    --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
+  # The planned family under its automatic plans (each row records the plan that ran) and the fused
+  # backward (A5); the peers' times of this run are in bench_attention.jsonl.
+  step bench_attention_family 120 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
+    --only backward --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
   cat "$logs/bench_attention_family.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
   # One JSONL for all of them (the device tool returns at most 8 files).
   for kernel in ${BENCH_KERNELS:-wide sm90 gather sm90_gather next double_buffer}; do
