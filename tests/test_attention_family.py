@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dlmfuse
-from dlmfuse import Mask, _C
+from dlmfuse import Mask, _C, _cuda_attention
 from dlmfuse.attention import cuda_attention_override, cuda_plan_override, last_cuda_plan
 
 from conftest import check_attention
@@ -250,7 +250,13 @@ def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, seed=0):
 
 def _run(text, q, k, v, **kwargs):
     """Runs the family, checks that the plan that ran kept the forced fields, checks the result."""
-    out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    _cuda_attention._last_cuda_plan = None  # a call that bypassed the family must not pass on an old plan
+    try:
+        out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
+    except ValueError as e:  # 128-row tiles at head_dim 128 on 99 KB GPUs: the planner's refusal
+        if "bytes of shared memory per block" in str(e):
+            pytest.skip(str(e))
+        raise
     torch.cuda.synchronize()
     ran = last_cuda_plan()
     assert ran is not None

@@ -27,6 +27,10 @@ def _run_planned_family(q, args, docs, scale):
     """The planned CUDA attention family (opt-in while unverified: DLMFUSE_CUDA_KERNELS=1). The C++
     planner decides everything; this allocates the split-KV workspace when the plan asks for it."""
     global _last_cuda_plan
+    if os.environ.get(_SPLITS_ENV):
+        raise ValueError(f"{_OP}: {_SPLITS_ENV} sets the split count of the verified kernels; the planned family "
+                         f"(DLMFUSE_CUDA_KERNELS=1) takes it as DLMFUSE_CUDA_ATTENTION='splits=N'")
+    _last_cuda_plan = None
     B, Lq, Hq, D = q.shape
     kept = []  # the workspace lives until the launch is queued (the caching allocator is stream-ordered)
 
@@ -62,7 +66,7 @@ def cuda_attention_override() -> str:
     text = os.environ.get(_KERNEL_ENV, "")
     if text in _CUDA_KERNEL_ARGS:
         raise ValueError(f"{_OP}: {_KERNEL_ENV}={text!r} names a kernel of the verified set, but the planned family "
-                         f"(DLMFUSE_CUDA_KERNELS=1) takes key=value overrides such as 'tile_m=128,walk=gather,splits=3'")
+                         f"(DLMFUSE_CUDA_KERNELS=1) takes key=value overrides such as 'tile_m=64,walk=gather,splits=3'")
     return _checked_override(text)
 
 
@@ -106,7 +110,8 @@ class CudaKernelArgs(NamedTuple):
     gather_keys: bool = False  # PARTIAL tiles' keys gathered per key (next paths, 16 rows per warp; labels, no bias)
 
 
-# Every kernel passed the CUDA tests and compute-sanitizer on an H200 (2026-11-27, commit 4e12845;
+# Every kernel passed the CUDA tests and compute-sanitizer on an H200 (2026-11-27, commit 4e12845; simple
+# has read document labels since, for the planned family's mma=simt plans: not yet re-run;
 # bench/results/h200-2026-11-27.md). simple: the CUDA-core kernel; single_buffer / double_buffer:
 # the first tensor-core kernel with one / two K/V buffers (double_buffer was the default until
 # auto chose per call); next: bias tiles loaded by cp.async, GQA heads packed into CTAs when few

@@ -53,8 +53,8 @@ _NATIVE_KERNELS = {
     "sample_tokens": {"cpu", "cuda"},  # float64 logits and extreme temperatures use the reference
 }
 # CUDA kernels compiled into _C_cuda that have not yet passed the CUDA tests on a GPU: used only
-# with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it). An op moves to _NATIVE_KERNELS once
-# a device run has verified it.
+# with DLMFUSE_CUDA_KERNELS=1 (scripts/gpu_check.sh sets it in their own steps). Once a device run
+# has verified one, its entry goes and it becomes the default of its op.
 # attention_family: the planned CUDA attention (csrc/cuda/attention/family, planner in
 # csrc/plan/attention_planner.cpp) with document labels on every plan; it replaces the attention
 # kernels above once a device run has verified it. attention_backward: the fused CUDA backward

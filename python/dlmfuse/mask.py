@@ -320,7 +320,8 @@ class Mask:
         Equal ids are one document wherever they occur (the constructors' ``documents=`` instead
         makes each run of equal ids its own document). The CPU kernel skips every tile whose query
         and key document ranges do not meet; a tile that straddles a document boundary is computed
-        with the per-element test (on CUDA, calls with documents run the reference for now).
+        with the per-element test (on CUDA, calls with documents run the reference until the planned
+        CUDA family, which reads them, has run on a GPU; DLMFUSE_CUDA_KERNELS=1 opts into it).
         Labels that depend on positions (block ids) must restart at each document: the
         constructors do that when given ``documents=``. Combining with existing document labels
         ranks the id pairs with ``torch.unique`` (a host sync on CUDA).

@@ -3,7 +3,7 @@
 // Host code with no CUDA in it, so CPU-only builds compile and test the same decisions; Python
 // asks it for the plan and holds no policy of its own.
 //
-// A debugging override (DLMFUSE_CUDA_ATTENTION="tile_m=128,walk=gather,splits=3" with the family
+// A debugging override (DLMFUSE_CUDA_ATTENTION="tile_m=64,walk=gather,splits=3" with the family
 // enabled) is parsed once into an AttentionOverride; a forced field the call cannot take is a
 // ValueError naming the field and the reason, never a silent substitute.
 #pragma once
@@ -16,8 +16,8 @@
 
 namespace dlmfuse {
 
-// How the scores are computed: CUDA cores in fp32 (every dtype and head dim; the fp32 path),
-// mma.sync (sm_80+), or warpgroup MMAs (sm_90a).
+// How the scores are computed: CUDA cores in fp32 (the CUDA-core kernel, attention_simple.cu:
+// every dtype at head_dim 64 / 128; the fp32 path), mma.sync (sm_80+), or warpgroup MMAs (sm_90a).
 enum class AttentionMma : int32_t { kSimt = 0, kSm80 = 1, kSm90 = 2 };
 // How a CTA walks its keys: whole 64-key tiles (SKIP tiles never loaded), or with the keys of
 // PARTIAL tiles classified one by one and gathered into FULL and PARTIAL tiles (labels, no bias).

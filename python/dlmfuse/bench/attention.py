@@ -193,8 +193,8 @@ def _setup(spec: AttnSpec, params: dict, device: torch.device) -> Case:
         # kernel, CUDA's gather kernels) read only the rows some query sees: about this fraction.
         params["visible_kv_fraction"] = round(float(mask.to_dense().any(dim=1).float().mean()), 4)
 
-    if family:  # the planned family: one call tells the plan that the timed calls run
-        dlmfuse.attention(q, k, v, mask=mask, bias=bias)
+    if family:  # the planned family: one call tells the plan that the timed calls run (None: not the family)
+        dlmfuse.attention(q, k, v, mask=mask, bias=bias)  # (each family call resets the plan first)
         params["cuda_attention"] = cuda_attention_override()
         params["cuda_kernel"] = "family"
         params["cuda_plan"] = last_cuda_plan()
