@@ -384,3 +384,36 @@ def test_build_info_reports_the_override(monkeypatch):
     monkeypatch.setenv("DLMFUSE_CUDA_ATTENTION", "wide")
     report = dlmfuse.build_info()["cuda_attention_override"]
     assert (report["error"] is None) != family and report["read_by"] == ("planned family" if family else "verified kernels")
+
+
+# The verified kernels' names as plan fields (double_buffer differs from next only in code paths the
+# family no longer has).
+_KERNEL_AS_PLAN = {"double_buffer": ("sm80", 64, "tiles"), "next": ("sm80", 64, "tiles"), "wide": ("sm80", 128, "tiles"),
+                   "sm90": ("sm90", 64, "tiles"), "gather": ("sm80", 64, "gather"), "sm90_gather": ("sm90", 64, "gather")}
+
+
+@pytest.mark.parametrize("device", [H200, A100], ids=["sm90", "sm80"])
+def test_automatic_plans_restate_the_verified_auto(device):
+    """Over a grid of calls, the planner's automatic plan is the kernel the verified `auto` picks
+    (auto_cuda_kernel), with the split count and GQA packing the verified path computes for it: the
+    family changes the code, not the choices measured on the H200. One deliberate difference: where
+    auto picks double_buffer (GPUs other than sm_90, never measured), the family packs GQA heads as
+    `next` does, since packing cuts the K/V reads on any GPU."""
+    from dlmfuse._cuda_attention import _CUDA_KERNEL_ARGS, auto_cuda_kernel
+
+    sm90 = device["cc_major"] == 9
+    for q_len, k_len, q_heads, kv_heads, head_dim, labels, bias in itertools.product(
+            (1, 16, 32, 33, 64, 65, 300, 2048, 4096), (64, 1000, 4096), (8, 28, 32), (1, 4, 8), (64, 128),
+            (False, True), (False, True)):
+        if q_heads % kv_heads:
+            continue
+        kernel = auto_cuda_kernel(q_len, k_len, labels, bias, sm90)
+        args = _CUDA_KERNEL_ARGS["next" if kernel == "double_buffer" else kernel]
+        rows_per_cta = 4 * args.rows_per_warp
+        packs = args.pack_gqa and not bias and _C.attention_packs_gqa(q_heads, kv_heads, q_len, rows_per_cta)
+        splits = _C.attention_num_splits(1, q_heads, q_len, k_len, head_dim, device["sm_count"],
+                                         rows_per_cta=rows_per_cta, kv_heads=kv_heads if args.pack_gqa and not bias else 0)
+        p = plan(q_len=q_len, k_len=k_len, q_heads=q_heads, kv_heads=kv_heads, head_dim=head_dim, labels=labels,
+                 bias=bias, device=device)
+        assert fields(p) == (*_KERNEL_AS_PLAN[kernel], splits, packs), (q_len, k_len, q_heads, kv_heads, labels, bias,
+                                                                        kernel, str(p))

@@ -11,7 +11,8 @@
 // - otherwise on sm_90: 128-row tiles above 64 query rows (A1 L=2048: 306 us against 327 us; A2:
 //   206 us against 244 us), 64-row tiles with GQA packing below (A4g n=32: 87 us against 168 us).
 // - elsewhere (A100: sm_80 code, never measured on an A100) 64-row tiles: the 128-row build
-//   spills 104 bytes a thread for sm_80.
+//   spills 104 bytes a thread for sm_80. GQA packing follows the same rule on every GPU (the
+//   verified double_buffer kernel that auto picks there had none): it cuts the K/V reads anywhere.
 #include "dlmfuse/attention_planner.h"
 
 #include <cstdint>
