@@ -417,3 +417,52 @@ def test_automatic_plans_restate_the_verified_auto(device):
                  bias=bias, device=device)
         assert fields(p) == (*_KERNEL_AS_PLAN[kernel], splits, packs), (q_len, k_len, q_heads, kv_heads, labels, bias,
                                                                         kernel, str(p))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt"], indirect=True)
+def test_cuda_graph_capture_and_replay_with_documents(family):
+    """The family inside a CUDA graph: the split workspace is allocated during capture, and replays
+    with new values in q, the labels and the documents recompute with them."""
+    L = 192
+    q, k, v = _inputs(2, L, L, 4, 2, 64, torch.bfloat16, seed=10)
+    docs = _doc_ids((70, 50, 72))
+    mask = Mask.block_causal(L, 16, documents=docs).to("cuda")
+    kv_lens = torch.tensor([L, 150], dtype=torch.int32, device="cuda")
+
+    def step():
+        return dlmfuse.attention(q, k, v, mask=mask, kv_lens=kv_lens, return_lse=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = step()
+    for trial, lengths in enumerate([(100, 92), (10, 150, 32)]):
+        q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(trial)).to(q))
+        new = Mask.block_causal(L, 16, documents=_doc_ids(lengths)).to("cuda")
+        for name in ("q_order", "q_group", "k_order", "k_group", "q_doc", "k_doc"):
+            getattr(mask, name).copy_(getattr(new, name))
+        graph.replay()
+        torch.cuda.synchronize()
+        check_attention(out, q, k, v, lse=lse, mask=new, kv_lens=kv_lens)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["auto", "sm80_gather"], indirect=True)
+def test_torch_compile_fullgraph_runs_the_family(family):
+    L = 160
+    q, k, v = _inputs(2, L, L, 4, 2, 64, torch.bfloat16, seed=11)
+    mask = Mask.bd3_train(L // 2, 16, documents=_doc_ids((50, 30))).to("cuda")
+
+    def fn(q, k, v, mask):
+        return dlmfuse.attention(q, k, v, mask=mask, return_lse=True)
+
+    got = torch.compile(fn, backend="aot_eager", fullgraph=True, dynamic=False)(q, k, v, mask)
+    expected = fn(q, k, v, mask)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    check_attention(got[0], q, k, v, lse=got[1], mask=mask)
