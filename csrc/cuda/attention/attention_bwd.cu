@@ -252,11 +252,12 @@ __global__ void __launch_bounds__(kThreads) key_grads_kernel(const AttentionBack
     RowLabel mine[2];
     for (int r = 0; r < 2; ++r) mine[r] = row[r] < cols ? k_labels[row[r]] : RowLabel{};
     const float scale2 = p.scale * kLog2e;
-    for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h)
-      for (int64_t q0 = 0; q0 < p.q_len; q0 += kTile) {
-        const int q_rows = static_cast<int>(min64(kTile, p.q_len - q0));
-        const TileKind kind = classify_walked(p, labels, true, b, q0, q_rows);
-        if (kind == TileKind::kSkip) continue;  // uniform
+    // Query tiles outer: their labels (and the pair's kind) are the same for every head of the group.
+    for (int64_t q0 = 0; q0 < p.q_len; q0 += kTile) {
+      const int q_rows = static_cast<int>(min64(kTile, p.q_len - q0));
+      const TileKind kind = classify_walked(p, labels, true, b, q0, q_rows);
+      if (kind == TileKind::kSkip) continue;  // uniform
+      for (int64_t h = kv_head * group; h < (kv_head + 1) * group; ++h) {
         sm80::load_tile_async<T, D>(q_tile, static_cast<const T*>(p.q) + b * p.q_strides[0] + q0 * p.q_strides[1] +
                                                 h * p.q_strides[2], p.q_strides[1], kTile, q_rows);
         sm80::load_tile_async<T, D>(do_tile, static_cast<const T*>(g.grad_out) + b * g.grad_out_strides[0] +
@@ -290,8 +291,9 @@ __global__ void __launch_bounds__(kThreads) key_grads_kernel(const AttentionBack
           sm80::accumulate_pv<T, D>(dv, s, do_tile, lane);  // dV += P^T dO
           sm80::accumulate_pv<T, D>(dk, dp, q_tile, lane);  // dK += dS^T Q
         }
-        __syncthreads();  // every warp is done with Q, dO and the labels before the next tile
+        __syncthreads();  // every warp is done with Q, dO and the stats before the next head or tile
       }
+    }
   }
   for (int r = 0; r < 2; ++r) {
     if (row[r] >= k_rows) continue;
