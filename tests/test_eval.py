@@ -197,6 +197,23 @@ def test_tiny_code_model_reports_a_folder_without_metadata(tmp_path):
         tiny_code_model(path=tmp_path)
 
 
+def test_shipped_metadata_pins_the_tokenizer(tmp_path):
+    """The shipped metadata names its tokenizer's SHA-256, so a copy whose tokenizer was swapped for
+    another (same special ids, other merges) is refused instead of decoding into nonsense."""
+    import hashlib
+    import shutil
+
+    info = json.loads((TINY_CODE_DIR / "metadata.json").read_text())
+    assert info["tokenizer_sha256"] == hashlib.sha256((TINY_CODE_DIR / "tokenizer.json").read_bytes()).hexdigest()
+    copy = tmp_path / "model"
+    shutil.copytree(TINY_CODE_DIR, copy)
+    tokenizer = json.loads((copy / "tokenizer.json").read_text())
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1]  # one merge fewer: another tokenizer
+    (copy / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(ValueError, match="not the tokenizer the model was trained with"):
+        tiny_code_model(path=copy)
+
+
 # ------------------------------------------------------------------------------------- prompts
 def test_prompts_are_prefixes_of_whole_functions(shipped, held_out):
     tok = shipped.tokenizer
