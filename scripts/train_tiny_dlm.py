@@ -39,6 +39,7 @@ from dlmfuse.codelm import corpus
 from dlmfuse.codelm.objective import elbo_nll, masked_diffusion_loss, token_counts, unigram_log_probs, unigram_nll
 from dlmfuse.codelm.pretrained import METADATA_NAME, TINY_CODE_DIR, TOKENIZER_NAME, UNIGRAM_COUNTS_NAME
 from dlmfuse.codelm.tokenizer import CodeTokenizer, train_bpe
+from dlmfuse.evaluation.runs import bits_per_byte_factor
 from dlmfuse.nn import DenoiserLM
 
 # Wall seconds per training step of the default model and batch with --threads 2 on the 2-core dev
@@ -193,6 +194,7 @@ def main(argv=None) -> int:
     saved = DenoiserLM.from_pretrained(staging, dtype=torch.float32)
     saved_nll = elbo_nll(saved, windows, mask_id, ratios=args.eval_ratios)
     bytes_per_token = held_out_bytes / held_out_stream.numel()
+    to_bits_per_byte = bits_per_byte_factor(tokenizer, windows)  # as `python -m dlmfuse eval` reports it
     final_loss = sum(losses[-LOSS_WINDOW:]) / len(losses[-LOSS_WINDOW:])
     log(f"held-out NLL bound {held_out_nll:.4f} nats/token ({saved_nll:.4f} as saved in {args.save_dtype}); "
         f"unigram {baseline:.4f}; final training loss {final_loss:.4f}")
@@ -214,8 +216,8 @@ def main(argv=None) -> int:
         },
         "results": {
             "final_train_loss": final_loss, "held_out_nll": held_out_nll, "held_out_nll_as_saved": saved_nll,
-            "unigram_nll": baseline, "held_out_bits_per_byte": saved_nll / math.log(2) / bytes_per_token,
-            "unigram_bits_per_byte": baseline / math.log(2) / bytes_per_token,
+            "unigram_nll": baseline, "held_out_bits_per_byte": saved_nll * to_bits_per_byte,
+            "unigram_bits_per_byte": baseline * to_bits_per_byte,
             "eval_windows": args.eval_windows, "eval_ratios": args.eval_ratios, "loss_curve_every_50": [
                 sum(losses[i:i + 50]) / len(losses[i:i + 50]) for i in range(0, len(losses), 50)],
         },

@@ -128,6 +128,14 @@ def reference_row(tokenizer, prompts: Sequence[Prompt], gen_length: int) -> Dict
             "gen_length": gen_length, "accepted": passed, "compile_share": passed / len(prompts)}
 
 
+def bits_per_byte_factor(tokenizer, sequences: torch.Tensor) -> float:
+    """What turns nats per token of ``sequences`` into bits per byte of their text (END_OF_TEXT tokens
+    count 0 bytes): the one definition of bits per byte for the eval table and the training script."""
+    text_ids = [[i for i in row if i != tokenizer.end_of_text_id] for row in sequences.tolist()]
+    text_bytes = sum(len(tokenizer.decode(ids).encode("utf-8")) for ids in text_ids)
+    return sequences.numel() / math.log(2) / text_bytes
+
+
 def likelihood_row(model, tokenizer, held_out_stream: torch.Tensor, unigram_counts: Sequence[int], *,
                    seq_len: int, windows: int, ratios: int, seed: int) -> Dict:
     """The model's masked-diffusion NLL bound and the unigram NLL on the same held-out windows, in
@@ -135,9 +143,7 @@ def likelihood_row(model, tokenizer, held_out_stream: torch.Tensor, unigram_coun
     sequences = evenly_spaced_windows(held_out_stream, seq_len, windows)
     model_nll = elbo_nll(model, sequences, tokenizer.mask_token_id, ratios=ratios, seed=seed)
     baseline = unigram_nll(unigram_log_probs(unigram_counts, excluded=[tokenizer.mask_token_id]), sequences)
-    text_ids = [[i for i in row if i != tokenizer.end_of_text_id] for row in sequences.tolist()]
-    text_bytes = sum(len(tokenizer.decode(ids).encode("utf-8")) for ids in text_ids)
-    bits_per_nat_token = sequences.numel() / math.log(2) / text_bytes
+    bits_per_nat_token = bits_per_byte_factor(tokenizer, sequences)
     return {"kind": "nll", "label": "held-out NLL", "windows": windows, "seq_len": seq_len, "ratios": ratios,
             "seed": seed, "model_nll": model_nll, "unigram_nll": baseline,
             "model_bits_per_byte": model_nll * bits_per_nat_token, "unigram_bits_per_byte": baseline * bits_per_nat_token}
