@@ -205,6 +205,20 @@ def check_attention(out, q, k, v, *, lse=None, **kwargs):
     return ref_out, ref_lse
 
 
+def cuda_graph_of(step):
+    """Captures ``step()`` in a CUDA graph after one warm-up call on a side stream (allocator and
+    lazy initialisation outside the capture); returns the graph and the captured call's outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def run_and_check(q, k, v, **kwargs):
     """Calls dlmfuse.attention(return_lse=True), checks it, returns (out, lse)."""
     out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)

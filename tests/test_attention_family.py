@@ -19,7 +19,7 @@ import dlmfuse
 from dlmfuse import Mask, _C, _cuda_attention
 from dlmfuse.attention import cuda_attention_override, cuda_plan_override, last_cuda_plan
 
-from conftest import check_attention
+from conftest import check_attention, cuda_graph_of
 
 H200 = dict(sm_count=132, cc_major=9, cc_minor=0, max_shared_bytes=232448)
 A100 = dict(sm_count=108, cc_major=8, cc_minor=0, max_shared_bytes=166912)
@@ -433,14 +433,7 @@ def test_cuda_graph_capture_and_replay_with_documents(family):
     def step():
         return dlmfuse.attention(q, k, v, mask=mask, kv_lens=kv_lens, return_lse=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = cuda_graph_of(step)
     for trial, lengths in enumerate([(100, 92), (10, 150, 32)]):
         q.copy_(torch.randn(q.shape, generator=torch.Generator().manual_seed(trial)).to(q))
         new = Mask.block_causal(L, 16, documents=_doc_ids(lengths)).to("cuda")

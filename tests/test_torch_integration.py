@@ -9,7 +9,7 @@ import torch
 import dlmfuse
 from dlmfuse import Mask
 
-from conftest import DispatchLog, check_attention, cuda_test_kernels, lowp_attention_bound
+from conftest import DispatchLog, check_attention, cuda_graph_of, cuda_test_kernels, lowp_attention_bound
 
 attention_module = importlib.import_module("dlmfuse.attention")  # `dlmfuse.attention` is the function
 
@@ -393,14 +393,7 @@ def test_cuda_graph_capture_and_replay():
     def step():
         return dlmfuse.attention(q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, return_lse=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()  # warm up outside the capture
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = cuda_graph_of(step)
 
     # New values in the captured inputs (labels included): replay recomputes with them.
     for trial in range(2):
