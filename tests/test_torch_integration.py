@@ -711,14 +711,7 @@ def test_cuda_split_kv_graph_capture_and_replay(split_calls, monkeypatch):
     def step():
         return dlmfuse.attention(q, k, v, mask=mask, kv_lens=kv_lens, return_lse=True)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out, lse = step()
+    graph, (out, lse) = cuda_graph_of(step)
     assert all(call[0] == 4 for call in split_calls), split_calls
 
     for trial in range(2):
