@@ -21,10 +21,11 @@ void register_attention_plan(nb::module_& m) {
         "Whether the CUDA attention packs these shapes (when it also has no bias): packing the query heads "
         "of each KV head into shared CTAs needs fewer CTAs than one run per head.");
   m.attr("ATTENTION_MAX_SPLITS") = kAttentionMaxSplits;
+  m.attr("ATTENTION_MAX_GRID_DIM") = kAttentionMaxGridDim;  // CUDA's cap on a grid's y and z extents
 }
 
-// The planner's types, registered once, in _C: nanobind shares registered types between the
-// extension modules of one build, and _C_cuda (imported after _C) takes and returns them.
+// The planner's types and entry points for Python (tests, the override's validation), in _C only:
+// _C_cuda plans its calls in C++ and takes the override as text, so it registers no type twice.
 void register_attention_planner(nb::module_& m) {
   nb::class_<AttentionOverride>(m, "AttentionOverride",
                                 "A parsed DLMFUSE_CUDA_ATTENTION override of the attention planner.")

@@ -34,8 +34,6 @@ bool heads_pack(const AttentionCall& c) {
   return c.kv_heads > 0 && c.q_heads > c.kv_heads && c.q_heads % c.kv_heads == 0;
 }
 
-bool aligned_to(const void* ptr, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(ptr) % bytes == 0; }
-
 // A value of `key` in the override: one of `names` (its index), or an error listing them.
 template <size_t N>
 int parse_name(const std::string& text, const std::string& key, const std::string& value, const char* const (&names)[N]) {
@@ -94,12 +92,11 @@ AttentionCall attention_call(const AttentionParams& p) {
   c.half_precision = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
   c.has_labels = p.has_labels;
   c.has_bias = p.bias != nullptr;
-  // cp.async moves 16 bytes (8 elements of 16 bits); the epilogue stores output pairs as 4-byte words.
-  bool aligned = aligned_to(p.q, 16) && aligned_to(p.k, 16) && aligned_to(p.v, 16) && aligned_to(p.out, 4);
-  for (int d = 0; d < 3; ++d)
-    aligned = aligned && p.q_strides[d] % 8 == 0 && p.k_strides[d] % 8 == 0 && p.v_strides[d] % 8 == 0 &&
-              p.out_strides[d] % 2 == 0;
-  c.aligned = aligned;
+  // The epilogue stores output pairs as 4-byte words.
+  bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0;
+  for (int64_t stride : p.out_strides) out_pairs = out_pairs && stride % 2 == 0;
+  c.aligned = rows_16_byte_aligned(p.q, p.q_strides) && rows_16_byte_aligned(p.k, p.k_strides) &&
+              rows_16_byte_aligned(p.v, p.v_strides) && out_pairs;
   return c;
 }
 

@@ -385,7 +385,7 @@ def _(grad_out, grad_lse, q, k, v, q_order, q_group, k_order, k_group, q_doc, k_
 def _cuda_backward_runs(q, k, v) -> bool:
     """Whether the fused CUDA backward takes this call: enabled (DLMFUSE_CUDA_KERNELS=1 while it is
     unverified), bf16 / fp16 at head_dim 64 / 128, rows on 16-byte boundaries (cp.async)."""
-    most = 65535  # CUDA's grid limit on the heads and batch axes
+    most = _C.ATTENTION_MAX_GRID_DIM  # the heads and batch axes of the kernels' grids
     return (q.is_cuda and _cuda_kernel_enabled("attention_backward") and not use_reference("attention", q.device)
             and q.dtype in (torch.bfloat16, torch.float16) and q.shape[-1] in CUDA_ATTENTION_HEAD_DIMS
             and q.shape[0] <= most and q.shape[2] <= most and _rows_16_byte_aligned(q, k, v))

@@ -77,14 +77,13 @@ struct TileLabels {
 __device__ __forceinline__ void range_of(const RowLabel* rows, int n, LabelRange& range, IdRange& docs) {
   const int lane = threadIdx.x % 32;
   LabelRange r = LabelRange::empty();
-  int lo = INT32_MAX, hi = INT32_MIN;
+  IdRange d = IdRange::empty();
   for (int i = lane; i < n; i += 32) {
     r.add(rows[i].order, rows[i].group);
-    lo = min(lo, rows[i].doc);
-    hi = max(hi, rows[i].doc);
+    d.add(rows[i].doc);
   }
   range = warp_reduce(r);
-  docs = IdRange{warp_reduce_min(lo), warp_reduce_max(hi)};
+  docs = warp_reduce(d);
 }
 
 // The fixed side's label and document ranges of rows [0, n) into t (warp 0); the next barrier
@@ -125,11 +124,6 @@ __device__ __forceinline__ float bias_log2(const AttentionParams& p, int64_t b, 
   return kLog2e * bias_at(p, b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2] + j * p.bias_strides[3]);
 }
 
-__device__ __forceinline__ int64_t effective_k_len(const AttentionParams& p, int64_t b) {
-  if (p.kv_lens == nullptr) return p.k_len;
-  const int64_t len = p.kv_lens[b];
-  return len < 0 ? 0 : min64(len, p.k_len);
-}
 
 // ---------------------------------------------------------------- dQ (and dbias)
 template <typename T, int D>
@@ -333,14 +327,8 @@ bool attention_backward_supports(const AttentionBackwardParams& g) {
   if (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16) return false;
   if (p.head_dim != 64 && p.head_dim != 128) return false;
   if (p.q_heads > kAttentionMaxGridDim || p.kv_heads > kAttentionMaxGridDim || p.batch > kAttentionMaxGridDim) return false;
-  const void* ptrs[] = {p.q, p.k, p.v, g.grad_out};
-  const int64_t* strides[] = {p.q_strides, p.k_strides, p.v_strides, g.grad_out_strides};
-  for (int t = 0; t < 4; ++t) {  // cp.async moves 16 bytes
-    if (reinterpret_cast<uintptr_t>(ptrs[t]) % 16 != 0) return false;
-    for (int d = 0; d < 3; ++d)
-      if (strides[t][d] % 8 != 0) return false;
-  }
-  return true;
+  return rows_16_byte_aligned(p.q, p.q_strides) && rows_16_byte_aligned(p.k, p.k_strides) &&
+         rows_16_byte_aligned(p.v, p.v_strides) && rows_16_byte_aligned(g.grad_out, g.grad_out_strides);
 }
 
 cudaError_t attention_backward(const AttentionBackwardParams& g, cudaStream_t stream) {

@@ -23,7 +23,6 @@ constexpr int kRowsPerWarp = kRowsPerCta / kWarps;
 constexpr int kKeysPerTile = 32;
 
 __device__ __forceinline__ int64_t min_i64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 template <typename T>
 __device__ __forceinline__ float load_float(const void* base, int64_t index) {
@@ -47,8 +46,7 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
   const int64_t q0 = q_tile * kRowsPerCta;
   const int rows = static_cast<int>(min_i64(kRowsPerCta, p.q_len - q0));
 
-  int64_t k_len = p.k_len;
-  if (p.kv_lens != nullptr) k_len = max_i64(0, min_i64(p.kv_lens[b], p.k_len));
+  const int64_t k_len = effective_k_len(p, b);
 
   // Queries of the tile, pre-scaled into log2 units.
   const float q_factor = p.scale * kLog2e;
@@ -69,14 +67,10 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
     r = warp_reduce(r);
     if (lane == 0) q_range = r;
   } else if (warp == 1 && p.has_docs) {
-    int lo = INT32_MAX, hi = INT32_MIN;
-    for (int i = lane; i < rows; i += 32) {
-      lo = min(lo, p.q_doc.at(b, q0 + i));
-      hi = max(hi, p.q_doc.at(b, q0 + i));
-    }
-    lo = warp_reduce_min(lo);
-    hi = warp_reduce_max(hi);
-    if (lane == 0) q_docs = IdRange{lo, hi};
+    IdRange r = IdRange::empty();
+    for (int i = lane; i < rows; i += 32) r.add(p.q_doc.at(b, q0 + i));
+    r = warp_reduce(r);
+    if (lane == 0) q_docs = r;
   }
 
   float m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][kCols];
@@ -107,8 +101,9 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
         kind = classify_tile(q_range, warp_reduce(kr));
       }
       if (p.has_docs) {
-        const int lo = warp_reduce_min(key_valid ? k_doc : INT32_MAX), hi = warp_reduce_max(key_valid ? k_doc : INT32_MIN);
-        kind = within_documents(kind, q_docs, IdRange{lo, hi});
+        IdRange kr = IdRange::empty();
+        if (key_valid) kr.add(k_doc);
+        kind = within_documents(kind, q_docs, warp_reduce(kr));
       }
       if (lane == 0) tile_kind = static_cast<int>(kind);
     }

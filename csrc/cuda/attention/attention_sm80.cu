@@ -5,6 +5,7 @@
 #include "cuda/attention/attention.h"
 #include "cuda/attention/attention_sm80_kernel.cuh"
 #include "cuda/attention/split_merge.cuh"
+#include "cuda/device_info.h"
 
 #include <type_traits>
 
@@ -16,14 +17,6 @@ using namespace sm80;
 static_assert(kBlockM == kAttentionCtaRows && kBlockN == kAttentionKeyTile, "the planner's tile sizes");
 // Whether the current device allows `bytes` of dynamic shared memory per block (with 1 KB to spare
 // for the kernel's static shared variables).
-// An attribute of the current device, 0 when it cannot be read.
-int current_device_attribute(cudaDeviceAttr attribute) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) return 0;
-  return value;
-}
-
 bool dynamic_shared_fits(int bytes) {
   return bytes + 1024 <= current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin);
 }

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "dlmfuse/config.h"
+
 namespace dlmfuse {
 
 // Most key splits one call may use (the merge kernel keeps one split per lane of a warp).
@@ -19,7 +21,7 @@ constexpr int64_t kAttentionMaxGridDim = 65535;
 constexpr int64_t kSplitTargetCtasPerSm = 4;
 constexpr int64_t kSplitMinKeyTiles = 2;
 
-constexpr int64_t plan_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+DLMFUSE_HOST_DEVICE constexpr int64_t plan_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether packing the q_heads / kv_heads query heads of each KV head into one run of CTA rows
 // (AttentionParams::pack_gqa) needs fewer CTAs, i.e. fewer reads of each K/V tile, than one run

@@ -26,6 +26,15 @@ enum class AttentionWalk : int32_t { kTiles = 0, kGather = 1 };
 const char* mma_name(AttentionMma mma);
 const char* walk_name(AttentionWalk walk);
 
+// Whether rows of a 16-bit [B, L, H, D] tensor (data, strides of batch, row, head in elements) start
+// on 16-byte boundaries: what cp.async, which moves 16 bytes, needs of q, k, v and grad_out.
+inline bool rows_16_byte_aligned(const void* data, const int64_t (&strides)[3]) {
+  if (reinterpret_cast<uintptr_t>(data) % 16 != 0) return false;
+  for (int64_t stride : strides)
+    if (stride % 8 != 0) return false;  // 8 elements of 16 bits
+  return true;
+}
+
 // What the planner needs to know of the GPU.
 struct AttentionDevice {
   int sm_count = 0;

@@ -3,18 +3,12 @@
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd.cuh"
 #include "cuda/attention/split_merge.cuh"
+#include "cuda/device_info.h"
 
 namespace dlmfuse::cuda {
 namespace {
 
 using family::FwdTraits;
-
-int current_device_attribute(cudaDeviceAttr attribute) {
-  int device = 0, value = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&value, attribute, device) != cudaSuccess) return 0;
-  return value;
-}
 
 template <class Tr>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
@@ -32,7 +26,7 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   const cudaError_t attr = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most_bytes);
   if (attr != cudaSuccess) return attr;
   const int64_t rows = p.pack_gqa ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;
-  const auto q_tiles = static_cast<unsigned>(family::ceil_div(rows, Tr::kTileM));
+  const auto q_tiles = static_cast<unsigned>(plan_ceil_div(rows, Tr::kTileM));
   const auto heads = static_cast<unsigned>(p.pack_gqa ? p.kv_heads : p.q_heads);
   const auto splits = static_cast<unsigned>(p.batch * p.num_splits);
   // Heaviest query tiles first under labels (family::query_rows).

@@ -73,13 +73,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const QueryRows rows = query_rows<kTileM>(p);
   const int64_t b = rows.b;
-  int64_t k_len = p.k_len;
-  if (p.kv_lens != nullptr) {
-    const int64_t len = p.kv_lens[b];
-    k_len = len < 0 ? 0 : (len < p.k_len ? len : p.k_len);
-  }
+  const int64_t k_len = effective_k_len(p, b);
   // This split's keys [k_begin, k_end): a run of whole tiles (all of them when num_splits = 1).
-  const int64_t tiles_per_split = ceil_div(ceil_div(k_len, kBlockN), p.num_splits);
+  const int64_t tiles_per_split = plan_ceil_div(plan_ceil_div(k_len, kBlockN), p.num_splits);
   const int64_t k_begin = rows.split * tiles_per_split * kBlockN;
   const int64_t k_end = k_begin + tiles_per_split * kBlockN < k_len ? k_begin + tiles_per_split * kBlockN : k_len;
 

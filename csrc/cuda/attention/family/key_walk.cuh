@@ -25,8 +25,6 @@ using sm80::kBlockN;
 using sm80::kThreads;
 using sm80::kWarps;
 
-DLMFUSE_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // One gathering round classifies the keys of up to kGatherTiles consecutive PARTIAL tiles, 8 keys
 // per thread.
 constexpr int kGatherTiles = 16;
@@ -138,15 +136,10 @@ class KeyWalk {
       range = warp_reduce(range);
       if (lane == 0) s_.q_range = range;
     } else if (warp == 1 && p.has_docs) {
-      int32_t lo = INT32_MAX, hi = INT32_MIN;
-      for (int i = lane; i < rows.count; i += 32) {
-        const int32_t doc = p.q_doc.at(rows.b, rows.query(i));
-        lo = doc < lo ? doc : lo;
-        hi = doc > hi ? doc : hi;
-      }
-      lo = warp_reduce_min(lo);
-      hi = warp_reduce_max(hi);
-      if (lane == 0) s_.q_docs = IdRange{lo, hi};
+      IdRange docs = IdRange::empty();
+      for (int i = lane; i < rows.count; i += 32) docs.add(p.q_doc.at(rows.b, rows.query(i)));
+      docs = warp_reduce(docs);
+      if (lane == 0) s_.q_docs = docs;
     }
   }
 
@@ -189,8 +182,8 @@ class KeyWalk {
              s_.kinds[at + run] == static_cast<uint8_t>(TileKind::kPartial))
         ++run;
       gather_round(k0, run);
-      gather_full_tiles_ = static_cast<int>(ceil_div(gather_full_, kBlockN));
-      gather_tiles_ = gather_full_tiles_ + static_cast<int>(ceil_div(gather_partial_, kBlockN));
+      gather_full_tiles_ = static_cast<int>(plan_ceil_div(gather_full_, kBlockN));
+      gather_tiles_ = gather_full_tiles_ + static_cast<int>(plan_ceil_div(gather_partial_, kBlockN));
       gather_next_ = 0;
       if (gather_tiles_ < run) {  // fewer tiles gathered (none: every key of the run is hidden)
         scan_from_ = k0 + run * kBlockN;
