@@ -372,21 +372,20 @@ __device__ __forceinline__ void mask_scores(float (&s)[kBlockN / 8][4], const fl
     }
 }
 
-// Online softmax (base 2) of the thread's two rows: s becomes the tile's probabilities relative
-// to the new running max, o and the running sum are rescaled. kNext: the
-// warp skips rescaling o when no row of it has a new max (every factor is exactly 1), which
-// after the first tiles is most of them.
-template <int D, bool kNext>
-__device__ __forceinline__ void softmax_update(float (&s)[kBlockN / 8][4], float (&o)[D / 8][4],
-                                               float (&row_max)[2], float (&row_sum)[2]) {
-  float alpha[2];
+// Online softmax (base 2) of the thread's two rows, the scores' part: s becomes the tile's
+// probabilities relative to the new running max, the running max and sum move on, and alpha
+// receives the factor by which the output accumulators must be rescaled (rescale_rows). N: keys
+// per tile (64; 128 in the warp-specialized kernel, which rescales after its P V batch completes).
+template <int N>
+__device__ __forceinline__ void softmax_scores(float (&s)[N / 8][4], float (&row_max)[2], float (&row_sum)[2],
+                                               float (&alpha)[2]) {
   for (int r = 0; r < 2; ++r) {
     float tile_max = -INFINITY;
-    for (int nt = 0; nt < kBlockN / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    for (int nt = 0; nt < N / 8; ++nt) tile_max = fmaxf(tile_max, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
     const float m_new = fmaxf(row_max[r], quad_max(tile_max));
     const float offset = softmax_offset(m_new);
     float tile_sum = 0.0f;
-    for (int nt = 0; nt < kBlockN / 8; ++nt)
+    for (int nt = 0; nt < N / 8; ++nt)
       for (int e = 2 * r; e < 2 * r + 2; ++e) {
         s[nt][e] = exp2f(s[nt][e] - offset);
         tile_sum += s[nt][e];
@@ -394,17 +393,30 @@ __device__ __forceinline__ void softmax_update(float (&s)[kBlockN / 8][4], float
     alpha[r] = softmax_rescale(row_max[r], m_new);
     row_sum[r] = row_sum[r] * alpha[r] + quad_sum(tile_sum);
     row_max[r] = m_new;
-    if constexpr (!kNext) {
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= alpha[r];
-        o[dt][2 * r + 1] *= alpha[r];
-      }
-    }
   }
+}
+
+// o *= alpha per row; the warp skips it when no row of it has a new max (every factor is exactly
+// 1), which after the first tiles is most of them.
+template <int D>
+__device__ __forceinline__ void rescale_rows(float (&o)[D / 8][4], const float (&alpha)[2]) {
+  if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))
+    for (int dt = 0; dt < D / 8; ++dt)
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+}
+
+// Both parts at once: s becomes probabilities, o and the running sum are rescaled. kNext: with
+// rescale_rows' warp-wide skip (otherwise every row always).
+template <int D, bool kNext, int N = kBlockN>
+__device__ __forceinline__ void softmax_update(float (&s)[N / 8][4], float (&o)[D / 8][4],
+                                               float (&row_max)[2], float (&row_sum)[2]) {
+  float alpha[2];
+  softmax_scores<N>(s, row_max, row_sum, alpha);
   if constexpr (kNext) {
-    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f))
-      for (int dt = 0; dt < D / 8; ++dt)
-        for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
+    rescale_rows<D>(o, alpha);
+  } else {
+    for (int dt = 0; dt < D / 8; ++dt)
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e / 2];
   }
 }
 
@@ -460,9 +472,9 @@ __device__ __forceinline__ void score_tile_wide(float (&s)[2][kBlockN / 8][4], c
 
 // P of one m-tile as MMA A fragments (16-bit pairs), packed as soon as its softmax is done so
 // that the fp32 scores die before the next m-tile's softmax (registers).
-template <typename T>
-__device__ __forceinline__ void pack_p(uint32_t (&pa)[kBlockN / 16][4], const float (&s)[kBlockN / 8][4]) {
-  for (int kk = 0; kk < kBlockN / 16; ++kk) {
+template <typename T, int N = kBlockN>
+__device__ __forceinline__ void pack_p(uint32_t (&pa)[N / 16][4], const float (&s)[N / 8][4]) {
+  for (int kk = 0; kk < N / 16; ++kk) {
     pa[kk][0] = MmaType<T>::pack(s[2 * kk][0], s[2 * kk][1]);
     pa[kk][1] = MmaType<T>::pack(s[2 * kk][2], s[2 * kk][3]);
     pa[kk][2] = MmaType<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);

@@ -79,6 +79,14 @@ __device__ __forceinline__ void wgmma_wait_all() {
   asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
 #endif
 }
+// Waits until at most N of this warpgroup's committed wgmma batches are in flight (the older ones
+// have completed: batches complete in the order they were committed).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if DLMFUSE_WGMMA
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
 // Makes this thread's shared-memory writes (cp.async, stores) visible to wgmma's operand reads,
 // which go through the async proxy; a barrier after it covers every thread's writes.
 __device__ __forceinline__ void fence_proxy_async_shared() {
@@ -125,6 +133,16 @@ __device__ __forceinline__ void wgmma_rs_mn_major_b(float (&d)[N / 8][4], const 
                       : DLMFUSE_WGMMA_ACC32(d)                                                               \
                       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                             \
   }
+// wgmma_ss<T, 128>: d (64 registers) %0-%63, descriptors %64 / %65, scale_d %66.
+#define DLMFUSE_WGMMA_SS_N128(T, PTX)                                                                        \
+  template <>                                                                                              \
+  __device__ __forceinline__ void wgmma_ss<T, 128>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int scale_d) { \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
+                      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D64       \
+                      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                      \
+                      : DLMFUSE_WGMMA_ACC64(d)                                                               \
+                      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                             \
+  }
 // wgmma_rs_mn_major_b<T, N>: d %0-%(N/2 - 1), A registers next, then the descriptor and scale_d (1).
 #define DLMFUSE_WGMMA_RS_N64(T, PTX)                                                                         \
   template <>                                                                                              \
@@ -149,6 +167,8 @@ __device__ __forceinline__ void wgmma_rs_mn_major_b(float (&d)[N / 8][4], const 
 
 DLMFUSE_WGMMA_SS_N64(bf16_t, "bf16")
 DLMFUSE_WGMMA_SS_N64(fp16_t, "f16")
+DLMFUSE_WGMMA_SS_N128(bf16_t, "bf16")
+DLMFUSE_WGMMA_SS_N128(fp16_t, "f16")
 DLMFUSE_WGMMA_RS_N64(bf16_t, "bf16")
 DLMFUSE_WGMMA_RS_N64(fp16_t, "f16")
 DLMFUSE_WGMMA_RS_N128(bf16_t, "bf16")

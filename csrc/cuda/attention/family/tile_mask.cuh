@@ -12,7 +12,7 @@ struct RowLabels {
   int32_t order[2], group[2], doc[2];
 };
 
-// Key labels of a PARTIAL tile in shared memory: orders, groups, documents of its kBlockN keys.
+// Key labels of a PARTIAL tile in shared memory: orders, groups, documents of its keys.
 struct KeyLabels {
   const int32_t* order;
   const int32_t* group;
@@ -26,11 +26,12 @@ __device__ __forceinline__ bool visible_in_documents(const RowLabels& rows, int 
 
 // FULL tiles (all one document when the call has documents: within_documents) test nothing;
 // PARTIAL tiles test the rule and the documents per element; edge tiles also test the bounds.
-__device__ __forceinline__ void mask_tile(float (&s)[sm80::kBlockN / 8][4], float score_scale, TileKind kind,
+// kN: keys per tile (64; 128 in the warp-specialized kernel).
+template <int kN = sm80::kBlockN>
+__device__ __forceinline__ void mask_tile(float (&s)[kN / 8][4], float score_scale, TileKind kind,
                                           const KeyLabels& keys, bool has_docs, const RowLabels& rows,
                                           const int (&row_in_tile)[2], int q_rows, bool rows_full, int cols,
                                           int lane) {
-  constexpr int kN = sm80::kBlockN;
   const bool interior = cols == kN && rows_full;
   if (kind == TileKind::kFull && interior) {
 #pragma unroll
