@@ -83,11 +83,16 @@ if wants tests; then
   # DLMFUSE_CUDA_ATTENTION against the float64 reference (documents included), then the
   # packed-document tests under its automatic plans; the fused backward in its own process.
   step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
-    tests/test_attention_family.py tests/test_documents.py
+    tests/test_attention_family.py tests/test_documents.py -k "not sm90_128"
   step pytest_cuda_backward 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
     tests/test_attention_backward_cuda.py
+  # The family's Hopper kernel (mma=sm90, tile_m=128: TMA, warp specialisation), the newest code:
+  # its own tests, then the family's matrix under its plan.
+  step pytest_cuda_warp_specialized 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
+    tests/test_attention_warp_specialized.py tests/test_attention_family.py -k "warp_specialized or sm90_128"
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
-    --ignore=tests/test_attention_family.py --ignore=tests/test_attention_backward_cuda.py
+    --ignore=tests/test_attention_family.py --ignore=tests/test_attention_backward_cuda.py \
+    --ignore=tests/test_attention_warp_specialized.py
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
   # (the split tests set their own DLMFUSE_ATTENTION_SPLITS).
   step pytest_cuda_splits 90 env DLMFUSE_TEST_KERNELS="$verified" DLMFUSE_ATTENTION_SPLITS=3 \
@@ -154,6 +159,9 @@ if wants sanitize; then
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_attention_backward_cuda.py -k "bias or kv_lens"
   step sanitizer_racecheck_backward 90 $family_env bash -c 'racecheck "$@"' _ \
     tests/test_attention_backward_cuda.py -k "kv_lens"
+  step sanitizer_memcheck_warp_specialized 60 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_attention_warp_specialized.py \
+    -k "one or short_keys or kv_lens"
   step sanitizer_racecheck_sm90 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi
@@ -172,6 +180,10 @@ if wants bench; then
   step bench_attention_family 120 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
     --only backward --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
   cat "$logs/bench_attention_family.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
+  # The Hopper kernel forced (rows with a bias are refused and recorded as errors).
+  step bench_attention_warp_specialized 60 $family_env DLMFUSE_CUDA_ATTENTION=mma=sm90,tile_m=128 python3 -m dlmfuse \
+    bench --quick --device cuda --only attention --skip sdpa --skip flex --json "$logs/bench_attention_ws.jsonl"
+  cat "$logs/bench_attention_ws.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
   # One JSONL for all of them (the device tool returns at most 8 files).
   for kernel in ${BENCH_KERNELS:-wide sm90 gather sm90_gather next double_buffer}; do
     step "bench_attention_$kernel" 60 env DLMFUSE_CUDA_ATTENTION=$kernel python3 -m dlmfuse bench \
@@ -184,6 +196,11 @@ if wants profile; then
   step profile 240 ncu --kernel-name regex:'attention_sm80|kv_scatter|sample_tokens' \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    python3 scripts/profile_kernels.py
+  # The family's Hopper kernel forced on the same shapes (A3's bias is refused and skipped).
+  step profile_warp_specialized 180 $family_env DLMFUSE_CUDA_ATTENTION=mma=sm90,tile_m=128 ncu \
+    --kernel-name regex:'attention_fwd_warp_specialized' --section SpeedOfLight --section Occupancy \
+    --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \
     python3 scripts/profile_kernels.py
 fi
 if wants e1; then

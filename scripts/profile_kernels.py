@@ -50,8 +50,12 @@ def main() -> int:
         "S1 sample_tokens T=1": lambda: dlmfuse.sample_tokens(logits, temperature=1.0, seed=0),
     }
     for name, call in calls.items():
-        for _ in range(2):
-            call()
+        try:
+            for _ in range(2):
+                call()
+        except ValueError as e:  # a plan forced through DLMFUSE_CUDA_ATTENTION that this call cannot take
+            print(f"profile_kernels.py: skipped {name}: {e}", flush=True)
+            continue
         torch.cuda.synchronize()
         print(f"profile_kernels.py: ran {name} twice", flush=True)
     return 0

@@ -27,10 +27,10 @@ L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
-         labels=False, bias=False, device=H200, forced=""):
+         labels=False, bias=False, device=H200, forced="", docs=False, kv_lens=False):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced), device["max_shared_bytes"])
+                             _C.parse_attention_override(forced), device["max_shared_bytes"], docs, kv_lens)
 
 
 def fields(p) -> tuple:
@@ -149,8 +149,17 @@ def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
     ("mma=sm80", dict(aligned=False), "unaligned rows"),
     ("pack_gqa=1", dict(q_heads=8, kv_heads=8), "pack_gqa=1 needs no bias and grouped heads"),
     ("pack_gqa=1", dict(q_heads=32, kv_heads=8, bias=True), "pack_gqa=1 needs no bias"),
-    ("tile_m=128,mma=sm90", dict(), "tile_m=128 runs with mma=sm80"),
-    ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with mma=sm80, walk=tiles"),
+    ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
+    ("tile_m=128,pack_gqa=1", dict(q_heads=32, kv_heads=8), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
+    ("tile_m=128,mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
+    ("tile_m=128,mma=sm90", dict(bias=True), "takes walk=tiles, splits=1, pack_gqa=0 and no bias so far; this call "
+                                             "has a bias"),
+    ("tile_m=128,mma=sm90,splits=2", dict(), "this call has splits=2"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "this call has walk=gather"),
+    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8), "this call has pack_gqa=1"),
+    ("tile_m=128,mma=sm90", dict(k_len=2**31), "or k_len 2\\^31 keys"),
+    ("tile_m=128,mma=sm90", dict(half=False), "needs bf16 / fp16"),
+    ("tile_m=128,mma=sm90", dict(aligned=False), "unaligned rows"),
     ("mma=simt,splits=2", dict(), "mma=simt has its own tiles"),
     ("mma=simt,tile_m=128", dict(), "mma=simt has its own tiles"),
     ("splits=2", dict(half=False), "mma=simt has its own tiles"),
@@ -171,6 +180,29 @@ def test_128_row_tiles_must_fit_the_gpus_shared_memory():
     assert fields(plan(device=L40))[:3] == ("sm80", 64, "tiles")
 
 
+def test_the_warp_specialized_kernel_is_forced_only():
+    """mma=sm90 with tile_m=128 is the TMA / warp-specialized kernel: never an automatic plan (it has
+    not run on a GPU), one split (it has none yet), labels, documents, kv_lens and any GQA grouping
+    by head index, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64, 2 at 128,
+    and the stages' key labels)."""
+    for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=32, kv_heads=8, head_dim=64),
+                 dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True, docs=True, kv_lens=True),
+                 dict(q_len=32, labels=True)):
+        assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
+    assert _C.attention_fwd_tma_bytes(64) == (128 + 2 * 3 * 128) * 64 * 2 + 1024
+    assert _C.attention_fwd_tma_bytes(128) == (128 + 2 * 2 * 128) * 128 * 2 + 1024
+    small = dict(H200, max_shared_bytes=_C.attention_fwd_tma_bytes(128))
+    with pytest.raises(ValueError, match="tile_m=128 at head_dim 128 needs 16[0-9]{4} bytes"):
+        plan(device=small, forced="mma=sm90,tile_m=128")
+    assert plan(device=small, forced="mma=sm90,tile_m=128", head_dim=64).tile_m == 128
+    with pytest.raises(ValueError, match="the grid would exceed"):
+        plan(q_len=65536 * 128, forced="mma=sm90,tile_m=128")
+    for call in itertools.product((1, 64, 300, 4096), (64, 4096), (8, 32), (8, 2), (64, 128), (False, True),
+                                  (False, True)):
+        p = plan(**dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), call)))
+        assert (p.mma, p.tile_m) != ("sm90", 128), call
+
+
 def test_forced_fields_win_and_the_others_adapt():
     # A mask-only step would gather with wgmma; 128-row tiles force the whole-tile mma.sync walk.
     assert fields(plan(q_len=128, labels=True, forced="tile_m=128"))[:3] == ("sm80", 128, "tiles")
@@ -185,7 +217,8 @@ def test_forced_fields_win_and_the_others_adapt():
 CALLS = [dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), c)) for c in itertools.product(
     (1, 64, 300, 4096), (64, 4096), (8, 32), (8, 2), (64, 128), (False, True), (False, True))]
 FORCED = ["", "mma=simt", "mma=sm80", "mma=sm90", "tile_m=64", "tile_m=128", "walk=tiles", "walk=gather", "splits=1",
-          "splits=5", "pack_gqa=0", "pack_gqa=1", "mma=sm80,tile_m=128,splits=2", "mma=sm90,walk=gather,pack_gqa=1"]
+          "splits=5", "pack_gqa=0", "pack_gqa=1", "mma=sm80,tile_m=128,splits=2", "mma=sm90,walk=gather,pack_gqa=1",
+          "mma=sm90,tile_m=128"]
 
 
 @pytest.mark.parametrize("device", [H200, A100, L40], ids=["sm90", "sm80", "sm89"])
@@ -219,6 +252,7 @@ def _family_plans():
         ("sm80_gather", "mma=sm80,walk=gather", False, True),
         ("sm90", "mma=sm90,walk=tiles", True, False),
         ("sm90_gather", "mma=sm90,walk=gather", True, True),
+        ("sm90_128", "mma=sm90,tile_m=128", True, False),  # the warp-specialized TMA kernel
         ("sm80_splits", "mma=sm80,tile_m=64,splits=3", False, False),
         ("sm80_128_splits", "mma=sm80,tile_m=128,splits=2", False, False),
         ("gather_splits", "walk=gather,splits=3", False, True),
@@ -297,8 +331,8 @@ def test_mask_only_rows_kv_lens_and_empty_rows(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
-                         indirect=True)
+@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans()
+                                    if not labels and p not in ("packed_gqa", "sm90_128")], indirect=True)
 @pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16_bias", "fp32_bias"])
 def test_bias_broadcasts(family, bias_dtype):
     text, _ = family
@@ -353,7 +387,7 @@ def test_packed_documents_equal_each_document_alone(family, lengths, inner):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["auto", "sm80_gather", "simt"], indirect=True)
+@pytest.mark.parametrize("family", ["auto", "sm80_gather", "simt", "sm90_128"], indirect=True)
 def test_other_documents_tiles_are_never_read(family):
     """NaN keys and values in every other document must not reach a document's rows: the family skips
     the tile pairs of two documents (and the gathered walk their keys) instead of weighting them 0.
@@ -420,7 +454,7 @@ def test_automatic_plans_restate_the_verified_auto(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt"], indirect=True)
+@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt", "sm90_128"], indirect=True)
 def test_cuda_graph_capture_and_replay_with_documents(family):
     """The family inside a CUDA graph: the split workspace is allocated during capture, and replays
     with new values in q, the labels and the documents recompute with them."""

@@ -15,6 +15,7 @@
 //   verified double_buffer kernel that auto picks there had none): it cuts the K/V reads anywhere.
 #include "dlmfuse/attention_planner.h"
 
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <sstream>
@@ -69,6 +70,25 @@ bool grid_fits(const AttentionCall& c, int tile_m, bool pack, int splits) {
          c.batch * splits <= kAttentionMaxGridDim;
 }
 
+// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes no bias, one split
+// and GQA by head index (no packing); its TMA coordinates are 32-bit.
+std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
+  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa || plan.splits != 1 || c.has_bias)
+    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles, splits=1, pack_gqa=0 ",
+                  "and no bias so far; this call has", c.has_bias ? " a bias" : "",
+                  plan.walk != AttentionWalk::kTiles ? " walk=gather" : "",
+                  plan.splits != 1 ? concat(" splits=", plan.splits) : std::string(), plan.pack_gqa ? " pack_gqa=1" : "");
+  const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim)) +
+                     attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));
+  if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
+    return concat("mma=sm90 with tile_m=128 at head_dim ", c.head_dim, " needs ", shared,
+                  " bytes of shared memory per block, this GPU has ", device.max_shared_bytes);
+  if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, false, 1))
+    return concat("the grid would exceed ", kAttentionMaxGridDim, " CTAs along an axis, or k_len 2^31 keys (batch ",
+                  c.batch, ", q_len ", c.q_len, ", k_len ", c.k_len, ", q_heads ", c.q_heads, ")");
+  return "";
+}
+
 }  // namespace
 
 const char* mma_name(AttentionMma mma) {
@@ -91,7 +111,9 @@ AttentionCall attention_call(const AttentionParams& p) {
   c.head_dim = p.head_dim;
   c.half_precision = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
   c.has_labels = p.has_labels;
+  c.has_docs = p.has_docs;
   c.has_bias = p.bias != nullptr;
+  c.has_kv_lens = p.kv_lens != nullptr;
   // The epilogue stores output pairs as 4-byte words.
   bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0;
   for (int64_t stride : p.out_strides) out_pairs = out_pairs && stride % 2 == 0;
@@ -169,8 +191,9 @@ std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& c, con
   if (plan.mma == AttentionMma::kSm90 && device.cc_major != 9)
     return concat("mma=sm90 needs an sm_90 GPU (H100 / H200), this one is sm_", device.cc_major, device.cc_minor);
   if (plan.tile_m != 64 && plan.tile_m != 128) return concat("tile_m must be 64 or 128, got ", plan.tile_m);
-  if (plan.tile_m == 128 && (plan.mma != AttentionMma::kSm80 || plan.walk != AttentionWalk::kTiles || plan.pack_gqa))
-    return "tile_m=128 runs with mma=sm80, walk=tiles and pack_gqa=0 only";
+  if (plan.tile_m == 128 && plan.mma == AttentionMma::kSm90) return warp_specialized_mismatch(plan, c, device);
+  if (plan.tile_m == 128 && (plan.walk != AttentionWalk::kTiles || plan.pack_gqa))
+    return "tile_m=128 runs with walk=tiles and pack_gqa=0 only";
   const int shared = attention_fwd_dynamic_bytes(plan.tile_m, static_cast<int>(c.head_dim), plan.mma == AttentionMma::kSm90) +
                      attention_fwd_static_bytes(plan.tile_m, plan.walk == AttentionWalk::kGather);
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
@@ -212,8 +235,9 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
     // GQA packing: where it needs fewer CTAs, i.e. fewer reads of each K/V tile.
     if (forced.pack_gqa != AttentionOverride::kAuto) plan.pack_gqa = forced.pack_gqa == 1;
     else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64);
-    // Split-KV.
+    // Split-KV (the warp-specialized kernel has no split yet).
     if (forced.splits != 0) plan.splits = forced.splits;
+    else if (plan.mma == AttentionMma::kSm90 && plan.tile_m == 128) plan.splits = 1;
     else
       plan.splits = attention_num_splits(c.batch, c.q_heads, c.q_len, c.k_len, c.head_dim, device.sm_count,
                                          plan.tile_m, plan.pack_gqa ? c.kv_heads : 0);

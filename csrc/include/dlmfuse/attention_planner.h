@@ -56,6 +56,22 @@ constexpr int attention_fwd_static_bytes(int tile_m, bool gather) {
   return 3 * tile_m * 4 + (gather ? 3072 : 512);
 }
 
+// The warp-specialized kernel (mma=sm90 with tile_m=128, attention_fwd_warp_specialized.cuh): 128
+// query rows (two consumer warpgroups of 64), 128-key tiles through a ring of TMA stages (3 at
+// head_dim 64, 2 at 128: what fits beside the Q tile in 227 KB), plus the 1024-byte alignment slack
+// of the swizzled tiles.
+constexpr int kAttentionTmaRows = 128;
+constexpr int kAttentionTmaKeyTile = 128;
+constexpr int attention_tma_stages(int head_dim) { return head_dim == 64 ? 3 : 2; }
+constexpr int attention_fwd_tma_bytes(int head_dim) {
+  return (kAttentionTmaRows + 2 * attention_tma_stages(head_dim) * kAttentionTmaKeyTile) * head_dim * 2 + 1024;
+}
+// Its static shared memory, at most: per stage a tile description, three rows of key labels and
+// three mbarriers, plus two more mbarriers.
+constexpr int attention_fwd_tma_static_bytes(int head_dim) {
+  return attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 3 * 8) + 2 * 8 + 16;
+}
+
 // What the planner needs to know of the call.
 struct AttentionCall {
   int64_t batch = 0, q_len = 0, k_len = 0, q_heads = 0, kv_heads = 0, head_dim = 0;
@@ -63,6 +79,8 @@ struct AttentionCall {
   bool aligned = false;         // q / k / v rows on 16-byte boundaries, out rows on 4 (cp.async, paired stores)
   bool has_labels = false;
   bool has_bias = false;
+  bool has_docs = false;     // document labels
+  bool has_kv_lens = false;  // per-batch key lengths
 };
 AttentionCall attention_call(const AttentionParams& p);
 

@@ -1,0 +1,89 @@
+// Launch of the family's Hopper kernel (plan mma=sm90 with tile_m=128): the TMA descriptors of
+// q, k and v, shared memory, and the grid.
+#include <cuda.h>
+
+#include <mutex>
+
+#include "cuda/attention/attention.h"
+#include "cuda/attention/family/attention_fwd_warp_specialized.cuh"
+
+namespace dlmfuse::cuda {
+namespace {
+
+using family::AttentionTensorMaps;
+using family::WarpSpecializedTraits;
+
+// cuTensorMapEncodeTiled from the driver the process runs on (the module links the static CUDA
+// runtime, not libcuda).
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                 const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                 CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_tiled() {
+  static EncodeTiled fn = nullptr;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* address = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &found) ==
+            cudaSuccess &&
+        found == cudaDriverEntryPointSuccess)
+      fn = reinterpret_cast<EncodeTiled>(address);
+  });
+  return fn;
+}
+
+// A [B, L, H, D] 16-bit tensor (strides of batch, row, head in elements) as the 4-d map (D, H, L, B)
+// with boxes of 64 columns x 1 head x `rows` rows, 128-byte swizzle; reads past an axis are zeros.
+cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t batch, int64_t len, int64_t heads,
+                       int64_t head_dim, const int64_t (&strides)[3], uint32_t rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(len), static_cast<cuuint64_t>(batch)};
+  // Byte strides of axes 1-3; an axis of extent 1 is never stepped, so any multiple of 16 serves.
+  cuuint64_t byte_strides[3];
+  const int64_t order[3] = {strides[2], strides[1], strides[0]};  // head, row, batch
+  for (int i = 0; i < 3; ++i)
+    byte_strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(order[i]) * 2;
+  const cuuint32_t box[4] = {64, 1, rows, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result =
+      encode(map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+             const_cast<void*>(data), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T, int D>
+cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
+  using Tr = WarpSpecializedTraits<T, D>;
+  AttentionTensorMaps maps;
+  cudaError_t status = encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
+  maps.k = maps.v = maps.q;  // no keys: the kernel loads none (a map needs extents above 0)
+  if (status == cudaSuccess && p.k_len > 0)
+    status = encode_map(&maps.k, p.k, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.k_strides, Tr::kTileN);
+  if (status == cudaSuccess && p.k_len > 0)
+    status = encode_map(&maps.v, p.v, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.v_strides, Tr::kTileN);
+  if (status != cudaSuccess) return status;
+  auto kernel = family::attention_fwd_warp_specialized_kernel<Tr>;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSharedBytes);
+  if (status != cudaSuccess) return status;
+  const auto q_tiles = static_cast<unsigned>(plan_ceil_div(p.q_len, Tr::kTileM));
+  const auto heads = static_cast<unsigned>(p.q_heads);
+  // Heaviest query tiles first under labels (the kernel reads the grid the same way).
+  const dim3 grid = p.has_labels ? dim3(heads, q_tiles, static_cast<unsigned>(p.batch))
+                                 : dim3(q_tiles, heads, static_cast<unsigned>(p.batch));
+  kernel<<<grid, Tr::kThreads, Tr::kSharedBytes, stream>>>(p, maps);
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t attention_forward_warp_specialized(const AttentionParams& p, cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBFloat16;
+  if (p.head_dim == 64) return bf16 ? launch<bf16_t, 64>(p, stream) : launch<fp16_t, 64>(p, stream);
+  return bf16 ? launch<bf16_t, 128>(p, stream) : launch<fp16_t, 128>(p, stream);
+}
+
+}  // namespace dlmfuse::cuda

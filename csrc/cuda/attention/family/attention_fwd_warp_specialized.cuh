@@ -1,0 +1,361 @@
+// The family's Hopper kernel (plan mma=sm90 with tile_m=128), FlashAttention-3's structure:
+//
+//   384 threads = three warpgroups. Warpgroup 0 is the producer: it gives up registers (setmaxnreg)
+//   and its first warp walks the key tiles: it classifies each against the query tile's label and
+//   document ranges (SKIP tiles are never loaded), writes the tile's description (and a PARTIAL
+//   tile's key labels) into the stage, and one lane issues the loads as TMA bulk copies (Q once; K
+//   and V tile by tile into a ring of kStages stages), each arriving on an mbarrier with its byte
+//   count. Warpgroups 1 and 2 are consumers with the registers: each owns 64 of the CTA's 128 query
+//   rows, waits for a stage, computes S = Q K^T and O += P V as wgmma batches on the
+//   128-byte-swizzled tiles the TMA wrote, masks PARTIAL and edge tiles (tile_mask.cuh), and releases
+//   the stage (one arrival per consumer warp) for the producer to refill. A stage marked
+//   kEndOfWalk ends the walk. Two overlaps hide the softmax: within a consumer, tile i's S batch is
+//   issued together with tile i - 1's P V batch and its softmax runs while P V computes; between
+//   the consumers, named barriers make them take turns to issue (ping-pong), so one's softmax runs
+//   under the other's MMAs. The online softmax, P packing and epilogue are the mma.sync path's
+//   (wgmma's accumulator rows per warp are those of mma.sync m16n8 fragments, wgmma_sm90.cuh).
+//
+// Rows past q_len and keys past k_len arrive as zeros (the tensor maps' bounds). Keys that kv_lens
+// hides but memory holds are loaded with the last tile: their scores are set to -inf and the
+// producer zeroes their V rows before the consumers read them (0 x NaN would be NaN).
+// Not yet: bias, split-KV, GQA packing (the planner refuses them).
+//
+// Built on CUTLASS's sm_90 primitives (mbarriers, setmaxnreg, the TMA copy instruction); the MMAs
+// are the family's own wgmma wrappers. Compiled for other architectures the kernel traps (the
+// planner never sends it there).
+#pragma once
+
+#include <cuda.h>
+
+#include "cuda/attention/attention_sm90_tile.cuh"
+#include "cuda/attention/family/tile_mask.cuh"
+#include "cuda/attention/tile_common.cuh"
+#include "cute/arch/copy_sm90_tma.hpp"
+#include "cutlass/arch/barrier.h"
+#include "cutlass/arch/reg_reconfig.h"
+#include "dlmfuse/attention_planner.h"
+#include "dlmfuse/online_softmax.h"
+
+namespace dlmfuse::cuda::family {
+
+template <typename T_, int D_>
+struct WarpSpecializedTraits {
+  using T = T_;
+  static constexpr int D = D_;
+  static constexpr int kTileM = kAttentionTmaRows;      // two consumer warpgroups x 64 rows
+  static constexpr int kTileN = kAttentionTmaKeyTile;   // keys per stage
+  static constexpr int kStages = attention_tma_stages(D);
+  static constexpr int kThreads = 3 * 128;
+  static constexpr int kConsumerWarps = 8;
+  // Register split: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (the producer's tile
+  // classification spills at 40, FlashAttention-3's producer budget).
+  static constexpr int kProducerRegisters = 56;
+  static constexpr int kConsumerRegisters = 224;
+  // 16-bit tiles of [rows][64] columns (one TMA box each); a tile of D columns is D / 64 of them.
+  static constexpr uint32_t kQRows = 64;  // per consumer warpgroup
+  static constexpr uint32_t kQBoxBytes = kQRows * 128;
+  static constexpr uint32_t kKvBoxBytes = kTileN * 128;
+  static constexpr uint32_t kQBytes = 2 * kQRows * D * 2;  // both consumers' rows
+  static constexpr uint32_t kKvBytes = kTileN * D * 2;     // one K or one V stage
+  static constexpr int kSharedBytes = attention_fwd_tma_bytes(D);
+  static_assert(kSharedBytes == static_cast<int>(kQBytes + 2 * kStages * kKvBytes) + 1024, "the planner's count");
+  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
+};
+
+// The TMA descriptors of one call: [B, L, H, D] tensors as 4-d maps (D, H, L, B), boxes of 64
+// columns x one head x 64 (Q) or 128 (K, V) rows with the 128-byte swizzle.
+struct AttentionTensorMaps {
+  CUtensorMap q, k, v;
+};
+
+// What the producer tells the consumers about the tile in a stage (written before its arrivals).
+struct StageTile {
+  int32_t k0;          // first key (the planner keeps k_len below 2^31)
+  int32_t cols;        // keys of the tile that exist for this row (kv_lens, k_len)
+  int32_t kind;        // TileKind, or kEndOfWalk
+  int32_t zeroed_tail;  // V rows past cols were zeroed by the producer: wait on v_tail, not v_full
+};
+constexpr int32_t kEndOfWalk = -1;
+
+// The stages' metadata and mbarriers: Q landed; per stage K landed, V landed, both consumers done;
+// the V tail zeroed (at most once per CTA: only the last tile has fewer keys).
+template <int kStages, int kTileN>
+struct PipelineShared {
+  StageTile tiles[kStages];
+  alignas(16) int32_t key_labels[kStages][3][kTileN];  // a PARTIAL tile's orders, groups, documents
+  uint64_t q_full;
+  uint64_t k_full[kStages];
+  uint64_t v_full[kStages];
+  uint64_t empty[kStages];
+  uint64_t v_tail;
+};
+
+// One 64-column box of rows [row, row + box rows) of head `head`, batch b, into `dst`, completing
+// on `bar`. L2 policy: the normal eviction priority.
+__device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* bar, void* dst, int col, int64_t head,
+                                             int64_t row, int64_t b) {
+  constexpr auto kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
+  cute::SM90_TMA_LOAD_4D::copy(&map, bar, kEvictNormal, dst, col, static_cast<int32_t>(head), static_cast<int32_t>(row),
+                               static_cast<int32_t>(b));  // the planner bounds every axis below 2^31
+}
+
+template <int D>
+constexpr bool pipeline_fits_the_plan =
+    sizeof(PipelineShared<attention_tma_stages(D), kAttentionTmaKeyTile>) <= attention_fwd_tma_static_bytes(D);
+static_assert(pipeline_fits_the_plan<64> && pipeline_fits_the_plan<128>, "the planner's bound on static shared memory");
+
+template <class Tr>
+__global__ void __launch_bounds__(Tr::kThreads, 1)
+    attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
+#if DLMFUSE_WGMMA
+  using T = typename Tr::T;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
+  extern __shared__ __align__(128) unsigned char shared_raw[];
+  // The 128-byte swizzle repeats every 1024 bytes: TMA and wgmma need tiles on 1024-byte boundaries.
+  unsigned char* shared_base = shared_raw + (1024 - sm80::smem_address(shared_raw) % 1024) % 1024;
+  T* q_tiles = reinterpret_cast<T*>(shared_base);  // [2 consumers][D / 64][64 rows][64]
+  T* k_tiles = q_tiles + 2 * Tr::kQRows * D;        // [kStages][D / 64][kTileN][64]
+  T* v_tiles = k_tiles + kStages * kTileN * D;      // [kStages][D / 64][kTileN][64]
+  __shared__ PipelineShared<kStages, kTileN> pipe;
+
+  const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
+  // With labels, heads fastest and query tiles in descending order: under causal-like masks later
+  // tiles see more keys, so the longest CTAs start first (as in the family's other kernels).
+  const int64_t b = blockIdx.z;
+  const int64_t h = p.has_labels ? blockIdx.x : blockIdx.y;
+  const int64_t tile_m = p.has_labels ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
+  const int64_t q0 = tile_m * Tr::kTileM;
+  const int q_rows = static_cast<int>(p.q_len - q0 < Tr::kTileM ? p.q_len - q0 : Tr::kTileM);
+  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+
+  if (threadIdx.x == 0) {
+    TxBarrier::init(&pipe.q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      TxBarrier::init(&pipe.k_full[s], 1);
+      TxBarrier::init(&pipe.v_full[s], 1);
+      Barrier::init(&pipe.empty[s], Tr::kConsumerWarps);
+    }
+    Barrier::init(&pipe.v_tail, 1);
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warpgroup == 0) {  // ------------------------------------------------------------ producer
+    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegisters>();
+    if (warp != 0) return;
+    if (lane == 0) {
+      TxBarrier::arrive_and_expect_tx(&pipe.q_full, Tr::kQBytes);
+      for (int c = 0; c < 2; ++c)
+        for (int col = 0; col < D; col += 64)
+          tma_load_box(maps.q, &pipe.q_full, q_tiles + c * Tr::kQRows * D + col * Tr::kQRows, col, h,
+                       q0 + c * Tr::kQRows, b);
+    }
+    // The query tile's label and document ranges (the classification's left side).
+    LabelRange q_range = LabelRange::empty();
+    IdRange q_docs = IdRange::empty();
+    if (p.has_labels) {
+      for (int i = lane; i < q_rows; i += 32) {
+        q_range.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
+        if (p.has_docs) q_docs.add(p.q_doc.at(b, q0 + i));
+      }
+      q_range = warp_reduce(q_range);
+      q_docs = warp_reduce(q_docs);
+    }
+    const int64_t k_len = effective_k_len(p, b);
+    int issued = 0;  // work tiles handed to the consumers
+    for (int64_t k0 = 0; k0 < k_len; k0 += kTileN) {
+      const int cols = static_cast<int>(k_len - k0 < kTileN ? k_len - k0 : kTileN);
+      TileKind kind = TileKind::kFull;
+      if (p.has_labels) {
+        LabelRange keys = LabelRange::empty();
+        IdRange docs = IdRange::empty();
+        for (int j = lane; j < cols; j += 32) {
+          keys.add(p.k_order.at(b, k0 + j), p.k_group.at(b, k0 + j));
+          if (p.has_docs) docs.add(p.k_doc.at(b, k0 + j));
+        }
+        kind = classify_tile(q_range, warp_reduce(keys));
+        if (p.has_docs) kind = within_documents(kind, q_docs, warp_reduce(docs));
+        if (kind == TileKind::kSkip) continue;
+      }
+      const int s = issued % kStages;
+      if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);  // its last use released
+      if (kind == TileKind::kPartial)
+        for (int j = lane; j < kTileN; j += 32) {
+          const bool key = j < cols;
+          pipe.key_labels[s][0][j] = key ? p.k_order.at(b, k0 + j) : 0;
+          pipe.key_labels[s][1][j] = key ? p.k_group.at(b, k0 + j) : 0;
+          pipe.key_labels[s][2][j] = key && p.has_docs ? p.k_doc.at(b, k0 + j) : 0;
+        }
+      // Keys kv_lens hides but memory holds (the TMA loads them with the tile).
+      const bool zero_tail = cols < kTileN && k0 + cols < p.k_len;
+      if (lane == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(k0), cols, static_cast<int32_t>(kind), zero_tail};
+      __syncwarp();  // the lanes' labels before lane 0's arrivals publish them
+      if (lane == 0) {
+        TxBarrier::arrive_and_expect_tx(&pipe.k_full[s], Tr::kKvBytes);
+        for (int col = 0; col < D; col += 64)
+          tma_load_box(maps.k, &pipe.k_full[s], k_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
+        TxBarrier::arrive_and_expect_tx(&pipe.v_full[s], Tr::kKvBytes);
+        for (int col = 0; col < D; col += 64)
+          tma_load_box(maps.v, &pipe.v_full[s], v_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
+      }
+      if (zero_tail) {  // V rows cols.. of every 64-column box to zeros once the TMA has written them
+        TxBarrier::wait(&pipe.v_full[s], (issued / kStages) & 1);
+        auto* v_rows = reinterpret_cast<uint4*>(v_tiles + s * kTileN * D);
+        constexpr int kChunksPerRow = 128 / 16;
+        for (int c = lane; c < (D / 64) * (kTileN - cols) * kChunksPerRow; c += 32) {
+          const int box = c / ((kTileN - cols) * kChunksPerRow), rest = c % ((kTileN - cols) * kChunksPerRow);
+          v_rows[(box * kTileN + cols + rest / kChunksPerRow) * kChunksPerRow + rest % kChunksPerRow] = make_uint4(0, 0, 0, 0);
+        }
+        cutlass::arch::fence_view_async_shared();  // the zeros, for wgmma's operand reads
+        __syncwarp();
+        if (lane == 0) Barrier::arrive(&pipe.v_tail);
+      }
+      ++issued;
+    }
+    // The end of the walk: a stage whose kind says so, arriving without loads.
+    const int s = issued % kStages;
+    if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);
+    if (lane == 0) {
+      pipe.tiles[s].kind = kEndOfWalk;
+      Barrier::arrive(&pipe.k_full[s]);
+    }
+    return;
+  }
+
+  // ---------------------------------------------------------------------------------- consumers
+  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegisters>();
+  const int consumer = warpgroup - 1;
+  const uint32_t q_smem = sm80::smem_address(q_tiles + consumer * Tr::kQRows * D);
+  // The labels of the thread's two fragment rows (0 past q_len: those rows are never written).
+  RowLabels row_labels = {};
+  if (p.has_labels)
+    for (int r = 0; r < 2; ++r) {
+      const int row = consumer * Tr::kQRows + warp * 16 + lane / 4 + 8 * r;
+      if (row >= q_rows) continue;
+      row_labels.order[r] = p.q_order.at(b, q0 + row);
+      row_labels.group[r] = p.q_group.at(b, q0 + row);
+      row_labels.doc[r] = p.has_docs ? p.q_doc.at(b, q0 + row) : 0;
+    }
+  float o[D / 8][4] = {};
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  const float score_scale = p.scale * kLog2e;
+
+  // S = Q K^T for the tile in stage s, issued (not waited for): D / 16 k-steps, each 32 bytes into
+  // the 128-byte swizzled rows.
+  float sc[kTileN / 8][4];
+  auto issue_scores = [&](int s) {
+    const uint32_t k_smem = sm80::smem_address(k_tiles + s * kTileN * D);
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks)
+      sm90::wgmma_ss<T, kTileN>(sc, sm90::sw128_descriptor(q_smem + (ks / 4) * Tr::kQBoxBytes + (ks % 4) * 32, 16, 1024),
+                                sm90::sw128_descriptor(k_smem + (ks / 4) * Tr::kKvBoxBytes + (ks % 4) * 32, 16, 1024),
+                                ks > 0);
+    sm90::wgmma_commit();
+  };
+  // O += P V for the tile in stage s, issued: P as wgmma A fragments (per warp, the m16n8k16 A
+  // layout), 16 keys a step.
+  uint32_t pa[kTileN / 16][4];
+  auto issue_pv = [&](int s) {
+    const uint32_t v_smem = sm80::smem_address(v_tiles + s * kTileN * D);
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk)
+      sm90::wgmma_rs_mn_major_b<T, D>(o, pa[kk], sm90::sw128_descriptor(v_smem + kk * 16 * 128, Tr::kKvBoxBytes, 1024));
+    sm90::wgmma_commit();
+  };
+  // Scale to base 2; hide the keys past cols and, in PARTIAL tiles, what the labels hide (rows past
+  // q_len need no test: they are never written). Then the scores' part of the online softmax.
+  float alpha[2];
+  auto softmax_of = [&](const StageTile& tile, int s) {
+    const int32_t* labels = pipe.key_labels[s][0];
+    const KeyLabels keys{labels, labels + kTileN, labels + 2 * kTileN};
+    const int no_row_bound[2] = {0, 0};
+    mask_tile<kTileN>(sc, score_scale, static_cast<TileKind>(tile.kind), keys, p.has_docs, row_labels, no_row_bound,
+                      1, true, tile.cols, lane);
+    sm80::softmax_scores<kTileN>(sc, row_max, row_sum, alpha);
+  };
+  auto wait_v = [&](const StageTile& tile, int s, uint32_t phase) {
+    if (tile.zeroed_tail) Barrier::wait(&pipe.v_tail, 0);
+    else TxBarrier::wait(&pipe.v_full[s], phase);
+  };
+  auto release = [&](int s) {  // this warp no longer reads the stage
+    __syncwarp();
+    if (lane == 0) Barrier::arrive(&pipe.empty[s]);
+  };
+  // Ping-pong: the consumers take turns to issue their MMA batches (named barriers, 256 threads), so
+  // that one's softmax runs while the other's MMAs do. Consumer 0 starts; every arrive meets a sync.
+  const uint32_t my_turn = consumer, other_turn = 1 - consumer;
+  auto take_turn = [&] { cutlass::arch::NamedBarrier::sync(256, my_turn); };
+  auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, other_turn); };
+  if (consumer == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+
+  TxBarrier::wait(&pipe.q_full, 0);
+  TxBarrier::wait(&pipe.k_full[0], 0);
+  StageTile tile = pipe.tiles[0];
+  take_turn();
+  if (tile.kind != kEndOfWalk) {
+    sm90::fence_operands(sc);
+    sm90::wgmma_fence();
+    issue_scores(0);
+  }
+  pass_turn();
+  if (tile.kind != kEndOfWalk) {
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(sc);
+    softmax_of(tile, 0);  // o is still zero: nothing to rescale
+    sm80::pack_p<T, kTileN>(pa, sc);
+    // Tile i's S batch is issued with tile i - 1's P V batch; the softmax of S(i) runs while P V
+    // (i - 1) computes; o is rescaled once that batch has completed.
+    for (int i = 1;; ++i) {
+      const int s = i % kStages, prev = (i - 1) % kStages;
+      TxBarrier::wait(&pipe.k_full[s], (i / kStages) & 1);
+      const StageTile next = pipe.tiles[s];
+      const bool more = next.kind != kEndOfWalk;
+      wait_v(tile, prev, ((i - 1) / kStages) & 1);
+      take_turn();
+      sm90::fence_operands(sc);
+      sm90::fence_operands(o);
+      sm90::fence_operands(pa);
+      sm90::wgmma_fence();
+      if (more) issue_scores(s);
+      issue_pv(prev);
+      pass_turn();
+      if (!more) {
+        sm90::wgmma_wait<0>();
+        sm90::fence_operands(o);
+        release(prev);
+        break;
+      }
+      sm90::wgmma_wait<1>();  // S(i) has completed; P V (i - 1) may still run
+      sm90::fence_operands(sc);
+      softmax_of(next, s);
+      sm90::wgmma_wait<0>();
+      sm90::fence_operands(o);
+      release(prev);
+      sm80::rescale_rows<D>(o, alpha);
+      sm80::pack_p<T, kTileN>(pa, sc);
+      tile = next;
+    }
+  }
+  if (consumer == 0) take_turn();  // consumer 1's last pass_turn
+
+  // Epilogue: the thread's two rows, normalised, as 4-byte pairs; lse by one lane of four.
+  for (int r = 0; r < 2; ++r) {
+    const int row = consumer * Tr::kQRows + warp * 16 + lane / 4 + 8 * r;
+    if (row >= q_rows) continue;
+    const int64_t query = q0 + row;
+    const float inv = softmax_inv_sum(row_sum[r]);
+    T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + query * p.out_strides[1] + h * p.out_strides[2];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; ++dt)
+      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * (lane % 4)) =
+          sm80::MmaType<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    if (lane % 4 == 0) p.lse[(b * p.q_heads + h) * p.q_len + query] = softmax_lse(row_max[r], row_sum[r]);
+  }
+#else
+  __trap();  // never launched: the planner sends mma=sm90 to sm_90 GPUs only
+#endif
+}
+
+}  // namespace dlmfuse::cuda::family
