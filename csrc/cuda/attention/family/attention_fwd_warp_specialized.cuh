@@ -90,6 +90,11 @@ struct PipelineShared {
   uint64_t v_tail;
 };
 
+// CUTLASS's mbarrier waits and arrivals are asm volatile without a memory clobber: this keeps the
+// compiler from moving plain shared-memory reads and writes (stage descriptions, key labels, V
+// zeros) across them.
+__device__ __forceinline__ void memory_order_point() { asm volatile("" ::: "memory"); }
+
 // One 64-column box of rows [row, row + box rows) of head `head`, batch b, into `dst`, completing
 // on `bar`. L2 policy: the normal eviction priority.
 __device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* bar, void* dst, int col, int64_t head,
@@ -181,6 +186,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       const int s = issued % kStages;
       if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);  // its last use released
+      memory_order_point();
       if (kind == TileKind::kPartial)
         for (int j = lane; j < kTileN; j += 32) {
           const bool key = j < cols;
@@ -192,6 +198,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const bool zero_tail = cols < kTileN && k0 + cols < p.k_len;
       if (lane == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(k0), cols, static_cast<int32_t>(kind), zero_tail};
       __syncwarp();  // the lanes' labels before lane 0's arrivals publish them
+      memory_order_point();
       if (lane == 0) {
         TxBarrier::arrive_and_expect_tx(&pipe.k_full[s], Tr::kKvBytes);
         for (int col = 0; col < D; col += 64)
@@ -202,12 +209,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       if (zero_tail) {  // V rows cols.. of every 64-column box to zeros once the TMA has written them
         TxBarrier::wait(&pipe.v_full[s], (issued / kStages) & 1);
+        memory_order_point();
         auto* v_rows = reinterpret_cast<uint4*>(v_tiles + s * kTileN * D);
         constexpr int kChunksPerRow = 128 / 16;
         for (int c = lane; c < (D / 64) * (kTileN - cols) * kChunksPerRow; c += 32) {
           const int box = c / ((kTileN - cols) * kChunksPerRow), rest = c % ((kTileN - cols) * kChunksPerRow);
           v_rows[(box * kTileN + cols + rest / kChunksPerRow) * kChunksPerRow + rest % kChunksPerRow] = make_uint4(0, 0, 0, 0);
         }
+        memory_order_point();
         cutlass::arch::fence_view_async_shared();  // the zeros, for wgmma's operand reads
         __syncwarp();
         if (lane == 0) Barrier::arrive(&pipe.v_tail);
@@ -217,8 +226,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // The end of the walk: a stage whose kind says so, arriving without loads.
     const int s = issued % kStages;
     if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);
+    memory_order_point();
     if (lane == 0) {
       pipe.tiles[s].kind = kEndOfWalk;
+      memory_order_point();
       Barrier::arrive(&pipe.k_full[s]);
     }
     return;
@@ -280,6 +291,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     else TxBarrier::wait(&pipe.v_full[s], phase);
   };
   auto release = [&](int s) {  // this warp no longer reads the stage
+    memory_order_point();
     __syncwarp();
     if (lane == 0) Barrier::arrive(&pipe.empty[s]);
   };
@@ -290,43 +302,43 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, other_turn); };
   if (consumer == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
 
+  // Every wgmma batch is issued where its warpgroup.arrive (wgmma_fence) directly precedes it, with
+  // no branch between: otherwise ptxas inserts its own and serialises the batches.
   TxBarrier::wait(&pipe.q_full, 0);
   TxBarrier::wait(&pipe.k_full[0], 0);
+  memory_order_point();
   StageTile tile = pipe.tiles[0];
-  take_turn();
-  if (tile.kind != kEndOfWalk) {
+  if (tile.kind == kEndOfWalk) {  // no visible key: the turns still pair up
+    take_turn();
+    pass_turn();
+  } else {
+    take_turn();
     sm90::fence_operands(sc);
     sm90::wgmma_fence();
     issue_scores(0);
-  }
-  pass_turn();
-  if (tile.kind != kEndOfWalk) {
+    pass_turn();
     sm90::wgmma_wait<0>();
     sm90::fence_operands(sc);
     softmax_of(tile, 0);  // o is still zero: nothing to rescale
     sm80::pack_p<T, kTileN>(pa, sc);
     // Tile i's S batch is issued with tile i - 1's P V batch; the softmax of S(i) runs while P V
     // (i - 1) computes; o is rescaled once that batch has completed.
-    for (int i = 1;; ++i) {
+    int i = 1;
+    for (;; ++i) {
       const int s = i % kStages, prev = (i - 1) % kStages;
       TxBarrier::wait(&pipe.k_full[s], (i / kStages) & 1);
+      memory_order_point();
       const StageTile next = pipe.tiles[s];
-      const bool more = next.kind != kEndOfWalk;
+      if (next.kind == kEndOfWalk) break;
       wait_v(tile, prev, ((i - 1) / kStages) & 1);
       take_turn();
       sm90::fence_operands(sc);
       sm90::fence_operands(o);
       sm90::fence_operands(pa);
       sm90::wgmma_fence();
-      if (more) issue_scores(s);
+      issue_scores(s);
       issue_pv(prev);
       pass_turn();
-      if (!more) {
-        sm90::wgmma_wait<0>();
-        sm90::fence_operands(o);
-        release(prev);
-        break;
-      }
       sm90::wgmma_wait<1>();  // S(i) has completed; P V (i - 1) may still run
       sm90::fence_operands(sc);
       softmax_of(next, s);
@@ -337,6 +349,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sm80::pack_p<T, kTileN>(pa, sc);
       tile = next;
     }
+    // The last tile's P V.
+    const int last = (i - 1) % kStages;
+    wait_v(tile, last, ((i - 1) / kStages) & 1);
+    take_turn();
+    sm90::fence_operands(o);
+    sm90::fence_operands(pa);
+    sm90::wgmma_fence();
+    issue_pv(last);
+    pass_turn();
+    sm90::wgmma_wait<0>();
+    sm90::fence_operands(o);
+    release(last);
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass_turn
 
