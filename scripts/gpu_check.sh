@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
 # then run the named parts in order (the not-yet-verified CUDA kernels only in their own steps):
-#   tests     CUDA tests (first the planned family's plans and the fused backward, each in its own
-#             process; then every attention kernel of DLMFUSE_CUDA_ATTENTION, forced split-KV)
+#   tests     CUDA tests (first the planned family's plans, the fused backward and the family's
+#             Hopper kernel, each in its own process; then every attention kernel of
+#             DLMFUSE_CUDA_ATTENTION, forced split-KV)
 #   sanitize  compute-sanitizer memcheck / racecheck over small cases of every kernel
 #   bench     kernel benchmarks (K1, S1; A1-A5 and A4g with the peers; the planned family and the
 #             fused backward alone; dlmfuse alone per attention kernel of BENCH_KERNELS, into one
@@ -11,7 +12,8 @@
 #             the end-to-end LLaDA-8B-shaped generate benchmark, one step per batch size in
 #             E1_BATCHES (default "1 8"; H200: the B=1 step took 84 s, B=8 never finished yet)
 #   profile   Nsight Compute sections (speed of light, occupancy, warp stalls, memory) of each
-#             kernel on its benchmark shape (scripts/profile_kernels.py), ~1-2 minutes
+#             kernel on its benchmark shape (scripts/profile_kernels.py), then of the family's
+#             Hopper kernel forced on the same shapes, ~3-4 minutes
 #   all       tests sanitize bench e1
 # JSONL and one logs.tar.gz go under $OUT (default ./gpu_out; the device tool returns at most 8
 # files); failing steps print their log's tail before the summary. Each step has its own timeout, and no step runs
@@ -34,13 +36,15 @@ budget="${GPU_CHECK_BUDGET:-540}"
 logs="$(mktemp -d)"
 mkdir -p "$OUT"
 site=/tmp/dlmfuse-site
+rm -rf "$site"  # pip --target keeps what a rerun on the same warm machine installed before
 python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
 [[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
 # The unverified kernels (_ext._UNVERIFIED_CUDA_KERNELS: the planned attention family, the fused
 # backward) take over every CUDA attention call when DLMFUSE_CUDA_KERNELS=1, so only their own
 # steps set it (a fault there kills only that step's process): pytest_cuda_family,
-# pytest_cuda_backward, their sanitizer steps, bench_attention_family.
+# pytest_cuda_backward, pytest_cuda_warp_specialized, their sanitizer steps, the family's bench and
+# profile steps.
 family_env="env DLMFUSE_CUDA_KERNELS=1"
 status=()
 
