@@ -184,7 +184,7 @@ if wants bench; then
   step bench_attention_family 120 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
     --only backward --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
   cat "$logs/bench_attention_family.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
-  # The Hopper kernel forced (rows with a bias are refused and recorded as errors).
+  # The Hopper kernel forced (rows it cannot take, e.g. split-KV forced elsewhere, are recorded as errors).
   step bench_attention_warp_specialized 60 $family_env DLMFUSE_CUDA_ATTENTION=mma=sm90,tile_m=128 python3 -m dlmfuse \
     bench --quick --device cuda --only attention --skip sdpa --skip flex --json "$logs/bench_attention_ws.jsonl"
   cat "$logs/bench_attention_ws.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
@@ -201,7 +201,7 @@ if wants profile; then
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     python3 scripts/profile_kernels.py
-  # The family's Hopper kernel forced on the same shapes (A3's bias is refused and skipped).
+  # The family's Hopper kernel forced on the same shapes.
   step profile_warp_specialized 180 $family_env DLMFUSE_CUDA_ATTENTION=mma=sm90,tile_m=128 ncu \
     --kernel-name regex:'attention_fwd_warp_specialized' --section SpeedOfLight --section Occupancy \
     --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis \

@@ -152,11 +152,10 @@ def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
     ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,pack_gqa=1", dict(q_heads=32, kv_heads=8), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
-    ("tile_m=128,mma=sm90", dict(bias=True), "takes walk=tiles, splits=1, pack_gqa=0 and no bias so far; this call "
-                                             "has a bias"),
-    ("tile_m=128,mma=sm90,splits=2", dict(), "this call has splits=2"),
-    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "this call has walk=gather"),
-    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8), "this call has pack_gqa=1"),
+    ("tile_m=128,mma=sm90,splits=2", dict(), "takes walk=tiles, splits=1 and pack_gqa=0 so far; this plan has "
+                                             "splits=2"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "this plan has walk=gather"),
+    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8), "this plan has pack_gqa=1"),
     ("tile_m=128,mma=sm90", dict(k_len=2**31), "or k_len 2\\^31 keys"),
     ("tile_m=128,mma=sm90", dict(half=False), "needs bf16 / fp16"),
     ("tile_m=128,mma=sm90", dict(aligned=False), "unaligned rows"),
@@ -182,12 +181,12 @@ def test_128_row_tiles_must_fit_the_gpus_shared_memory():
 
 def test_the_warp_specialized_kernel_is_forced_only():
     """mma=sm90 with tile_m=128 is the TMA / warp-specialized kernel: never an automatic plan (it has
-    not run on a GPU), one split (it has none yet), labels, documents, kv_lens and any GQA grouping
-    by head index, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64, 2 at 128,
-    and the stages' key labels)."""
+    not run on a GPU), one split (it has none yet), labels, documents, kv_lens, a bias and any GQA
+    grouping by head index, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64, 2
+    at 128, and the stages' key labels)."""
     for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=32, kv_heads=8, head_dim=64),
                  dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True, docs=True, kv_lens=True),
-                 dict(q_len=32, labels=True)):
+                 dict(q_len=32, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
         assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
     assert _C.attention_fwd_tma_bytes(64) == (128 + 2 * 3 * 128) * 64 * 2 + 1024
     assert _C.attention_fwd_tma_bytes(128) == (128 + 2 * 2 * 128) * 128 * 2 + 1024
@@ -331,8 +330,8 @@ def test_mask_only_rows_kv_lens_and_empty_rows(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans()
-                                    if not labels and p not in ("packed_gqa", "sm90_128")], indirect=True)
+@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
+                         indirect=True)
 @pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16_bias", "fp32_bias"])
 def test_bias_broadcasts(family, bias_dtype):
     text, _ = family

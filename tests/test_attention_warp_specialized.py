@@ -1,8 +1,8 @@
 """The family's Hopper kernel (plan mma=sm90 with tile_m=128: TMA loads, a producer warp and two
 consumer warpgroups, attention_fwd_warp_specialized.cuh), forced through the override on an sm_90
 GPU against the float64 reference. The family's matrix (test_attention_family.py, plan "sm90_128")
-runs it under labels, documents and kv_lens too; the planner's refusals are tested there on every
-machine.
+runs it under labels, documents, kv_lens and biases too; the planner's refusals are tested there on
+every machine.
 
 Shapes cover what its TMA bounds must get right: query and key lengths that are not multiples of
 its 128-row / 128-key tiles (zeros past the end, the missing keys hidden), fewer keys than one
@@ -124,7 +124,16 @@ def test_causal_long_rows_skip_tiles(warp_specialized):
 
 
 @pytest.mark.cuda
-def test_a_bias_is_refused_by_name(warp_specialized):
-    q, k, v = _inputs(1, 64, 64, 2, 2, 64, torch.bfloat16)
-    with pytest.raises(ValueError, match="and no bias so far; this call has a bias"):
-        dlmfuse.attention(q, k, v, bias=torch.zeros(1, 1, 64, 64, device="cuda"))
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16_bias", "fp32_bias"])
+def test_bias_broadcasts_and_strides(warp_specialized, head_dim, bias_dtype):
+    """A bias of the instance that reads it (A3's [1, H, L, L], broadcasts over batch and rows, a
+    transposed view) on ragged tiles, with a causal mask on top."""
+    q, k, v = _inputs(2, 200, 300, 4, 2, head_dim, torch.bfloat16, seed=4)
+    g = torch.Generator().manual_seed(5)
+    for shape in [(1, 4, 200, 300), (2, 1, 1, 300)]:
+        _run(q, k, v, bias=torch.randn(shape, generator=g).to("cuda", bias_dtype))
+    transposed = torch.randn(1, 4, 300, 200, generator=g).to("cuda", bias_dtype).transpose(2, 3)
+    _run(q, k, v, bias=transposed)
+    causal = Mask.causal(300).gather_queries(torch.arange(100, 300)).to("cuda")
+    _run(q, k, v, bias=torch.randn(1, 4, 200, 300, generator=g).to("cuda", bias_dtype), mask=causal)

@@ -70,13 +70,12 @@ bool grid_fits(const AttentionCall& c, int tile_m, bool pack, int splits) {
          c.batch * splits <= kAttentionMaxGridDim;
 }
 
-// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes no bias, one split
-// and GQA by head index (no packing); its TMA coordinates are 32-bit.
+// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes one split and GQA
+// by head index (no packing); its TMA coordinates are 32-bit.
 std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
-  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa || plan.splits != 1 || c.has_bias)
-    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles, splits=1, pack_gqa=0 ",
-                  "and no bias so far; this call has", c.has_bias ? " a bias" : "",
-                  plan.walk != AttentionWalk::kTiles ? " walk=gather" : "",
+  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa || plan.splits != 1)
+    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles, splits=1 and ",
+                  "pack_gqa=0 so far; this plan has", plan.walk != AttentionWalk::kTiles ? " walk=gather" : "",
                   plan.splits != 1 ? concat(" splits=", plan.splits) : std::string(), plan.pack_gqa ? " pack_gqa=1" : "");
   const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim)) +
                      attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));

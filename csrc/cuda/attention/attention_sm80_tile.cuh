@@ -165,7 +165,7 @@ __device__ __forceinline__ void score_tile(float (&s)[kBlockN / 8][4], const uin
 // ahead of the MMAs so that its latency hides behind them. kNext: one row
 // address per fragment row and tile, and with a unit key stride each thread's two adjacent keys
 // in one load.
-template <typename B, typename Sink>
+template <typename B, int N, typename Sink>
 __device__ __forceinline__ void bias_by_row_as(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t k0,
                                                const int (&row_in_tile)[2], int q_rows, int cols, int lane,
                                                Sink&& sink) {
@@ -178,7 +178,7 @@ __device__ __forceinline__ void bias_by_row_as(const AttentionParams& p, int64_t
                    (q0 + (row_inside ? row_in_tile[r] : 0)) * p.bias_strides[2] + k0 * key_stride;
     const bool pairs = key_stride == 1 && reinterpret_cast<uintptr_t>(row) % sizeof(Pair) == 0;
 #pragma unroll
-    for (int nt = 0; nt < kBlockN / 8; ++nt) {
+    for (int nt = 0; nt < N / 8; ++nt) {
       const int col = nt * 8 + 2 * (lane % 4);  // and col + 1
       float x0 = 0.0f, x1 = 0.0f;
       if (row_inside && pairs && col + 1 < cols) {
@@ -202,14 +202,14 @@ __device__ __forceinline__ void bias_by_row_as(const AttentionParams& p, int64_t
   }
 }
 
-// bias_by_row_as for the bias dtype (one uniform branch per tile, not one per element).
-template <typename Sink>
+// bias_by_row_as for the bias dtype (one uniform branch per tile, not one per element); N keys.
+template <int N = kBlockN, typename Sink>
 __device__ __forceinline__ void bias_by_row(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t k0,
                                             const int (&row_in_tile)[2], int q_rows, int cols, int lane, Sink&& sink) {
   switch (p.bias_dtype) {
-    case DType::kBFloat16: return bias_by_row_as<bf16_t>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
-    case DType::kFloat16: return bias_by_row_as<fp16_t>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
-    default: return bias_by_row_as<float>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+    case DType::kBFloat16: return bias_by_row_as<bf16_t, N>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+    case DType::kFloat16: return bias_by_row_as<fp16_t, N>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
+    default: return bias_by_row_as<float, N>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, sink);
   }
 }
 
@@ -220,11 +220,12 @@ __device__ __forceinline__ void load_bias_by_row(float (&bias)[kBlockN / 8][4], 
 }
 
 // Adds the bias to masked scores in place (32 rows per warp: no registers for a bias array);
-// hidden scores stay -inf whatever the bias.
-__device__ __forceinline__ void add_bias_by_row(float (&s)[kBlockN / 8][4], const AttentionParams& p, int64_t b,
+// hidden scores stay -inf whatever the bias. N: keys per tile.
+template <int N = kBlockN>
+__device__ __forceinline__ void add_bias_by_row(float (&s)[N / 8][4], const AttentionParams& p, int64_t b,
                                                 int64_t h, int64_t q0, int64_t k0, const int (&row_in_tile)[2],
                                                 int q_rows, int cols, int lane) {
-  bias_by_row(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, [&](int nt, int e, float x) {
+  bias_by_row<N>(p, b, h, q0, k0, row_in_tile, q_rows, cols, lane, [&](int nt, int e, float x) {
     if (s[nt][e] != -INFINITY) s[nt][e] += x;
   });
 }

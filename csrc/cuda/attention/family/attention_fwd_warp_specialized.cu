@@ -55,9 +55,9 @@ cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t 
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool kBias>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  using Tr = WarpSpecializedTraits<T, D>;
+  using Tr = WarpSpecializedTraits<T, D, kBias>;
   AttentionTensorMaps maps;
   cudaError_t status = encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
   maps.k = maps.v = maps.q;  // no keys: the kernel loads none (a map needs extents above 0)
@@ -78,12 +78,17 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+template <typename T, int D>
+cudaError_t launch_for_bias(const AttentionParams& p, cudaStream_t stream) {
+  return p.bias != nullptr ? launch<T, D, true>(p, stream) : launch<T, D, false>(p, stream);
+}
+
 }  // namespace
 
 cudaError_t attention_forward_warp_specialized(const AttentionParams& p, cudaStream_t stream) {
   const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch<bf16_t, 64>(p, stream) : launch<fp16_t, 64>(p, stream);
-  return bf16 ? launch<bf16_t, 128>(p, stream) : launch<fp16_t, 128>(p, stream);
+  if (p.head_dim == 64) return bf16 ? launch_for_bias<bf16_t, 64>(p, stream) : launch_for_bias<fp16_t, 64>(p, stream);
+  return bf16 ? launch_for_bias<bf16_t, 128>(p, stream) : launch_for_bias<fp16_t, 128>(p, stream);
 }
 
 }  // namespace dlmfuse::cuda

@@ -18,7 +18,8 @@
 // Rows past q_len and keys past k_len arrive as zeros (the tensor maps' bounds). Keys that kv_lens
 // hides but memory holds are loaded with the last tile: their scores are set to -inf and the
 // producer zeroes their V rows before the consumers read them (0 x NaN would be NaN).
-// Not yet: bias, split-KV, GQA packing (the planner refuses them).
+// A bias is read from global memory by the consumers once S is there. Not yet: split-KV and GQA
+// packing (the planner refuses them).
 //
 // Built on CUTLASS's sm_90 primitives (mbarriers, setmaxnreg, the TMA copy instruction); the MMAs
 // are the family's own wgmma wrappers. Compiled for other architectures the kernel traps (the
@@ -38,10 +39,13 @@
 
 namespace dlmfuse::cuda::family {
 
-template <typename T_, int D_>
+template <typename T_, int D_, bool kBias_>
 struct WarpSpecializedTraits {
   using T = T_;
   static constexpr int D = D_;
+  // An instance of its own for calls with a bias: with a runtime test of the bias, every call paid
+  // the registers of its row loads (the head_dim 128 instance spilled 440 bytes).
+  static constexpr bool kBias = kBias_;
   static constexpr int kTileM = kAttentionTmaRows;      // two consumer warpgroups x 64 rows
   static constexpr int kTileN = kAttentionTmaKeyTile;   // keys per stage
   static constexpr int kStages = attention_tma_stages(D);
@@ -276,14 +280,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90::wgmma_commit();
   };
   // Scale to base 2; hide the keys past cols and, in PARTIAL tiles, what the labels hide (rows past
-  // q_len need no test: they are never written). Then the scores' part of the online softmax.
+  // q_len need no test: they are never written); add the bias (read from global memory once S is
+  // there: its latency hides only behind the other consumer's MMAs). Then the scores' part of the
+  // online softmax.
   float alpha[2];
+  constexpr bool has_bias = Tr::kBias;
+  const int bias_rows[2] = {consumer * Tr::kQRows + warp * 16 + lane / 4, consumer * Tr::kQRows + warp * 16 + lane / 4 + 8};
   auto softmax_of = [&](const StageTile& tile, int s) {
     const int32_t* labels = pipe.key_labels[s][0];
     const KeyLabels keys{labels, labels + kTileN, labels + 2 * kTileN};
     const int no_row_bound[2] = {0, 0};
     mask_tile<kTileN>(sc, score_scale, static_cast<TileKind>(tile.kind), keys, p.has_docs, row_labels, no_row_bound,
                       1, true, tile.cols, lane);
+    if constexpr (has_bias) sm80::add_bias_by_row<kTileN>(sc, p, b, h, q0, tile.k0, bias_rows, q_rows, tile.cols, lane);
     sm80::softmax_scores<kTileN>(sc, row_max, row_sum, alpha);
   };
   auto wait_v = [&](const StageTile& tile, int s, uint32_t phase) {
