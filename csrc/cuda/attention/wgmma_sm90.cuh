@@ -123,55 +123,38 @@ __device__ __forceinline__ void wgmma_rs_mn_major_b(float (&d)[N / 8][4], const 
 #define DLMFUSE_WGMMA_D32 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define DLMFUSE_WGMMA_D64 "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
-// wgmma_ss<T, 64>: d (32 registers) %0-%31, descriptors %32 / %33, scale_d %34.
-#define DLMFUSE_WGMMA_SS_N64(T, PTX)                                                                         \
+// One specialisation per instruction shape N (the n of m64nNk16) and element type; D_LIST / ACC
+// spell out the N / 2 accumulator registers %0.., the operands after them are numbered from N / 2.
+// wgmma_ss<T, N>: descriptors %(N/2), %(N/2 + 1), scale_d %(N/2 + 2).
+#define DLMFUSE_WGMMA_SS(T, PTX, N, D_LIST, ACC, DESC_A, DESC_B, SCALE)                                      \
   template <>                                                                                              \
-  __device__ __forceinline__ void wgmma_ss<T, 64>(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) { \
-    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                         \
-                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D32        \
-                      ", %32, %33, p, 1, 1, 0, 0;\n}\n"                                                      \
-                      : DLMFUSE_WGMMA_ACC32(d)                                                               \
+  __device__ __forceinline__ void wgmma_ss<T, N>(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b,    \
+                                                 int scale_d) {                                            \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                    \
+                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " " D_LIST ", " DESC_A    \
+                      ", " DESC_B ", p, 1, 1, 0, 0;\n}\n"                                                     \
+                      : ACC(d)                                                                             \
                       : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                             \
   }
-// wgmma_ss<T, 128>: d (64 registers) %0-%63, descriptors %64 / %65, scale_d %66.
-#define DLMFUSE_WGMMA_SS_N128(T, PTX)                                                                        \
+// wgmma_rs_mn_major_b<T, N>: A registers %(N/2)..%(N/2 + 3), the descriptor %(N/2 + 4), scale_d (1)
+// %(N/2 + 5).
+#define DLMFUSE_WGMMA_RS(T, PTX, N, D_LIST, ACC, A_LIST, DESC_B, SCALE)                                      \
   template <>                                                                                              \
-  __device__ __forceinline__ void wgmma_ss<T, 128>(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int scale_d) { \
-    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                         \
-                      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D64       \
-                      ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                      \
-                      : DLMFUSE_WGMMA_ACC64(d)                                                               \
-                      : "l"(desc_a), "l"(desc_b), "r"(scale_d));                                             \
-  }
-// wgmma_rs_mn_major_b<T, N>: d %0-%(N/2 - 1), A registers next, then the descriptor and scale_d (1).
-#define DLMFUSE_WGMMA_RS_N64(T, PTX)                                                                         \
-  template <>                                                                                              \
-  __device__ __forceinline__ void wgmma_rs_mn_major_b<T, 64>(float (&d)[8][4], const uint32_t (&a)[4],      \
-                                                             uint64_t desc_b) {                            \
-    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                         \
-                      "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D32        \
-                      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"                                        \
-                      : DLMFUSE_WGMMA_ACC32(d)                                                               \
+  __device__ __forceinline__ void wgmma_rs_mn_major_b<T, N>(float (&d)[N / 8][4], const uint32_t (&a)[4],   \
+                                                            uint64_t desc_b) {                             \
+    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, " SCALE ", 0;\n"                                    \
+                      "wgmma.mma_async.sync.aligned.m64n" #N "k16.f32." PTX "." PTX " " D_LIST ", " A_LIST    \
+                      ", " DESC_B ", p, 1, 1, 1;\n}\n"                                                        \
+                      : ACC(d)                                                                             \
                       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                    \
   }
-#define DLMFUSE_WGMMA_RS_N128(T, PTX)                                                                        \
-  template <>                                                                                              \
-  __device__ __forceinline__ void wgmma_rs_mn_major_b<T, 128>(float (&d)[16][4], const uint32_t (&a)[4],    \
-                                                              uint64_t desc_b) {                           \
-    DLMFUSE_WGMMA_ASM("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"                                         \
-                      "wgmma.mma_async.sync.aligned.m64n128k16.f32." PTX "." PTX " " DLMFUSE_WGMMA_D64       \
-                      ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"                                        \
-                      : DLMFUSE_WGMMA_ACC64(d)                                                               \
-                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));                    \
-  }
+#define DLMFUSE_WGMMA_SHAPES(T, PTX)                                                                          \
+  DLMFUSE_WGMMA_SS(T, PTX, 64, DLMFUSE_WGMMA_D32, DLMFUSE_WGMMA_ACC32, "%32", "%33", "%34")                  \
+  DLMFUSE_WGMMA_SS(T, PTX, 128, DLMFUSE_WGMMA_D64, DLMFUSE_WGMMA_ACC64, "%64", "%65", "%66")                 \
+  DLMFUSE_WGMMA_RS(T, PTX, 64, DLMFUSE_WGMMA_D32, DLMFUSE_WGMMA_ACC32, "{%32, %33, %34, %35}", "%36", "%37") \
+  DLMFUSE_WGMMA_RS(T, PTX, 128, DLMFUSE_WGMMA_D64, DLMFUSE_WGMMA_ACC64, "{%64, %65, %66, %67}", "%68", "%69")
 
-DLMFUSE_WGMMA_SS_N64(bf16_t, "bf16")
-DLMFUSE_WGMMA_SS_N64(fp16_t, "f16")
-DLMFUSE_WGMMA_SS_N128(bf16_t, "bf16")
-DLMFUSE_WGMMA_SS_N128(fp16_t, "f16")
-DLMFUSE_WGMMA_RS_N64(bf16_t, "bf16")
-DLMFUSE_WGMMA_RS_N64(fp16_t, "f16")
-DLMFUSE_WGMMA_RS_N128(bf16_t, "bf16")
-DLMFUSE_WGMMA_RS_N128(fp16_t, "f16")
+DLMFUSE_WGMMA_SHAPES(bf16_t, "bf16")
+DLMFUSE_WGMMA_SHAPES(fp16_t, "f16")
 
 }  // namespace dlmfuse::cuda::sm90

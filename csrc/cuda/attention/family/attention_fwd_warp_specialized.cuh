@@ -242,12 +242,13 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // ---------------------------------------------------------------------------------- consumers
   cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegisters>();
   const int consumer = warpgroup - 1;
+  const int first_row = consumer * static_cast<int>(Tr::kQRows) + warp * 16 + lane / 4;  // and + 8, in the tile
   const uint32_t q_smem = sm80::smem_address(q_tiles + consumer * Tr::kQRows * D);
   // The labels of the thread's two fragment rows (0 past q_len: those rows are never written).
   RowLabels row_labels = {};
   if (p.has_labels)
     for (int r = 0; r < 2; ++r) {
-      const int row = consumer * Tr::kQRows + warp * 16 + lane / 4 + 8 * r;
+      const int row = first_row + 8 * r;
       if (row >= q_rows) continue;
       row_labels.order[r] = p.q_order.at(b, q0 + row);
       row_labels.group[r] = p.q_group.at(b, q0 + row);
@@ -285,7 +286,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // online softmax.
   float alpha[2];
   constexpr bool has_bias = Tr::kBias;
-  const int bias_rows[2] = {consumer * Tr::kQRows + warp * 16 + lane / 4, consumer * Tr::kQRows + warp * 16 + lane / 4 + 8};
+  const int bias_rows[2] = {first_row, first_row + 8};
   auto softmax_of = [&](const StageTile& tile, int s) {
     const int32_t* labels = pipe.key_labels[s][0];
     const KeyLabels keys{labels, labels + kTileN, labels + 2 * kTileN};
@@ -375,7 +376,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   // Epilogue: the thread's two rows, normalised, as 4-byte pairs; lse by one lane of four.
   for (int r = 0; r < 2; ++r) {
-    const int row = consumer * Tr::kQRows + warp * 16 + lane / 4 + 8 * r;
+    const int row = first_row + 8 * r;
     if (row >= q_rows) continue;
     const int64_t query = q0 + row;
     const float inv = softmax_inv_sum(row_sum[r]);
