@@ -155,8 +155,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegisters>();
     if (warp != 0) return;
     if (lane == 0) {
-      TxBarrier::arrive_and_expect_tx(&pipe.q_full, Tr::kQBytes);
-      for (int c = 0; c < 2; ++c)
+      // No box that lies wholly past q_len: consumer 1 then computes on stale shared memory, for rows
+      // that are never written (each output row depends on its own Q row only).
+      const int boxes = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
+      TxBarrier::arrive_and_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * boxes);
+      for (int c = 0; c < boxes; ++c)
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.q, &pipe.q_full, q_tiles + c * Tr::kQRows * D + col * Tr::kQRows, col, h,
                        q0 + c * Tr::kQRows, b);
