@@ -67,9 +67,9 @@ constexpr int attention_fwd_tma_bytes(int head_dim) {
   return (kAttentionTmaRows + 2 * attention_tma_stages(head_dim) * kAttentionTmaKeyTile) * head_dim * 2 + 1024;
 }
 // Its static shared memory, at most: per stage a tile description, three rows of key labels and
-// three mbarriers, plus two more mbarriers, in 128-byte units (the dynamic tiles start after it).
+// four mbarriers, plus two more mbarriers, in 128-byte units (the dynamic tiles start after it).
 constexpr int attention_fwd_tma_static_bytes(int head_dim) {
-  return (attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 3 * 8) + 2 * 8 + 16 + 127) / 128 * 128;
+  return (attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 4 * 8) + 2 * 8 + 16 + 127) / 128 * 128;
 }
 
 // What the planner needs to know of the call.

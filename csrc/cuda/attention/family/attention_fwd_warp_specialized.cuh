@@ -8,7 +8,7 @@
 //   count. Warpgroups 1 and 2 are consumers with the registers: each owns 64 of the CTA's 128 query
 //   rows, waits for a stage, computes S = Q K^T and O += P V as wgmma batches on the
 //   128-byte-swizzled tiles the TMA wrote, masks PARTIAL and edge tiles (tile_mask.cuh), and releases
-//   the stage (one arrival per consumer warp) for the producer to refill. A stage marked
+//   the stage's K and V (one arrival per consumer warp each) for the producer to refill. A stage marked
 //   kEndOfWalk ends the walk. Two overlaps hide the softmax: within a consumer, tile i's S batch is
 //   issued together with tile i - 1's P V batch and its softmax runs while P V computes; between
 //   the consumers, named barriers make them take turns to issue (ping-pong), so one's softmax runs
@@ -81,8 +81,11 @@ struct StageTile {
 };
 constexpr int32_t kEndOfWalk = -1;
 
-// The stages' metadata and mbarriers: Q landed; per stage K landed, V landed, both consumers done;
-// the V tail zeroed (at most once per CTA: only the last tile has fewer keys).
+// The stages' metadata and mbarriers: Q landed; per stage K landed, V landed, both consumers done
+// with K (and the stage's description and labels), both consumers done with V; the V tail zeroed
+// (at most once per CTA: only the last tile has fewer keys). K and V are released apart: a
+// consumer holds K(i) and V(i - 1) at once, so with two stages a shared release would hold the
+// load of K(i + 1) until P V(i - 1) has completed.
 template <int kStages, int kTileN>
 struct PipelineShared {
   StageTile tiles[kStages];
@@ -90,7 +93,8 @@ struct PipelineShared {
   uint64_t q_full;
   uint64_t k_full[kStages];
   uint64_t v_full[kStages];
-  uint64_t empty[kStages];
+  uint64_t k_empty[kStages];
+  uint64_t v_empty[kStages];
   uint64_t v_tail;
 };
 
@@ -144,7 +148,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       TxBarrier::init(&pipe.k_full[s], 1);
       TxBarrier::init(&pipe.v_full[s], 1);
-      Barrier::init(&pipe.empty[s], Tr::kConsumerWarps);
+      Barrier::init(&pipe.k_empty[s], Tr::kConsumerWarps);
+      Barrier::init(&pipe.v_empty[s], Tr::kConsumerWarps);
     }
     Barrier::init(&pipe.v_tail, 1);
     cutlass::arch::fence_barrier_init();
@@ -192,7 +197,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         if (kind == TileKind::kSkip) continue;
       }
       const int s = issued % kStages;
-      if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);  // its last use released
+      const uint32_t last_use = (issued / kStages - 1) & 1;  // parity of the stage's previous use
+      if (issued >= kStages) Barrier::wait(&pipe.k_empty[s], last_use);
       memory_order_point();
       if (kind == TileKind::kPartial)
         for (int j = lane; j < kTileN; j += 32) {
@@ -210,6 +216,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         TxBarrier::arrive_and_expect_tx(&pipe.k_full[s], Tr::kKvBytes);
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.k, &pipe.k_full[s], k_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
+      }
+      if (issued >= kStages) Barrier::wait(&pipe.v_empty[s], last_use);
+      if (lane == 0) {
         TxBarrier::arrive_and_expect_tx(&pipe.v_full[s], Tr::kKvBytes);
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.v, &pipe.v_full[s], v_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
@@ -232,7 +241,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     }
     // The end of the walk: a stage whose kind says so, arriving without loads.
     const int s = issued % kStages;
-    if (issued >= kStages) Barrier::wait(&pipe.empty[s], (issued / kStages - 1) & 1);
+    if (issued >= kStages) Barrier::wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);
     memory_order_point();
     if (lane == 0) {
       pipe.tiles[s].kind = kEndOfWalk;
@@ -303,10 +312,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (tile.zeroed_tail) Barrier::wait(&pipe.v_tail, 0);
     else TxBarrier::wait(&pipe.v_full[s], phase);
   };
-  auto release = [&](int s) {  // this warp no longer reads the stage
+  auto release = [&](uint64_t* empty) {  // this warp no longer reads what the barrier guards
     memory_order_point();
     __syncwarp();
-    if (lane == 0) Barrier::arrive(&pipe.empty[s]);
+    if (lane == 0) Barrier::arrive(empty);
   };
   // Ping-pong: the consumers take turns to issue their MMA batches (named barriers, 256 threads), so
   // that one's softmax runs while the other's MMAs do. Consumer 0 starts; every arrive meets a sync.
@@ -333,6 +342,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm90::wgmma_wait<0>();
     sm90::fence_operands(sc);
     softmax_of(tile, 0);  // o is still zero: nothing to rescale
+    release(&pipe.k_empty[0]);
     sm80::pack_p<T, kTileN>(pa, sc);
     // Tile i's S batch is issued with tile i - 1's P V batch; the softmax of S(i) runs while P V
     // (i - 1) computes; o is rescaled once that batch has completed.
@@ -355,9 +365,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sm90::wgmma_wait<1>();  // S(i) has completed; P V (i - 1) may still run
       sm90::fence_operands(sc);
       softmax_of(next, s);
+      release(&pipe.k_empty[s]);
       sm90::wgmma_wait<0>();
       sm90::fence_operands(o);
-      release(prev);
+      sm90::fence_operands(pa);  // P (i - 1) is rewritten only now
+      release(&pipe.v_empty[prev]);
       sm80::rescale_rows<D>(o, alpha);
       sm80::pack_p<T, kTileN>(pa, sc);
       tile = next;
@@ -373,7 +385,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     pass_turn();
     sm90::wgmma_wait<0>();
     sm90::fence_operands(o);
-    release(last);
+    release(&pipe.v_empty[last]);
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass_turn
 
