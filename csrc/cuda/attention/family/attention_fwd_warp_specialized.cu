@@ -2,8 +2,6 @@
 // q, k and v, shared memory, and the grid.
 #include <cuda.h>
 
-#include <mutex>
-
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd_warp_specialized.cuh"
 
@@ -19,17 +17,18 @@ using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, 
                                  const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
                                  CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
 
+// A function-local static, not std::call_once: the release wheels link this object (host code
+// compiled by g++) with libc++, and std::call_once needs libstdc++'s runtime; static
+// initialisation needs only the C++ ABI's guards, which both provide.
 EncodeTiled encode_tiled() {
-  static EncodeTiled fn = nullptr;
-  static std::once_flag once;
-  std::call_once(once, [] {
+  static const EncodeTiled fn = [] {
     void* address = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault, &found) ==
-            cudaSuccess &&
-        found == cudaDriverEntryPointSuccess)
-      fn = reinterpret_cast<EncodeTiled>(address);
-  });
+    const bool ok = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &address, 12000, cudaEnableDefault,
+                                                     &found) == cudaSuccess &&
+                    found == cudaDriverEntryPointSuccess;
+    return ok ? reinterpret_cast<EncodeTiled>(address) : nullptr;
+  }();
   return fn;
 }
 

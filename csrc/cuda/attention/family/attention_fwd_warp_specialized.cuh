@@ -31,11 +31,17 @@
 #include "cuda/attention/attention_sm90_tile.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "cuda/attention/tile_common.cuh"
+#include "dlmfuse/attention_planner.h"
+#include "dlmfuse/online_softmax.h"
+
+// CUTLASS only in the sm_90a device pass, where the kernel body is: its headers include <iostream>,
+// whose static initialiser the host object would otherwise need from libstdc++ (the release wheels
+// link libc++).
+#if DLMFUSE_WGMMA
 #include "cute/arch/copy_sm90_tma.hpp"
 #include "cutlass/arch/barrier.h"
 #include "cutlass/arch/reg_reconfig.h"
-#include "dlmfuse/attention_planner.h"
-#include "dlmfuse/online_softmax.h"
+#endif
 
 namespace dlmfuse::cuda::family {
 
@@ -107,9 +113,11 @@ __device__ __forceinline__ void memory_order_point() { asm volatile("" ::: "memo
 // on `bar`. L2 policy: the normal eviction priority.
 __device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* bar, void* dst, int col, int64_t head,
                                              int64_t row, int64_t b) {
+#if DLMFUSE_WGMMA
   constexpr auto kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
   cute::SM90_TMA_LOAD_4D::copy(&map, bar, kEvictNormal, dst, col, static_cast<int32_t>(head), static_cast<int32_t>(row),
                                static_cast<int32_t>(b));  // the planner bounds every axis below 2^31
+#endif
 }
 
 template <int D>
