@@ -21,27 +21,20 @@
 // A bias is read from global memory by the consumers once S is there. Not yet: split-KV and GQA
 // packing (the planner refuses them).
 //
-// Built on CUTLASS's sm_90 primitives (mbarriers, setmaxnreg, the TMA copy instruction); the MMAs
-// are the family's own wgmma wrappers. Compiled for other architectures the kernel traps (the
-// planner never sends it there).
+// The sm_90 instructions (mbarriers, TMA, setmaxnreg, named barriers) come from pipeline_sm90.cuh,
+// the MMAs from wgmma_sm90.cuh. Compiled for other architectures the kernel traps (the planner
+// never sends it there).
 #pragma once
 
 #include <cuda.h>
 
 #include "cuda/attention/attention_sm90_tile.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
+#include "cuda/attention/pipeline_sm90.cuh"
 #include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/attention_planner.h"
 #include "dlmfuse/online_softmax.h"
 
-// CUTLASS only in the sm_90a device pass, where the kernel body is: its headers include <iostream>,
-// whose static initialiser the host object would otherwise need from libstdc++ (the release wheels
-// link libc++).
-#if DLMFUSE_WGMMA
-#include "cute/arch/copy_sm90_tma.hpp"
-#include "cutlass/arch/barrier.h"
-#include "cutlass/arch/reg_reconfig.h"
-#endif
 
 namespace dlmfuse::cuda::family {
 
@@ -104,20 +97,11 @@ struct PipelineShared {
   uint64_t v_tail;
 };
 
-// CUTLASS's mbarrier waits and arrivals are asm volatile without a memory clobber: this keeps the
-// compiler from moving plain shared-memory reads and writes (stage descriptions, key labels, V
-// zeros) across them.
-__device__ __forceinline__ void memory_order_point() { asm volatile("" ::: "memory"); }
-
 // One 64-column box of rows [row, row + box rows) of head `head`, batch b, into `dst`, completing
-// on `bar`. L2 policy: the normal eviction priority.
+// on `bar` (the planner bounds every axis below 2^31).
 __device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* bar, void* dst, int col, int64_t head,
                                              int64_t row, int64_t b) {
-#if DLMFUSE_WGMMA
-  constexpr auto kEvictNormal = static_cast<uint64_t>(cute::TMA::CacheHintSm90::EVICT_NORMAL);
-  cute::SM90_TMA_LOAD_4D::copy(&map, bar, kEvictNormal, dst, col, static_cast<int32_t>(head), static_cast<int32_t>(row),
-                               static_cast<int32_t>(b));  // the planner bounds every axis below 2^31
-#endif
+  sm90::tma_load_4d(&map, bar, dst, col, static_cast<int32_t>(head), static_cast<int32_t>(row), static_cast<int32_t>(b));
 }
 
 template <int D>
@@ -130,8 +114,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
 #if DLMFUSE_WGMMA
   using T = typename Tr::T;
-  using Barrier = cutlass::arch::ClusterBarrier;
-  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
   extern __shared__ __align__(128) unsigned char shared_raw[];
   // The 128-byte swizzle repeats every 1024 bytes: TMA and wgmma need tiles on 1024-byte boundaries.
@@ -152,26 +134,26 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
 
   if (threadIdx.x == 0) {
-    TxBarrier::init(&pipe.q_full, 1);
+    sm90::mbarrier_init(&pipe.q_full, 1);
     for (int s = 0; s < kStages; ++s) {
-      TxBarrier::init(&pipe.k_full[s], 1);
-      TxBarrier::init(&pipe.v_full[s], 1);
-      Barrier::init(&pipe.k_empty[s], Tr::kConsumerWarps);
-      Barrier::init(&pipe.v_empty[s], Tr::kConsumerWarps);
+      sm90::mbarrier_init(&pipe.k_full[s], 1);
+      sm90::mbarrier_init(&pipe.v_full[s], 1);
+      sm90::mbarrier_init(&pipe.k_empty[s], Tr::kConsumerWarps);
+      sm90::mbarrier_init(&pipe.v_empty[s], Tr::kConsumerWarps);
     }
-    Barrier::init(&pipe.v_tail, 1);
-    cutlass::arch::fence_barrier_init();
+    sm90::mbarrier_init(&pipe.v_tail, 1);
+    sm90::fence_mbarrier_init();
   }
   __syncthreads();
 
   if (warpgroup == 0) {  // ------------------------------------------------------------ producer
-    cutlass::arch::warpgroup_reg_dealloc<Tr::kProducerRegisters>();
+    sm90::warpgroup_registers_decrease<Tr::kProducerRegisters>();
     if (warp != 0) return;
     if (lane == 0) {
       // No box that lies wholly past q_len: consumer 1 then computes on stale shared memory, for rows
       // that are never written (each output row depends on its own Q row only).
       const int boxes = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
-      TxBarrier::arrive_and_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * boxes);
+      sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * boxes);
       for (int c = 0; c < boxes; ++c)
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.q, &pipe.q_full, q_tiles + c * Tr::kQRows * D + col * Tr::kQRows, col, h,
@@ -206,8 +188,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       }
       const int s = issued % kStages;
       const uint32_t last_use = (issued / kStages - 1) & 1;  // parity of the stage's previous use
-      if (issued >= kStages) Barrier::wait(&pipe.k_empty[s], last_use);
-      memory_order_point();
+      if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], last_use);
       if (kind == TileKind::kPartial)
         for (int j = lane; j < kTileN; j += 32) {
           const bool key = j < cols;
@@ -219,48 +200,43 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       const bool zero_tail = cols < kTileN && k0 + cols < p.k_len;
       if (lane == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(k0), cols, static_cast<int32_t>(kind), zero_tail};
       __syncwarp();  // the lanes' labels before lane 0's arrivals publish them
-      memory_order_point();
       if (lane == 0) {
-        TxBarrier::arrive_and_expect_tx(&pipe.k_full[s], Tr::kKvBytes);
+        sm90::mbarrier_arrive_expect_tx(&pipe.k_full[s], Tr::kKvBytes);
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.k, &pipe.k_full[s], k_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
       }
-      if (issued >= kStages) Barrier::wait(&pipe.v_empty[s], last_use);
+      if (issued >= kStages) sm90::mbarrier_wait(&pipe.v_empty[s], last_use);
       if (lane == 0) {
-        TxBarrier::arrive_and_expect_tx(&pipe.v_full[s], Tr::kKvBytes);
+        sm90::mbarrier_arrive_expect_tx(&pipe.v_full[s], Tr::kKvBytes);
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.v, &pipe.v_full[s], v_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
       }
       if (zero_tail) {  // V rows cols.. of every 64-column box to zeros once the TMA has written them
-        TxBarrier::wait(&pipe.v_full[s], (issued / kStages) & 1);
-        memory_order_point();
+        sm90::mbarrier_wait(&pipe.v_full[s], (issued / kStages) & 1);
         auto* v_rows = reinterpret_cast<uint4*>(v_tiles + s * kTileN * D);
         constexpr int kChunksPerRow = 128 / 16;
         for (int c = lane; c < (D / 64) * (kTileN - cols) * kChunksPerRow; c += 32) {
           const int box = c / ((kTileN - cols) * kChunksPerRow), rest = c % ((kTileN - cols) * kChunksPerRow);
           v_rows[(box * kTileN + cols + rest / kChunksPerRow) * kChunksPerRow + rest % kChunksPerRow] = make_uint4(0, 0, 0, 0);
         }
-        memory_order_point();
-        cutlass::arch::fence_view_async_shared();  // the zeros, for wgmma's operand reads
+        sm90::fence_proxy_async_shared();  // the zeros, for wgmma's operand reads
         __syncwarp();
-        if (lane == 0) Barrier::arrive(&pipe.v_tail);
+        if (lane == 0) sm90::mbarrier_arrive(&pipe.v_tail);
       }
       ++issued;
     }
     // The end of the walk: a stage whose kind says so, arriving without loads.
     const int s = issued % kStages;
-    if (issued >= kStages) Barrier::wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);
-    memory_order_point();
+    if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);
     if (lane == 0) {
       pipe.tiles[s].kind = kEndOfWalk;
-      memory_order_point();
-      Barrier::arrive(&pipe.k_full[s]);
+      sm90::mbarrier_arrive(&pipe.k_full[s]);
     }
     return;
   }
 
   // ---------------------------------------------------------------------------------- consumers
-  cutlass::arch::warpgroup_reg_alloc<Tr::kConsumerRegisters>();
+  sm90::warpgroup_registers_increase<Tr::kConsumerRegisters>();
   const int consumer = warpgroup - 1;
   const int first_row = consumer * static_cast<int>(Tr::kQRows) + warp * 16 + lane / 4;  // and + 8, in the tile
   const uint32_t q_smem = sm80::smem_address(q_tiles + consumer * Tr::kQRows * D);
@@ -317,26 +293,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     sm80::softmax_scores<kTileN>(sc, row_max, row_sum, alpha);
   };
   auto wait_v = [&](const StageTile& tile, int s, uint32_t phase) {
-    if (tile.zeroed_tail) Barrier::wait(&pipe.v_tail, 0);
-    else TxBarrier::wait(&pipe.v_full[s], phase);
+    if (tile.zeroed_tail) sm90::mbarrier_wait(&pipe.v_tail, 0);
+    else sm90::mbarrier_wait(&pipe.v_full[s], phase);
   };
   auto release = [&](uint64_t* empty) {  // this warp no longer reads what the barrier guards
-    memory_order_point();
     __syncwarp();
-    if (lane == 0) Barrier::arrive(empty);
+    if (lane == 0) sm90::mbarrier_arrive(empty);
   };
   // Ping-pong: the consumers take turns to issue their MMA batches (named barriers, 256 threads), so
   // that one's softmax runs while the other's MMAs do. Consumer 0 starts; every arrive meets a sync.
-  const uint32_t my_turn = consumer, other_turn = 1 - consumer;
-  auto take_turn = [&] { cutlass::arch::NamedBarrier::sync(256, my_turn); };
-  auto pass_turn = [&] { cutlass::arch::NamedBarrier::arrive(256, other_turn); };
-  if (consumer == 1) cutlass::arch::NamedBarrier::arrive(256, 0);
+  const uint32_t my_turn = 1 + consumer, other_turn = 2 - consumer;  // named barriers 1 and 2
+  auto take_turn = [&] { sm90::named_barrier_sync(my_turn, 256); };
+  auto pass_turn = [&] { sm90::named_barrier_arrive(other_turn, 256); };
+  if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
   // Every wgmma batch is issued where its warpgroup.arrive (wgmma_fence) directly precedes it, with
   // no branch between: otherwise ptxas inserts its own and serialises the batches.
-  TxBarrier::wait(&pipe.q_full, 0);
-  TxBarrier::wait(&pipe.k_full[0], 0);
-  memory_order_point();
+  sm90::mbarrier_wait(&pipe.q_full, 0);
+  sm90::mbarrier_wait(&pipe.k_full[0], 0);
   StageTile tile = pipe.tiles[0];
   if (tile.kind == kEndOfWalk) {  // no visible key: the turns still pair up
     take_turn();
@@ -357,8 +331,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     int i = 1;
     for (;; ++i) {
       const int s = i % kStages, prev = (i - 1) % kStages;
-      TxBarrier::wait(&pipe.k_full[s], (i / kStages) & 1);
-      memory_order_point();
+      sm90::mbarrier_wait(&pipe.k_full[s], (i / kStages) & 1);
       const StageTile next = pipe.tiles[s];
       if (next.kind == kEndOfWalk) break;
       wait_v(tile, prev, ((i - 1) / kStages) & 1);
