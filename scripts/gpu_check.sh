@@ -184,7 +184,7 @@ if wants bench; then
   step bench_attention_family 120 $family_env python3 -m dlmfuse bench --quick --device cuda --only attention \
     --only backward --skip sdpa --skip flex --json "$logs/bench_attention_family.jsonl"
   cat "$logs/bench_attention_family.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null
-  # The Hopper kernel forced (rows it cannot take, e.g. split-KV forced elsewhere, are recorded as errors).
+  # The Hopper kernel forced (rows it cannot take, e.g. fp32 ones, are recorded as errors).
   step bench_attention_warp_specialized 60 $family_env DLMFUSE_CUDA_ATTENTION=mma=sm90,tile_m=128 python3 -m dlmfuse \
     bench --quick --device cuda --only attention --skip sdpa --skip flex --json "$logs/bench_attention_ws.jsonl"
   cat "$logs/bench_attention_ws.jsonl" >>"$OUT/bench_attention_kernels.jsonl" 2>/dev/null

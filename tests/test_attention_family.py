@@ -27,10 +27,10 @@ L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
-         labels=False, bias=False, device=H200, forced="", docs=False, kv_lens=False):
+         labels=False, bias=False, device=H200, forced=""):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced), device["max_shared_bytes"], docs, kv_lens)
+                             _C.parse_attention_override(forced), device["max_shared_bytes"])
 
 
 def fields(p) -> tuple:
@@ -185,7 +185,7 @@ def test_the_warp_specialized_kernel_is_forced_only():
     grouping by head index, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64, 2
     at 128, and the stages' key labels)."""
     for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=32, kv_heads=8, head_dim=64),
-                 dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True, docs=True, kv_lens=True),
+                 dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True),
                  dict(q_len=32, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
         assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
     assert _C.attention_fwd_tma_bytes(64) == (128 + 2 * 3 * 128) * 64 * 2 + 1024

@@ -110,9 +110,7 @@ AttentionCall attention_call(const AttentionParams& p) {
   c.head_dim = p.head_dim;
   c.half_precision = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
   c.has_labels = p.has_labels;
-  c.has_docs = p.has_docs;
   c.has_bias = p.bias != nullptr;
-  c.has_kv_lens = p.kv_lens != nullptr;
   // The epilogue stores output pairs as 4-byte words.
   bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0;
   for (int64_t stride : p.out_strides) out_pairs = out_pairs && stride % 2 == 0;
@@ -190,7 +188,7 @@ std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& c, con
   if (plan.mma == AttentionMma::kSm90 && device.cc_major != 9)
     return concat("mma=sm90 needs an sm_90 GPU (H100 / H200), this one is sm_", device.cc_major, device.cc_minor);
   if (plan.tile_m != 64 && plan.tile_m != 128) return concat("tile_m must be 64 or 128, got ", plan.tile_m);
-  if (plan.tile_m == 128 && plan.mma == AttentionMma::kSm90) return warp_specialized_mismatch(plan, c, device);
+  if (plan.warp_specialized()) return warp_specialized_mismatch(plan, c, device);
   if (plan.tile_m == 128 && (plan.walk != AttentionWalk::kTiles || plan.pack_gqa))
     return "tile_m=128 runs with walk=tiles and pack_gqa=0 only";
   const int shared = attention_fwd_dynamic_bytes(plan.tile_m, static_cast<int>(c.head_dim), plan.mma == AttentionMma::kSm90) +
@@ -236,7 +234,7 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
     else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64);
     // Split-KV (the warp-specialized kernel has no split yet).
     if (forced.splits != 0) plan.splits = forced.splits;
-    else if (plan.mma == AttentionMma::kSm90 && plan.tile_m == 128) plan.splits = 1;
+    else if (plan.warp_specialized()) plan.splits = 1;
     else
       plan.splits = attention_num_splits(c.batch, c.q_heads, c.q_len, c.k_len, c.head_dim, device.sm_count,
                                          plan.tile_m, plan.pack_gqa ? c.kv_heads : 0);

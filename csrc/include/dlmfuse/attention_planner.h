@@ -79,8 +79,6 @@ struct AttentionCall {
   bool aligned = false;         // q / k / v rows on 16-byte boundaries, out rows on 4 (cp.async, paired stores)
   bool has_labels = false;
   bool has_bias = false;
-  bool has_docs = false;     // document labels
-  bool has_kv_lens = false;  // per-batch key lengths
 };
 AttentionCall attention_call(const AttentionParams& p);
 
@@ -107,6 +105,8 @@ struct AttentionPlan {
 
   // "mma=sm80,tile_m=128,walk=tiles,splits=1,pack_gqa=0": what ran, for bench rows and errors.
   std::string describe() const;
+  // mma=sm90 with 128-row tiles runs the warp-specialized kernel (attention_fwd_warp_specialized.cuh).
+  bool warp_specialized() const { return mma == AttentionMma::kSm90 && tile_m == kAttentionTmaRows; }
 };
 
 // The plan of `call` on `device` under `forced`. Raises ValueError when a forced field cannot run

@@ -55,7 +55,7 @@ cudaError_t dispatch(const AttentionParams& p, const AttentionPlan& plan, cudaSt
 cudaError_t attention_forward_family(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
   if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
   if (plan.mma == AttentionMma::kSimt) return attention_forward_simple(p, stream);
-  if (plan.mma == AttentionMma::kSm90 && plan.tile_m == kAttentionTmaRows) return attention_forward_warp_specialized(p, stream);
+  if (plan.warp_specialized()) return attention_forward_warp_specialized(p, stream);
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.head_dim == 64) return bf16 ? dispatch<bf16_t, 64>(p, plan, stream) : dispatch<fp16_t, 64>(p, plan, stream);
   return bf16 ? dispatch<bf16_t, 128>(p, plan, stream) : dispatch<fp16_t, 128>(p, plan, stream);
