@@ -134,6 +134,21 @@ __device__ __forceinline__ void write_partial_row(const AttentionParams& p, cons
   if (lane % 4 == 0) p.partial_lse[row] = softmax_lse(row_max[r], row_sum[r]);
 }
 
+// The epilogue of one fragment row r (0 or 1) of the thread: O / l (0 for an empty row) as 16-bit
+// pairs into out row (b, query, head), and its lse ([B, Hq, Lq]) by one lane of four.
+template <typename T, int D>
+__device__ __forceinline__ void write_output_row(const AttentionParams& p, const float (&o)[D / 8][4],
+                                                 const float (&row_max)[2], const float (&row_sum)[2], int r,
+                                                 int64_t b, int64_t query, int64_t head, int lane) {
+  const float inv = softmax_inv_sum(row_sum[r]);
+  T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + query * p.out_strides[1] + head * p.out_strides[2];
+#pragma unroll
+  for (int dt = 0; dt < D / 8; ++dt)
+    *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * (lane % 4)) =
+        MmaType<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+  if (lane % 4 == 0) p.lse[(b * p.q_heads + head) * p.q_len + query] = softmax_lse(row_max[r], row_sum[r]);
+}
+
 // Both fragment rows of the thread at workspace rows `row0 + row_in_tile` (rows of the tile only).
 template <int D>
 __device__ __forceinline__ void write_partial(const AttentionParams& p, const float (&o)[D / 8][4],

@@ -18,16 +18,12 @@
 
 namespace dlmfuse::cuda::sm90 {
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // ---------------------------------------------------------------- mbarriers
 // A phase completes when `count` arrivals have been made and every expected transaction byte has
 // landed; waits name the parity of the phase they wait for.
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
 #if DLMFUSE_WGMMA
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(sm80::smem_address(bar)), "r"(count) : "memory");
 #endif
 }
 // Makes the initialisations visible to the other threads and to the TMA unit (before a barrier).
@@ -38,14 +34,14 @@ __device__ __forceinline__ void fence_mbarrier_init() {
 }
 __device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
 #if DLMFUSE_WGMMA
-  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(shared_address(bar))
+  asm volatile("{\n.reg .b64 state;\nmbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(sm80::smem_address(bar))
                : "memory");
 #endif
 }
 // One arrival that also expects `bytes` more transaction bytes (the TMA loads it then issues).
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
 #if DLMFUSE_WGMMA
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(sm80::smem_address(bar)), "r"(bytes)
                : "memory");
 #endif
 }
@@ -56,7 +52,7 @@ __device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n.reg .pred done;\nWAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(shared_address(bar)),
+      "@!done bra WAIT;\n}\n" ::"r"(sm80::smem_address(bar)),
       "r"(parity)
       : "memory");
 #endif
@@ -73,8 +69,8 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, uint64_t* ba
 #if DLMFUSE_WGMMA
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n" ::"r"(shared_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(shared_address(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      " [%0], [%1, {%3, %4, %5, %6}], [%2], %7;\n" ::"r"(sm80::smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(sm80::smem_address(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
       "l"(kL2EvictNormal)
       : "memory");
 #endif

@@ -243,14 +243,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const Attention
                                    rows.split * p.batch * p.q_heads * p.q_len + lse_row, lane);
         continue;
       }
-      const float inv = softmax_inv_sum(row_sum[m][r]);
-      T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + query * p.out_strides[1] + head * p.out_strides[2];
-      for (int dt = 0; dt < D / 8; ++dt) {
-        const int col = dt * 8 + 2 * (lane % 4);
-        *reinterpret_cast<uint32_t*>(out + col) =
-            sm80::MmaType<T>::pack(o[m][dt][2 * r] * inv, o[m][dt][2 * r + 1] * inv);
-      }
-      if (lane % 4 == 0) p.lse[lse_row] = softmax_lse(row_max[m][r], row_sum[m][r]);
+      sm80::write_output_row<T, D>(p, o[m], row_max[m], row_sum[m], r, b, query, head, lane);
     }
 }
 

@@ -370,19 +370,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass_turn
 
-  // Epilogue: the thread's two rows, normalised, as 4-byte pairs; lse by one lane of four.
-  for (int r = 0; r < 2; ++r) {
-    const int row = first_row + 8 * r;
-    if (row >= q_rows) continue;
-    const int64_t query = q0 + row;
-    const float inv = softmax_inv_sum(row_sum[r]);
-    T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + query * p.out_strides[1] + h * p.out_strides[2];
-#pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
-      *reinterpret_cast<uint32_t*>(out + dt * 8 + 2 * (lane % 4)) =
-          sm80::MmaType<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    if (lane % 4 == 0) p.lse[(b * p.q_heads + h) * p.q_len + query] = softmax_lse(row_max[r], row_sum[r]);
-  }
+  // Epilogue: the thread's rows of the tile (rows past q_len are never written).
+  for (int r = 0; r < 2; ++r)
+    if (first_row + 8 * r < q_rows)
+      sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, q0 + first_row + 8 * r, h, lane);
 #else
   __trap();  // never launched: the planner sends mma=sm90 to sm_90 GPUs only
 #endif
