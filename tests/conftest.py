@@ -205,6 +205,45 @@ def check_attention(out, q, k, v, *, lse=None, **kwargs):
     return ref_out, ref_lse
 
 
+# ------------------------------------------------------------------------- scores beyond float32
+def overflow_inputs(dtype, device="cpu"):
+    """q, k, v [2, 70, 2, 64] with rows whose scores exceed float32: one key dominating by ~1e40
+    (batch 0 row 3), two keys beyond float32 with different values (row 5), and a dot product whose
+    float32 terms are +inf and -inf (batch 1 row 7, head 1), where float64 gives a finite score.
+    float32 or bfloat16 (1e20 is beyond float16)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 70, 2, 64, generator=g) for _ in range(3))
+    q[0, 3, 0, 0], k[0, 5, 0, 0] = 1e20, 1e20
+    q[0, 5, 0, 1], k[0, 9, 0, 1], k[0, 11, 0, 1] = 2e20, 3e20, 6e20
+    q[1, 7, 1, :2], k[1, 8, 1, :2] = torch.tensor([1e20, -1e20]), torch.tensor([1e20, 1e20])
+    return tuple(t.to(device, dtype) for t in (q, k, v))
+
+
+def downward_overflow_inputs(dtype, device="cpu"):
+    """q, k, v [1, 9, 1, 64] where every q.k of row 2 is below -3.4e38: in float32 all its scores are
+    -inf, which looks like a row that saw no key; in float64 it attends to key 4 (the least negative)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 9, 1, 64, generator=g) for _ in range(3))
+    q[0, 2, 0, 0] = 1e20
+    k[0, :, 0, 0] = -1e20
+    k[0, 4, 0, 0] = -2e19
+    return tuple(t.to(device, dtype) for t in (q, k, v))
+
+
+def check_beyond_float32(out, lse, q, k, v, **kwargs):
+    """The contract on rows whose scores exceed float32: a finite output where the float64 reference
+    has one, lse never -inf or NaN for a row that saw keys, both equal to the reference's (whose
+    float32 lse overflows to +inf where its float64 one exceeds 3.4e38, as ours does)."""
+    assert torch.isfinite(out).all(), "a finite output where the float64 reference has one"
+    assert not torch.isneginf(lse).any() and not torch.isnan(lse).any(), "every row saw keys"
+    ref_out, ref_lse = dlmfuse.reference.attention(q, k, v, return_lse=True, out_dtype=torch.float64, **kwargs)
+    assert_fp32_close(lse, ref_lse.to(torch.float32), "lse")
+    if q.dtype == torch.float32:
+        assert_fp32_close(out, ref_out, "out")
+    else:  # torch's own bf16 attention is NaN on these rows: bound by bf16 output rounding instead
+        torch.testing.assert_close(out.double(), ref_out, rtol=2**-8, atol=2**-8 * float(ref_out.abs().max()))
+
+
 def cuda_graph_of(step):
     """Captures ``step()`` in a CUDA graph after one warm-up call on a side stream (allocator and
     lazy initialisation outside the capture); returns the graph and the captured call's outputs."""

@@ -19,7 +19,7 @@ import dlmfuse
 from dlmfuse import Mask, _C, _cuda_attention
 from dlmfuse.attention import cuda_attention_override, cuda_plan_override, last_cuda_plan
 
-from conftest import check_attention, cuda_graph_of
+from conftest import check_attention, check_beyond_float32, cuda_graph_of, downward_overflow_inputs, overflow_inputs
 
 H200 = dict(sm_count=132, cc_major=9, cc_minor=0, max_shared_bytes=232448)
 A100 = dict(sm_count=108, cc_major=8, cc_minor=0, max_shared_bytes=166912)
@@ -281,8 +281,8 @@ def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, seed=0):
     return (t.to("cuda", dtype) for t in (q, k, v))
 
 
-def _run(text, q, k, v, **kwargs):
-    """Runs the family, checks that the plan that ran kept the forced fields, checks the result."""
+def _attend(text, q, k, v, **kwargs):
+    """Runs the family and checks that the plan that ran kept the forced fields: (out, lse)."""
     _cuda_attention._last_cuda_plan = None  # a call that bypassed the family must not pass on an old plan
     try:
         out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
@@ -295,6 +295,12 @@ def _run(text, q, k, v, **kwargs):
     assert ran is not None
     for item in filter(None, text.split(",")):
         assert item in ran.split(","), (text, ran)
+    return out, lse
+
+
+def _run(text, q, k, v, **kwargs):
+    """_attend, then the result against the float64 reference."""
+    out, lse = _attend(text, q, k, v, **kwargs)
     check_attention(out, q, k, v, lse=lse, **kwargs)
     return out, lse
 
@@ -341,6 +347,27 @@ def test_bias_broadcasts(family, bias_dtype):
         bias = torch.randn(shape, generator=g).to("cuda", bias_dtype)
         _run(text, q, k, v, bias=bias)
         _run(text, q, k, v, bias=bias, mask=Mask.block_causal(260, 32).gather_queries(torch.arange(130)).to("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
+def test_scores_beyond_float32_are_recomputed_in_float64(family):
+    """Rows whose q.k exceed float32 (the float32 softmax breaks, or sees only -inf scores) are
+    recomputed in float64 by their warp after the epilogue, or by the split-KV merge."""
+    text, needs_labels = family
+    q, k, v = overflow_inputs(torch.bfloat16, "cuda")
+    q = torch.cat([q, q], dim=2)  # 4 query heads over 2 KV heads: the packed-GQA plan applies
+    masks = [Mask.causal(70).to("cuda")] + ([] if needs_labels else [None])
+    for mask in masks:
+        kwargs = {} if mask is None else {"mask": mask}
+        out, lse = _attend(text, q, k, v, **kwargs)
+        check_beyond_float32(out, lse, q, k, v, **kwargs)
+    q, k, v = downward_overflow_inputs(torch.bfloat16, "cuda")
+    q = torch.cat([q, q], dim=2)
+    mask = Mask.bidirectional(9).to("cuda") if needs_labels else None  # every key visible
+    out, lse = _attend(text, q, k, v, mask=mask)
+    check_beyond_float32(out, lse, q, k, v, mask=mask)
+    assert torch.equal(out[0, 2, 0], v[0, 4, 0]) and torch.equal(out[0, 2, 1], v[0, 4, 0])
 
 
 def _doc_ids(lengths):

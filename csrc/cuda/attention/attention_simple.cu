@@ -5,9 +5,11 @@
 // For a row, lane j scores key j of the tile (the visibility rule, bias and kv_lens applied per
 // element), the warp runs the online softmax in base 2, and each lane accumulates D / 32 output
 // columns. Tiles are classified from label (and document) min/max first (dlmfuse/visibility.h):
-// SKIP tiles are never loaded. Document labels are read only by the planned family's calls
+// SKIP tiles are never loaded. Rows whose scores float32 cannot hold are recomputed in float64
+// (exact_row.cuh). Document labels are read only by the planned family's calls
 // (attention_forward_family with mma=simt), which are not yet verified on a GPU.
 #include "cuda/attention/attention.h"
+#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/half_convert.h"
 #include "dlmfuse/online_softmax.h"
@@ -30,7 +32,7 @@ __device__ __forceinline__ float load_float(const void* base, int64_t index) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_simple_kernel(const AttentionParams p) {
+__global__ void __launch_bounds__(kThreads) attention_simple_kernel(const __grid_constant__ AttentionParams p) {
   constexpr int kCols = D / 32;  // output columns per lane
   __shared__ float k_tile[kKeysPerTile][D + 1];  // +1: lane j reads row j without bank conflicts
   __shared__ float v_tile[kKeysPerTile][D];
@@ -150,6 +152,10 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const Attent
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int row = warp * kRowsPerWarp + r;
     if (row >= rows) break;
+    if (softmax_needs_exact(m[r], l[r])) {  // m and l are the warp's: a uniform branch
+      attention_row_exact<T, D>(p, b, h, q0 + row, lane);
+      continue;
+    }
     const float inv = softmax_inv_sum(l[r]);
     T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row) * p.out_strides[1] + h * p.out_strides[2];
     for (int c = 0; c < kCols; ++c) out[lane + 32 * c] = from_float<T>(o[r][c] * inv);

@@ -18,7 +18,8 @@
 // Rows past q_len and keys past k_len arrive as zeros (the tensor maps' bounds). Keys that kv_lens
 // hides but memory holds are loaded with the last tile: their scores are set to -inf and the
 // producer zeroes their V rows before the consumers read them (0 x NaN would be NaN).
-// A bias is read from global memory by the consumers once S is there. Not yet: split-KV and GQA
+// A bias is read from global memory by the consumers once S is there. Rows whose scores float32
+// cannot hold are recomputed in float64 by their warp after the epilogue (exact_row.cuh). Not yet: split-KV and GQA
 // packing (the planner refuses them).
 //
 // The sm_90 instructions (mbarriers, TMA, setmaxnreg, named barriers) come from pipeline_sm90.cuh,
@@ -29,6 +30,7 @@
 #include <cuda.h>
 
 #include "cuda/attention/attention_sm90_tile.cuh"
+#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "cuda/attention/pipeline_sm90.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -111,7 +113,7 @@ static_assert(pipeline_fits_the_plan<64> && pipeline_fits_the_plan<128>, "the pl
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-    attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
+    attention_fwd_warp_specialized_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
 #if DLMFUSE_WGMMA
   using T = typename Tr::T;
   constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
@@ -370,10 +372,15 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass_turn
 
-  // Epilogue: the thread's rows of the tile (rows past q_len are never written).
+  // Epilogue: the thread's rows of the tile (rows past q_len are never written), then the rows
+  // float32 could not hold again in float64 (exact_row.cuh).
+  bool needs_exact[2] = {};
   for (int r = 0; r < 2; ++r)
-    if (first_row + 8 * r < q_rows)
+    if (first_row + 8 * r < q_rows) {
       sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, q0 + first_row + 8 * r, h, lane);
+      needs_exact[r] = lane % 4 == 0 && softmax_needs_exact(row_max[r], row_sum[r]);
+    }
+  for (int r = 0; r < 2; ++r) rescue_rows<T, D>(p, needs_exact[r], b, h, q0 + first_row + 8 * r, lane);
 #else
   __trap();  // never launched: the planner sends mma=sm90 to sm_90 GPUs only
 #endif

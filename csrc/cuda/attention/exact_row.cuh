@@ -1,0 +1,98 @@
+// One attention row in float64 by one warp, the way dlmfuse.reference computes it: the rescue of
+// rows that float32 cannot represent (the CUDA twin of cpu/attention_exact.cpp). When q.k
+// overflows float32 (|score| > 3.4e38) the online softmax sees an infinite running max
+// (inf - inf = NaN) or a NaN sum, and a row whose every visible score overflowed downwards looks
+// like a row that saw no key; in float64 those scores are finite (a dot product of float32 values
+// is below 1.2e79), so the row has a finite output. Its lse may still overflow to +inf when stored
+// as float32, as the CPU's does.
+//
+// The kernels test their fp32 softmax state once per row at the end (softmax_needs_exact) and
+// hand the few rows that need it to attention_row_exact: nothing is added to the key loop. Rows
+// that really saw no key take the same path (their scan finds no visible key and writes 0, -inf).
+#pragma once
+
+#include "cuda/attention/tile_common.cuh"
+
+namespace dlmfuse::cuda {
+
+// The fp32 state (running max, sum) of a row that went wrong: an infinite or NaN max, or a NaN sum.
+// A split-KV partial in this state writes a NaN lse so that the merge recomputes the row.
+__device__ __forceinline__ bool softmax_broke(float row_max, float row_sum) {
+  return !(row_max < INFINITY) || row_sum != row_sum;
+}
+
+// Whether a row's fp32 result may differ from float64's: it broke, or it saw no finite score.
+__device__ __forceinline__ bool softmax_needs_exact(float row_max, float row_sum) {
+  return row_max == -INFINITY || softmax_broke(row_max, row_sum);
+}
+
+__device__ __forceinline__ double warp_max(double x) {
+  for (int d = 16; d > 0; d /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
+
+// out[b, i, h, :] and lse[b, h, i] in float64 math; the whole warp calls it with the same row.
+// Lane j scores keys j, j + 32, ...; each lane accumulates the output columns lane + 32 c.
+// Out of line, so that the kernels' main loops keep their register allocation (inlined, it added
+// spills to them); the callers' parameter blocks are __grid_constant__, so that taking their
+// address for the call does not copy them to local memory.
+template <typename T, int D>
+__device__ __noinline__ void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int lane) {
+  static_assert(D % 32 == 0, "D / 32 output columns per lane");
+  constexpr int kCols = D / 32;
+  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+  const int64_t k_len = effective_k_len(p, b);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + i * p.q_strides[1] + h * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + kv_head * p.k_strides[2];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + kv_head * p.v_strides[2];
+  const int32_t q_order = p.has_labels ? p.q_order.at(b, i) : 0;
+  const int32_t q_group = p.has_labels ? p.q_group.at(b, i) : 0;
+  const int32_t q_doc = p.has_docs ? p.q_doc.at(b, i) : 0;
+  const int64_t bias_row = b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2];
+
+  // Key j's score; -inf where it is hidden. A -inf bias needs no dot product (finite in float64).
+  auto score = [&](int64_t j) -> double {
+    if (p.has_labels && !is_visible(q_order, q_group, p.k_order.at(b, j), p.k_group.at(b, j))) return -INFINITY;
+    if (p.has_docs && p.k_doc.at(b, j) != q_doc) return -INFINITY;
+    const double bias = p.bias != nullptr ? static_cast<double>(bias_at(p, bias_row + j * p.bias_strides[3])) : 0.0;
+    if (bias == -INFINITY) return -INFINITY;
+    double dot = 0.0;
+    for (int d = 0; d < D; ++d) dot += static_cast<double>(to_float(q[d])) * to_float(k[j * p.k_strides[1] + d]);
+    return dot * p.scale + bias;
+  };
+
+  double row_max = -INFINITY;  // NaN scores do not take the max (they propagate through the sum)
+  for (int64_t j = lane; j < k_len; j += 32) row_max = fmax(row_max, score(j));
+  row_max = warp_max(row_max);
+  const double shift = row_max == -INFINITY ? 0.0 : row_max;
+
+  double sum = 0.0, acc[kCols] = {};
+  for (int64_t j0 = 0; j0 < k_len; j0 += 32) {
+    const double mine = j0 + lane < k_len ? exp(score(j0 + lane) - shift) : 0.0;
+    for (int jj = 0; jj < 32; ++jj) {
+      const double w = __shfl_sync(0xffffffffu, mine, jj);
+      if (w == 0.0) continue;  // hidden keys and underflow: weight exactly 0 (their V may be anything finite)
+      sum += w;
+      const T* v_row = v + (j0 + jj) * p.v_strides[1];
+      for (int c = 0; c < kCols; ++c) acc[c] += w * to_float(v_row[lane + 32 * c]);
+    }
+  }
+  const bool empty = !(sum > 0.0) && sum == sum;
+  T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2];
+  for (int c = 0; c < kCols; ++c) out[lane + 32 * c] = from_float<T>(empty ? 0.0f : static_cast<float>(acc[c] / sum));
+  if (lane == 0) p.lse[(b * p.q_heads + h) * p.q_len + i] = empty ? -INFINITY : static_cast<float>(shift + log(sum));
+}
+
+// The rows of a warp's fragments that need the exact path (`needs` on one lane per row; the others
+// false), one after another by the whole warp, after the warp's own epilogue writes.
+template <typename T, int D>
+__device__ __forceinline__ void rescue_rows(const AttentionParams& p, bool needs, int64_t b, int64_t head,
+                                            int64_t query, int lane) {
+  __syncwarp();  // the epilogue's writes of these rows land before the rescue overwrites them
+  for (unsigned pending = __ballot_sync(0xffffffffu, needs); pending != 0; pending &= pending - 1) {
+    const int from = __ffs(pending) - 1;
+    attention_row_exact<T, D>(p, b, __shfl_sync(0xffffffffu, head, from), __shfl_sync(0xffffffffu, query, from), lane);
+  }
+}
+
+}  // namespace dlmfuse::cuda
