@@ -152,9 +152,8 @@ def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
     ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,pack_gqa=1", dict(q_heads=32, kv_heads=8), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
-    ("tile_m=128,mma=sm90,splits=2", dict(), "takes walk=tiles, splits=1 and pack_gqa=0 so far; this plan has "
-                                             "splits=2"),
-    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "this plan has walk=gather"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "takes walk=tiles and pack_gqa=0 so far; this plan has "
+                                                           "walk=gather"),
     ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8), "this plan has pack_gqa=1"),
     ("tile_m=128,mma=sm90", dict(k_len=2**31), "or k_len 2\\^31 keys"),
     ("tile_m=128,mma=sm90", dict(half=False), "needs bf16 / fp16"),
@@ -181,9 +180,9 @@ def test_128_row_tiles_must_fit_the_gpus_shared_memory():
 
 def test_the_warp_specialized_kernel_is_forced_only():
     """mma=sm90 with tile_m=128 is the TMA / warp-specialized kernel: never an automatic plan (it has
-    not run on a GPU), one split (it has none yet), labels, documents, kv_lens, a bias and any GQA
-    grouping by head index, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64, 2
-    at 128, and the stages' key labels)."""
+    not run on a GPU), one split unless forced (its splits are unmeasured), labels, documents,
+    kv_lens, a bias and any GQA grouping by head index, and its own shared-memory need (Q, 3 stages
+    of K / V at head_dim 64, 2 at 128, and the stages' key labels)."""
     for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=32, kv_heads=8, head_dim=64),
                  dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True),
                  dict(q_len=32, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
@@ -196,6 +195,10 @@ def test_the_warp_specialized_kernel_is_forced_only():
     assert plan(device=small, forced="mma=sm90,tile_m=128", head_dim=64).tile_m == 128
     with pytest.raises(ValueError, match="the grid would exceed"):
         plan(q_len=65536 * 128, forced="mma=sm90,tile_m=128")
+    assert fields(plan(q_len=64, q_heads=1, kv_heads=1, forced="mma=sm90,tile_m=128,splits=16")) == (
+        "sm90", 128, "tiles", 16, False)
+    with pytest.raises(ValueError, match="the grid would exceed .* splits 16"):
+        plan(batch=4096, forced="mma=sm90,tile_m=128,splits=16")
     for call in itertools.product((1, 64, 300, 4096), (64, 4096), (8, 32), (8, 2), (64, 128), (False, True),
                                   (False, True)):
         p = plan(**dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), call)))
@@ -252,6 +255,7 @@ def _family_plans():
         ("sm90", "mma=sm90,walk=tiles", True, False),
         ("sm90_gather", "mma=sm90,walk=gather", True, True),
         ("sm90_128", "mma=sm90,tile_m=128", True, False),  # the warp-specialized TMA kernel
+        ("sm90_128_splits", "mma=sm90,tile_m=128,splits=3", True, False),
         ("sm80_splits", "mma=sm80,tile_m=64,splits=3", False, False),
         ("sm80_128_splits", "mma=sm80,tile_m=128,splits=2", False, False),
         ("gather_splits", "walk=gather,splits=3", False, True),
@@ -480,7 +484,8 @@ def test_automatic_plans_restate_the_verified_auto(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt", "sm90_128"], indirect=True)
+@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt", "sm90_128", "sm90_128_splits"],
+                         indirect=True)
 def test_cuda_graph_capture_and_replay_with_documents(family):
     """The family inside a CUDA graph: the split workspace is allocated during capture, and replays
     with new values in q, the labels and the documents recompute with them."""

@@ -6,7 +6,8 @@ every machine.
 
 Shapes cover what its TMA bounds must get right: query and key lengths that are not multiples of
 its 128-row / 128-key tiles (zeros past the end, the missing keys hidden), fewer keys than one
-tile, many trips around the ring of K / V stages, GQA by head index, and q, k, v as strided views.
+tile, many trips around the ring of K / V stages, GQA by head index, and q, k, v as strided views;
+split-KV (forced: its splits are unmeasured) with empty splits.
 """
 
 from __future__ import annotations
@@ -137,3 +138,28 @@ def test_bias_broadcasts_and_strides(warp_specialized, head_dim, bias_dtype):
     _run(q, k, v, bias=transposed)
     causal = Mask.causal(300).gather_queries(torch.arange(100, 300)).to("cuda")
     _run(q, k, v, bias=torch.randn(1, 4, 200, 300, generator=g).to("cuda", bias_dtype), mask=causal)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("splits", [2, 5, 16])
+def test_split_kv_partials_merge_to_the_reference(monkeypatch, splits):
+    """Split-KV: each split walks its own run of 128-key tiles (12 tiles here, so 16 splits leave
+    some empty) and the merge combines the partials. kv_lens ends inside a split's last tile (NaN
+    beyond it), a causal mask leaves the later splits nothing to see for the first rows, and a bias."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the warp-specialized kernel needs an sm_90 GPU")
+    monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
+    q, k, v = _inputs(2, 300, 1500, 4, 2, 128, torch.bfloat16, seed=6)
+    kv_lens = torch.tensor([1500, 700], dtype=torch.int32, device="cuda")
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[1, 700:], poisoned_v[1, 700:] = float("nan"), float("nan")
+    causal = Mask.causal(1500).gather_queries(torch.arange(1200, 1500)).to("cuda")
+    bias = torch.randn(1, 4, 300, 1500, generator=torch.Generator().manual_seed(7)).to("cuda", torch.bfloat16)
+    with cuda_plan_override(f"{PLAN},splits={splits}"):
+        for keys, kwargs in (((poisoned_k, poisoned_v), dict(kv_lens=kv_lens)),
+                             ((poisoned_k, poisoned_v), dict(kv_lens=kv_lens, mask=causal)),
+                             ((k, v), dict(bias=bias))):
+            out, lse = dlmfuse.attention(q, *keys, return_lse=True, **kwargs)
+            torch.cuda.synchronize()
+            assert last_cuda_plan() == f"{PLAN},walk=tiles,splits={splits},pack_gqa=0"
+            check_attention(out, q, k, v, lse=lse, **kwargs)

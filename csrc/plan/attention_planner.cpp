@@ -70,21 +70,20 @@ bool grid_fits(const AttentionCall& c, int tile_m, bool pack, int splits) {
          c.batch * splits <= kAttentionMaxGridDim;
 }
 
-// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes one split and GQA
-// by head index (no packing); its TMA coordinates are 32-bit.
+// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes GQA by head index
+// (no packing); its TMA coordinates are 32-bit.
 std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
-  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa || plan.splits != 1)
-    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles, splits=1 and ",
-                  "pack_gqa=0 so far; this plan has", plan.walk != AttentionWalk::kTiles ? " walk=gather" : "",
-                  plan.splits != 1 ? concat(" splits=", plan.splits) : std::string(), plan.pack_gqa ? " pack_gqa=1" : "");
+  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa)
+    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles and pack_gqa=0 so far; ",
+                  "this plan has", plan.walk != AttentionWalk::kTiles ? " walk=gather" : "", plan.pack_gqa ? " pack_gqa=1" : "");
   const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim)) +
                      attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
     return concat("mma=sm90 with tile_m=128 at head_dim ", c.head_dim, " needs ", shared,
                   " bytes of shared memory per block, this GPU has ", device.max_shared_bytes);
-  if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, false, 1))
+  if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, false, plan.splits))
     return concat("the grid would exceed ", kAttentionMaxGridDim, " CTAs along an axis, or k_len 2^31 keys (batch ",
-                  c.batch, ", q_len ", c.q_len, ", k_len ", c.k_len, ", q_heads ", c.q_heads, ")");
+                  c.batch, ", q_len ", c.q_len, ", k_len ", c.k_len, ", q_heads ", c.q_heads, ", splits ", plan.splits, ")");
   return "";
 }
 
@@ -232,7 +231,7 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
     // GQA packing: where it needs fewer CTAs, i.e. fewer reads of each K/V tile.
     if (forced.pack_gqa != AttentionOverride::kAuto) plan.pack_gqa = forced.pack_gqa == 1;
     else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64);
-    // Split-KV (the warp-specialized kernel has no split yet).
+    // Split-KV (the warp-specialized kernel's splits are unmeasured: forced only).
     if (forced.splits != 0) plan.splits = forced.splits;
     else if (plan.warp_specialized()) plan.splits = 1;
     else

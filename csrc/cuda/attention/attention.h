@@ -26,8 +26,8 @@ cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t s
 cudaError_t attention_forward_family(const AttentionParams& params, const AttentionPlan& plan, cudaStream_t stream);
 
 // The family's Hopper kernel (plan mma=sm90 with tile_m=128; attention_fwd_warp_specialized.cuh):
-// TMA loads and warp specialisation; labels, documents, kv_lens and biases, no split-KV or GQA
-// packing yet (the planner refuses those plans).
+// TMA loads and warp specialisation; labels, documents, kv_lens, biases and split-KV (merged as the
+// family's), no GQA packing yet (the planner refuses it).
 cudaError_t attention_forward_warp_specialized(const AttentionParams& params, cudaStream_t stream);
 
 // Fused backward on tensor cores (attention_bwd.cu; not yet run on a GPU): bf16 / fp16, head_dim

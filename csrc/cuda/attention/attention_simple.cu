@@ -5,9 +5,10 @@
 // For a row, lane j scores key j of the tile (the visibility rule, bias and kv_lens applied per
 // element), the warp runs the online softmax in base 2, and each lane accumulates D / 32 output
 // columns. Tiles are classified from label (and document) min/max first (dlmfuse/visibility.h):
-// SKIP tiles are never loaded. Rows whose scores float32 cannot hold are recomputed in float64
-// (exact_row.cuh). Document labels are read only by the planned family's calls
-// (attention_forward_family with mma=simt), which are not yet verified on a GPU.
+// SKIP tiles are never loaded. Rows whose scores float32 cannot hold (lse -inf) are recomputed in
+// float64 by the rescue kernel launched after it (exact_row.cuh). Document labels are read only by
+// the planned family's calls (attention_forward_family with mma=simt), which are not yet verified
+// on a GPU.
 #include "cuda/attention/attention.h"
 #include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -32,7 +33,7 @@ __device__ __forceinline__ float load_float(const void* base, int64_t index) {
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attention_simple_kernel(const __grid_constant__ AttentionParams p) {
+__global__ void __launch_bounds__(kThreads) attention_simple_kernel(const AttentionParams p) {
   constexpr int kCols = D / 32;  // output columns per lane
   __shared__ float k_tile[kKeysPerTile][D + 1];  // +1: lane j reads row j without bank conflicts
   __shared__ float v_tile[kKeysPerTile][D];
@@ -152,10 +153,6 @@ __global__ void __launch_bounds__(kThreads) attention_simple_kernel(const __grid
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int row = warp * kRowsPerWarp + r;
     if (row >= rows) break;
-    if (softmax_needs_exact(m[r], l[r])) {  // m and l are the warp's: a uniform branch
-      attention_row_exact<T, D>(p, b, h, q0 + row, lane);
-      continue;
-    }
     const float inv = softmax_inv_sum(l[r]);
     T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + (q0 + row) * p.out_strides[1] + h * p.out_strides[2];
     for (int c = 0; c < kCols; ++c) out[lane + 32 * c] = from_float<T>(o[r][c] * inv);
@@ -188,10 +185,13 @@ cudaError_t launch_simple(const AttentionParams& p, cudaStream_t stream) {
   const int64_t n_q_tiles = (p.q_len + kRowsPerCta - 1) / kRowsPerCta;
   const int64_t blocks = p.batch * p.q_heads * n_q_tiles;
   if (blocks == 0) return cudaSuccess;
+  // Then the float64 rescue of rows whose scores float32 could not hold (exact_row.cuh).
   if (p.head_dim == 64) attention_simple_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(p);
   else if (p.head_dim == 128) attention_simple_kernel<T, 128><<<blocks, kThreads, 0, stream>>>(p);
   else return cudaErrorInvalidValue;
-  return cudaGetLastError();
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess) return launched;
+  return p.head_dim == 64 ? launch_rescue_rows<T, 64>(p, stream) : launch_rescue_rows<T, 128>(p, stream);
 }
 
 }  // namespace

@@ -6,9 +6,13 @@
 // is below 1.2e79), so the row has a finite output. Its lse may still overflow to +inf when stored
 // as float32, as the CPU's does.
 //
-// The kernels test their fp32 softmax state once per row at the end (softmax_needs_exact) and
-// hand the few rows that need it to attention_row_exact: nothing is added to the key loop. Rows
-// that really saw no key take the same path (their scan finds no visible key and writes 0, -inf).
+// The kernels leave such a row with lse -inf (softmax_lse of a NaN sum or of no finite
+// score), a split-KV merge with lse NaN; rescue_rows_kernel, launched after them, recomputes the
+// rows whose lse says so; the CUDA-core kernel's rows too. A kernel of its own because the
+// tensor-core kernels sit at 255 registers: the rescue's code inside them, inlined or called, made
+// ptxas spill in their main loops (and inside the CUDA-core kernel it cost registers or spills per
+// instance). Rows that really saw no key take the same path (their scan finds no visible key and
+// writes 0, -inf).
 #pragma once
 
 #include "cuda/attention/tile_common.cuh"
@@ -16,15 +20,14 @@
 namespace dlmfuse::cuda {
 
 // The fp32 state (running max, sum) of a row that went wrong: an infinite or NaN max, or a NaN sum.
-// A split-KV partial in this state writes a NaN lse so that the merge recomputes the row.
+// A split-KV partial in this state writes a NaN lse, which the merge passes on to the rescue.
 __device__ __forceinline__ bool softmax_broke(float row_max, float row_sum) {
   return !(row_max < INFINITY) || row_sum != row_sum;
 }
 
-// Whether a row's fp32 result may differ from float64's: it broke, or it saw no finite score.
-__device__ __forceinline__ bool softmax_needs_exact(float row_max, float row_sum) {
-  return row_max == -INFINITY || softmax_broke(row_max, row_sum);
-}
+// Whether a row's written result may differ from float64's: its lse is -inf (it saw no finite
+// score, or it broke: softmax_lse of a NaN sum) or NaN (a split-KV merge with a broken part).
+__device__ __forceinline__ bool lse_needs_exact(float lse) { return !(lse > -INFINITY); }
 
 __device__ __forceinline__ double warp_max(double x) {
   for (int d = 16; d > 0; d /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, d));
@@ -33,11 +36,8 @@ __device__ __forceinline__ double warp_max(double x) {
 
 // out[b, i, h, :] and lse[b, h, i] in float64 math; the whole warp calls it with the same row.
 // Lane j scores keys j, j + 32, ...; each lane accumulates the output columns lane + 32 c.
-// Out of line, so that the kernels' main loops keep their register allocation (inlined, it added
-// spills to them); the callers' parameter blocks are __grid_constant__, so that taking their
-// address for the call does not copy them to local memory.
 template <typename T, int D>
-__device__ __noinline__ void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int lane) {
+__device__ __forceinline__ void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int lane) {
   static_assert(D % 32 == 0, "D / 32 output columns per lane");
   constexpr int kCols = D / 32;
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
@@ -83,16 +83,36 @@ __device__ __noinline__ void attention_row_exact(const AttentionParams& p, int64
   if (lane == 0) p.lse[(b * p.q_heads + h) * p.q_len + i] = empty ? -INFINITY : static_cast<float>(shift + log(sum));
 }
 
-// The rows of a warp's fragments that need the exact path (`needs` on one lane per row; the others
-// false), one after another by the whole warp, after the warp's own epilogue writes.
+// Every (batch, head, query row) whose lse asks for it, again in float64. Each thread tests one
+// row's lse per step (coalesced); its warp then recomputes the flagged rows one after another.
+constexpr int kRescueThreads = 128;
+
 template <typename T, int D>
-__device__ __forceinline__ void rescue_rows(const AttentionParams& p, bool needs, int64_t b, int64_t head,
-                                            int64_t query, int lane) {
-  __syncwarp();  // the epilogue's writes of these rows land before the rescue overwrites them
-  for (unsigned pending = __ballot_sync(0xffffffffu, needs); pending != 0; pending &= pending - 1) {
-    const int from = __ffs(pending) - 1;
-    attention_row_exact<T, D>(p, b, __shfl_sync(0xffffffffu, head, from), __shfl_sync(0xffffffffu, query, from), lane);
+__global__ void __launch_bounds__(kRescueThreads) rescue_rows_kernel(const AttentionParams p) {
+  const int64_t rows = p.batch * p.q_heads * p.q_len;  // [B, Hq, Lq] order, as lse
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRescueThreads;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kRescueThreads + threadIdx.x - lane; first < rows;
+       first += stride) {
+    const int64_t mine = first + lane;
+    unsigned pending = __ballot_sync(0xffffffffu, mine < rows && lse_needs_exact(p.lse[mine]));
+    for (; pending != 0; pending &= pending - 1) {
+      const int64_t row = first + __ffs(pending) - 1;
+      const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
+      attention_row_exact<T, D>(p, b, h, i, lane);
+    }
   }
+}
+
+// Launches the rescue of p's rows on `stream`, after the kernel (and merge) that wrote out and lse.
+template <typename T, int D>
+cudaError_t launch_rescue_rows(const AttentionParams& p, cudaStream_t stream) {
+  const int64_t rows = p.batch * p.q_heads * p.q_len;
+  if (rows == 0) return cudaSuccess;
+  constexpr int64_t kMostCtas = 1 << 16;  // the kernel strides over more rows
+  const int64_t ctas = (rows + kRescueThreads - 1) / kRescueThreads;
+  rescue_rows_kernel<T, D><<<static_cast<unsigned>(ctas < kMostCtas ? ctas : kMostCtas), kRescueThreads, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace dlmfuse::cuda

@@ -5,21 +5,18 @@
 #include <type_traits>
 
 #include "cuda/attention/attention_sm80_tile.cuh"
-#include "cuda/attention/exact_row.cuh"
 
 namespace dlmfuse::cuda {
 
-// Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse. Bound to the
-// registers of a full SM (a bandwidth kernel): the float64 rescue it may call spills instead.
+// Merge kernel: one warp per (batch, head, query row); lane s holds split s's lse.
 constexpr int kMergeWarps = 4;
-constexpr int kMergeCtasPerSm = 2048 / (32 * kMergeWarps);
 static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per lane");
 
 // out, lse of one (batch, head, query row) per warp from the S partials:
-//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) out_s;
-// rows with a broken part or none with a finite score: attention_row_exact (0 and -inf when empty).
+//   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) out_s;  all parts empty: 0 and -inf;
+//   a broken part (NaN lse): lse NaN, for the rescue that follows (exact_row.cuh).
 template <typename T, int D>
-__global__ void __launch_bounds__(32 * kMergeWarps, kMergeCtasPerSm) merge_splits_kernel(const __grid_constant__ AttentionParams p) {
+__global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const AttentionParams p) {
   constexpr int kPerLane = D / 32;  // consecutive output elements per lane (2 or 4)
   static_assert(kPerLane == 2 || kPerLane == 4, "head_dim 64 or 128");
   using Vec = typename std::conditional<kPerLane == 4, float4, float2>::type;
@@ -30,13 +27,9 @@ __global__ void __launch_bounds__(32 * kMergeWarps, kMergeCtasPerSm) merge_split
 
   const float part_lse = lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
   const float lse_max = warp_max(part_lse);
-  const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
-  // A split whose scores overflowed float32 wrote a NaN lse (write_partial_row), and a row whose
-  // splits all saw no finite score may have overflowed downwards: the row again in float64.
-  if (__any_sync(0xffffffffu, part_lse != part_lse) || lse_max == -INFINITY) {
-    attention_row_exact<T, D>(p, b, h, i, lane);
-    return;
-  }
+  // A split whose scores overflowed float32 wrote a NaN lse (write_partial_row): the row's lse is
+  // NaN too, which sends it to the float64 rescue (exact_row.cuh), as a row with no finite score.
+  const bool broken = __any_sync(0xffffffffu, part_lse != part_lse);
   const float e = lse_max == -INFINITY ? 0.0f : expf(part_lse - lse_max);
   const float sum = warp_sum(e);
   const float weight = sum > 0.0f ? e / sum : 0.0f;
@@ -50,10 +43,11 @@ __global__ void __launch_bounds__(32 * kMergeWarps, kMergeCtasPerSm) merge_split
     for (int j = 0; j < kPerLane; ++j) acc[j] += w * x[j];
   }
 
+  const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
   T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2] +
            lane * kPerLane;
   for (int j = 0; j < kPerLane; j += 2) *reinterpret_cast<uint32_t*>(out + j) = sm80::MmaType<T>::pack(acc[j], acc[j + 1]);
-  if (lane == 0) p.lse[row] = lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
+  if (lane == 0) p.lse[row] = broken ? NAN : lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }
 
 // Launches the merge of p.num_splits partials on `stream`.

@@ -1,7 +1,9 @@
 // Launch of the attention family from a plan (dlmfuse/attention_planner.h): the kernel instance,
-// shared memory and grid for the plan's MMA policy, query tile and key walk, then the split-KV merge.
+// shared memory and grid for the plan's MMA policy, query tile and key walk, then the split-KV merge
+// and the float64 rescue of rows whose scores float32 could not hold (exact_row.cuh).
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd.cuh"
+#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/split_merge.cuh"
 #include "cuda/device_info.h"
 
@@ -32,9 +34,10 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   // Heaviest query tiles first under labels (family::query_rows).
   const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);
   kernel<<<grid, sm80::kThreads, bytes, stream>>>(p);
-  const cudaError_t launched = cudaGetLastError();
-  if (launched != cudaSuccess || p.num_splits == 1) return launched;
-  return launch_split_merge<typename Tr::T, Tr::D>(p, stream);
+  cudaError_t status = cudaGetLastError();
+  if (status == cudaSuccess && p.num_splits > 1) status = launch_split_merge<typename Tr::T, Tr::D>(p, stream);
+  if (status != cudaSuccess) return status;
+  return launch_rescue_rows<typename Tr::T, Tr::D>(p, stream);  // rows float32 could not hold
 }
 
 template <typename T, int D>

@@ -14,15 +14,14 @@
 //   fp32 partial (out_s, lse_s); split_merge.cuh combines them.
 //   Documents (packed sequences): tiles and gathered keys are classified with the document ranges,
 //   PARTIAL tiles test q_doc == k_doc per element.
-//   Rows whose scores float32 cannot hold are recomputed in float64 after the epilogue
-//   (exact_row.cuh; with split-KV by the merge).
+//   Rows whose scores float32 cannot hold leave lse -inf (NaN after a split-KV merge) for the
+//   float64 rescue that the launcher runs next (exact_row.cuh).
 //
 // Not yet: TMA, warp specialisation and ping-pong (FlashAttention-3's Hopper mainloop); the sm90
 // policy issues each wgmma batch and waits for it.
 #pragma once
 
 #include "cuda/attention/attention_sm90_tile.cuh"
-#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/family/key_walk.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "dlmfuse/attention_planner.h"
@@ -55,7 +54,7 @@ struct FwdTraits {
 };
 
 template <class Tr>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const __grid_constant__ AttentionParams p) {
+__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const AttentionParams p) {
   using T = typename Tr::T;
   constexpr int D = Tr::D, kTileM = Tr::kTileM, kM = Tr::kM;
   constexpr bool kWgmma = Tr::kUseWgmma;
@@ -235,26 +234,19 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const __grid_co
   }
   sm80::cp_async_wait<0>();  // nothing left in flight (the last commit is an empty group)
 
-  bool needs_exact[kM][2] = {};  // rows whose fp32 softmax broke or saw no finite score (exact_row.cuh)
 #pragma unroll
   for (int m = 0; m < kM; ++m)
     for (int r = 0; r < 2; ++r) {
       if (row_in_tile[m][r] >= rows.count) continue;
       const int64_t query = rows.query(row_in_tile[m][r]), head = rows.head(row_in_tile[m][r]);
       const int64_t lse_row = (b * p.q_heads + head) * p.q_len + query;  // [B, Hq, Lq]
-      if (p.num_splits > 1) {  // a broken partial's NaN lse sends the row to the merge's rescue
+      if (p.num_splits > 1) {  // a broken partial writes a NaN lse (write_partial_row)
         sm80::write_partial_row<D>(p, o[m], row_max[m], row_sum[m], r,
                                    rows.split * p.batch * p.q_heads * p.q_len + lse_row, lane);
         continue;
       }
       sm80::write_output_row<T, D>(p, o[m], row_max[m], row_sum[m], r, b, query, head, lane);
-      needs_exact[m][r] = lane % 4 == 0 && softmax_needs_exact(row_max[m][r], row_sum[m][r]);
     }
-  if (p.num_splits == 1)
-#pragma unroll
-    for (int m = 0; m < kM; ++m)
-      for (int r = 0; r < 2; ++r)
-        rescue_rows<T, D>(p, needs_exact[m][r], b, rows.head(row_in_tile[m][r]), rows.query(row_in_tile[m][r]), lane);
 }
 
 }  // namespace dlmfuse::cuda::family

@@ -1,9 +1,12 @@
 // Launch of the family's Hopper kernel (plan mma=sm90 with tile_m=128): the TMA descriptors of
-// q, k and v, shared memory, and the grid.
+// q, k and v, shared memory, the grid, then the split-KV merge and the float64 rescue of rows whose
+// scores float32 could not hold (exact_row.cuh).
 #include <cuda.h>
 
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd_warp_specialized.cuh"
+#include "cuda/attention/exact_row.cuh"
+#include "cuda/attention/split_merge.cuh"
 
 namespace dlmfuse::cuda {
 namespace {
@@ -70,11 +73,14 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   if (status != cudaSuccess) return status;
   const auto q_tiles = static_cast<unsigned>(plan_ceil_div(p.q_len, Tr::kTileM));
   const auto heads = static_cast<unsigned>(p.q_heads);
+  const auto splits = static_cast<unsigned>(p.batch * p.num_splits);
   // Heaviest query tiles first under labels (the kernel reads the grid the same way).
-  const dim3 grid = p.has_labels ? dim3(heads, q_tiles, static_cast<unsigned>(p.batch))
-                                 : dim3(q_tiles, heads, static_cast<unsigned>(p.batch));
+  const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);
   kernel<<<grid, Tr::kThreads, Tr::kSharedBytes, stream>>>(p, maps);
-  return cudaGetLastError();
+  status = cudaGetLastError();
+  if (status == cudaSuccess && p.num_splits > 1) status = launch_split_merge<T, D>(p, stream);
+  if (status != cudaSuccess) return status;
+  return launch_rescue_rows<T, D>(p, stream);  // rows float32 could not hold
 }
 
 template <typename T, int D>

@@ -19,8 +19,10 @@
 // hides but memory holds are loaded with the last tile: their scores are set to -inf and the
 // producer zeroes their V rows before the consumers read them (0 x NaN would be NaN).
 // A bias is read from global memory by the consumers once S is there. Rows whose scores float32
-// cannot hold are recomputed in float64 by their warp after the epilogue (exact_row.cuh). Not yet: split-KV and GQA
-// packing (the planner refuses them).
+// cannot hold leave lse -inf (NaN after a split-KV merge) for the float64 rescue that the launcher
+// runs next (exact_row.cuh).
+// Split-KV: split s of num_splits walks its own run of whole key tiles and writes a normalised fp32
+// partial, which split_merge.cuh combines. Not yet: GQA packing (the planner refuses it).
 //
 // The sm_90 instructions (mbarriers, TMA, setmaxnreg, named barriers) come from pipeline_sm90.cuh,
 // the MMAs from wgmma_sm90.cuh. Compiled for other architectures the kernel traps (the planner
@@ -30,7 +32,6 @@
 #include <cuda.h>
 
 #include "cuda/attention/attention_sm90_tile.cuh"
-#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "cuda/attention/pipeline_sm90.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -113,7 +114,7 @@ static_assert(pipeline_fits_the_plan<64> && pipeline_fits_the_plan<128>, "the pl
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
-    attention_fwd_warp_specialized_kernel(const __grid_constant__ AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
+    attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
 #if DLMFUSE_WGMMA
   using T = typename Tr::T;
   constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
@@ -128,7 +129,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   // With labels, heads fastest and query tiles in descending order: under causal-like masks later
   // tiles see more keys, so the longest CTAs start first (as in the family's other kernels).
-  const int64_t b = blockIdx.z;
+  const int64_t b = blockIdx.z / p.num_splits;
   const int64_t h = p.has_labels ? blockIdx.x : blockIdx.y;
   const int64_t tile_m = p.has_labels ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
   const int64_t q0 = tile_m * Tr::kTileM;
@@ -172,10 +173,16 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       q_range = warp_reduce(q_range);
       q_docs = warp_reduce(q_docs);
     }
-    const int64_t k_len = effective_k_len(p, b);
+    // This split's keys [k_begin, k_end): a run of whole tiles (all of them with one split), so only
+    // the last tile of the last split has fewer than kTileN keys. 32-bit (the planner keeps k_len
+    // below 2^31; unsigned, so k0 + kTileN cannot overflow): the producer has 56 registers.
+    const uint32_t k_len = static_cast<uint32_t>(effective_k_len(p, b));
+    const uint32_t split_keys = ((k_len + kTileN - 1) / kTileN + p.num_splits - 1) / p.num_splits * kTileN;
+    const uint32_t k_begin = min(blockIdx.z % p.num_splits * split_keys, k_len);
+    const uint32_t k_end = min(k_begin + split_keys, k_len);
     int issued = 0;  // work tiles handed to the consumers
-    for (int64_t k0 = 0; k0 < k_len; k0 += kTileN) {
-      const int cols = static_cast<int>(k_len - k0 < kTileN ? k_len - k0 : kTileN);
+    for (uint32_t k0 = k_begin; k0 < k_end; k0 += kTileN) {
+      const int cols = static_cast<int>(min(k_end - k0, static_cast<uint32_t>(kTileN)));
       TileKind kind = TileKind::kFull;
       if (p.has_labels) {
         LabelRange keys = LabelRange::empty();
@@ -372,15 +379,19 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   }
   if (consumer == 0) take_turn();  // consumer 1's last pass_turn
 
-  // Epilogue: the thread's rows of the tile (rows past q_len are never written), then the rows
-  // float32 could not hold again in float64 (exact_row.cuh).
-  bool needs_exact[2] = {};
-  for (int r = 0; r < 2; ++r)
-    if (first_row + 8 * r < q_rows) {
-      sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, q0 + first_row + 8 * r, h, lane);
-      needs_exact[r] = lane % 4 == 0 && softmax_needs_exact(row_max[r], row_sum[r]);
+  // Epilogue: the thread's rows of the tile (rows past q_len are never written); with split-KV a
+  // normalised fp32 partial per row (a broken one with a NaN lse: write_partial_row).
+  for (int r = 0; r < 2; ++r) {
+    const int64_t query = q0 + first_row + 8 * r;
+    if (first_row + 8 * r >= q_rows) continue;
+    if (p.num_splits > 1) {
+      const int64_t lse_row = (b * p.q_heads + h) * p.q_len + query;  // [B, Hq, Lq]
+      const int64_t split = blockIdx.z % p.num_splits;
+      sm80::write_partial_row<D>(p, o, row_max, row_sum, r, split * p.batch * p.q_heads * p.q_len + lse_row, lane);
+    } else {
+      sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, query, h, lane);
     }
-  for (int r = 0; r < 2; ++r) rescue_rows<T, D>(p, needs_exact[r], b, h, q0 + first_row + 8 * r, lane);
+  }
 #else
   __trap();  // never launched: the planner sends mma=sm90 to sm_90 GPUs only
 #endif
