@@ -155,7 +155,9 @@ if wants sanitize; then
   step sanitizer_racecheck_gather 60 bash -c 'racecheck "$@"' _ \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "not sm90 and not Lk8300"
   # The planned family: small cases of every plan (memcheck), the walk's shared state (racecheck).
+  # (and the float64 rescue after every plan: its row scan, the rows it recomputes).
   family_small="tests/test_attention_family.py::test_mask_only_rows_kv_lens_and_empty_rows tests/test_attention_family.py::test_other_documents_tiles_are_never_read"
+  family_small="$family_small tests/test_attention_family.py::test_scores_beyond_float32_are_recomputed_in_float64"
   step sanitizer_memcheck_family 120 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider $family_small
   step sanitizer_racecheck_family 90 $family_env bash -c 'racecheck "$@"' _ $family_small
@@ -165,7 +167,7 @@ if wants sanitize; then
     tests/test_attention_backward_cuda.py -k "kv_lens"
   step sanitizer_memcheck_warp_specialized 60 $family_env compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest -m cuda -q -x -p no:cacheprovider tests/test_attention_warp_specialized.py \
-    -k "one or short_keys or kv_lens"
+    -k "one or short_keys or kv_lens or (split_kv and 5)"
   step sanitizer_racecheck_sm90 90 bash -c 'racecheck "$@"' _ tests/test_torch_integration.py::test_cuda_matches_reference_and_cpu \
     tests/test_torch_integration.py::test_cuda_gathered_keys_match_reference_and_double_buffer -k "sm90 and not Lk8300"
 fi

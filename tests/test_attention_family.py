@@ -356,22 +356,78 @@ def test_bias_broadcasts(family, bias_dtype):
 @pytest.mark.cuda
 @pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
 def test_scores_beyond_float32_are_recomputed_in_float64(family):
-    """Rows whose q.k exceed float32 (the float32 softmax breaks, or sees only -inf scores) are
-    recomputed in float64 by their warp after the epilogue, or by the split-KV merge."""
+    """Rows whose q.k exceed float32 (the float32 softmax breaks, or sees only -inf scores) leave
+    lse -inf, or NaN after a split-KV merge; the rescue kernel that follows every plan recomputes
+    them in float64. float32 inputs on the CUDA-core plan too."""
     text, needs_labels = family
-    q, k, v = overflow_inputs(torch.bfloat16, "cuda")
-    q = torch.cat([q, q], dim=2)  # 4 query heads over 2 KV heads: the packed-GQA plan applies
-    masks = [Mask.causal(70).to("cuda")] + ([] if needs_labels else [None])
-    for mask in masks:
-        kwargs = {} if mask is None else {"mask": mask}
-        out, lse = _attend(text, q, k, v, **kwargs)
-        check_beyond_float32(out, lse, q, k, v, **kwargs)
-    q, k, v = downward_overflow_inputs(torch.bfloat16, "cuda")
-    q = torch.cat([q, q], dim=2)
-    mask = Mask.bidirectional(9).to("cuda") if needs_labels else None  # every key visible
-    out, lse = _attend(text, q, k, v, mask=mask)
-    check_beyond_float32(out, lse, q, k, v, mask=mask)
-    assert torch.equal(out[0, 2, 0], v[0, 4, 0]) and torch.equal(out[0, 2, 1], v[0, 4, 0])
+    for dtype in [torch.bfloat16] + ([torch.float32] if text == "mma=simt" else []):
+        q, k, v = overflow_inputs(dtype, "cuda")
+        q = torch.cat([q, q], dim=2)  # 4 query heads over 2 KV heads: the packed-GQA plan applies
+        for mask in [Mask.causal(70).to("cuda")] + ([] if needs_labels else [None]):
+            kwargs = {} if mask is None else {"mask": mask}
+            out, lse = _attend(text, q, k, v, **kwargs)
+            check_beyond_float32(out, lse, q, k, v, **kwargs)
+        q, k, v = downward_overflow_inputs(dtype, "cuda")
+        q = torch.cat([q, q], dim=2)
+        mask = Mask.bidirectional(9).to("cuda") if needs_labels else None  # every key visible
+        out, lse = _attend(text, q, k, v, mask=mask)
+        check_beyond_float32(out, lse, q, k, v, mask=mask)
+        assert torch.equal(out[0, 2, 0], v[0, 4, 0]) and torch.equal(out[0, 2, 1], v[0, 4, 0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["simt"], indirect=True)
+def test_merge_is_exact_across_partials_whose_scores_overflowed(family):
+    """Partials of rows beyond float32 (lse +inf where one half holds the dominating key) merge to
+    the whole row's attention on CUDA as on the CPU (tests/test_extremes.py)."""
+    text, _ = family
+    q, k, v = overflow_inputs(torch.float32, "cuda")
+    full_out, full_lse = _attend(text, q, k, v)
+    for cut in (7, 35):  # the dominating keys in the first or the second part
+        out, lse = dlmfuse.merge_attention(*_attend(text, q, k[:, :cut], v[:, :cut]),
+                                           *_attend(text, q, k[:, cut:], v[:, cut:]))
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, full_out, rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.isposinf(lse), torch.isposinf(full_lse))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", PLAN_IDS, indirect=True)
+def test_rows_without_keys_and_rows_with_nan_after_the_rescue(family):
+    """The rescue scans rows whose lse is -inf: one that sees no key among 70 stays 0 with lse -inf;
+    a NaN in q stays a NaN row with a NaN lse (as in the reference); the other rows are untouched."""
+    text, _ = family
+    q, k, v = _inputs(1, 70, 70, 4, 2, 64, torch.bfloat16, seed=8)
+    keys = torch.arange(70, dtype=torch.int32)[None]
+    q_order, q_group = keys + 1, keys.clone()  # causal, each query its own group
+    q_order[0, 5], q_group[0, 5] = 0, -1  # query 5 sees no key
+    mask = Mask(q_order, q_group, keys, keys).to("cuda")
+    clean, clean_lse = _run(text, q, k, v, mask=mask)
+    assert torch.equal(clean[0, 5], torch.zeros_like(clean[0, 5])) and torch.isneginf(clean_lse[0, :, 5]).all()
+    poisoned = q.clone()
+    poisoned[0, 9, 1, 3] = float("nan")
+    out, lse = _attend(text, poisoned, k, v, mask=mask)
+    assert out[0, 9, 1].isnan().all() and lse[0, 1, 9].isnan()
+    others = torch.ones_like(lse, dtype=torch.bool)
+    others[0, 1, 9] = False
+    assert torch.equal(lse[others], clean_lse[others]) and torch.equal(out.transpose(1, 2)[others], clean.transpose(1, 2)[others])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
+                         indirect=True)
+def test_a_nan_key_under_a_minus_inf_bias_poisons_its_rows(family):
+    """A -inf bias does not hide a NaN key (NaN + -inf is NaN in the reference and on the CPU): the
+    rows that meet it are NaN after the rescue too, not the finite rows of the other keys."""
+    text, _ = family
+    q, k, v = _inputs(1, 40, 70, 2, 2, 64, torch.bfloat16, seed=9)
+    k[0, 20, 0] = float("nan")
+    bias = torch.zeros(1, 2, 40, 70, device="cuda", dtype=torch.bfloat16)
+    bias[..., 20] = float("-inf")
+    out, lse = _attend(text, q, k, v, bias=bias)
+    ref_out, _ = dlmfuse.reference.attention(q, k, v, bias=bias, return_lse=True, out_dtype=torch.float64)
+    assert ref_out[:, :, 0].isnan().all() and out[:, :, 0].isnan().all() and lse[:, 0].isnan().all()
+    assert torch.isfinite(out[:, :, 1]).all()
 
 
 def _doc_ids(lengths):

@@ -19,7 +19,7 @@ import dlmfuse
 from dlmfuse import Mask
 from dlmfuse.attention import cuda_plan_override, last_cuda_plan
 
-from conftest import check_attention
+from conftest import check_attention, check_beyond_float32
 
 PLAN = "mma=sm90,tile_m=128"
 LOWP = [torch.bfloat16, torch.float16]
@@ -145,7 +145,8 @@ def test_bias_broadcasts_and_strides(warp_specialized, head_dim, bias_dtype):
 def test_split_kv_partials_merge_to_the_reference(monkeypatch, splits):
     """Split-KV: each split walks its own run of 128-key tiles (12 tiles here, so 16 splits leave
     some empty) and the merge combines the partials. kv_lens ends inside a split's last tile (NaN
-    beyond it), a causal mask leaves the later splits nothing to see for the first rows, and a bias."""
+    beyond it), a causal mask leaves the later splits nothing to see for the first rows, a bias, and
+    a score beyond float32 in a later split (its partial breaks; the float64 rescue mends the row)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the warp-specialized kernel needs an sm_90 GPU")
     monkeypatch.setenv("DLMFUSE_CUDA_KERNELS", "1")
@@ -163,3 +164,10 @@ def test_split_kv_partials_merge_to_the_reference(monkeypatch, splits):
             torch.cuda.synchronize()
             assert last_cuda_plan() == f"{PLAN},walk=tiles,splits={splits},pack_gqa=0"
             check_attention(out, q, k, v, lse=lse, **kwargs)
+        # A score beyond float32 in a later split: that split's partial breaks (NaN lse), the merge
+        # passes the NaN on, and the rescue recomputes the row in float64.
+        q_over, k_over = q.clone(), k.clone()
+        q_over[0, 5, 0, 0], k_over[0, 1000, 0, 0] = 1e20, 1e20
+        out, lse = dlmfuse.attention(q_over, k_over, v, return_lse=True)
+        check_beyond_float32(out, lse, q_over, k_over, v)
+        assert torch.isposinf(lse[0, 0, 5]) and torch.equal(out[0, 5, 0], v[0, 1000, 0])

@@ -5,12 +5,9 @@
 // For a row, lane j scores key j of the tile (the visibility rule, bias and kv_lens applied per
 // element), the warp runs the online softmax in base 2, and each lane accumulates D / 32 output
 // columns. Tiles are classified from label (and document) min/max first (dlmfuse/visibility.h):
-// SKIP tiles are never loaded. Rows whose scores float32 cannot hold (lse -inf) are recomputed in
-// float64 by the rescue kernel launched after it (exact_row.cuh). Document labels are read only by
-// the planned family's calls (attention_forward_family with mma=simt), which are not yet verified
-// on a GPU.
+// SKIP tiles are never loaded. Document labels are read only by the planned family's calls
+// (attention_forward_family with mma=simt), which are not yet verified on a GPU.
 #include "cuda/attention/attention.h"
-#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/half_convert.h"
 #include "dlmfuse/online_softmax.h"
@@ -185,13 +182,10 @@ cudaError_t launch_simple(const AttentionParams& p, cudaStream_t stream) {
   const int64_t n_q_tiles = (p.q_len + kRowsPerCta - 1) / kRowsPerCta;
   const int64_t blocks = p.batch * p.q_heads * n_q_tiles;
   if (blocks == 0) return cudaSuccess;
-  // Then the float64 rescue of rows whose scores float32 could not hold (exact_row.cuh).
   if (p.head_dim == 64) attention_simple_kernel<T, 64><<<blocks, kThreads, 0, stream>>>(p);
   else if (p.head_dim == 128) attention_simple_kernel<T, 128><<<blocks, kThreads, 0, stream>>>(p);
   else return cudaErrorInvalidValue;
-  const cudaError_t launched = cudaGetLastError();
-  if (launched != cudaSuccess) return launched;
-  return p.head_dim == 64 ? launch_rescue_rows<T, 64>(p, stream) : launch_rescue_rows<T, 128>(p, stream);
+  return cudaGetLastError();
 }
 
 }  // namespace

@@ -3,16 +3,17 @@
 // overflows float32 (|score| > 3.4e38) the online softmax sees an infinite running max
 // (inf - inf = NaN) or a NaN sum, and a row whose every visible score overflowed downwards looks
 // like a row that saw no key; in float64 those scores are finite (a dot product of float32 values
-// is below 1.2e79), so the row has a finite output. Its lse may still overflow to +inf when stored
+// is below 1.5e79 at head_dim 128), so the row has a finite output. Its lse may still overflow to +inf when stored
 // as float32, as the CPU's does.
 //
-// The kernels leave such a row with lse -inf (softmax_lse of a NaN sum or of no finite
-// score), a split-KV merge with lse NaN; rescue_rows_kernel, launched after them, recomputes the
-// rows whose lse says so; the CUDA-core kernel's rows too. A kernel of its own because the
-// tensor-core kernels sit at 255 registers: the rescue's code inside them, inlined or called, made
-// ptxas spill in their main loops (and inside the CUDA-core kernel it cost registers or spills per
-// instance). Rows that really saw no key take the same path (their scan finds no visible key and
-// writes 0, -inf).
+// The kernels leave such a row with lse -inf (softmax_lse of a NaN sum or of no finite score), a
+// split-KV merge with lse NaN; rescue_rows_kernel, which the planned family launches after every
+// plan (attention_forward_family), recomputes the rows whose lse says so. A kernel of its own
+// because the tensor-core kernels sit at 255 registers: the rescue's code inside them, inlined or
+// called, made ptxas spill in their main loops (inside the CUDA-core kernel it cost registers or
+// spills per instance). Rows that really saw no key take the same path (their scan finds no
+// visible key and writes 0, -inf). The verified kernels (attention_sm80.cu, and the CUDA-core
+// kernel outside the family) are not followed by it until a GPU run has verified it.
 #pragma once
 
 #include "cuda/attention/tile_common.cuh"
@@ -50,12 +51,12 @@ __device__ __forceinline__ void attention_row_exact(const AttentionParams& p, in
   const int32_t q_doc = p.has_docs ? p.q_doc.at(b, i) : 0;
   const int64_t bias_row = b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2];
 
-  // Key j's score; -inf where it is hidden. A -inf bias needs no dot product (finite in float64).
+  // Key j's score; -inf where it is hidden. A -inf bias does not hide a NaN key (NaN + -inf is NaN,
+  // as in the reference and on the CPU).
   auto score = [&](int64_t j) -> double {
     if (p.has_labels && !is_visible(q_order, q_group, p.k_order.at(b, j), p.k_group.at(b, j))) return -INFINITY;
     if (p.has_docs && p.k_doc.at(b, j) != q_doc) return -INFINITY;
     const double bias = p.bias != nullptr ? static_cast<double>(bias_at(p, bias_row + j * p.bias_strides[3])) : 0.0;
-    if (bias == -INFINITY) return -INFINITY;
     double dot = 0.0;
     for (int d = 0; d < D; ++d) dot += static_cast<double>(to_float(q[d])) * to_float(k[j * p.k_strides[1] + d]);
     return dot * p.scale + bias;

@@ -14,7 +14,7 @@ static_assert(kAttentionMaxSplits <= 32, "the merge kernel keeps one split per l
 
 // out, lse of one (batch, head, query row) per warp from the S partials:
 //   lse = log sum_s exp(lse_s),  out = sum_s exp(lse_s - lse) out_s;  all parts empty: 0 and -inf;
-//   a broken part (NaN lse): lse NaN, for the rescue that follows (exact_row.cuh).
+//   a broken part (NaN lse): out and lse NaN, for the rescue that follows (exact_row.cuh).
 template <typename T, int D>
 __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const AttentionParams p) {
   constexpr int kPerLane = D / 32;  // consecutive output elements per lane (2 or 4)
@@ -27,8 +27,9 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
 
   const float part_lse = lane < p.num_splits ? p.partial_lse[lane * rows + row] : -INFINITY;
   const float lse_max = warp_max(part_lse);
-  // A split whose scores overflowed float32 wrote a NaN lse (write_partial_row): the row's lse is
-  // NaN too, which sends it to the float64 rescue (exact_row.cuh), as a row with no finite score.
+  // A split whose scores overflowed float32 (or met a NaN) wrote a NaN lse (write_partial_row): the
+  // row is NaN, lse included (merge_weights' rule), which sends it to the float64 rescue where one
+  // follows (exact_row.cuh), as a row with no finite score.
   const bool broken = __any_sync(0xffffffffu, part_lse != part_lse);
   const float e = lse_max == -INFINITY ? 0.0f : expf(part_lse - lse_max);
   const float sum = warp_sum(e);
@@ -46,6 +47,8 @@ __global__ void __launch_bounds__(32 * kMergeWarps) merge_splits_kernel(const At
   const int64_t i = row % p.q_len, h = (row / p.q_len) % p.q_heads, b = row / (p.q_len * p.q_heads);
   T* out = static_cast<T*>(p.out) + b * p.out_strides[0] + i * p.out_strides[1] + h * p.out_strides[2] +
            lane * kPerLane;
+  if (broken)
+    for (int j = 0; j < kPerLane; ++j) acc[j] = NAN;
   for (int j = 0; j < kPerLane; j += 2) *reinterpret_cast<uint32_t*>(out + j) = sm80::MmaType<T>::pack(acc[j], acc[j + 1]);
   if (lane == 0) p.lse[row] = broken ? NAN : lse_max == -INFINITY ? -INFINITY : lse_max + logf(sum);
 }

@@ -1,6 +1,7 @@
 // Launch of the attention family from a plan (dlmfuse/attention_planner.h): the kernel instance,
-// shared memory and grid for the plan's MMA policy, query tile and key walk, then the split-KV merge
-// and the float64 rescue of rows whose scores float32 could not hold (exact_row.cuh).
+// shared memory and grid for the plan's MMA policy, query tile and key walk, then the split-KV merge;
+// after every plan (the CUDA-core and Hopper kernels' too) the float64 rescue of rows whose scores
+// float32 could not hold (exact_row.cuh).
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd.cuh"
 #include "cuda/attention/exact_row.cuh"
@@ -34,10 +35,9 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   // Heaviest query tiles first under labels (family::query_rows).
   const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);
   kernel<<<grid, sm80::kThreads, bytes, stream>>>(p);
-  cudaError_t status = cudaGetLastError();
-  if (status == cudaSuccess && p.num_splits > 1) status = launch_split_merge<typename Tr::T, Tr::D>(p, stream);
-  if (status != cudaSuccess) return status;
-  return launch_rescue_rows<typename Tr::T, Tr::D>(p, stream);  // rows float32 could not hold
+  const cudaError_t launched = cudaGetLastError();
+  if (launched != cudaSuccess || p.num_splits == 1) return launched;
+  return launch_split_merge<typename Tr::T, Tr::D>(p, stream);
 }
 
 template <typename T, int D>
@@ -53,15 +53,31 @@ cudaError_t dispatch(const AttentionParams& p, const AttentionPlan& plan, cudaSt
                 : launch<FwdTraits<T, D, 64, kSm80, kTiles>>(p, stream);
 }
 
-}  // namespace
+template <typename T>
+cudaError_t rescue_rows(const AttentionParams& p, cudaStream_t stream) {
+  return p.head_dim == 64 ? launch_rescue_rows<T, 64>(p, stream) : launch_rescue_rows<T, 128>(p, stream);
+}
 
-cudaError_t attention_forward_family(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
-  if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
+cudaError_t launch_plan(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
   if (plan.mma == AttentionMma::kSimt) return attention_forward_simple(p, stream);
   if (plan.warp_specialized()) return attention_forward_warp_specialized(p, stream);
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.head_dim == 64) return bf16 ? dispatch<bf16_t, 64>(p, plan, stream) : dispatch<fp16_t, 64>(p, plan, stream);
   return bf16 ? dispatch<bf16_t, 128>(p, plan, stream) : dispatch<fp16_t, 128>(p, plan, stream);
+}
+
+}  // namespace
+
+cudaError_t attention_forward_family(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
+  if (p.batch * p.q_heads * p.q_len == 0) return cudaSuccess;
+  const cudaError_t launched = launch_plan(p, plan, stream);
+  if (launched != cudaSuccess) return launched;
+  // Then every plan's rows whose scores float32 could not hold, again in float64 (exact_row.cuh).
+  switch (p.dtype) {
+    case DType::kFloat32: return rescue_rows<float>(p, stream);
+    case DType::kBFloat16: return rescue_rows<bf16_t>(p, stream);
+    default: return rescue_rows<fp16_t>(p, stream);
+  }
 }
 
 }  // namespace dlmfuse::cuda

@@ -1,11 +1,9 @@
 // Launch of the family's Hopper kernel (plan mma=sm90 with tile_m=128): the TMA descriptors of
-// q, k and v, shared memory, the grid, then the split-KV merge and the float64 rescue of rows whose
-// scores float32 could not hold (exact_row.cuh).
+// q, k and v, shared memory, the grid, then the split-KV merge.
 #include <cuda.h>
 
 #include "cuda/attention/attention.h"
 #include "cuda/attention/family/attention_fwd_warp_specialized.cuh"
-#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/split_merge.cuh"
 
 namespace dlmfuse::cuda {
@@ -78,9 +76,8 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);
   kernel<<<grid, Tr::kThreads, Tr::kSharedBytes, stream>>>(p, maps);
   status = cudaGetLastError();
-  if (status == cudaSuccess && p.num_splits > 1) status = launch_split_merge<T, D>(p, stream);
-  if (status != cudaSuccess) return status;
-  return launch_rescue_rows<T, D>(p, stream);  // rows float32 could not hold
+  if (status != cudaSuccess || p.num_splits == 1) return status;
+  return launch_split_merge<T, D>(p, stream);
 }
 
 template <typename T, int D>
