@@ -285,7 +285,7 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
   for (int i = 0; i < rows; ++i) {
     // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf): redo the row in float64.
-    if (ws.overflow[i] || !(ws.row_max[i] < INFINITY) || ws.row_sum[i] != ws.row_sum[i]) {
+    if (ws.overflow[i] || softmax_broke(ws.row_max[i], ws.row_sum[i])) {
       attention_row_exact(p, b, h, q0 + i);
       continue;
     }

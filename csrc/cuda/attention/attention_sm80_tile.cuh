@@ -10,7 +10,6 @@
 #include <cstring>
 #include <type_traits>
 
-#include "cuda/attention/exact_row.cuh"
 #include "cuda/attention/mma_sm80.cuh"
 #include "cuda/attention/tile_common.cuh"
 #include "cuda/attention/wgmma_sm90.cuh"
@@ -132,8 +131,8 @@ __device__ __forceinline__ void write_partial_row(const AttentionParams& p, cons
   float* out = p.partial_out + row * D;
   for (int dt = 0; dt < D / 8; ++dt)
     *reinterpret_cast<float2*>(out + dt * 8 + 2 * (lane % 4)) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-  // A broken row (overflowing scores) writes a NaN lse, which the merge passes on to the float64
-  // rescue (exact_row.cuh).
+  // A broken row (softmax_broke) writes a NaN lse, which the merge passes on to the float64 rescue
+  // (exact_row.cuh).
   if (lane % 4 == 0) p.partial_lse[row] = softmax_broke(row_max[r], row_sum[r]) ? NAN : softmax_lse(row_max[r], row_sum[r]);
 }
 

@@ -3,11 +3,11 @@
 // overflows float32 (|score| > 3.4e38) the online softmax sees an infinite running max
 // (inf - inf = NaN) or a NaN sum, and a row whose every visible score overflowed downwards looks
 // like a row that saw no key; in float64 those scores are finite (a dot product of float32 values
-// is below 1.5e79 at head_dim 128), so the row has a finite output. Its lse may still overflow to +inf when stored
-// as float32, as the CPU's does.
+// is below 1.5e79 at head_dim 128), so the row has a finite output. Its lse may still overflow to
+// +inf when stored as float32, as the CPU's does.
 //
 // The kernels leave such a row with lse -inf (softmax_lse of a NaN sum or of no finite score), a
-// split-KV merge with lse NaN; rescue_rows_kernel, which the planned family launches after every
+// split-KV merge with lse NaN (a partial in softmax_broke's state writes a NaN lse); rescue_rows_kernel, which the planned family launches after every
 // plan (attention_forward_family), recomputes the rows whose lse says so. A kernel of its own
 // because the tensor-core kernels sit at 255 registers: the rescue's code inside them, inlined or
 // called, made ptxas spill in their main loops (inside the CUDA-core kernel it cost registers or
@@ -20,20 +20,9 @@
 
 namespace dlmfuse::cuda {
 
-// The fp32 state (running max, sum) of a row that went wrong: an infinite or NaN max, or a NaN sum.
-// A split-KV partial in this state writes a NaN lse, which the merge passes on to the rescue.
-__device__ __forceinline__ bool softmax_broke(float row_max, float row_sum) {
-  return !(row_max < INFINITY) || row_sum != row_sum;
-}
-
 // Whether a row's written result may differ from float64's: its lse is -inf (it saw no finite
 // score, or it broke: softmax_lse of a NaN sum) or NaN (a split-KV merge with a broken part).
 __device__ __forceinline__ bool lse_needs_exact(float lse) { return !(lse > -INFINITY); }
-
-__device__ __forceinline__ double warp_max(double x) {
-  for (int d = 16; d > 0; d /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, d));
-  return x;
-}
 
 // out[b, i, h, :] and lse[b, h, i] in float64 math; the whole warp calls it with the same row.
 // Lane j scores keys j, j + 32, ...; each lane accumulates the output columns lane + 32 c.

@@ -42,6 +42,10 @@ __device__ __forceinline__ float warp_max(float x) {
   for (int d = 16; d > 0; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, d));
   return x;
 }
+__device__ __forceinline__ double warp_max(double x) {
+  for (int d = 16; d > 0; d /= 2) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, d));
+  return x;
+}
 __device__ __forceinline__ float warp_sum(float x) {
   for (int d = 16; d > 0; d /= 2) x += __shfl_xor_sync(0xffffffffu, x, d);
   return x;

@@ -28,6 +28,13 @@ DLMFUSE_HOST_DEVICE DLMFUSE_INLINE float softmax_inv_sum(float sum) {
   return sum > 0.0f ? 1.0f / sum : 0.0f;
 }
 
+// A row's state that went wrong: an infinite or NaN running max, or a NaN sum (its scores
+// overflowed float32, or met a NaN). The kernels redo such rows in float64
+// (cpu/attention_exact.cpp, cuda/attention/exact_row.cuh).
+DLMFUSE_HOST_DEVICE DLMFUSE_INLINE bool softmax_broke(float running_max, float sum) {
+  return !(running_max < INFINITY) || sum != sum;
+}
+
 // Natural-log log-sum-exp of a row from its base-2 running max and sum; -inf for an empty row.
 DLMFUSE_HOST_DEVICE DLMFUSE_INLINE float softmax_lse(float running_max_log2, float sum) {
   return sum > 0.0f ? (running_max_log2 + log2f(sum)) * kLn2 : -INFINITY;

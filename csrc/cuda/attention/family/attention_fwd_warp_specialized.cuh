@@ -38,7 +38,6 @@
 #include "dlmfuse/attention_planner.h"
 #include "dlmfuse/online_softmax.h"
 
-
 namespace dlmfuse::cuda::family {
 
 template <typename T_, int D_, bool kBias_>
