@@ -89,14 +89,14 @@ if wants tests; then
   step pytest_cuda_family 150 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
     tests/test_attention_family.py tests/test_documents.py -k "not sm90_128"
   step pytest_cuda_backward 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
-    tests/test_attention_backward_cuda.py
+    tests/test_attention_backward_cuda.py tests/test_attention_backward_extremes.py
   # The family's Hopper kernel (mma=sm90, tile_m=128: TMA, warp specialisation), the newest code:
   # its own tests, then the family's matrix under its plan.
   step pytest_cuda_warp_specialized 90 $family_env python3 -m pytest -m cuda -q -p no:cacheprovider \
     tests/test_attention_warp_specialized.py tests/test_attention_family.py -k "warp_specialized or sm90_128"
   step pytest_cuda 200 env DLMFUSE_TEST_KERNELS="$verified" python3 -m pytest -m cuda -q -p no:cacheprovider tests \
     --ignore=tests/test_attention_family.py --ignore=tests/test_attention_backward_cuda.py \
-    --ignore=tests/test_attention_warp_specialized.py
+    --ignore=tests/test_attention_backward_extremes.py --ignore=tests/test_attention_warp_specialized.py
   # With split-KV forced the kernel-parametrised tests also cover each kernel's split partials
   # (the split tests set their own DLMFUSE_ATTENTION_SPLITS).
   step pytest_cuda_splits 90 env DLMFUSE_TEST_KERNELS="$verified" DLMFUSE_ATTENTION_SPLITS=3 \

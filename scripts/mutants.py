@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 _REFINE = "tests/test_refinement_samplers.py"
+_BACKWARD_EXTREMES = "tests/test_attention_backward_extremes.py"
 
 
 class Mutant(NamedTuple):
@@ -42,6 +43,17 @@ MUTANTS = [
     Mutant("backward dV overwrites across query chunks", "_attention_backward.py",
            "dv += torch.matmul(p.transpose(-1, -2), do[:, :, rows])",
            "dv = torch.matmul(p.transpose(-1, -2), do[:, :, rows])", ("tests/test_chunking.py",)),
+    Mutant("backward keeps rows beyond float32 in float32", "attention.py",
+           "exact = rows_beyond_float32(q, k, lse, scale) if can_read_values(lse) else None", "exact = None",
+           (_BACKWARD_EXTREMES,)),
+    Mutant("backward float64 rows only past 2^100", "_attention_backward.py",
+           "_SCORE_BOUND = 2.0 ** 24", "_SCORE_BOUND = 2.0 ** 100", (_BACKWARD_EXTREMES,)),
+    Mutant("backward float64 rows ignore |lse|", "_attention_backward.py",
+           "| big_lse.any(1)", "", (_BACKWARD_EXTREMES,)),
+    Mutant("backward float64 rows normalise by lse", "_attention_backward.py",
+           "torch.softmax(s, -1)", "torch.exp(s - torch.logsumexp(s, -1, keepdim=True))", (_BACKWARD_EXTREMES,)),
+    Mutant("backward float64 dK overwrites across row chunks", "_attention_backward.py",
+           "dk[b, keys] += dk_rows", "dk[b, keys] = dk_rows", (_BACKWARD_EXTREMES,)),
     Mutant("token_probability reads the first chunk's tokens", "samplers/llada.py",
            "rows.gather(1, chosen[first:first + chunk])", "rows.gather(1, chosen[:rows.shape[0]])",
            ("tests/test_chunking.py",)),

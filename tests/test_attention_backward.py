@@ -120,6 +120,24 @@ def test_bias_gradient_is_summed_over_its_broadcast_dims(bias_shape):
     check_gradients((q, k, v, bias), grad_out, grad_lse, mask=Mask.causal(140).gather_queries(torch.arange(65, 140)))
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_broadcast_bias_gradient_is_rounded_once(backend, monkeypatch):
+    """A bf16 bias broadcast over batch and heads (fp32 q, k, v): its gradient, a sum of 32 dS per
+    element, is summed in float32 and rounded to bf16 once (each element within one rounding of the
+    float64 sum), not rounded per dS and then summed (a quarter of the elements were off by more)."""
+    monkeypatch.setenv("DLMFUSE_BACKEND", backend)
+    q, k, v, grad_out, _ = random_inputs(8, 64, 64, 4, 4, 64, seed=15)
+    bias = torch.randn(1, 1, 64, 64, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    leaves = [t.float().requires_grad_(True) for t in (q, k, v)] + [bias.bfloat16().requires_grad_(True)]
+    dlmfuse.attention(*leaves[:3], bias=leaves[3]).backward(grad_out.float())
+    rounded = [t.detach().double().requires_grad_(True) for t in leaves]
+    dlmfuse.reference.attention(*rounded[:3], bias=rounded[3], compute_dtype=torch.float64).backward(grad_out)
+    got, want = leaves[3].grad.double(), rounded[3].grad
+    assert leaves[3].grad.dtype == torch.bfloat16 and got.shape == want.shape
+    beyond = (got - want).abs() > 2.0**-8 * want.abs() + 1e-6 * want.abs().max()
+    assert not beyond.any(), f"{int(beyond.sum())} of {beyond.numel()} elements beyond one bf16 rounding"
+
+
 def test_kv_lens_and_empty_rows_give_zero_gradients():
     q, k, v, grad_out, grad_lse = random_inputs(3, 70, 140, 2, 2, 64, seed=8)
     kv_lens = torch.tensor([0, 65, 140], dtype=torch.int32)

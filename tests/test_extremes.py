@@ -100,6 +100,24 @@ def test_scores_beyond_float32_keep_the_contract(dtype, masked):
         assert torch.isposinf(lse[0, 0, 3]) and torch.equal(out[0, 3, 0], v[0, 5, 0])
 
 
+@pytest.mark.parametrize("bias_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_row_whose_bias_is_finfo_min_on_every_key_averages_its_values(bias_dtype):
+    """finfo.min (transformers' padding) times log2 e is -inf in the kernel's units, which passed
+    for hidden keys (output 0, lse -inf); in float64, as in the reference and SDPA, every score is
+    finfo.min and the row averages its values. A -inf bias still hides."""
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(2, 40, 2, 64, generator=g) for _ in range(3))
+    bias = torch.zeros(2, 1, 40, 40, dtype=bias_dtype)
+    bias[1, :, 30:] = bias[1, :, :, 30:] = torch.finfo(bias_dtype).min
+    bias[0, :, 5] = float("-inf")
+    out, lse = dlmfuse.attention(q, k, v, bias=bias, return_lse=True)
+    ref_out, ref_lse = dlmfuse.reference.attention(q, k, v, bias=bias, return_lse=True)
+    assert_fp32_close(out, ref_out, "out")
+    assert torch.equal(lse.isneginf(), ref_lse.isneginf()) and lse[0, :, 5].isneginf().all()
+    torch.testing.assert_close(lse, ref_lse)
+    torch.testing.assert_close(out[1, 35], v[1].mean(0), rtol=1e-5, atol=1e-5)
+
+
 def test_merge_is_exact_across_partials_whose_scores_overflowed():
     q, k, v = overflow_inputs(torch.float32)
     full_out, full_lse = dlmfuse.attention(q, k, v, return_lse=True)

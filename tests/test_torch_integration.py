@@ -41,9 +41,10 @@ def test_opcheck_attention(with_extras, dtype):
     torch.library.opcheck(torch.ops.dlmfuse.attention.default, op_args(with_extras, dtype))
 
 
-def test_opcheck_attention_broadcast_bias_without_grad():
-    args = list(op_args(True, requires_grad=False))
-    args[9] = torch.randn(1, 4, 1, 21).expand(2, 4, 9, 21)  # stride-0 view, as the public op passes it
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["no_grad", "grad"])
+def test_opcheck_attention_broadcast_bias(requires_grad):
+    args = list(op_args(True, requires_grad=requires_grad))
+    args[9] = torch.randn(1, 4, 1, 21).requires_grad_(requires_grad)  # broadcast, as the public op passes it
     torch.library.opcheck(torch.ops.dlmfuse.attention.default, tuple(args))
 
 

@@ -28,7 +28,6 @@ struct TileScratch {
   float* kt;         // [D, N] key tile, transposed so the QK^T micro-kernel reads rows
   float* v;          // [N, D] value tile
   float* s;          // [M, N] scores, then probabilities
-  float* bias_row;   // [N]
   float* row_max;    // [M] running max (log2 units)
   float* row_sum;    // [M] running sum of exp2
   int32_t* k_order;  // [N] labels of the keys gathered for a PARTIAL tile
@@ -48,8 +47,7 @@ struct TileScratch {
     kt = o + M * D;
     v = kt + D * N;
     s = v + N * D;
-    bias_row = s + M * N;
-    row_max = bias_row + N;
+    row_max = s + M * N;
     row_sum = row_max + M;
     k_order = reinterpret_cast<int32_t*>(row_sum + M);
     k_group = k_order + N;
@@ -128,7 +126,7 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
     float* s_row = ws.s + i * N;
     ws.overflow[i] |= !all_finite(s_row);  // before the bias and the mask add their own infinities
     if (p.bias != nullptr)
-      add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, ws.bias_row, s_row);
+      ws.overflow[i] |= add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, s_row);
     if (kind == TileKind::kPartial)
       mask_row_by_labels(s_row, labels, p.q_order.at(t.b, t.q0 + i), p.q_group.at(t.b, t.q0 + i),
                          p.has_docs ? p.q_doc.at(t.b, t.q0 + i) : 0);

@@ -1,11 +1,16 @@
-"""Backward of dlmfuse.attention in PyTorch (fp32), recomputing probabilities from the saved lse.
+"""Backward of dlmfuse.attention in PyTorch, recomputing probabilities from the saved lse.
 
     P = exp(S - lse),  dP = dO V^T,  dS = P * (dP - rowsum(dO * O) + dlse),
     dQ = scale dS K,  dK = scale dS^T Q,  dV = P^T dO,  dbias = dS.
 
-Query rows are processed in chunks so the [B, Hq, chunk, Lk] intermediates stay bounded; this
-runs on devices without a fused backward (CUDA today, and DLMFUSE_BACKEND=reference); the CPU has
-the C++ kernel (csrc/cpu/attention_backward_tiles.cpp).
+`attention_backward` is the fp32 composite: query rows in chunks so the [B, Hq, chunk, Lk]
+intermediates stay bounded; it runs on devices without a fused backward (CUDA today, and
+DLMFUSE_BACKEND=reference); the CPU has the C++ kernel (csrc/cpu/attention_backward_tiles.cpp).
+
+`rows_beyond_float32` and `add_exact_row_gradients` serve every backward: a row whose scores may
+leave float32 (the forward recomputes those in float64) breaks the float32 recomputation of P
+(inf - inf = NaN, or P = 0 everywhere when every score fell to -inf). Such rows are taken out of the
+float32 backward and their gradients computed in float64 from the definition.
 """
 
 from __future__ import annotations
@@ -14,6 +19,12 @@ import torch
 
 # Upper bound on the elements of one [B, Hq, chunk, Lk] fp32 intermediate (~256 MB).
 _CHUNK_ELEMENTS = 1 << 26
+# Upper bound on the elements of one [Hq, rows, Lk] float64 intermediate of the exact rows (~32 MB).
+_EXACT_CHUNK_ELEMENTS = 1 << 22
+# A row is recomputed in float64 when a partial sum of its q.k (times scale, and log2 e where the
+# kernels fold it in) may reach this, or its lse does: from there float32 keeps no fractional digit
+# of a score, so P recomputed from it is noise (and beyond 2^128 inf - inf = NaN).
+_SCORE_BOUND = 2.0 ** 24
 
 
 def _visible_chunk(labels, kv_lens, rows: slice, k_len: int, device) -> torch.Tensor | None:
@@ -71,13 +82,84 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
         if dbias is not None:
             dbias[:, :, rows] = ds
 
-    def to_input_layout(grad, like, heads):
-        grad = grad.view(B, heads, group, -1, D).sum(2) if heads != Hq else grad
-        return grad.transpose(1, 2).to(like.dtype)
+    def to_input_layout(grad, heads):
+        grad = grad.view(B, heads, group, grad.shape[2], D).sum(2) if heads != Hq else grad
+        return grad.transpose(1, 2)
 
-    return (
-        to_input_layout(dq, q, Hq),
-        to_input_layout(dk, k, Hkv),
-        to_input_layout(dv, v, Hkv),
-        None if dbias is None else dbias.to(bias.dtype),
-    )
+    return to_input_layout(dq, Hq), to_input_layout(dk, Hkv), to_input_layout(dv, Hkv), dbias
+
+
+def _finite_abs_max(t: torch.Tensor, dims) -> torch.Tensor:
+    """float64 max of |t| over dims, ignoring inf and NaN (they propagate alike in float32 and 64)."""
+    most = t.abs().amax(dims)
+    if not torch.isfinite(most).all():  # rare: only then the slower masked pass
+        most = torch.where(torch.isfinite(t), t.abs(), 0).amax(dims)
+    return most.double()
+
+
+def rows_beyond_float32(q, k, lse, scale) -> torch.Tensor:
+    """bool [B, Lq]: query positions of which some head's scores are beyond float32's precision: a
+    bound on its q.k partial sums (D max|q_i| max|k|, scale and log2 e) or its lse reaches
+    _SCORE_BOUND (+inf included; -inf is a row without keys, whose gradient is 0 in any precision)."""
+    B, Lq, Hq, D = q.shape
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros((B, Lq), dtype=torch.bool, device=q.device)
+    q_max = _finite_abs_max(q, -1)  # [B, Lq, Hq]
+    k_max = _finite_abs_max(k, (1, 3)).repeat_interleave(Hq // k.shape[2], 1)  # [B, Hq]
+    dot_bound = q_max * k_max[:, None, :] * (abs(scale) * D * 1.4426950408889634)
+    big_lse = (lse == float("inf")) | (torch.isfinite(lse) & (lse.abs() >= _SCORE_BOUND))  # [B, Hq, Lq]
+    return (dot_bound >= _SCORE_BOUND).any(-1) | big_lse.any(1)
+
+
+def without_rows(rows: torch.Tensor, q, out, grad_out, grad_lse, lse):
+    """Copies in which the positions `rows` (bool [B, Lq]) are rows without keys for the float32
+    backward (q, O, dO and dlse 0, lse -inf): they add nothing to any gradient there."""
+    at = rows[:, :, None, None]
+    zero = [t.masked_fill(at, 0) for t in (q, out, grad_out)]
+    return (*zero, grad_lse.masked_fill(rows[:, None], 0), lse.masked_fill(rows[:, None], float("-inf")))
+
+
+def add_exact_row_gradients(rows, grads, grad_out, grad_lse, q, k, v, labels, bias, kv_lens, scale):
+    """Writes dQ (and dbias) of the positions `rows` (bool [B, Lq]) into grads = (dq [B, Lq, Hq, D],
+    dk, dv [B, Lk, Hkv, D], dbias [B, Hq, Lq, Lk] or None), all float32, and adds their dK and dV,
+    computed in float64 from the definition (softmax of the float64 scores; no saved lse or output)."""
+    dq, dk, dv, dbias = grads
+    # A row with dO = 0 and dlse = 0 (a padded query, say) has zero gradients: without_rows gave them.
+    rows = rows & ((grad_out != 0).flatten(2).any(-1) | (grad_lse != 0).any(1))
+    Hq, D = q.shape[2:]
+    group = Hq // k.shape[2]
+    f64 = torch.float64
+    for b in rows.any(1).nonzero().flatten().tolist():
+        k_len = k.shape[1] if kv_lens is None else int(kv_lens[b])  # keys past kv_lens are never read
+        keys = slice(0, k_len)
+        kb = k[b, keys].to(f64).transpose(0, 1).repeat_interleave(group, 0)  # [Hq, Lk, D]
+        vb = v[b, keys].to(f64).transpose(0, 1).repeat_interleave(group, 0)
+        q_order, q_group, k_order, k_group, q_doc, k_doc = (
+            None if t is None else t[b:b + 1] if t.shape[0] > 1 else t for t in labels)  # labels may broadcast over B
+        batch_labels = (q_order, q_group, *(None if t is None else t[:, keys] for t in (k_order, k_group)), q_doc,
+                        None if k_doc is None else k_doc[:, keys])
+        positions = rows[b].nonzero().flatten()
+        chunk = max(1, _EXACT_CHUNK_ELEMENTS // max(1, Hq * k_len))
+        for idx in positions.split(chunk):
+            qb = q[b, idx].to(f64).transpose(0, 1)  # [Hq, n, D]
+            s = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [Hq, n, Lk]
+            if bias is not None:
+                s = s + bias[b][:, idx, keys].to(f64)
+            visible = _visible_chunk(batch_labels, None, idx, k_len, q.device)
+            if visible is not None:
+                s = s.masked_fill(~visible[0], float("-inf"))
+            # softmax, not exp(s - lse): at |s| >= 2^53 float64 absorbs log(sum) into lse as well.
+            no_score = torch.isneginf(s.amax(-1, keepdim=True))
+            p = torch.where(no_score, 0.0, torch.softmax(s, -1))  # a row with no finite score: P = 0
+            do = grad_out[b, idx].to(f64).transpose(0, 1)
+            dp = torch.matmul(do, vb.transpose(-1, -2))
+            # rowsum(P dP), not rowsum(dO O): equal, but this one cancels exactly against a dominant key.
+            delta = (p * dp).sum(-1) - grad_lse[b][:, idx].to(f64)
+            ds = p * (dp - delta[..., None])
+            dq[b, idx] = (torch.matmul(ds, kb) * scale).transpose(0, 1).to(dq.dtype)
+            dk_rows = (torch.matmul(ds.transpose(-1, -2), qb) * scale).view(-1, group, k_len, D).sum(1)
+            dv_rows = torch.matmul(p.transpose(-1, -2), do).view(-1, group, k_len, D).sum(1)
+            dk[b, keys] += dk_rows.transpose(0, 1).to(dk.dtype)
+            dv[b, keys] += dv_rows.transpose(0, 1).to(dv.dtype)
+            if dbias is not None:
+                dbias[b][:, idx, keys] = ds.to(dbias.dtype)

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _C, reference
-from ._attention_backward import attention_backward
+from ._attention_backward import add_exact_row_gradients, attention_backward, rows_beyond_float32, without_rows
 from ._checks import (
     as_signed_int,
     can_read_values,
@@ -191,9 +191,14 @@ def _prepare_attention_args(q, k, v, mask, bias, kv_lens, scale, check_kv_lens_v
         expect_same_device(_OP, "bias", bias, "q", q)
         full = (B, Hq, Lq, Lk)
         try:
-            bias = bias.expand(full)  # a view: broadcast dims get stride 0
+            fits = bias.dim() <= 4 and torch.broadcast_shapes(bias.shape, full) == full
         except RuntimeError:
-            raise ValueError(f"{_OP}: bias of shape {list(bias.shape)} is not broadcastable to [B, Hq, Lq, Lk] = {list(full)}") from None
+            fits = False
+        if not fits:
+            raise ValueError(f"{_OP}: bias of shape {list(bias.shape)} is not broadcastable to [B, Hq, Lq, Lk] = {list(full)}")
+        # 4-D, still broadcast: the op expands it (stride 0) and sums its gradient over the
+        # broadcast dims in float32 before rounding it to the bias's dtype once.
+        bias = bias[(None,) * (4 - bias.dim())]
 
     if kv_lens is not None:
         expect_tensor(_OP, "kv_lens", kv_lens)
@@ -230,6 +235,9 @@ def _check_kv_lens_values(kv_lens: Tensor, Lk: int) -> None:
 
 
 def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, bias, kv_lens, scale):
+    B, Lq, Hq, D = q.shape
+    if bias is not None:
+        bias = bias.expand(B, Hq, Lq, k.shape[1])  # a view: broadcast dims get stride 0
     family = q.is_cuda and _cuda_kernel_enabled("attention_family")
     # The verified CUDA kernels do not read document labels: packed calls take the reference there.
     on_reference = q.is_cuda and (q.shape[-1] not in CUDA_ATTENTION_HEAD_DIMS or (q_doc is not None and not family))
@@ -239,7 +247,6 @@ def _attention_impl(q, k, v, q_order, q_group, k_order, k_group, q_doc, k_doc, b
             q, k, v, mask=mask, bias=bias, kv_lens=kv_lens, scale=scale, return_lse=True
         )
         return out.contiguous(), lse.to(torch.float32).contiguous()
-    B, Lq, Hq, D = q.shape
     out = torch.empty((B, Lq, Hq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     args = dlpack(*(None if t is None else t.detach() for t in (q, k, v, q_order, q_group, k_order, k_group, bias, kv_lens)),
@@ -361,18 +368,32 @@ def _attention_backward_op(
     k_doc: Optional[Tensor], bias: Optional[Tensor], kv_lens: Optional[Tensor], out: Tensor, lse: Tensor,
     scale: float, needs_bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of q, k, v and (when needs_bias_grad; else an empty tensor) of the broadcast bias."""
+    """Gradients of q, k, v and (when needs_bias_grad; else an empty tensor) of the bias, in its
+    own (broadcast) shape: summed in float32 over the dims it is broadcast along."""
     labels = (q_order, q_group, k_order, k_group, q_doc, k_doc)
-    if (q.device.type == "cpu" and not use_reference("attention", q.device)) or _cuda_backward_runs(q, k, v):
-        dq, dk, dv, dbias = _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
-                                             needs_bias_grad)
-    else:  # the PyTorch composite (fp32 and other head dims on CUDA; the fused CUDA backward while unverified)
-        dq, dk, dv, dbias = attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale,
-                                               needs_bias_grad)
+    full_bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    # Rows whose scores may leave float32 go through float64 instead (not while capturing a CUDA
+    # graph, where the test cannot read values).
+    exact = rows_beyond_float32(q, k, lse, scale) if can_read_values(lse) else None
+    if exact is not None and not exact.any():
+        exact = None
+    fused_q, fused_out, fused_grad_out, fused_grad_lse, fused_lse = (
+        (q, out, grad_out, grad_lse, lse) if exact is None else without_rows(exact, q, out, grad_out, grad_lse, lse))
+    fused = (q.device.type == "cpu" and not use_reference("attention", q.device)) or _cuda_backward_runs(q, k, v)
+    # else the PyTorch composite (fp32 and other head dims on CUDA; the fused CUDA backward while unverified)
+    backward = _native_backward if fused else attention_backward
+    grads = backward(fused_grad_out, fused_grad_lse, fused_q, k, v, labels, full_bias, kv_lens, fused_out, fused_lse,
+                     scale, needs_bias_grad)
+    if exact is not None:
+        add_exact_row_gradients(exact, grads, grad_out, grad_lse, q, k, v, labels, full_bias, kv_lens, scale)
+    dq, dk, dv, dbias = grads
+    if dbias is not None:
+        broadcast = [d for d in range(4) if bias.shape[d] == 1 and dbias.shape[d] != 1]
+        dbias = (dbias.sum(broadcast, keepdim=True) if broadcast else dbias).to(bias.dtype).contiguous()
     # In the inputs' layouts and dtypes (what the fake implementation promises); copied only where not.
     dq, dk, dv = (grad if grad.dtype == like.dtype and grad.stride() == like.stride()
                   else torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
-    return dq, dk, dv, dbias.contiguous() if dbias is not None else q.new_empty(0)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
 @_attention_backward_op.register_fake
@@ -399,7 +420,7 @@ def _rows_16_byte_aligned(*tensors) -> bool:
 
 def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
     """The fused backward (C++ on CPU, tensor cores on CUDA): float32 gradients, returned in the
-    inputs' dtypes and layouts by the caller."""
+    inputs' dtypes and layouts by the caller (as the composite's)."""
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     f32, device = torch.float32, q.device
@@ -418,7 +439,7 @@ def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, ls
         _C_cuda.attention_backward(*args, torch.cuda.current_stream(device).cuda_stream)
     else:
         _C.attention_backward(*args)
-    return dq.transpose(1, 2), dk, dv, None if dbias is None else dbias.to(bias.dtype)
+    return dq.transpose(1, 2), dk, dv, dbias
 
 
 @torch.library.custom_op("dlmfuse::merge_attention", mutates_args=())

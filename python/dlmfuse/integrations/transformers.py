@@ -18,8 +18,9 @@ as SDPA does:
   stride 0.
 - a float 4D mask: an additive bias, as given, except that finite values below -1e38 (e.g.
   ``torch.finfo(float32).min``, which transformers uses) are raised to -1e38: in the kernels'
-  log2 units they would overflow to -inf, and a row masked that way everywhere would give 0
-  instead of SDPA's mean of the values.
+  log2 units they overflow to -inf, so every row masked that way everywhere (each padded query)
+  would be recomputed in float64 to give SDPA's mean of the values (the verified CUDA kernels
+  would give 0); -1e38 gives that mean in float32.
 - ``position_bias`` (T5-family relative positions): added to the scores, beside the mask, as
   SDPA does.
 
