@@ -36,7 +36,7 @@ import os
 
 import numpy as np
 import torch
-from hypothesis import HealthCheck, event, note, seed, settings
+from hypothesis import HealthCheck, assume, event, note, seed, settings
 from hypothesis import given, strategies as st
 
 import dlmfuse
@@ -45,6 +45,7 @@ from dlmfuse.kv_cache import UNWRITTEN_GROUP
 from dlmfuse.reference.sampling import kept_tokens
 
 from conftest import assert_fp32_close, check_attention
+from test_attention_backward import GRAD_RTOL
 from test_kv_cache import assert_bits_equal
 from test_mask import grid, random_eso_ranks
 from test_sampling import CONF_ATOL, CONF_RTOL, describe_mismatch
@@ -516,6 +517,83 @@ def test_attention(case):
         assert lse is None or (lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and torch.isneginf(lse).all())
         return
     check_attention(out, q, k, v, lse=lse, **ref_kwargs)
+
+
+# ============================================================================== attention gradients
+# Backwards (DLMFUSE_BACKEND): the fused C++ kernel (native) and the PyTorch composite (reference).
+GRADIENT_BACKENDS = ("native", "reference")
+
+
+@st.composite
+def gradient_cases(draw):
+    """A valid attention case (every shape, layout, mask, bias broadcast and kv_lens of
+    attention_cases) with scores of ordinary size, and the backward to run."""
+    case = draw(attention_cases())
+    case.update(defect=None, scale=draw(st.none() | st.floats(-2, 2)), backend=draw(st.sampled_from(GRADIENT_BACKENDS)))
+    return case
+
+
+@contextlib.contextmanager
+def environment(name, value):
+    """os.environ[name] = value inside the block."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def attention_gradients(fn, tensors, grad_out, grad_lse, kwargs):
+    """(d(q, k, v[, bias]) of <out, grad_out> + <finite lse, grad_lse>, out); the leaves keep the
+    drawn strides (a stride-0 dim included), so the backward sees the layouts the forward did."""
+    leaves = [t.detach().requires_grad_(True) for t in tensors]
+    call_kwargs = dict(kwargs, bias=leaves[3] if len(leaves) > 3 else None, return_lse=True)
+    out, lse = fn(*leaves[:3], **call_kwargs)
+    lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+    torch.autograd.backward((out, lse), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return [torch.zeros_like(leaf) if leaf.grad is None else leaf.grad for leaf in leaves], out.detach()
+
+
+@fuzz(600)
+@given(case=gradient_cases())
+def test_attention_gradients(case):
+    """Gradients equal autograd through the float64 reference. The backward takes delta =
+    rowsum(dO * O) from the output the forward returned (rounded to q's dtype, as FlashAttention's
+    does); delta enters dS exactly as -grad_lse does, so the reference runs with grad_lse shifted by
+    rowsum(dO * (O - O_float64)) and only the backward's own arithmetic is compared."""
+    (q, k, v), kwargs, problems = build_attention(case)
+    assume(not problems)  # a choice the contract leaves open (labels of batch 0 beside batch 1)
+    kwargs = {name: kwargs[name] for name in ("mask", "bias", "kv_lens", "scale") if name in kwargs}
+    kwargs["mask"] = realized_mask(kwargs.get("mask"))
+    if kwargs.get("kv_lens") is not None:
+        kwargs["kv_lens"] = kwargs["kv_lens"].to(torch.int64)
+    bias = kwargs.pop("bias", None)
+    tensors = [q, k, v] + ([bias] if bias is not None else [])
+    gen = generator(case["seed"] + 1)
+    B, Lq, Hq, D = q.shape
+    grad_out = randn((B, Lq, Hq, D), gen, q.dtype).double()
+    grad_lse = randn((B, Hq, Lq), gen, torch.float64)
+    inputs = snapshot(tensors)
+    with no_hang(), environment("DLMFUSE_BACKEND", case["backend"]):
+        got, out = attention_gradients(dlmfuse.attention, tensors, grad_out, grad_lse, kwargs)
+    assert_untouched(inputs)
+    tensors64 = [t.double() for t in tensors]
+    ref_out = dlmfuse.reference.attention(*tensors64[:3], bias=bias if bias is None else tensors64[3],
+                                          out_dtype=torch.float64, **kwargs)
+    rounding = (grad_out * (out.double() - ref_out)).sum(-1).transpose(1, 2)  # [B, Hq, Lq]
+    expected, _ = attention_gradients(dlmfuse.reference.attention, tensors64, grad_out, grad_lse - rounding,
+                                      dict(kwargs, compute_dtype=torch.float64))
+    for name, a, e, like in zip(("dq", "dk", "dv", "dbias"), got, expected, tensors):
+        assert a.dtype == like.dtype and a.shape == like.shape, (name, a.dtype, a.shape)
+        assert torch.isfinite(a).all(), f"{name}: non-finite gradient"
+        tol = max(GRAD_RTOL[q.dtype], GRAD_RTOL[like.dtype])  # computed in q's precision, stored in like's
+        scale = max(float(e.abs().max()), 1e-12) if e.numel() else 1.0
+        subnormal = torch.finfo(like.dtype).tiny * torch.finfo(like.dtype).eps  # fp16's spacing near 0: 6e-8
+        torch.testing.assert_close(a.double(), e, rtol=tol, atol=tol * scale + subnormal, msg=lambda m: f"{name}: {m}")
 
 
 # =================================================================================== merge_attention

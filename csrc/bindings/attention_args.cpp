@@ -125,6 +125,8 @@ float* contiguous_float_buffer(const char* name, const Array& a, std::initialize
   expect_dtype(kOp, name, a, nb::dlpack::dtype_code::Float, 32, "float32");
   expect_shape(kOp, name, a, shape);
   int64_t expected = 1;
+  for (size_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) == 0) return static_cast<float*>(a.data());  // no element: any strides will do
   for (size_t d = a.ndim(); d-- > 0;) {
     if (a.shape(d) > 1 && a.stride(d) != expected)
       throw_value_error(kOp, ": ", name, " must be contiguous, got stride ", a.stride(d), " in dim ", d,
