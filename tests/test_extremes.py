@@ -143,6 +143,22 @@ def test_merge_rules_for_infinite_and_nan_lse():
         assert out[0, 2:].isnan().all() and lse[0, 0, 2:].isnan().all(), "a NaN lse gives a NaN row"
 
 
+def test_merge_gradients_follow_the_same_rules():
+    """The partial that takes a row takes its gradient: a +inf side all of it (it had none), two
+    +inf sides half each, two empty sides none (0, not NaN)."""
+    inf = float("inf")
+    outs = [torch.randn(1, 3, 1, 2, generator=torch.Generator().manual_seed(s)).requires_grad_(True) for s in (0, 1)]
+    lses = [torch.tensor([[[inf, inf, -inf]]], requires_grad=True), torch.tensor([[[0.0, inf, -inf]]], requires_grad=True)]
+    out, lse = dlmfuse.merge_attention(outs[0], lses[0], outs[1], lses[1])
+    (out.sum() + lse.nan_to_num(0.0, posinf=0.0, neginf=0.0).sum()).backward()
+    assert outs[0].grad[0, :, 0, 0].tolist() == [1.0, 0.5, 0.0]
+    assert outs[1].grad[0, :, 0, 0].tolist() == [0.0, 0.5, 0.0]
+    # d lse_b = w_b sum_d (out_b - out): 0 beside a +inf side, 1/4 sum_d (out_b - out_a) beside another.
+    quarter = 0.25 * float((outs[1] - outs[0]).detach()[0, 1, 0].sum())
+    assert lses[1].grad[0, 0, 0] == 0 and lses[1].grad[0, 0, 2] == 0
+    assert abs(float(lses[1].grad[0, 0, 1]) - quarter) < 1e-6 and not lses[0].grad.isnan().any()
+
+
 # ------------------------------------------------------------------- found by tests/test_fuzz.py
 def test_unsigned_integer_tensors_are_integers():
     q = torch.randn(2, 3, 2, 8)

@@ -695,6 +695,77 @@ def test_merge_attention(case):
         assert not (excess > 0).any(), f"out: {int((excess > 0).sum())} elements beyond one rounding of the exact merge"
 
 
+def merge_gradient_rules(out_a, lse_a, out_b, lse_b, grad_out, grad_lse):
+    """Expected gradients (d out_a, d lse_a, d out_b, d lse_b) in float64 from the merge's rules, and
+    the bool [B, H, L] of the rows where autograd through the reference cannot give them: both lse
+    -inf (no keys: 0), a NaN lse (NaN), a +inf lse (that side takes the row, or half of it beside
+    another +inf), an output holding NaN (a side of weight 0 gets 0 whatever the row holds, where
+    autograd multiplies NaN by the weight's zero gradient)."""
+    inf = math.inf
+    top = torch.maximum(lse_a, lse_b)
+    top = torch.where(top == -inf, 0.0, top)
+    weights = [torch.exp(part - top) for part in (lse_a, lse_b)]
+    overflow = torch.isposinf(top)
+    weights = [torch.where(overflow, (part == inf).double(), w) for part, w in zip((lse_a, lse_b), weights)]
+    total = weights[0] + weights[1]
+    w_a, w_b = (w / torch.where(total > 0, total, 1.0) for w in weights)
+    rows = lambda t: t.transpose(1, 2)[..., None]  # noqa: E731 [B, H, L] -> [B, L, H, 1]
+    part = lambda o, w: torch.where(rows(w) == 0, 0.0, rows(w) * o.double())  # noqa: E731
+    out = part(out_a, w_a) + part(out_b, w_b)
+    has_nan = lse_a.isnan() | lse_b.isnan()
+    nan_out = (out_a.isnan() | out_b.isnan()).any(-1).transpose(1, 2)
+    special = ((lse_a == -inf) & (lse_b == -inf)) | has_nan | overflow | nan_out
+    expected = []
+    for part_out, w in ((out_a, w_a), (out_b, w_b)):
+        along_d = (grad_out * (part_out.double() - out)).sum(-1).transpose(1, 2)
+        d_lse = torch.where(w == 0, 0.0, w * (grad_lse + along_d))
+        expected += [rows(w) * grad_out, torch.where(has_nan, math.nan, d_lse)]
+    return expected, special
+
+
+@fuzz(600)
+@given(case=merge_cases())
+def test_merge_attention_gradients(case):
+    """Gradients of both partials' out and lse: autograd through the float64 reference merge where
+    calculus applies, the merge's rules where an lse is NaN or +inf or both are -inf."""
+    c = case
+    gen = generator(c["seed"])
+    B, L, H, D, dtype = c["B"], c["L"], c["H"], c["D"], c["dtype"]
+    outs = []
+    for layout in c["out_layouts"]:
+        values = randn((B, L, H, D), gen, dtype)
+        if c["out_specials"] and values.numel():  # a NaN output: ignored where its weight is 0
+            values.view(-1)[int(torch.randint(values.numel(), (), generator=gen))] = math.nan
+        outs.append(with_layout(values, layout))
+    lses = [with_layout(random_lse((B, H, L), kind, gen), layout)
+            for kind, layout in zip(c["lse_kinds"], c["lse_layouts"])]
+    grad_out = randn((B, L, H, D), gen, dtype).double()
+    grad_lse = randn((B, H, L), gen).double()
+    leaves = [t.detach().requires_grad_(True) for t in (outs[0], lses[0], outs[1], lses[1])]
+    with no_hang():
+        out, lse = dlmfuse.merge_attention(*leaves)
+        torch.autograd.backward((out, lse), (grad_out.to(out.dtype), grad_lse.float()))
+    exact = [t.detach().double().requires_grad_(True) for t in leaves]
+    ref_out, ref_lse = dlmfuse.reference.merge_attention(*exact)
+    torch.autograd.backward((ref_out, ref_lse), (grad_out, grad_lse.float()))
+    ruled, special = merge_gradient_rules(*(t.detach() for t in exact), grad_out, grad_lse)
+    # d lse reads the merged output, rounded to the dtype: sum_d g_out (out_a - out) moves by up to
+    # one rounding of out per term.
+    unit = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}[dtype]
+    out_slack = unit * (grad_out * ref_out.detach().double()).abs().nan_to_num(0.0).sum(-1).transpose(1, 2)
+    for name, leaf, ref, rule in zip(("d out_a", "d lse_a", "d out_b", "d lse_b"), leaves, exact, ruled):
+        assert leaf.grad is not None and leaf.grad.dtype == leaf.dtype, name
+        is_lse = rule.dim() == 3
+        rows = special if is_lse else special.transpose(1, 2)[..., None].expand(rule.shape)
+        got, want = assert_nan_at_same_places(leaf.grad, torch.where(rows, rule, ref.grad), name)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+        bound = tol * (1 + want.abs()) + (out_slack if is_lse else 0.0)
+        finite = want.isfinite()
+        assert torch.equal(got[~finite], want[~finite]), f"{name}: infinities differ"
+        worst = ((got - want).abs() - bound)[finite]
+        assert not (worst > 0).any(), f"{name}: {int((worst > 0).sum())} elements beyond the bound, worst by {float(worst.max()):.3g}"
+
+
 # ======================================================================================= kv_scatter_
 CACHE_LAYOUTS = ("contiguous", "permuted", "step", "offset", "wide", "packed", "layer_of_stack")
 NEW_LAYOUTS = ("contiguous", "permuted", "step", "expanded", "alias_cache")

@@ -458,20 +458,33 @@ def _merge_setup_context(ctx, inputs, output):
     ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out, lse)
 
 
+def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """The forward's weights of the two partials, normalised (float32 [B, H, L]): exp(lse_x - lse);
+    both -inf: 0 and 0; a +inf side outweighs a finite one, two weigh 1/2 each; a NaN lse: NaN."""
+    top = torch.maximum(lse_a, lse_b)  # NaN propagates
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    weights = [torch.exp(part - top) for part in (lse_a, lse_b)]
+    overflow = torch.isposinf(top)
+    weights = [torch.where(overflow, torch.isposinf(part).to(top.dtype), w) for part, w in zip((lse_a, lse_b), weights)]
+    total = weights[0] + weights[1]
+    total = torch.where(total > 0, total, torch.ones_like(total))  # NaN stays NaN
+    return weights[0] / total, weights[1] / total
+
+
 def _merge_backward(ctx, grad_out, grad_lse):
-    # With w_a = exp(lse_a - lse): d out_a = w_a g_out, and
-    # d lse_a = w_a (g_lse + sum_d g_out (out_a - out)); the same for b. Empty rows: w = 0.
+    # With w_a the weight of partial a: d out_a = w_a g_out, and
+    # d lse_a = w_a (g_lse + sum_d g_out (out_a - out)); the same for b. A side of weight 0 gets 0
+    # (its output may hold inf or NaN, which the forward ignored as well).
     out_a, lse_a, out_b, lse_b, out, lse = ctx.saved_tensors
     f32 = torch.float32
     g_out = torch.zeros_like(out, dtype=f32) if grad_out is None else grad_out.to(f32)
     g_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(f32)
-    safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     grads = []
-    for part_out, part_lse in ((out_a, lse_a), (out_b, lse_b)):
-        weight = torch.where(torch.isfinite(lse), torch.exp(part_lse - safe_lse), torch.zeros_like(lse))  # [B, H, L]
+    for part_out, weight in zip((out_a, out_b), _merge_weights(lse_a.to(f32), lse_b.to(f32))):  # [B, H, L]
         weight_rows = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
         along_d = (g_out * (part_out.to(f32) - out.to(f32))).sum(-1).transpose(1, 2)  # [B, H, L]
-        grads += [(weight_rows * g_out).to(part_out.dtype), weight * (g_lse + along_d)]
+        d_lse = torch.where(weight == 0, torch.zeros_like(weight), weight * (g_lse + along_d))
+        grads += [(weight_rows * g_out).to(part_out.dtype), d_lse]
     return grads[0], grads[1], grads[2], grads[3]
 
 
