@@ -138,9 +138,13 @@ def test_broadcast_bias_gradient_is_rounded_once(backend, monkeypatch):
     assert not beyond.any(), f"{int(beyond.sum())} of {beyond.numel()} elements beyond one bf16 rounding"
 
 
-def test_kv_lens_and_empty_rows_give_zero_gradients():
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_kv_lens_and_empty_rows_give_zero_gradients(backend, monkeypatch):
+    """Keys past kv_lens are never read, NaN there included (an uninitialised cache)."""
+    monkeypatch.setenv("DLMFUSE_BACKEND", backend)
     q, k, v, grad_out, grad_lse = random_inputs(3, 70, 140, 2, 2, 64, seed=8)
     kv_lens = torch.tensor([0, 65, 140], dtype=torch.int32)
+    k[0], v[0], k[1, 65:], v[1, 65:] = float("nan"), float("nan"), float("nan"), float("nan")
     check_gradients((q, k, v), grad_out, grad_lse, kv_lens=kv_lens)
     got = gradients(dlmfuse.attention, (q, k, v), torch.float32, grad_out, grad_lse, kv_lens=kv_lens)
     assert not got[0][0].any() and not got[1][0].any() and not got[2][0].any(), "a batch with no keys has zero grads"

@@ -51,6 +51,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
     qf = q.to(f32).transpose(1, 2)  # [B, Hq, Lq, D]
     kf = k.to(f32).transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, Lk, D]
     vf = v.to(f32).transpose(1, 2).repeat_interleave(group, dim=1)
+    if kv_lens is not None:  # keys past kv_lens are never read: they may hold garbage, even NaN
+        in_range = (torch.arange(Lk, device=q.device) < kv_lens[:, None])[:, None, :, None]  # [B, 1, Lk, 1]
+        kf, vf = (torch.where(in_range, t, torch.zeros((), dtype=f32, device=q.device)) for t in (kf, vf))
     do = grad_out.to(f32).transpose(1, 2)  # [B, Hq, Lq, D]
     delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # [B, Hq, Lq]
     if grad_lse is not None:
