@@ -10,6 +10,8 @@ these inputs range from 0 to 1e20, and a tolerance scaled by the largest would h
 the ordinary rows.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -20,6 +22,9 @@ from dlmfuse._attention_backward import _SCORE_BOUND, rows_beyond_float32
 
 from conftest import overflow_inputs
 from test_attention_backward import GRAD_RTOL, gradients
+
+# The float64 route warns (it is slow); test_the_float64_route_warns_when_it_runs checks that.
+pytestmark = pytest.mark.filterwarnings("ignore:attention backward:RuntimeWarning")
 
 BACKENDS = ["fused", "composite"]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -135,3 +140,22 @@ def test_ordinary_inputs_stay_on_the_float32_path():
     lse[1, 0, 12] = -_SCORE_BOUND
     rows = rows_beyond_float32(q, k, lse, 128**-0.5)
     assert rows.nonzero().tolist() == [[0, 9], [1, 7], [1, 12]]
+
+
+def test_the_float64_route_warns_when_it_runs():
+    """Once per backward that computes rows in float64; never for rows with dO = 0 (padded queries,
+    whose finfo.min bias sends them to that route without any work there)."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 40, 2, 64, generator=g).requires_grad_(True) for _ in range(3))
+    bias = torch.zeros(2, 1, 40, 40)
+    bias[1, :, 30:] = bias[1, :, :, 30:] = torch.finfo(torch.float32).min
+    grad_out = torch.randn(2, 40, 2, 64, generator=g)
+    grad_out[1, 30:] = 0.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dlmfuse.attention(q, k, v, bias=bias).backward(grad_out)
+        assert not [w for w in caught if "float64" in str(w.message)], "padded rows cost nothing: no warning"
+        q, k, v = (t.requires_grad_(True) for t in overflow_inputs(torch.float32))
+        dlmfuse.attention(q, k, v).sum().backward()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "computed in float64" in messages[0], messages

@@ -15,6 +15,8 @@ float32 backward and their gradients computed in float64 from the definition.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # Upper bound on the elements of one [B, Hq, chunk, Lk] fp32 intermediate (~256 MB).
@@ -129,6 +131,10 @@ def add_exact_row_gradients(rows, grads, grad_out, grad_lse, q, k, v, labels, bi
     dq, dk, dv, dbias = grads
     # A row with dO = 0 and dlse = 0 (a padded query, say) has zero gradients: without_rows gave them.
     rows = rows & ((grad_out != 0).flatten(2).any(-1) | (grad_lse != 0).any(1))
+    if rows.any():
+        warnings.warn(f"attention backward: {int(rows.sum())} query rows have scores beyond float32's precision "
+                      "(|q.k| or |lse| >= 2^24, e.g. diverging activations): their gradients are computed in "
+                      "float64, far slower than the kernels", RuntimeWarning, stacklevel=4)
     Hq, D = q.shape[2:]
     group = Hq // k.shape[2]
     f64 = torch.float64
