@@ -58,7 +58,7 @@ MUTANTS = [
            "torch.where(overflow, torch.isposinf(part).to(top.dtype), w)", "w", ("tests/test_extremes.py",)),
     Mutant("merge backward multiplies a zero weight", "attention.py",
            "torch.where(weight == 0, torch.zeros_like(weight), weight * (g_lse + along_d))",
-           "weight * (g_lse + along_d)", ("tests/test_fuzz.py",)),
+           "weight * (g_lse + along_d)", ("tests/test_fuzz_gradients.py",)),
     Mutant("token_probability reads the first chunk's tokens", "samplers/llada.py",
            "rows.gather(1, chosen[first:first + chunk])", "rows.gather(1, chosen[:rows.shape[0]])",
            ("tests/test_chunking.py",)),
