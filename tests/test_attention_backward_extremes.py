@@ -69,7 +69,7 @@ def check_rows(tensors, dtype, seed=0, device="cpu", tol=None, **kwargs):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", ["dense", "causal", "bias", "kv_lens", "gqa", "labels"])
+@pytest.mark.parametrize("case", ["dense", "causal", "bias", "kv_lens", "gqa", "gqa_two_kv_heads", "labels"])
 def test_gradients_of_rows_beyond_float32(backend, device, dtype, case):
     q, k, v = overflow_inputs(torch.float32)
     kwargs = {}
@@ -82,6 +82,8 @@ def test_gradients_of_rows_beyond_float32(backend, device, dtype, case):
         kwargs["kv_lens"] = torch.tensor([70, 9], dtype=torch.int32)  # batch 1 keeps key 8 (the inf - inf row's)
     elif case == "gqa":
         tensors = [q, k[:, :, :1], v[:, :, :1]]  # one KV head for both query heads
+    elif case == "gqa_two_kv_heads":
+        tensors = [torch.cat([q, q.flip(1)], dim=2), k, v]  # query heads 0, 1 read KV head 0; 2, 3 read 1
     elif case == "labels":
         g = torch.Generator().manual_seed(2)
         kwargs["mask"] = Mask(*(torch.randint(0, 4, (2, 70), generator=g) for _ in range(4)),
@@ -91,7 +93,7 @@ def test_gradients_of_rows_beyond_float32(backend, device, dtype, case):
 
 def test_rows_beyond_float32_in_chunks_of_three(monkeypatch):
     """The float64 rows run a few at a time: every chunk must add its dK and dV, none overwrite."""
-    monkeypatch.setattr(_attention_backward, "_EXACT_CHUNK_ELEMENTS", 2 * 70 * 3)
+    monkeypatch.setattr(_attention_backward, "_EXACT_CHUNK_ELEMENTS", 70 * 3)  # group 1, 70 keys: 3 rows
     q, k, v = overflow_inputs(torch.float32)
     check_rows([q, k, v], torch.float32, mask=Mask.causal(70))
 

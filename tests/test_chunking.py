@@ -29,10 +29,12 @@ def test_token_probability_over_several_chunks(monkeypatch):
     torch.testing.assert_close(got_2d, expected[:10].view(2, 5), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("with_mask", [True, False], ids=["labels", "kv_lens_only"])
 @pytest.mark.parametrize("with_bias", [False, True], ids=["plain", "bias"])
-def test_composite_attention_backward_over_several_query_chunks(monkeypatch, with_bias):
+def test_composite_attention_backward_over_several_query_chunks(monkeypatch, with_bias, with_mask):
     """The PyTorch backward (CUDA's, until a fused one exists) accumulates dK / dV over query
-    chunks: every chunk must add, none overwrite. Called directly, as the CPU runs the C++ one."""
+    chunks: every chunk must add, none overwrite; two query heads share each KV head (their rows
+    stacked against it). Called directly, as the CPU runs the C++ one."""
     g = torch.Generator().manual_seed(1)
     B, Lq, Lk, Hq, Hkv, D = 2, 13, 9, 4, 2, 16
     q = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
@@ -42,6 +44,7 @@ def test_composite_attention_backward_over_several_query_chunks(monkeypatch, wit
     mask = dlmfuse.Mask(torch.randint(0, 4, (B, Lq), generator=g), torch.randint(0, 3, (B, Lq), generator=g),
                         torch.randint(0, 4, (B, Lk), generator=g), torch.randint(0, 3, (B, Lk), generator=g),
                         torch.randint(0, 2, (B, Lq), generator=g), torch.randint(0, 2, (B, Lk), generator=g))
+    mask = mask if with_mask else None  # kv_lens alone: one visibility row for every query
     grad_out = torch.randn(B, Lq, Hq, D, generator=g, dtype=torch.float64)
     grad_lse = torch.randn(B, Hq, Lq, generator=g, dtype=torch.float64)
     kv_lens = torch.tensor([Lk, 6], dtype=torch.int32)
@@ -54,7 +57,8 @@ def test_composite_attention_backward_over_several_query_chunks(monkeypatch, wit
 
     monkeypatch.setattr(_attention_backward, "_CHUNK_ELEMENTS", B * Hq * Lk * 3)  # 3 query rows per chunk: 5 chunks
     full_bias = None if bias is None else bias.expand(B, Hq, Lq, Lk)
-    got = _attention_backward.attention_backward(grad_out, grad_lse, q, k, v, mask.labels(), full_bias, kv_lens,
+    labels = mask.labels() if with_mask else (None,) * 6
+    got = _attention_backward.attention_backward(grad_out, grad_lse, q, k, v, labels, full_bias, kv_lens,
                                                  out.detach(), lse.detach().float(), D**-0.5, with_bias)
     for name, a, e in zip(("dq", "dk", "dv", "dbias"), got, expected):  # no bias: stops after dv
         if name == "dbias":

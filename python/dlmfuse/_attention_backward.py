@@ -21,7 +21,7 @@ import torch
 
 # Upper bound on the elements of one [B, Hq, chunk, Lk] fp32 intermediate (~256 MB).
 _CHUNK_ELEMENTS = 1 << 26
-# Upper bound on the elements of one [Hq, rows, Lk] float64 intermediate of the exact rows (~32 MB).
+# Upper bound on the elements of one [group, rows, Lk] float64 intermediate of the exact rows (~32 MB).
 _EXACT_CHUNK_ELEMENTS = 1 << 22
 # A row is recomputed in float64 when a partial sum of its q.k (times scale, and log2 e where the
 # kernels fold it in) may reach this, or its lse does: from there float32 keeps no fractional digit
@@ -30,7 +30,8 @@ _SCORE_BOUND = 2.0 ** 24
 
 
 def _visible_chunk(labels, kv_lens, rows: slice, k_len: int, device) -> torch.Tensor | None:
-    """bool [B or 1, 1, chunk, Lk] visibility of the query rows `rows`, or None (all visible)."""
+    """bool [B or 1, 1, chunk or 1, Lk] visibility of the query rows `rows` (1 row: the same for
+    all, kv_lens alone), or None (all visible)."""
     q_order, q_group, k_order, k_group, q_doc, k_doc = labels
     visible = None
     if q_order is not None:
@@ -51,8 +52,9 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
     group = Hq // Hkv
     f32 = torch.float32
     qf = q.to(f32).transpose(1, 2)  # [B, Hq, Lq, D]
-    kf = k.to(f32).transpose(1, 2).repeat_interleave(group, dim=1)  # [B, Hq, Lk, D]
-    vf = v.to(f32).transpose(1, 2).repeat_interleave(group, dim=1)
+    # [B, Hkv, Lk, D]: the query heads of a group are stacked as rows against their KV head (below),
+    # so K, V and their gradients are never copied per query head.
+    kf, vf = k.to(f32).transpose(1, 2), v.to(f32).transpose(1, 2)
     if kv_lens is not None:  # keys past kv_lens are never read: they may hold garbage, even NaN
         in_range = (torch.arange(Lk, device=q.device) < kv_lens[:, None])[:, None, :, None]  # [B, 1, Lk, 1]
         kf, vf = (torch.where(in_range, t, torch.zeros((), dtype=f32, device=q.device)) for t in (kf, vf))
@@ -67,31 +69,33 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
     dk = torch.zeros_like(kf)
     dv = torch.zeros_like(vf)
     dbias = torch.empty((B, Hq, Lq, Lk), dtype=f32, device=q.device) if needs_bias_grad else None
+    zero = torch.zeros((), dtype=f32, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * Hq * Lk))
     for start in range(0, Lq, chunk):
         rows = slice(start, min(Lq, start + chunk))
-        s = torch.matmul(qf[:, :, rows], kf.transpose(-1, -2)) * scale  # [B, Hq, c, Lk]
+        c = rows.stop - rows.start
+
+        def grouped(t):  # [B, Hq, c, X] -> [B, Hkv, group * c, X]: query head g of a group in rows g*c ..
+            return t.reshape(B, Hkv, group * c, t.shape[-1])
+
+        qc, doc = grouped(qf[:, :, rows]), grouped(do[:, :, rows])
+        s = torch.matmul(qc, kf.transpose(-1, -2)) * scale  # [B, Hkv, group * c, Lk]
         if bias is not None:
-            s = s + bias[:, :, rows].to(f32)
-        p = torch.exp(s - safe_lse[:, :, rows, None])
-        keep = finite_lse[:, :, rows, None]
-        visible = _visible_chunk(labels, kv_lens, rows, Lk, q.device)
+            s = s + grouped(bias[:, :, rows].to(f32))
+        p = torch.exp(s - grouped(safe_lse[:, :, rows, None]))
+        keep = grouped(finite_lse[:, :, rows, None])
+        visible = _visible_chunk(labels, kv_lens, rows, Lk, q.device)  # [B or 1, 1, c or 1, Lk]
         if visible is not None:
-            keep = keep & visible
-        p = torch.where(keep, p, torch.zeros((), dtype=f32, device=q.device))
-        dp = torch.matmul(do[:, :, rows], vf.transpose(-1, -2))
-        ds = p * (dp - delta[:, :, rows, None])
-        dq[:, :, rows] = torch.matmul(ds, kf) * scale
-        dk += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
-        dv += torch.matmul(p.transpose(-1, -2), do[:, :, rows])
+            keep = keep & (visible.repeat(1, 1, group, 1) if visible.shape[2] > 1 else visible)
+        p = torch.where(keep, p, zero)
+        dp = torch.matmul(doc, vf.transpose(-1, -2))
+        ds = p * (dp - grouped(delta[:, :, rows, None]))
+        dq[:, :, rows] = (torch.matmul(ds, kf) * scale).view(B, Hq, c, D)
+        dk += torch.matmul(ds.transpose(-1, -2), qc) * scale
+        dv += torch.matmul(p.transpose(-1, -2), doc)
         if dbias is not None:
-            dbias[:, :, rows] = ds
-
-    def to_input_layout(grad, heads):
-        grad = grad.view(B, heads, group, grad.shape[2], D).sum(2) if heads != Hq else grad
-        return grad.transpose(1, 2)
-
-    return to_input_layout(dq, Hq), to_input_layout(dk, Hkv), to_input_layout(dv, Hkv), dbias
+            dbias[:, :, rows] = ds.view(B, Hq, c, Lk)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias
 
 
 def _finite_abs_max(t: torch.Tensor, dims) -> torch.Tensor:
@@ -135,40 +139,38 @@ def add_exact_row_gradients(rows, grads, grad_out, grad_lse, q, k, v, labels, bi
         warnings.warn(f"attention backward: {int(rows.sum())} query rows have scores beyond float32's precision "
                       "(|q.k| or |lse| >= 2^24, e.g. diverging activations): their gradients are computed in "
                       "float64, far slower than the kernels", RuntimeWarning, stacklevel=4)
-    Hq, D = q.shape[2:]
-    group = Hq // k.shape[2]
+    Hq, Hkv = q.shape[2], k.shape[2]
+    group = Hq // Hkv
     f64 = torch.float64
     for b in rows.any(1).nonzero().flatten().tolist():
         k_len = k.shape[1] if kv_lens is None else int(kv_lens[b])  # keys past kv_lens are never read
         keys = slice(0, k_len)
-        kb = k[b, keys].to(f64).transpose(0, 1).repeat_interleave(group, 0)  # [Hq, Lk, D]
-        vb = v[b, keys].to(f64).transpose(0, 1).repeat_interleave(group, 0)
         q_order, q_group, k_order, k_group, q_doc, k_doc = (
             None if t is None else t[b:b + 1] if t.shape[0] > 1 else t for t in labels)  # labels may broadcast over B
         batch_labels = (q_order, q_group, *(None if t is None else t[:, keys] for t in (k_order, k_group)), q_doc,
                         None if k_doc is None else k_doc[:, keys])
-        positions = rows[b].nonzero().flatten()
-        chunk = max(1, _EXACT_CHUNK_ELEMENTS // max(1, Hq * k_len))
-        for idx in positions.split(chunk):
-            qb = q[b, idx].to(f64).transpose(0, 1)  # [Hq, n, D]
-            s = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # [Hq, n, Lk]
-            if bias is not None:
-                s = s + bias[b][:, idx, keys].to(f64)
-            visible = _visible_chunk(batch_labels, None, idx, k_len, q.device)
-            if visible is not None:
-                s = s.masked_fill(~visible[0], float("-inf"))
-            # softmax, not exp(s - lse): at |s| >= 2^53 float64 absorbs log(sum) into lse as well.
-            no_score = torch.isneginf(s.amax(-1, keepdim=True))
-            p = torch.where(no_score, 0.0, torch.softmax(s, -1))  # a row with no finite score: P = 0
-            do = grad_out[b, idx].to(f64).transpose(0, 1)
-            dp = torch.matmul(do, vb.transpose(-1, -2))
-            # rowsum(P dP), not rowsum(dO O): equal, but this one cancels exactly against a dominant key.
-            delta = (p * dp).sum(-1) - grad_lse[b][:, idx].to(f64)
-            ds = p * (dp - delta[..., None])
-            dq[b, idx] = (torch.matmul(ds, kb) * scale).transpose(0, 1).to(dq.dtype)
-            dk_rows = (torch.matmul(ds.transpose(-1, -2), qb) * scale).view(-1, group, k_len, D).sum(1)
-            dv_rows = torch.matmul(p.transpose(-1, -2), do).view(-1, group, k_len, D).sum(1)
-            dk[b, keys] += dk_rows.transpose(0, 1).to(dk.dtype)
-            dv[b, keys] += dv_rows.transpose(0, 1).to(dv.dtype)
-            if dbias is not None:
-                dbias[b][:, idx, keys] = ds.to(dbias.dtype)
+        chunk = max(1, _EXACT_CHUNK_ELEMENTS // max(1, group * k_len))
+        for idx in rows[b].nonzero().flatten().split(chunk):
+            visible = _visible_chunk(batch_labels, None, idx, k_len, q.device)  # [1, 1, n, Lk] or None
+            for kv_head in range(Hkv):  # one KV head in float64 at a time: memory O(Lk D), not O(Hq Lk D)
+                heads = slice(kv_head * group, (kv_head + 1) * group)
+                kb, vb = (t[b, keys, kv_head].to(f64) for t in (k, v))  # [Lk, D]
+                qb = q[b, idx, heads].to(f64).transpose(0, 1)  # [group, n, D]
+                s = torch.matmul(qb, kb.T) * scale  # [group, n, Lk]
+                if bias is not None:
+                    s = s + bias[b, heads][:, idx, keys].to(f64)
+                if visible is not None:
+                    s = s.masked_fill(~visible[0], float("-inf"))
+                # softmax, not exp(s - lse): at |s| >= 2^53 float64 absorbs log(sum) into lse as well.
+                no_score = torch.isneginf(s.amax(-1, keepdim=True))
+                p = torch.where(no_score, 0.0, torch.softmax(s, -1))  # a row with no finite score: P = 0
+                do = grad_out[b, idx, heads].to(f64).transpose(0, 1)
+                dp = torch.matmul(do, vb.T)
+                # rowsum(P dP), not rowsum(dO O): equal, but this one cancels exactly against a dominant key.
+                delta = (p * dp).sum(-1) - grad_lse[b, heads][:, idx].to(f64)
+                ds = p * (dp - delta[..., None])
+                dq[b, idx, heads] = (torch.matmul(ds, kb) * scale).transpose(0, 1).to(dq.dtype)
+                dk[b, keys, kv_head] += (torch.matmul(ds.transpose(-1, -2), qb) * scale).sum(0).to(dk.dtype)
+                dv[b, keys, kv_head] += torch.matmul(p.transpose(-1, -2), do).sum(0).to(dv.dtype)
+                if dbias is not None:
+                    dbias[b, heads][:, idx, keys] = ds.to(dbias.dtype)
