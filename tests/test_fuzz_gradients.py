@@ -5,9 +5,9 @@ the float64 reference, on both CPU backwards (the fused C++ kernel and the PyTor
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
+from unittest import mock
 
 import torch
 from hypothesis import assume, given, strategies as st
@@ -29,20 +29,6 @@ def gradient_cases(draw):
     case = draw(attention_cases())
     case.update(defect=None, scale=draw(st.none() | st.floats(-2, 2)), backend=draw(st.sampled_from(GRADIENT_BACKENDS)))
     return case
-
-
-@contextlib.contextmanager
-def environment(name, value):
-    """os.environ[name] = value inside the block."""
-    before = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[name]
-        else:
-            os.environ[name] = before
 
 
 def attention_gradients(fn, tensors, grad_out, grad_lse, kwargs):
@@ -80,7 +66,7 @@ def test_attention_gradients(case):
     grad_out = randn((B, Lq, Hq, D), gen, q.dtype).double()
     grad_lse = randn((B, Hq, Lq), gen, torch.float64)
     inputs = snapshot(tensors)
-    with no_hang(), environment("DLMFUSE_BACKEND", case["backend"]):
+    with no_hang(), mock.patch.dict(os.environ, {"DLMFUSE_BACKEND": case["backend"]}):
         got, out = attention_gradients(dlmfuse.attention, tensors, grad_out, grad_lse, kwargs)
     assert_untouched(inputs)
     tensors64 = [t.double() for t in tensors]
