@@ -47,7 +47,7 @@ MUTANTS = [
            "(visible.repeat(1, 1, group, 1) if visible.shape[2] > 1 else visible)", "visible.repeat(1, 1, group, 1)",
            ("tests/test_chunking.py",)),
     Mutant("backward keeps rows beyond float32 in float32", "attention.py",
-           "exact = rows_beyond_float32(q, k, lse, scale) if can_read_values(lse) else None", "exact = None",
+           "exact = rows_beyond_float32(q, k, lse, scale, kv_lens) if can_read_values(lse) else None", "exact = None",
            (_BACKWARD_EXTREMES,)),
     Mutant("backward float64 rows only past 2^100", "_attention_backward.py",
            "_SCORE_BOUND = 2.0 ** 24", "_SCORE_BOUND = 2.0 ** 100", (_BACKWARD_EXTREMES,)),

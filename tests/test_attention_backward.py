@@ -221,7 +221,7 @@ def test_denoiser_learns_under_the_bd3_training_mask():
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, f"loss {first:.3f} -> {last:.3f}"
 

@@ -126,6 +126,31 @@ def test_padded_queries_whose_bias_hides_every_key(backend, device):
     assert torch.isfinite(dbias).all()
 
 
+def test_a_bias_beyond_float32_in_log2_units_on_one_key(backend, device):
+    """3e38 on one key: that row's lse is ~3e38 (float64 route), and the float32 backward, which
+    still adds the bias, must not turn its +inf (3e38 x log2 e) into NaN dK / dV."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 20, 1, 64, generator=g) for _ in range(3))
+    bias = torch.zeros(1, 1, 20, 20)
+    bias[0, 0, 1, 2] = 3e38
+    check_rows([q, k, v, bias], torch.float32, device=device)
+
+
+def test_keys_past_kv_lens_never_decide_the_float64_route(backend, device):
+    """Keys past kv_lens are never read: 1e30 there (an unwritten cache) sends no row to float64
+    (no warning), and a batch with no key at all gets zero gradients even when its own q is huge."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 12, 2, 64, generator=g) for _ in range(3))
+    k[0, 7:], k[1] = 1e30, 1e30
+    q[1, 3, 0, 0] = 1e20
+    kv_lens = torch.tensor([7, 0], dtype=torch.int32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dq, dk, dv = check_rows([q, k, v], torch.float32, device=device, kv_lens=kv_lens)
+    assert not [w for w in caught if "float64" in str(w.message)]
+    assert not dq[1].any() and not dk[1].any() and not dv[1].any()
+
+
 def test_ordinary_inputs_stay_on_the_float32_path():
     """The float64 route is for extremes only: activations far beyond any trained model's (|q|, |k|
     up to 100 at D = 128), inf and NaN do not take it."""

@@ -132,8 +132,10 @@ void backward_task_impl(const AttentionBackwardParams& bp, const BackwardPlan& p
         qk_tile<D>(ws.q, ws.kt, ws.s, rows_padded);
         for (int i = 0; i < rows; ++i) {
           float* s_row = ws.s + i * N;
-          // (a bias beyond float32 in log2 units hides its key here, or the row's lse took the row out
-          // of this backward: rows_beyond_float32)
+          if (ws.lse2[i] == INFINITY) {  // no keys, or taken out of this backward (rows_beyond_float32):
+            vec::fill(s_row, s_row + N, 0.0f);  // P = 0, even where a bias beyond float32 made S +inf
+            continue;
+          }
           if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, KeySet{nullptr, k0, cols}, s_row);
           if (kind == TileKind::kPartial)
             mask_row_by_labels(s_row, key_labels, p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i),

@@ -24,8 +24,10 @@ _CHUNK_ELEMENTS = 1 << 26
 # Upper bound on the elements of one [group, rows, Lk] float64 intermediate of the exact rows (~32 MB).
 _EXACT_CHUNK_ELEMENTS = 1 << 22
 # A row is recomputed in float64 when a partial sum of its q.k (times scale, and log2 e where the
-# kernels fold it in) may reach this, or its lse does: from there float32 keeps no fractional digit
-# of a score, so P recomputed from it is noise (and beyond 2^128 inf - inf = NaN).
+# kernels fold it in) may reach this, or its lse does: float32 scores there are 2 apart, so P
+# recomputed from them is noise (and beyond 2^128 inf - inf = NaN). Below it the float32 backward
+# is as precise as the float32 forward it differentiates (which loses its fractional digits from
+# about 2^23 too: scores that large are outside what either computes well in float32).
 _SCORE_BOUND = 2.0 ** 24
 
 
@@ -98,23 +100,29 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2), dbias
 
 
-def _finite_abs_max(t: torch.Tensor, dims) -> torch.Tensor:
-    """float64 max of |t| over dims, ignoring inf and NaN (they propagate alike in float32 and 64)."""
-    most = t.abs().amax(dims)
+def _finite_abs_max(t: torch.Tensor, dims, unread=None) -> torch.Tensor:
+    """float64 max of |t| over dims, ignoring inf and NaN (they propagate alike in float32 and 64)
+    and the elements where the bool `unread` (broadcast to t) is set."""
+    magnitude = t.abs() if unread is None else t.abs().masked_fill(unread, 0)
+    most = magnitude.amax(dims)
     if not torch.isfinite(most).all():  # rare: only then the slower masked pass
-        most = torch.where(torch.isfinite(t), t.abs(), 0).amax(dims)
+        most = torch.where(torch.isfinite(magnitude), magnitude, 0).amax(dims)
     return most.double()
 
 
-def rows_beyond_float32(q, k, lse, scale) -> torch.Tensor:
+def rows_beyond_float32(q, k, lse, scale, kv_lens=None) -> torch.Tensor:
     """bool [B, Lq]: query positions of which some head's scores are beyond float32's precision: a
-    bound on its q.k partial sums (D max|q_i| max|k|, scale and log2 e) or its lse reaches
-    _SCORE_BOUND (+inf included; -inf is a row without keys, whose gradient is 0 in any precision)."""
+    bound on its q.k partial sums (D max|q_i| max|k| over the keys below kv_lens, scale and log2 e)
+    or its lse reaches _SCORE_BOUND (+inf included; -inf is a row without keys, whose gradient is 0
+    in any precision)."""
     B, Lq, Hq, D = q.shape
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros((B, Lq), dtype=torch.bool, device=q.device)
     q_max = _finite_abs_max(q, -1)  # [B, Lq, Hq]
-    k_max = _finite_abs_max(k, (1, 3)).repeat_interleave(Hq // k.shape[2], 1)  # [B, Hq]
+    unread = None  # keys past kv_lens (an unwritten cache may hold anything there)
+    if kv_lens is not None:
+        unread = (torch.arange(k.shape[1], device=k.device) >= kv_lens[:, None])[:, :, None, None]
+    k_max = _finite_abs_max(k, (1, 3), unread).repeat_interleave(Hq // k.shape[2], 1)  # [B, Hq]
     dot_bound = q_max * k_max[:, None, :] * (abs(scale) * D * 1.4426950408889634)
     big_lse = (lse == float("inf")) | (torch.isfinite(lse) & (lse.abs() >= _SCORE_BOUND))  # [B, Hq, Lq]
     return (dot_bound >= _SCORE_BOUND).any(-1) | big_lse.any(1)
@@ -138,12 +146,14 @@ def add_exact_row_gradients(rows, grads, grad_out, grad_lse, q, k, v, labels, bi
     if rows.any():
         warnings.warn(f"attention backward: {int(rows.sum())} query rows have scores beyond float32's precision "
                       "(|q.k| or |lse| >= 2^24, e.g. diverging activations): their gradients are computed in "
-                      "float64, far slower than the kernels", RuntimeWarning, stacklevel=4)
+                      "float64, far slower than the kernels", RuntimeWarning)
     Hq, Hkv = q.shape[2], k.shape[2]
     group = Hq // Hkv
     f64 = torch.float64
     for b in rows.any(1).nonzero().flatten().tolist():
         k_len = k.shape[1] if kv_lens is None else int(kv_lens[b])  # keys past kv_lens are never read
+        if k_len == 0:
+            continue  # no key: zero gradients, which the float32 backward gave these rows
         keys = slice(0, k_len)
         q_order, q_group, k_order, k_group, q_doc, k_doc = (
             None if t is None else t[b:b + 1] if t.shape[0] > 1 else t for t in labels)  # labels may broadcast over B

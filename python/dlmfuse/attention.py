@@ -374,7 +374,7 @@ def _attention_backward_op(
     full_bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     # Rows whose scores may leave float32 go through float64 instead (not while capturing a CUDA
     # graph, where the test cannot read values).
-    exact = rows_beyond_float32(q, k, lse, scale) if can_read_values(lse) else None
+    exact = rows_beyond_float32(q, k, lse, scale, kv_lens) if can_read_values(lse) else None
     if exact is not None and not exact.any():
         exact = None
     fused_q, fused_out, fused_grad_out, fused_grad_lse, fused_lse = (
@@ -459,7 +459,7 @@ def _merge_setup_context(ctx, inputs, output):
 
 
 def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
-    """The forward's weights of the two partials, normalised (float32 [B, H, L]): exp(lse_x - lse);
+    """The forward's weights of the two partials, normalised ([B, H, L], in the lse dtype): exp(lse_x - lse);
     both -inf: 0 and 0; a +inf side outweighs a finite one, two weigh 1/2 each; a NaN lse: NaN."""
     top = torch.maximum(lse_a, lse_b)  # NaN propagates
     top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
@@ -476,15 +476,17 @@ def _merge_backward(ctx, grad_out, grad_lse):
     # d lse_a = w_a (g_lse + sum_d g_out (out_a - out)); the same for b. A side of weight 0 gets 0
     # (its output may hold inf or NaN, which the forward ignored as well).
     out_a, lse_a, out_b, lse_b, out, lse = ctx.saved_tensors
-    f32 = torch.float32
-    g_out = torch.zeros_like(out, dtype=f32) if grad_out is None else grad_out.to(f32)
-    g_lse = torch.zeros_like(lse) if grad_lse is None else grad_lse.to(f32)
+    # In the forward's precision (the kernels' float32, the reference's float64): a weight that
+    # underflowed to 0 there is 0 here too.
+    ft = torch.float64 if use_reference("merge_attention", out.device) else torch.float32
+    g_out = torch.zeros_like(out, dtype=ft) if grad_out is None else grad_out.to(ft)
+    g_lse = torch.zeros_like(lse, dtype=ft) if grad_lse is None else grad_lse.to(ft)
     grads = []
-    for part_out, weight in zip((out_a, out_b), _merge_weights(lse_a.to(f32), lse_b.to(f32))):  # [B, H, L]
+    for part_out, weight in zip((out_a, out_b), _merge_weights(lse_a.to(ft), lse_b.to(ft))):  # [B, H, L]
         weight_rows = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
-        along_d = (g_out * (part_out.to(f32) - out.to(f32))).sum(-1).transpose(1, 2)  # [B, H, L]
+        along_d = (g_out * (part_out.to(ft) - out.to(ft))).sum(-1).transpose(1, 2)  # [B, H, L]
         d_lse = torch.where(weight == 0, torch.zeros_like(weight), weight * (g_lse + along_d))
-        grads += [(weight_rows * g_out).to(part_out.dtype), d_lse]
+        grads += [(weight_rows * g_out).to(part_out.dtype), d_lse.to(lse_a.dtype)]
     return grads[0], grads[1], grads[2], grads[3]
 
 
