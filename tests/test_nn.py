@@ -307,7 +307,7 @@ def test_from_hf_config_keeps_padding_idx_and_initializer_range():
     grad = m.embed_tokens.weight.grad
     assert not grad[3].any() and grad[1].any()
     assert DenoiserLM.from_hf_config({**config, "pad_token_id": None}).embed_tokens.padding_idx is None
-    assert float(DenoiserLM.from_hf_config(config, init_std=0.01).layers[0].mlp.up_proj.weight.std()) < 0.02
+    assert float(DenoiserLM.from_hf_config(config, init_std=0.01).layers[0].mlp.up_proj.weight.detach().std()) < 0.02
     with pytest.raises(ValueError, match=rf"pad_token_id must be None or an int in \[0, vocab_size={VOCAB}\)"):
         DenoiserLM(VOCAB, HIDDEN, 1, 2, 2, INTER, pad_token_id=VOCAB)
 
