@@ -94,6 +94,7 @@ def reference_logits(model: DenoiserLM, ids, positions=None, dense_mask=None) ->
 
 
 def assert_close_to(actual, expected, tol=FP32_TOL, name="logits"):
+    actual, expected = actual.detach(), expected.detach()
     scale = float(expected.abs().max())
     err = float((actual.double() - expected.double()).abs().max())
     assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol} x max|expected| {scale:.3g}"
