@@ -27,6 +27,7 @@ struct BackwardScratch {
   float* dp;       // [M, N]
   float* lse2;     // [M] lse x log2 e (+inf for empty rows: P = 0)
   float* delta;    // [M]
+  float* bias_row; // [N]
   int32_t* k_order;  // [N] the key tile's labels
   int32_t* k_group;  // [N]
   int32_t* k_doc;    // [N]
@@ -43,7 +44,8 @@ struct BackwardScratch {
     dp = s + M * N;
     lse2 = dp + M * N;
     delta = lse2 + M;
-    k_order = reinterpret_cast<int32_t*>(delta + M);
+    bias_row = delta + M;
+    k_order = reinterpret_cast<int32_t*>(bias_row + N);
     k_group = k_order + N;
     k_doc = k_group + N;
   }
@@ -136,7 +138,7 @@ void backward_task_impl(const AttentionBackwardParams& bp, const BackwardPlan& p
             vec::fill(s_row, s_row + N, 0.0f);  // P = 0, even where a bias beyond float32 made S +inf
             continue;
           }
-          if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, KeySet{nullptr, k0, cols}, s_row);
+          if (p.bias != nullptr) add_bias_row(p, b, h, q0 + i, KeySet{nullptr, k0, cols}, ws.bias_row, s_row);
           if (kind == TileKind::kPartial)
             mask_row_by_labels(s_row, key_labels, p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i),
                                p.has_docs ? p.q_doc.at(b, q0 + i) : 0);

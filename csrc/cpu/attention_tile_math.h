@@ -85,28 +85,29 @@ struct KeySet {
   int64_t at(int j) const { return keys != nullptr ? keys[j] : k0 + j; }
 };
 
-// s_row[j] += bias[b, h, i, keys.at(j)] * log2 e for j < cols (any stride, 0 included). Returns
-// whether a finite bias left float32 there, scaled or in the sum: finfo(float32).min times log2 e
-// is -inf, which would pass for a hidden key (the forward redoes such a row in float64).
+// bias_row[j] = bias[b, h, i, keys.at(j)] * log2 e for j < cols (any stride, 0 included); rest 0.
 template <typename B>
-bool add_bias(float* s_row, const B* src, int64_t col_stride, KeySet keys) {
-  bool overflow = false;
-  for (int j = 0; j < keys.cols; ++j) {
-    const float bias = to_float(src[keys.at(j) * col_stride]);
-    s_row[j] += bias * kLog2e;
-    overflow |= isinf(s_row[j]) && isfinite(bias);
-  }
-  return overflow;
+void load_bias_row(float* dst, const B* src, int64_t col_stride, KeySet keys) {
+  for (int j = 0; j < keys.cols; ++j) dst[j] = to_float(src[keys.at(j) * col_stride]) * kLog2e;
+  for (int j = keys.cols; j < N; ++j) dst[j] = 0.0f;
 }
 
-bool add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, KeySet keys, float* s_row) {
+void add_bias_row(const AttentionParams& p, int64_t b, int64_t h, int64_t row, KeySet keys,
+                  float* bias_row, float* s_row) {
   const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] + row * p.bias_strides[2];
   const int64_t col_stride = p.bias_strides[3];
   switch (p.bias_dtype) {
-    case DType::kBFloat16: return add_bias(s_row, static_cast<const bf16_t*>(p.bias) + offset, col_stride, keys);
-    case DType::kFloat16: return add_bias(s_row, static_cast<const fp16_t*>(p.bias) + offset, col_stride, keys);
-    default: return add_bias(s_row, static_cast<const float*>(p.bias) + offset, col_stride, keys);
+    case DType::kFloat32:
+      load_bias_row(bias_row, static_cast<const float*>(p.bias) + offset, col_stride, keys);
+      break;
+    case DType::kBFloat16:
+      load_bias_row(bias_row, static_cast<const bf16_t*>(p.bias) + offset, col_stride, keys);
+      break;
+    case DType::kFloat16:
+      load_bias_row(bias_row, static_cast<const fp16_t*>(p.bias) + offset, col_stride, keys);
+      break;
   }
+  for (int j = 0; j < N; j += W) vec::store(s_row + j, vec::load(s_row + j) + vec::load(bias_row + j));
 }
 
 // The keys' labels of a PARTIAL tile ([N] each; k_doc null without documents).

@@ -28,6 +28,7 @@ struct TileScratch {
   float* kt;         // [D, N] key tile, transposed so the QK^T micro-kernel reads rows
   float* v;          // [N, D] value tile
   float* s;          // [M, N] scores, then probabilities
+  float* bias_row;   // [N]
   float* row_max;    // [M] running max (log2 units)
   float* row_sum;    // [M] running sum of exp2
   int32_t* k_order;  // [N] labels of the keys gathered for a PARTIAL tile
@@ -47,7 +48,8 @@ struct TileScratch {
     kt = o + M * D;
     v = kt + D * N;
     s = v + N * D;
-    row_max = s + M * N;
+    bias_row = s + M * N;
+    row_max = bias_row + N;
     row_sum = row_max + M;
     k_order = reinterpret_cast<int32_t*>(row_sum + M);
     k_group = k_order + N;
@@ -126,7 +128,7 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
     float* s_row = ws.s + i * N;
     ws.overflow[i] |= !all_finite(s_row);  // before the bias and the mask add their own infinities
     if (p.bias != nullptr)
-      ws.overflow[i] |= add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, s_row);
+      add_bias_row(p, t.b, t.h, t.q0 + i, KeySet{kGathered ? keys : nullptr, k0, cols}, ws.bias_row, s_row);
     if (kind == TileKind::kPartial)
       mask_row_by_labels(s_row, labels, p.q_order.at(t.b, t.q0 + i), p.q_group.at(t.b, t.q0 + i),
                          p.has_docs ? p.q_doc.at(t.b, t.q0 + i) : 0);
@@ -142,6 +144,26 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
   for (int j = 0; j < cols; ++j)
     load_scaled_row(ws.v + j * D, t.v_base + (kGathered ? keys[j] : k0 + j) * p.v_strides[1], t.head, 1.0f);
   pv_tile<D>(ws.s, ws.v, ws.o, t.rows_padded, cols);
+}
+
+// Whether row i of (b, h) has a finite bias on a key below k_len. A row that ends without a finite
+// score although it has one saw that bias overflow in the kernel's log2 units (finfo(float32).min
+// times log2 e is -inf) or in its sum with a score, and is redone in float64. Only rows that end
+// empty with a bias read their bias row here (a second time).
+template <typename B>
+bool has_finite_bias(const B* row, int64_t col_stride, int64_t k_len) {
+  for (int64_t j = 0; j < k_len; ++j)
+    if (isfinite(to_float(row[j * col_stride]))) return true;
+  return false;
+}
+
+bool has_finite_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t k_len) {
+  const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2];
+  switch (p.bias_dtype) {
+    case DType::kBFloat16: return has_finite_bias(static_cast<const bf16_t*>(p.bias) + offset, p.bias_strides[3], k_len);
+    case DType::kFloat16: return has_finite_bias(static_cast<const fp16_t*>(p.bias) + offset, p.bias_strides[3], k_len);
+    default: return has_finite_bias(static_cast<const float*>(p.bias) + offset, p.bias_strides[3], k_len);
+  }
 }
 
 template <typename T, int D>
@@ -282,8 +304,11 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
   for (int i = 0; i < rows; ++i) {
-    // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf): redo the row in float64.
-    if (ws.overflow[i] || softmax_broke(ws.row_max[i], ws.row_sum[i])) {
+    // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf, or a finite bias did): redo the
+    // row in float64.
+    const bool empty_despite_bias =
+        p.bias != nullptr && ws.row_sum[i] == 0.0f && has_finite_bias(p, b, h, q0 + i, k_len);
+    if (ws.overflow[i] || softmax_broke(ws.row_max[i], ws.row_sum[i]) || empty_despite_bias) {
       attention_row_exact(p, b, h, q0 + i);
       continue;
     }

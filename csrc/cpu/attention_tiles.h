@@ -40,10 +40,10 @@ inline int64_t attention_tile_width(int64_t head_dim) {
 // fp32 scratch a thread needs for one task (64-byte aligned by the caller).
 inline size_t attention_scratch_floats(int64_t head_dim) {
   const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
-  // Q, O, V tiles; K^T tile; S tile; running max and sum; key labels and documents of a gathered
-  // and of a contiguous PARTIAL tile (6 x n int32); the query groups, sorted, and the rows'
-  // overflow flags (2 x m int32); the gathered keys of a FULL and a PARTIAL tile (2 x n int64).
-  return m * d * 2 + n * d * 2 + m * n + 2 * m + 6 * n + 2 * m + 4 * n + 64;
+  // Q, O, V tiles; K^T tile; S tile; bias row; running max and sum; key labels and documents of a
+  // gathered and of a contiguous PARTIAL tile (6 x n int32); the query groups, sorted, and the
+  // rows' overflow flags (2 x m int32); the gathered keys of a FULL and a PARTIAL tile (2 x n int64).
+  return m * d * 2 + n * d * 2 + m * n + n + 2 * m + 6 * n + 2 * m + 4 * n + 64;
 }
 
 // Query row i of (batch b, head h) in float64, written to out and lse: for rows whose float32
@@ -67,8 +67,8 @@ struct BackwardPlan {
 inline size_t attention_backward_scratch_floats(int64_t head_dim) {
   const size_t m = kAttnTileM, n = kAttnTileN, d = static_cast<size_t>(attention_tile_width(head_dim));
   // K tile twice (rows, transposed), V transposed, dK and dV accumulators, Q and dO tiles; S / P /
-  // dS and dP; the rows' lse and delta; key labels (3 x n int32).
-  return 7 * n * d + 2 * m * n + 2 * m + 3 * n + 64;
+  // dS and dP; the rows' lse and delta; a bias row; key labels (3 x n int32).
+  return 7 * n * d + 2 * m * n + 2 * m + n + 3 * n + 64;
 }
 
 using AttentionBackwardTaskFn = void (*)(const AttentionBackwardParams& p, const BackwardPlan& plan, int64_t task,
