@@ -59,6 +59,12 @@ void row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
 
 }  // namespace
 
+bool row_has_finite_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t k_len) {
+  for (int64_t j = 0; j < k_len; ++j)
+    if (std::isfinite(bias_at(p, b, h, i, j))) return true;
+  return false;
+}
+
 void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i) {
   dispatch_dtype(p.dtype, "attention", [&](auto tag) { row_exact<typename decltype(tag)::type>(p, b, h, i); });
 }

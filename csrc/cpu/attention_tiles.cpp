@@ -146,26 +146,6 @@ void run_tile(const TaskView<T>& t, TileScratch<D>& ws, const int64_t* keys, int
   pv_tile<D>(ws.s, ws.v, ws.o, t.rows_padded, cols);
 }
 
-// Whether row i of (b, h) has a finite bias on a key below k_len. A row that ends without a finite
-// score although it has one saw that bias overflow in the kernel's log2 units (finfo(float32).min
-// times log2 e is -inf) or in its sum with a score, and is redone in float64. Only rows that end
-// empty with a bias read their bias row here (a second time).
-template <typename B>
-bool has_finite_bias(const B* row, int64_t col_stride, int64_t k_len) {
-  for (int64_t j = 0; j < k_len; ++j)
-    if (isfinite(to_float(row[j * col_stride]))) return true;
-  return false;
-}
-
-bool has_finite_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t k_len) {
-  const int64_t offset = b * p.bias_strides[0] + h * p.bias_strides[1] + i * p.bias_strides[2];
-  switch (p.bias_dtype) {
-    case DType::kBFloat16: return has_finite_bias(static_cast<const bf16_t*>(p.bias) + offset, p.bias_strides[3], k_len);
-    case DType::kFloat16: return has_finite_bias(static_cast<const fp16_t*>(p.bias) + offset, p.bias_strides[3], k_len);
-    default: return has_finite_bias(static_cast<const float*>(p.bias) + offset, p.bias_strides[3], k_len);
-  }
-}
-
 template <typename T, int D>
 void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
                          float* scratch) {
@@ -304,10 +284,10 @@ void attention_task_impl(const AttentionParams& p, const AttentionPlan& plan, in
   T* out_base = static_cast<T*>(p.out) + b * p.out_strides[0] + h * p.out_strides[2];
   float* lse_row = p.lse + (b * p.q_heads + h) * p.q_len + q0;
   for (int i = 0; i < rows; ++i) {
-    // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf, or a finite bias did): redo the
-    // row in float64.
+    // Scores beyond float32 (q.k overflowed to +-inf, or inf - inf, or a finite bias did: a row that
+    // ends without a finite score although its bias row holds one): redo the row in float64.
     const bool empty_despite_bias =
-        p.bias != nullptr && ws.row_sum[i] == 0.0f && has_finite_bias(p, b, h, q0 + i, k_len);
+        p.bias != nullptr && ws.row_sum[i] == 0.0f && row_has_finite_bias(p, b, h, q0 + i, k_len);
     if (ws.overflow[i] || softmax_broke(ws.row_max[i], ws.row_sum[i]) || empty_despite_bias) {
       attention_row_exact(p, b, h, q0 + i);
       continue;

@@ -50,6 +50,11 @@ inline size_t attention_scratch_floats(int64_t head_dim) {
 // scores overflowed (attention_exact.cpp). Not ISA-specific.
 void attention_row_exact(const AttentionParams& p, int64_t b, int64_t h, int64_t i);
 
+// Whether bias[b, h, i, :k_len] holds a finite value. A row that ends without a finite score
+// although it does saw that bias overflow in the kernel's log2 units (finfo(float32).min times
+// log2 e is -inf) or in its sum with a score; only such rows read their bias row a second time.
+bool row_has_finite_bias(const AttentionParams& p, int64_t b, int64_t h, int64_t i, int64_t k_len);
+
 // One task of one (dtype, tile width) instantiation.
 using AttentionTaskFn = void (*)(const AttentionParams& p, const AttentionPlan& plan, int64_t task,
                                  float* scratch);

@@ -31,6 +31,12 @@ _EXACT_CHUNK_ELEMENTS = 1 << 22
 _SCORE_BOUND = 2.0 ** 24
 
 
+def _keys_read(kv_lens: torch.Tensor, k_len: int) -> torch.Tensor:
+    """bool [B, Lk]: key j of batch b lies below kv_lens[b]; the keys past it are never read (they
+    may hold garbage, even NaN: an unwritten cache)."""
+    return torch.arange(k_len, device=kv_lens.device) < kv_lens[:, None]
+
+
 def _visible_chunk(labels, kv_lens, rows: slice, k_len: int, device) -> torch.Tensor | None:
     """bool [B or 1, 1, chunk or 1, Lk] visibility of the query rows `rows` (1 row: the same for
     all, kv_lens alone), or None (all visible)."""
@@ -43,7 +49,7 @@ def _visible_chunk(labels, kv_lens, rows: slice, k_len: int, device) -> torch.Te
         same_doc = k_doc[:, None, :] == q_doc[:, rows, None]
         visible = same_doc if visible is None else visible & same_doc
     if kv_lens is not None:
-        in_range = torch.arange(k_len, device=device)[None, None, :] < kv_lens[:, None, None]
+        in_range = _keys_read(kv_lens, k_len)[:, None, :]
         visible = in_range if visible is None else visible & in_range
     return None if visible is None else visible[:, None]
 
@@ -57,8 +63,8 @@ def attention_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, 
     # [B, Hkv, Lk, D]: the query heads of a group are stacked as rows against their KV head (below),
     # so K, V and their gradients are never copied per query head.
     kf, vf = k.to(f32).transpose(1, 2), v.to(f32).transpose(1, 2)
-    if kv_lens is not None:  # keys past kv_lens are never read: they may hold garbage, even NaN
-        in_range = (torch.arange(Lk, device=q.device) < kv_lens[:, None])[:, None, :, None]  # [B, 1, Lk, 1]
+    if kv_lens is not None:
+        in_range = _keys_read(kv_lens, Lk)[:, None, :, None]  # [B, 1, Lk, 1]
         kf, vf = (torch.where(in_range, t, torch.zeros((), dtype=f32, device=q.device)) for t in (kf, vf))
     do = grad_out.to(f32).transpose(1, 2)  # [B, Hq, Lq, D]
     delta = (do * out.to(f32).transpose(1, 2)).sum(-1)  # [B, Hq, Lq]
@@ -119,9 +125,7 @@ def rows_beyond_float32(q, k, lse, scale, kv_lens=None) -> torch.Tensor:
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros((B, Lq), dtype=torch.bool, device=q.device)
     q_max = _finite_abs_max(q, -1)  # [B, Lq, Hq]
-    unread = None  # keys past kv_lens (an unwritten cache may hold anything there)
-    if kv_lens is not None:
-        unread = (torch.arange(k.shape[1], device=k.device) >= kv_lens[:, None])[:, :, None, None]
+    unread = None if kv_lens is None else ~_keys_read(kv_lens, k.shape[1])[:, :, None, None]
     k_max = _finite_abs_max(k, (1, 3), unread).repeat_interleave(Hq // k.shape[2], 1)  # [B, Hq]
     dot_bound = q_max * k_max[:, None, :] * (abs(scale) * D * 1.4426950408889634)
     big_lse = (lse == float("inf")) | (torch.isfinite(lse) & (lse.abs() >= _SCORE_BOUND))  # [B, Hq, Lq]

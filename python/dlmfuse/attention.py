@@ -33,6 +33,7 @@ from ._cuda_attention import (CUDA_ATTENTION_KERNELS, CudaKernelArgs, _run_plann
                               cuda_num_splits, cuda_plan_override, last_cuda_plan)
 from ._ext import ATTENTION_MAX_HEAD_DIM, CUDA_ATTENTION_HEAD_DIMS, _C_cuda, _cuda_kernel_enabled, dlpack, use_reference
 from .mask import Mask
+from .reference.attention import merge_weights
 
 _OP = "attention"
 
@@ -458,19 +459,6 @@ def _merge_setup_context(ctx, inputs, output):
     ctx.save_for_backward(out_a, lse_a, out_b, lse_b, out, lse)
 
 
-def _merge_weights(lse_a: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
-    """The forward's weights of the two partials, normalised ([B, H, L], in the lse dtype): exp(lse_x - lse);
-    both -inf: 0 and 0; a +inf side outweighs a finite one, two weigh 1/2 each; a NaN lse: NaN."""
-    top = torch.maximum(lse_a, lse_b)  # NaN propagates
-    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    weights = [torch.exp(part - top) for part in (lse_a, lse_b)]
-    overflow = torch.isposinf(top)
-    weights = [torch.where(overflow, torch.isposinf(part).to(top.dtype), w) for part, w in zip((lse_a, lse_b), weights)]
-    total = weights[0] + weights[1]
-    total = torch.where(total > 0, total, torch.ones_like(total))  # NaN stays NaN
-    return weights[0] / total, weights[1] / total
-
-
 def _merge_backward(ctx, grad_out, grad_lse):
     # With w_a the weight of partial a: d out_a = w_a g_out, and
     # d lse_a = w_a (g_lse + sum_d g_out (out_a - out)); the same for b. A side of weight 0 gets 0
@@ -482,7 +470,7 @@ def _merge_backward(ctx, grad_out, grad_lse):
     g_out = torch.zeros_like(out, dtype=ft) if grad_out is None else grad_out.to(ft)
     g_lse = torch.zeros_like(lse, dtype=ft) if grad_lse is None else grad_lse.to(ft)
     grads = []
-    for part_out, weight in zip((out_a, out_b), _merge_weights(lse_a.to(ft), lse_b.to(ft))):  # [B, H, L]
+    for part_out, weight in zip((out_a, out_b), merge_weights(lse_a.to(ft), lse_b.to(ft))):  # [B, H, L]
         weight_rows = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
         along_d = (g_out * (part_out.to(ft) - out.to(ft))).sum(-1).transpose(1, 2)  # [B, H, L]
         d_lse = torch.where(weight == 0, torch.zeros_like(weight), weight * (g_lse + along_d))

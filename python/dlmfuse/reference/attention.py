@@ -159,16 +159,7 @@ def merge_attention(
         True
     """
     lse_a64, lse_b64 = lse_a.to(torch.float64), lse_b.to(torch.float64)
-    top = torch.maximum(lse_a64, lse_b64)
-    top = torch.where(top == NEG_INF, torch.zeros_like(top), top)  # both empty: weights stay 0
-    weight_a, weight_b = torch.exp(lse_a64 - top), torch.exp(lse_b64 - top)  # [B, H, L]
-    # An lse of +inf (scores beyond float32): that side outweighs any finite one; two such sides
-    # weigh 1/2 each (their true lse cannot be told apart).
-    overflow = torch.isposinf(top)
-    weight_a = torch.where(overflow, torch.isposinf(lse_a64).double(), weight_a)
-    weight_b = torch.where(overflow, torch.isposinf(lse_b64).double(), weight_b)
-    total = weight_a + weight_b
-    lse = torch.where(overflow, top, top + torch.log(total))
+    weight_a, weight_b = merge_weights(lse_a64, lse_b64)  # [B, H, L]
 
     def weighted(out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         w = weight.transpose(1, 2)[..., None]  # [B, L, H, 1]
@@ -177,6 +168,20 @@ def merge_attention(
         keep = (w > 0) | torch.isnan(w)
         return torch.where(keep, w * out.to(torch.float64), torch.zeros((), dtype=torch.float64))
 
-    safe_total = torch.where(total > 0, total, torch.ones_like(total)).transpose(1, 2)[..., None]
-    out = (weighted(out_a, weight_a) + weighted(out_b, weight_b)) / safe_total
-    return out.to(out_a.dtype), lse.to(torch.float32)
+    out = weighted(out_a, weight_a) + weighted(out_b, weight_b)
+    # logaddexp keeps the rules: -inf beside -inf, +inf beside anything but NaN, NaN with a NaN.
+    return out.to(out_a.dtype), torch.logaddexp(lse_a64, lse_b64).to(torch.float32)
+
+
+def merge_weights(lse_a: torch.Tensor, lse_b: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The weights ``exp(lse_x - lse)`` of two partials in a merge, in the lse's dtype (the
+    backward of dlmfuse.merge_attention takes them too). Both -inf: 0 and 0 (an empty row); an lse
+    of +inf (a partial whose scores overflowed float32) outweighs any finite one, and two such sides
+    weigh 1/2 each (their true lse cannot be told apart); a NaN lse: NaN."""
+    top = torch.maximum(lse_a, lse_b)  # NaN propagates
+    top = torch.where(top == NEG_INF, torch.zeros_like(top), top)  # both empty: weights stay 0
+    overflow = torch.isposinf(top)
+    weights = [torch.where(overflow, torch.isposinf(part).to(top.dtype), torch.exp(part - top)) for part in (lse_a, lse_b)]
+    total = weights[0] + weights[1]
+    total = torch.where(total > 0, total, torch.ones_like(total))  # NaN stays NaN
+    return weights[0] / total, weights[1] / total
