@@ -428,7 +428,8 @@ def _native_backward(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, ls
     delta = ((grad_out.to(f32) * out.to(f32)).sum(-1).transpose(1, 2) - grad_lse.to(f32)).contiguous()
     grad_out = grad_out.to(q.dtype)
     if grad_out.stride(-1) != 1 or (q.is_cuda and not _rows_16_byte_aligned(grad_out)):
-        grad_out = grad_out.contiguous()
+        # A fresh copy: .contiguous() returns a contiguous view as it is, whatever its offset
+        grad_out = grad_out.clone(memory_format=torch.contiguous_format)
     dq = torch.zeros((B, Hq, Lq, D), dtype=f32, device=device)
     dk, dv = (torch.zeros((B, Lk, Hkv, D), dtype=f32, device=device) for _ in range(2))
     dbias = torch.zeros((B, Hq, Lq, Lk), dtype=f32, device=device) if needs_bias_grad else None

@@ -2,7 +2,9 @@
 // gradients, head_dim 64 / 128. FlashAttention-2's recomputation, without atomics, so every run
 // gives the same bits:
 //
-//   P = exp(scale q.k + bias - lse) where visible (0 elsewhere and in rows with lse = -inf),
+//   P = exp(scale q.k + bias - lse) where visible (0 elsewhere and in rows whose lse is not finite:
+//   -inf, no key; +inf, an lse beyond float32, which reaches here inside CUDA-graph capture, where
+//   the caller cannot take such rows out for its float64 pass),
 //   dP = dO V^T,  dS = P (dP - delta)  with delta = rowsum(dO * O) - dlse (computed by the caller),
 //   dV = P^T dO,  dK = scale dS^T Q,  dQ = scale dS K,  dbias = dS.
 //
@@ -188,7 +190,7 @@ __global__ void __launch_bounds__(kThreads) query_grads_kernel(const AttentionBa
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;
-          bool visible = col < cols && row[r] < q_rows && lse2[r] != -INFINITY;
+          bool visible = col < cols && row[r] < q_rows && isfinite(lse2[r]);
           if (visible && kind == TileKind::kPartial) visible = pair_visible(p, mine[r], labels.rows[col]);
           const float prob = visible ? exp2f(s[nt][e] * scale2 + bias_log2(p, b, h, q0 + row[r], k0 + col) - lse2[r]) : 0.0f;
           const float ds = prob * (dp[nt][e] - delta[r]);
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) key_grads_kernel(const AttentionBack
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int r = e / 2, col = nt * 8 + 2 * (lane % 4) + e % 2;  // key row[r], query col
-              bool visible = col < q_rows && row[r] < cols && q_lse2[col] != -INFINITY;
+              bool visible = col < q_rows && row[r] < cols && isfinite(q_lse2[col]);
               if (visible && kind == TileKind::kPartial) visible = pair_visible(p, labels.rows[col], mine[r]);
               const float prob =
                   visible ? exp2f(s[nt][e] * scale2 + bias_log2(p, b, h, q0 + col, k0 + row[r]) - q_lse2[col]) : 0.0f;
