@@ -27,10 +27,10 @@ L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
-         labels=False, bias=False, device=H200, forced=""):
+         labels=False, bias=False, device=H200, forced="", broadcast=False):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced), device["max_shared_bytes"])
+                             _C.parse_attention_override(forced), device["max_shared_bytes"], broadcast)
 
 
 def fields(p) -> tuple:
@@ -122,6 +122,13 @@ def test_grouped_heads_pack_when_it_saves_ctas():  # A4g: GQA with few query row
     assert not plan(q_len=4096, q_heads=32, kv_heads=8).pack_gqa  # long rows: as many CTAs either way
 
 
+def test_grouped_heads_stay_unpacked_where_the_packed_grid_would_not_fit():
+    # 2,100,001 rows x 4 heads per KV head: packing would save 2 CTAs of 262,504, but its 131,251
+    # query tiles pass CUDA's 65,535 cap on the grid's y axis; unpacked, the tensor cores still run it.
+    assert _C.attention_packs_gqa(8, 2, 2_100_001, 64)
+    assert fields(plan(q_len=2_100_001, k_len=64, q_heads=8, kv_heads=2, device=A100)) == ("sm80", 64, "tiles", 1, False)
+
+
 def test_split_kv_for_few_ctas():
     p = plan(q_len=64, k_len=16384, q_heads=8, kv_heads=8)
     assert p.splits == _C.attention_num_splits(1, 8, 64, 16384, 128, 132, 64, 0) and 1 < p.splits <= 16
@@ -203,6 +210,15 @@ def test_the_warp_specialized_kernel_is_forced_only():
                                   (False, True)):
         p = plan(**dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), call)))
         assert (p.mma, p.tile_m) != ("sm90", 128), call
+
+
+def test_the_warp_specialized_kernel_refuses_expanded_tensors():
+    """TMA maps document no stride 0: a q / k / v expanded along an axis (a prompt's K / V shared by
+    the batch) cannot take mma=sm90,tile_m=128, while the automatic plans take it as any other."""
+    with pytest.raises(ValueError, match="stride-0"):
+        plan(forced="mma=sm90,tile_m=128", broadcast=True)
+    assert fields(plan(broadcast=True)) == fields(plan())
+    assert fields(plan(forced="mma=sm90,tile_m=64", broadcast=True))[:2] == ("sm90", 64)
 
 
 def test_forced_fields_win_and_the_others_adapt():

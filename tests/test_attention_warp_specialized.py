@@ -171,3 +171,17 @@ def test_split_kv_partials_merge_to_the_reference(monkeypatch, splits):
         out, lse = dlmfuse.attention(q_over, k_over, v, return_lse=True)
         check_beyond_float32(out, lse, q_over, k_over, v)
         assert torch.isposinf(lse[0, 0, 5]) and torch.equal(out[0, 5, 0], v[0, 1000, 0])
+
+
+@pytest.mark.cuda
+def test_expanded_keys_are_refused_by_name(warp_specialized):
+    """K and V expanded over the batch (one prompt's cache shared by every sample): stride 0, which
+    TMA maps do not document, so the forced plan is a ValueError naming it; unforced, another plan
+    runs the call."""
+    q, k, v = _inputs(3, 130, 200, 4, 2, 64, torch.bfloat16, seed=9)
+    k, v = k[:1].expand(3, -1, -1, -1), v[:1].expand(3, -1, -1, -1)
+    with pytest.raises(ValueError, match="stride-0"):
+        dlmfuse.attention(q, k, v)
+    with cuda_plan_override(""):
+        out, lse = dlmfuse.attention(q, k, v, return_lse=True)
+    check_attention(out, q, k, v, lse=lse)

@@ -81,6 +81,10 @@ std::string warp_specialized_mismatch(const AttentionPlan& plan, const Attention
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
     return concat("mma=sm90 with tile_m=128 at head_dim ", c.head_dim, " needs ", shared,
                   " bytes of shared memory per block, this GPU has ", device.max_shared_bytes);
+  // cuTensorMapEncodeTiled documents no stride 0 (only multiples of 16 below 2^40).
+  if (c.broadcast_rows)
+    return "mma=sm90 with tile_m=128 loads q, k and v through TMA maps, which take no stride-0 (expanded) axis; "
+           "this call has one (make the tensor contiguous, or let the planner choose)";
   if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, false, plan.splits))
     return concat("the grid would exceed ", kAttentionMaxGridDim, " CTAs along an axis, or k_len 2^31 keys (batch ",
                   c.batch, ", q_len ", c.q_len, ", k_len ", c.k_len, ", q_heads ", c.q_heads, ", splits ", plan.splits, ")");
@@ -115,6 +119,10 @@ AttentionCall attention_call(const AttentionParams& p) {
   for (int64_t stride : p.out_strides) out_pairs = out_pairs && stride % 2 == 0;
   c.aligned = rows_16_byte_aligned(p.q, p.q_strides) && rows_16_byte_aligned(p.k, p.k_strides) &&
               rows_16_byte_aligned(p.v, p.v_strides) && out_pairs;
+  const int64_t q_extents[3] = {p.batch, p.q_len, p.q_heads}, kv_extents[3] = {p.batch, p.k_len, p.kv_heads};
+  for (int d = 0; d < 3; ++d)
+    c.broadcast_rows = c.broadcast_rows || (p.q_strides[d] == 0 && q_extents[d] > 1) ||
+                       ((p.k_strides[d] == 0 || p.v_strides[d] == 0) && kv_extents[d] > 1);
   return c;
 }
 
@@ -228,9 +236,11 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
     else if (sm90 && plan.mma == AttentionMma::kSm80 && plan.walk == AttentionWalk::kTiles && !c.has_bias &&
              c.q_len > 64 && forced.pack_gqa != 1)
       plan.tile_m = 128;
-    // GQA packing: where it needs fewer CTAs, i.e. fewer reads of each K/V tile.
+    // GQA packing: where it needs fewer CTAs, i.e. fewer reads of each K/V tile (and its grid fits,
+    // which the unpacked grid may where the packed one does not).
     if (forced.pack_gqa != AttentionOverride::kAuto) plan.pack_gqa = forced.pack_gqa == 1;
-    else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64);
+    else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64) &&
+                         grid_fits(c, 64, true, 1);
     // Split-KV (the warp-specialized kernel's splits are unmeasured: forced only).
     if (forced.splits != 0) plan.splits = forced.splits;
     else if (plan.warp_specialized()) plan.splits = 1;

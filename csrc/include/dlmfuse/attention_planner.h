@@ -79,6 +79,7 @@ struct AttentionCall {
   bool aligned = false;         // q / k / v rows on 16-byte boundaries, out rows on 4 (cp.async, paired stores)
   bool has_labels = false;
   bool has_bias = false;
+  bool broadcast_rows = false;  // q, k or v repeats rows through a stride-0 axis (expand): no TMA map takes that
 };
 AttentionCall attention_call(const AttentionParams& p);
 
