@@ -27,10 +27,10 @@ L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
-         labels=False, bias=False, device=H200, forced="", broadcast=False):
+         labels=False, bias=False, device=H200, forced="", broadcast=False, sm90a_code=True):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced), device["max_shared_bytes"], broadcast)
+                             _C.parse_attention_override(forced), device["max_shared_bytes"], broadcast, sm90a_code)
 
 
 def fields(p) -> tuple:
@@ -219,6 +219,20 @@ def test_the_warp_specialized_kernel_refuses_expanded_tensors():
         plan(forced="mma=sm90,tile_m=128", broadcast=True)
     assert fields(plan(broadcast=True)) == fields(plan())
     assert fields(plan(forced="mma=sm90,tile_m=64", broadcast=True))[:2] == ("sm90", 64)
+
+
+def test_builds_without_sm90a_code_never_plan_wgmma():
+    """A build whose architectures hold no sm_90a code (CUDAARCHS=90, or native on an H100) has no
+    wgmma, setmaxnreg or TMA there: its kernels' sm90 instances would trap and take the CUDA context
+    with them, so on an H100 the planner keeps to mma.sync and refuses mma=sm90 by name."""
+    assert _C.archs_have_sm90a("80;90a-real") and _C.archs_have_sm90a("90a") and _C.archs_have_sm90a("80,90a-virtual")
+    assert not any(_C.archs_have_sm90a(a) for a in ("80;90-real", "90", "native", "all", "", "80;89"))
+    for call in (dict(bias=True), dict(q_len=128, labels=True), dict(), dict(q_len=16, q_heads=32, kv_heads=8)):
+        assert plan(sm90a_code=False, **call).mma == "sm80", call
+    assert plan(bias=True).mma == "sm90" and fields(plan(sm90a_code=False))[:2] == ("sm80", 128)
+    for forced in ("mma=sm90", "mma=sm90,tile_m=128"):
+        with pytest.raises(ValueError, match="sm_90a machine code"):
+            plan(sm90a_code=False, forced=forced)
 
 
 def test_forced_fields_win_and_the_others_adapt():

@@ -95,6 +95,7 @@ AttentionDevice attention_device(int device) {
       cudaDeviceGetAttribute(&d.cc_minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess ||
       cudaDeviceGetAttribute(&d.max_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess)
     throw_runtime_error("attention: cannot read the properties of CUDA device ", device);
+  d.sm90a_code = archs_have_sm90a(DLMFUSE_CUDA_ARCHS);
   if (device >= 0 && device < kMaxDevices) {
     known[device] = d;
     read[device] = true;

@@ -103,6 +103,19 @@ const char* mma_name(AttentionMma mma) {
 
 const char* walk_name(AttentionWalk walk) { return walk == AttentionWalk::kGather ? "gather" : "tiles"; }
 
+bool archs_have_sm90a(const std::string& archs) {
+  std::string arch;
+  for (size_t i = 0; i <= archs.size(); ++i) {
+    if (i == archs.size() || archs[i] == ',' || archs[i] == ';') {
+      if (arch.rfind("90a", 0) == 0) return true;  // "90a", "90a-real", "90a-virtual"
+      arch.clear();
+    } else {
+      arch += archs[i];
+    }
+  }
+  return false;
+}
+
 AttentionCall attention_call(const AttentionParams& p) {
   AttentionCall c;
   c.batch = p.batch;
@@ -194,6 +207,8 @@ std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& c, con
                   c.aligned ? "" : ", unaligned rows");
   if (plan.mma == AttentionMma::kSm90 && device.cc_major != 9)
     return concat("mma=sm90 needs an sm_90 GPU (H100 / H200), this one is sm_", device.cc_major, device.cc_minor);
+  if (plan.mma == AttentionMma::kSm90 && !device.sm90a_code)
+    return "mma=sm90 needs sm_90a machine code, which this build lacks (build with CUDAARCHS including 90a-real)";
   if (plan.tile_m != 64 && plan.tile_m != 128) return concat("tile_m must be 64 or 128, got ", plan.tile_m);
   if (plan.warp_specialized()) return warp_specialized_mismatch(plan, c, device);
   if (plan.tile_m == 128 && (plan.walk != AttentionWalk::kTiles || plan.pack_gqa))
@@ -215,7 +230,7 @@ std::string plan_mismatch(const AttentionPlan& plan, const AttentionCall& c, con
 }
 
 AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& device, const AttentionOverride& forced) {
-  const bool sm90 = device.cc_major == 9;
+  const bool sm90 = device.cc_major == 9, wgmma = sm90 && device.sm90a_code;
   AttentionPlan plan;
   const bool any_forced = forced.mma != AttentionOverride::kAuto || forced.walk != AttentionOverride::kAuto ||
                           forced.tile_m != 0 || forced.splits != 0 || forced.pack_gqa != AttentionOverride::kAuto;
@@ -228,7 +243,7 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
     else if (c.has_labels && !c.has_bias && 2 * c.q_len <= c.k_len && forced.tile_m != 128)
       plan.walk = AttentionWalk::kGather;
     // MMA policy (the choice between the two tensor-core policies).
-    if (forced.mma == AttentionOverride::kAuto && sm90 && forced.tile_m != 128 &&
+    if (forced.mma == AttentionOverride::kAuto && wgmma && forced.tile_m != 128 &&
         (c.has_bias || (plan.walk == AttentionWalk::kGather && c.q_len > 32)))
       plan.mma = AttentionMma::kSm90;
     // Query tile.

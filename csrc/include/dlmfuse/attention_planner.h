@@ -41,7 +41,13 @@ struct AttentionDevice {
   int cc_major = 0;
   int cc_minor = 0;
   int max_shared_bytes = 0;  // opt-in shared memory per block (0: unknown, not checked)
+  // The build holds sm_90a machine code: the wgmma plans (mma=sm90) trap without it, since a plain
+  // sm_90 or compute_90 image has no wgmma, setmaxnreg or TMA instructions.
+  bool sm90a_code = true;
 };
+// Whether a CUDA architecture list (CMAKE_CUDA_ARCHITECTURES as built, comma- or
+// semicolon-separated: "80;90a-real") has sm_90a code.
+bool archs_have_sm90a(const std::string& archs);
 
 // Shared memory of one CTA of the family's tensor-core kernel (attention_fwd.cuh lays it out and
 // checks these at compile time): dynamic bytes (Q, two K and two V tiles, two buffers of key
