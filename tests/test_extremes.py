@@ -159,7 +159,7 @@ def test_merge_gradients_follow_the_same_rules():
     assert abs(float(lses[1].grad[0, 0, 1]) - quarter) < 1e-6 and not lses[0].grad.isnan().any()
 
 
-# ------------------------------------------------------------------- found by tests/test_fuzz.py
+# ------------------------------------------------------------- found by the fuzz tests (test_fuzz_*.py)
 def test_unsigned_integer_tensors_are_integers():
     q = torch.randn(2, 3, 2, 8)
     expected = dlmfuse.attention(q, q, q, kv_lens=torch.tensor([1, 2]))

@@ -1,7 +1,8 @@
 """Property-based fuzzing of the gradients of attention and merge_attention with hypothesis: the
-cases of tests/test_fuzz.py (its strategies, builders and budget: DLMFUSE_FUZZ_EXAMPLES /
-DLMFUSE_FUZZ_SEED apply here too), valid ones only, and their gradients against autograd through
-the float64 reference, on both CPU backwards (the fused C++ kernel and the PyTorch composite)."""
+cases of tests/test_fuzz_attention.py (its strategies and builders; fuzz_support.py's budget, so
+DLMFUSE_FUZZ_EXAMPLES / DLMFUSE_FUZZ_SEED apply here too), valid ones only, and their gradients
+against autograd through the float64 reference, on both CPU backwards (the fused C++ kernel and
+the PyTorch composite)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ from hypothesis import assume, given, strategies as st
 import dlmfuse
 
 from test_attention_backward import GRAD_RTOL
-from test_fuzz import (assert_nan_at_same_places, assert_untouched, attention_cases, build_attention, fuzz,
-                       generator, merge_cases, no_hang, randn, random_lse, realized_mask, snapshot, with_layout)
+from fuzz_support import assert_untouched, fuzz, generator, no_hang, randn, snapshot, with_layout
+from test_fuzz_attention import (assert_nan_at_same_places, attention_cases, build_attention, merge_cases, random_lse,
+                                 realized_mask)
 
 # Backwards (DLMFUSE_BACKEND): the fused C++ kernel (native) and the PyTorch composite (reference).
 GRADIENT_BACKENDS = ("native", "reference")
