@@ -20,10 +20,14 @@
 #include <cmath>
 
 #include "cuda/sampling.h"
+#include "cuda/sampling_noise.cuh"
+#include "cuda/sampling_select.cuh"
 #include "dlmfuse/half_convert.h"
 
 namespace dlmfuse::cuda {
 namespace {
+
+using namespace sampling;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
@@ -44,49 +48,6 @@ struct RowStats {
 // <= 2.5e-5 + 2.4e-7 |score|. The winner's and S's errors together, 5e-5 + 4.8e-7 |S|, stay
 // inside the margin with room to spare; a wider margin only re-scores a few more tokens.
 __device__ __forceinline__ float score_margin(float best) { return 1e-4f + 4e-6f * fabsf(best); }
-
-// log2 on the special function unit: __log2f's instruction without its rescaling of subnormal
-// arguments (no argument here is below 2^-53). Error, as CUDA documents for __log2f: <= 2^-22
-// absolute on [1/2, 2], else <= 2 ulp (<= 2^-22 relative).
-__device__ __forceinline__ float fast_log2(float x) {
-  float y;
-  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-// Gumbel noise -log(-log u) in fp32, for screening only (the winner is re-scored in float64).
-// Error, from fast_log2's bounds: m below is within 2^-23 relative of min(u, 1 - u); -log2 u is
-// within 5.4e-6 relative (u in [1/2, 15/16], log2 u >= 0.093 in size), 6e-7 elsewhere (series,
-// or u < 1/2); the outer log adds 2.4e-7 relative of |log2(-log2 u)| and a rounding. So
-// |g error| <= 7e-6 + 3e-7 |g| (score_margin's budget).
-__device__ __forceinline__ float gumbel_fp32(GumbelWords w) {
-  // Complementing both words maps u to 1 - u exactly (the layout's a becomes 2^52 - 1 - a), so
-  // m = min(u, 1 - u) comes from the words with the top bit of hi clear: u > 1/2 iff it is set.
-  const uint32_t flip = static_cast<uint32_t>(static_cast<int32_t>(w.hi) >> 31);
-  const uint32_t hi = w.hi ^ flip, lo = w.lo ^ flip;
-  // (2 (lo >> 12) + 1) 2^-53 exactly, without an int-to-float conversion: it is the fraction of
-  // the float 1 + (2 (lo >> 12) + 1) 2^-21, scaled by 2^-32.
-  const float one_plus_low = __uint_as_float(0x3f800000u | ((lo >> 9) & 0x7ffff8u) | 4u);
-  const float low = fmaf(one_plus_low, 0x1.0p-32f, -0x1.0p-32f);
-  const float m = fmaf(static_cast<float>(hi), 0x1.0p-32f, low);  // min(u, 1 - u), in (0, 1/2)
-  const bool u_above_half = flip != 0;
-  // -log2 u = log2(e) (v + v^2/2 + ... + v^5/5) for u > 15/16, v = 1 - u = m: no cancellation,
-  // unlike the log of a u near 1; truncation < 1.7e-7 relative for v < 1/16.
-  float series = 0.28853901f;             // log2(e) / 5
-  series = fmaf(m, series, 0.36067376f);  // log2(e) / 4
-  series = fmaf(m, series, 0.48089835f);  // log2(e) / 3
-  series = fmaf(m, series, 0.72134752f);  // log2(e) / 2
-  series = fmaf(m, series, 1.44269504f);  // log2(e)
-  series *= m;
-  const float u = u_above_half ? 1.0f - m : m;  // u in (1/2, 15/16] comes out within 2^-25
-  const float minus_log2_u = u_above_half && m < 0.0625f ? series : -fast_log2(u);
-  // -log E for E = -log u = minus_log2_u ln 2:  -ln 2 log2(minus_log2_u) - log(ln 2)
-  return fmaf(fast_log2(minus_log2_u), -0.69314718f, 0.36651292f);
-}
-
-__device__ __forceinline__ double gumbel_fp64(GumbelWords w) {
-  return -log(-log(gumbel_uniform(w)));
-}
 
 // A logit as fp32 (exact for bf16 / fp16 / fp32; float64 rounds to nearest).
 __device__ __forceinline__ float logit_float(bf16_t x) { return to_float(x); }
@@ -203,75 +164,6 @@ __device__ __forceinline__ void add_column(RowStats& st, const RowScan& rs, int6
   st.best = fmaxf(st.best, score);
   ++st.kept;
 }
-
-// Philox4x32-10 of one row: counter (pair, row, offset lo, offset hi), key = seed; the same bits
-// as philox4x32_10. Only the counter's first word changes along the row, so what the first two
-// rounds compute from the other words is done once per row. Pair indices are the row's own; the
-// counter takes them shifted by first_pair = column_offset / 2 (a vocabulary shard's place).
-struct RowNoise {
-  uint32_t k0, k1;      // the key (seed)
-  uint32_t first_pair;  // column_offset / 2
-  uint32_t round1_c2;   // offset hi ^ k1: round 1's c2 is mulhi(kMul0, pair) ^ this
-  uint32_t round2_c0;   // round 2's c0 is mulhi(kMul1, c2) ^ this
-  uint32_t round2_c2;   // round 2's c2 is (kMul0 * pair) ^ this
-  uint32_t round2_c3;   // round 2's c3
-
-  // (hi, lo) words of the 64-bit product a * b: ptxas fuses the two into one wide multiply
-  // (written as a uint64_t product, as in philox4x32_10, it added a register copy after most).
-  __device__ static __forceinline__ void mul_wide(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-    hi = __umulhi(a, b);
-    lo = a * b;
-  }
-
-  __device__ RowNoise(uint32_t row, uint64_t offset, uint64_t seed, uint64_t column_offset)
-      : k0(static_cast<uint32_t>(seed)), k1(static_cast<uint32_t>(seed >> 32)),
-        first_pair(static_cast<uint32_t>(column_offset >> 1)) {
-    using namespace philox_detail;
-    const uint32_t offset_lo = static_cast<uint32_t>(offset), offset_hi = static_cast<uint32_t>(offset >> 32);
-    // Round 1 (key k0, k1): c0 = mulhi(kMul1, offset lo) ^ row ^ k0, c1 = kMul1 * offset lo.
-    uint32_t c0, c1, hi, lo;
-    mul_wide(kMul1, offset_lo, c0, c1);
-    c0 ^= row ^ k0;
-    round1_c2 = offset_hi ^ k1;
-    // Round 2 (key + Weyl): c0 = mulhi(kMul1, c2) ^ c1 ^ k0', c2 = mulhi(kMul0, c0) ^ c3 ^ k1',
-    // c3 = kMul0 * c0, with round 1's c0, c1 fixed.
-    round2_c0 = c1 ^ (k0 + kWeyl0);
-    mul_wide(kMul0, c0, hi, lo);
-    round2_c2 = hi ^ (k1 + kWeyl1);
-    round2_c3 = lo;
-  }
-
-  // Outputs 0, 1 are the words of column 2 pair, outputs 2, 3 those of column 2 pair + 1.
-  __device__ __forceinline__ Philox4x32 pair(uint32_t pair_index) const {
-    using namespace philox_detail;
-    // Round 1: c0, c1 are row constants (folded into round2_*); c2 = mulhi ^ .., c3 = kMul0 * pair.
-    uint32_t hi0, lo0, hi1, lo1;
-    mul_wide(kMul0, pair_index + first_pair, hi0, lo0);
-    const uint32_t r1_c2 = hi0 ^ round1_c2;
-    // Round 2
-    mul_wide(kMul1, r1_c2, hi1, lo1);
-    uint32_t c0 = hi1 ^ round2_c0, c1 = lo1, c2 = lo0 ^ round2_c2, c3 = round2_c3;
-    uint32_t key0 = k0 + kWeyl0, key1 = k1 + kWeyl1;
-#pragma unroll
-    for (int round = 2; round < 10; ++round) {
-      key0 += kWeyl0;
-      key1 += kWeyl1;
-      mul_wide(kMul0, c0, hi0, lo0);
-      mul_wide(kMul1, c2, hi1, lo1);
-      c0 = hi1 ^ c1 ^ key0;
-      c1 = lo1;
-      c2 = hi0 ^ c3 ^ key1;
-      c3 = lo0;
-    }
-    return {{c0, c1, c2, c3}};
-  }
-
-  // The words of one column, as gumbel_words(seed, offset, row, column) gives them.
-  __device__ __forceinline__ GumbelWords words(int64_t column) const {
-    const Philox4x32 r = pair(static_cast<uint32_t>(column >> 1));
-    return (column & 1) ? GumbelWords{r.x[2], r.x[3]} : GumbelWords{r.x[0], r.x[1]};
-  }
-};
 
 // The 8 columns of chunk `chunk`, in increasing order: one Philox call per column pair.
 template <bool kGumbel, typename T>
@@ -421,101 +313,6 @@ __device__ void block_argmax(double& score, int64_t& index, double* shared_score
   index = shared_index[0];
 }
 
-// ---------------------------------------------------------------- top-k / top-p cut by radix select
-// The cut is a value of w = l / T' (fp32, as the CPU computes it): tokens with w >= cut are kept.
-// Both selections descend the 32-bit order-preserving key of w one byte at a time over the row
-// (4 passes each, no sort): top-k counts tokens per byte bucket, top-p sums their probability
-// mass; the CPU path (csrc/cpu/sampling_select.h) picks the same values.
-
-__device__ __forceinline__ uint32_t order_key(float w) {
-  const uint32_t bits = __float_as_uint(w);
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
-__device__ __forceinline__ float key_value(uint32_t key) {
-  return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
-}
-
-// exp(w - w_max) in float64, the same weight the CPU's top-p selection uses.
-__device__ __forceinline__ double token_weight(float w, float w_max) {
-  return exp(static_cast<double>(w) - static_cast<double>(w_max));
-}
-
-// Block-wide max (is_max) or sum of a double; the result is valid in every thread.
-__device__ double block_reduce(double x, bool is_max, double* scratch) {
-  for (int delta = 16; delta > 0; delta /= 2) {
-    const double other = __shfl_xor_sync(0xffffffffu, x, delta);
-    x = is_max ? fmax(x, other) : x + other;
-  }
-  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = x;
-  __syncthreads();
-  double total = scratch[0];
-  for (int w = 1; w < kWarps; ++w) total = is_max ? fmax(total, scratch[w]) : total + scratch[w];
-  __syncthreads();
-  return total;
-}
-
-struct SelectShared {
-  unsigned int count[256];
-  double mass[256];
-  uint32_t prefix;
-  double above;
-  int64_t remaining;
-};
-
-// One byte of the descent: histogram of the eligible tokens whose key matches `prefix` on the
-// bits above `shift`, then thread 0 walks the buckets from the top. by_mass: weights
-// exp(w - w_max) against `target`; else counts against `remaining`.
-template <typename W>
-__device__ void radix_step(int64_t vocab, W&& w_of, int shift, bool by_mass, float w_max,
-                           double target, SelectShared& sh) {
-  for (int i = threadIdx.x; i < 256; i += kThreads) sh.count[i] = 0, sh.mass[i] = 0.0;
-  __syncthreads();
-  const uint32_t high_mask = shift == 24 ? 0u : ~((1u << (shift + 8)) - 1u);
-  for (int64_t j = threadIdx.x; j < vocab; j += kThreads) {
-    float w;
-    if (!w_of(j, w)) continue;
-    const uint32_t key = order_key(w);
-    if ((key & high_mask) != (sh.prefix & high_mask)) continue;
-    const int bucket = (key >> shift) & 0xff;
-    if (by_mass) atomicAdd(&sh.mass[bucket], token_weight(w, w_max));
-    else atomicAdd(&sh.count[bucket], 1u);
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    for (int bucket = 255; bucket >= 0; --bucket) {
-      const bool crosses = by_mass ? sh.above + sh.mass[bucket] >= target
-                                   : static_cast<int64_t>(sh.count[bucket]) >= sh.remaining;
-      if (crosses || bucket == 0) {
-        sh.prefix = (sh.prefix & high_mask) | (static_cast<uint32_t>(bucket) << shift);
-        break;
-      }
-      if (by_mass) sh.above += sh.mass[bucket];
-      else sh.remaining -= sh.count[bucket];
-    }
-  }
-  __syncthreads();
-}
-
-template <typename W>
-__device__ float select_cut(const SamplingParams& p, int64_t eligible, W&& w_of, float w_max,
-                            double total_mass, SelectShared& sh) {
-  float cut = -INFINITY;
-  if (p.top_p < 1.0) {
-    if (threadIdx.x == 0) sh.prefix = 0, sh.above = 0.0;
-    __syncthreads();
-    for (int shift = 24; shift >= 0; shift -= 8) radix_step(p.vocab, w_of, shift, true, w_max, p.top_p * total_mass, sh);
-    cut = key_value(sh.prefix);
-  }
-  if (p.top_k > 0 && p.top_k < eligible) {
-    if (threadIdx.x == 0) sh.prefix = 0, sh.remaining = p.top_k;
-    __syncthreads();
-    for (int shift = 24; shift >= 0; shift -= 8) radix_step(p.vocab, w_of, shift, false, w_max, 0.0, sh);
-    cut = fmaxf(cut, key_value(sh.prefix));
-  }
-  __syncthreads();
-  return cut;
-}
-
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const SamplingParams p,
                                                                     const int64_t* seed_device,
@@ -547,18 +344,18 @@ __global__ void __launch_bounds__(kThreads, 2) sample_tokens_kernel(const Sampli
       float w;
       if (w_of(j, w)) w_max = fmax(w_max, static_cast<double>(w)), eligible += 1.0;
     }
-    w_max = block_reduce(w_max, true, reduce_scratch);
-    eligible = block_reduce(eligible, false, reduce_scratch);
+    w_max = block_reduce<kThreads>(w_max, true, reduce_scratch);
+    eligible = block_reduce<kThreads>(eligible, false, reduce_scratch);
     double mass = 0.0;
     if (p.top_p < 1.0) {
       for (int64_t j = threadIdx.x; j < p.vocab; j += kThreads) {
         float w;
         if (w_of(j, w)) mass += token_weight(w, static_cast<float>(w_max));
       }
-      mass = block_reduce(mass, false, reduce_scratch);
+      mass = block_reduce<kThreads>(mass, false, reduce_scratch);
     }
     if (eligible > 0.0)
-      rs.cut = select_cut(p, static_cast<int64_t>(eligible), w_of, static_cast<float>(w_max), mass, select_shared);
+      rs.cut = select_cut<kThreads>(p, static_cast<int64_t>(eligible), w_of, static_cast<float>(w_max), mass, select_shared);
   }
 
   // 16-byte loads need a 16-byte aligned row; otherwise every column takes the scalar loop.
