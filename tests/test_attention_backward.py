@@ -7,6 +7,8 @@ the tile widths of odd head dims. A tiny DenoiserLM learns a synthetic task unde
 training mask, and a training step compiles with torch.compile(fullgraph=True).
 """
 
+import importlib
+
 import pytest
 import torch
 
@@ -14,6 +16,8 @@ import dlmfuse
 from dlmfuse import Mask
 
 from conftest import DTYPE_IDS
+
+attention_module = importlib.import_module("dlmfuse.attention")  # `dlmfuse.attention` is the function
 
 # Per dtype: the gradients' tolerance relative to their largest magnitude. fp32 accumulates in
 # fp32 (1e-4 covers recomputing P from the saved lse); bf16 / fp16 round q, k, v, dO and every
@@ -136,6 +140,39 @@ def test_broadcast_bias_gradient_is_rounded_once(backend, monkeypatch):
     assert leaves[3].grad.dtype == torch.bfloat16 and got.shape == want.shape
     beyond = (got - want).abs() > 2.0**-8 * want.abs() + 1e-6 * want.abs().max()
     assert not beyond.any(), f"{int(beyond.sum())} of {beyond.numel()} elements beyond one bf16 rounding"
+
+
+# Budgets (bytes of float32 dS per part) for B = 3, Hq = 4 over Hkv = 2, Lq = 50, Lk = 90: all
+# batches, one batch, one KV group, 7 rows of a group, one row.
+PART_BUDGETS = {"batches": 4 * 4 * 50 * 90 * 2, "one_batch": 4 * 4 * 50 * 90, "one_group": 4 * 2 * 50 * 90,
+                "rows": 4 * 2 * 7 * 90, "one_row": 1}
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("budget", PART_BUDGETS)
+@pytest.mark.parametrize("bias_shape", [(1, 4, 50, 90), (3, 1, 1, 90), (3, 4, 50, 90), (1, 1, 50, 1)], ids=str)
+def test_bias_gradients_in_parts_of_bounded_size(bias_shape, budget, backend, monkeypatch):
+    """Where the float32 dS of a bias gradient would exceed BIAS_GRAD_PART_BYTES, the backward runs on
+    parts of the call (batches, KV-head groups, query rows) no larger than it and adds them up: the
+    gradients stay the reference's, under GQA, per-batch labels with documents, kv_lens and a bias
+    broadcast along any dims, and no part's dS passes the budget (one row at least)."""
+    monkeypatch.setenv("DLMFUSE_BACKEND", backend)
+    B, Lq, Lk, Hq, Hkv = 3, 50, 90, 4, 2
+    monkeypatch.setattr("dlmfuse._attention_backward_parts.BIAS_GRAD_PART_BYTES", PART_BUDGETS[budget])
+    parts, whole = [], attention_module._backward_float32
+
+    def recorded(grad_out, grad_lse, q, k, *rest):
+        parts.append(4 * q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1])
+        return whole(grad_out, grad_lse, q, k, *rest)
+
+    monkeypatch.setattr(attention_module, "_backward_float32", recorded)
+    q, k, v, grad_out, grad_lse = random_inputs(B, Lq, Lk, Hq, Hkv, 64, seed=17)
+    bias = torch.randn(bias_shape, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    kwargs = dict(mask=random_labels(B, Lq, Lk, seed=19, docs=True), kv_lens=torch.tensor([90, 0, 33]))
+    check_gradients((q, k, v, bias), grad_out, grad_lse, **kwargs)
+    one_row = 4 * (Hq // Hkv) * Lk
+    assert parts and all(size <= max(PART_BUDGETS[budget], one_row) for size in parts), parts
+    assert len(parts) == {"batches": 2, "one_batch": 3, "one_group": 6, "rows": 48, "one_row": 300}[budget]
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

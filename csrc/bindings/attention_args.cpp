@@ -60,9 +60,7 @@ AttentionParams attention_params(const Array& q, const Array& k, const Array& v,
   expect_device(kOp, "lse", lse, device_type);
   expect_dtype(kOp, "lse", lse, nb::dlpack::dtype_code::Float, 32, "float32");
   expect_shape(kOp, "lse", lse, {p.batch, p.q_heads, p.q_len});
-  if (p.batch * p.q_heads * p.q_len > 0 &&
-      (lse.stride(2) != 1 || lse.stride(1) != p.q_len || lse.stride(0) != p.q_heads * p.q_len))
-    throw_value_error(kOp, ": lse must be contiguous");
+  expect_contiguous(kOp, "lse", lse);
 
   p.q = q.data();
   p.k = k.data();
@@ -124,15 +122,7 @@ float* contiguous_float_buffer(const char* name, const Array& a, std::initialize
   expect_device(kOp, name, a, device_type);
   expect_dtype(kOp, name, a, nb::dlpack::dtype_code::Float, 32, "float32");
   expect_shape(kOp, name, a, shape);
-  int64_t expected = 1;
-  for (size_t d = 0; d < a.ndim(); ++d)
-    if (a.shape(d) == 0) return static_cast<float*>(a.data());  // no element: any strides will do
-  for (size_t d = a.ndim(); d-- > 0;) {
-    if (a.shape(d) > 1 && a.stride(d) != expected)
-      throw_value_error(kOp, ": ", name, " must be contiguous, got stride ", a.stride(d), " in dim ", d,
-                        " of shape ", shape_string(a));
-    expected *= static_cast<int64_t>(a.shape(d));
-  }
+  expect_contiguous(kOp, name, a);
   return static_cast<float*>(a.data());
 }
 

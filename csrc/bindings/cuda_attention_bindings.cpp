@@ -31,15 +31,7 @@ void set_split_workspace(AttentionParams& p, int num_splits, const std::optional
   }
   expect_shape(op, "partial_out", *partial_out, {S, p.batch, p.q_heads, p.q_len, p.head_dim});
   expect_shape(op, "partial_lse", *partial_lse, {S, p.batch, p.q_heads, p.q_len});
-  for (const auto& [name, a] : workspaces) {
-    int64_t expected = 1;
-    for (size_t d = a->ndim(); d-- > 0;) {
-      if (a->shape(d) > 1 && a->stride(d) != expected)
-        throw_value_error(op, ": ", name, " must be contiguous, got stride ", a->stride(d), " in dim ", d,
-                          " of shape ", shape_string(*a));
-      expected *= static_cast<int64_t>(a->shape(d));
-    }
-  }
+  for (const auto& [name, a] : workspaces) expect_contiguous(op, name, *a);
   p.partial_out = static_cast<float*>(partial_out->data());
   p.partial_lse = static_cast<float*>(partial_lse->data());
 }

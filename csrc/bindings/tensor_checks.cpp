@@ -103,4 +103,16 @@ void expect_last_dim_contiguous(const char* op, const char* name, const Array& a
                       a.stride(last), " for shape ", shape_string(a), "; call .contiguous() first");
 }
 
+void expect_contiguous(const char* op, const char* name, const Array& a) {
+  for (size_t d = 0; d < a.ndim(); ++d)
+    if (a.shape(d) == 0) return;
+  int64_t expected = 1;
+  for (size_t d = a.ndim(); d-- > 0;) {
+    if (a.shape(d) > 1 && a.stride(d) != expected)
+      throw_value_error(op, ": ", name, " must be contiguous, got stride ", a.stride(d), " in dim ", d, " of shape ",
+                        shape_string(a));
+    expected *= static_cast<int64_t>(a.shape(d));
+  }
+}
+
 }  // namespace dlmfuse::bindings

@@ -35,6 +35,9 @@ void expect_shape(const char* op, const char* name, const Array& a,
                   std::initializer_list<int64_t> expected);
 // ValueError unless the last dimension has stride 1 (or size <= 1).
 void expect_last_dim_contiguous(const char* op, const char* name, const Array& a);
+// ValueError unless `a` is contiguous as torch means it: row-major, dims of extent 1 with any
+// stride, and an array without elements with any strides.
+void expect_contiguous(const char* op, const char* name, const Array& a);
 
 // A [B, L, H, D] tensor on `device_type` with a contiguous head_dim (device, rank, stride checks).
 void expect_bhd_layout(const char* op, const char* name, const Array& a, int32_t device_type);

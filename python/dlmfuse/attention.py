@@ -16,6 +16,7 @@ from torch import Tensor
 
 from . import _C, reference
 from ._attention_backward import add_exact_row_gradients, attention_backward, rows_beyond_float32, without_rows
+from ._attention_backward_parts import backward_in_parts, bias_grad_in_parts
 from ._checks import (
     as_signed_int,
     can_read_values,
@@ -370,8 +371,22 @@ def _attention_backward_op(
     scale: float, needs_bias_grad: bool,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Gradients of q, k, v and (when needs_bias_grad; else an empty tensor) of the bias, in its
-    own (broadcast) shape: summed in float32 over the dims it is broadcast along."""
-    labels = (q_order, q_group, k_order, k_group, q_doc, k_doc)
+    own (broadcast) shape: summed in float32 over the dims it is broadcast along, rounded once."""
+    args = (grad_out, grad_lse, q, k, v, (q_order, q_group, k_order, k_group, q_doc, k_doc), bias, kv_lens, out, lse,
+            scale)
+    if needs_bias_grad and bias_grad_in_parts(q, k):  # dS in parts of bounded size
+        dq, dk, dv, dbias = backward_in_parts(_backward_float32, *args)
+    else:
+        dq, dk, dv, dbias = _backward_float32(*args, needs_bias_grad)
+    # In the inputs' layouts and dtypes (what the fake implementation promises); copied only where not.
+    dq, dk, dv = (grad if grad.dtype == like.dtype and grad.stride() == like.stride()
+                  else torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
+    return dq, dk, dv, dbias.to(bias.dtype).contiguous() if dbias is not None else q.new_empty(0)
+
+
+def _backward_float32(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, needs_bias_grad):
+    """The backward of one call (or of a part of one, _attention_backward_parts): float32 dq
+    [B, Lq, Hq, D], dk, dv [B, Lk, Hkv, D] and dbias in the bias's shape (or None)."""
     full_bias = None if bias is None else bias.expand(q.shape[0], q.shape[2], q.shape[1], k.shape[1])
     # Rows whose scores may leave float32 go through float64 instead (not while capturing a CUDA
     # graph, where the test cannot read values).
@@ -390,11 +405,8 @@ def _attention_backward_op(
     dq, dk, dv, dbias = grads
     if dbias is not None:
         broadcast = [d for d in range(4) if bias.shape[d] == 1 and dbias.shape[d] != 1]
-        dbias = (dbias.sum(broadcast, keepdim=True) if broadcast else dbias).to(bias.dtype).contiguous()
-    # In the inputs' layouts and dtypes (what the fake implementation promises); copied only where not.
-    dq, dk, dv = (grad if grad.dtype == like.dtype and grad.stride() == like.stride()
-                  else torch.empty_like(like).copy_(grad) for like, grad in ((q, dq), (k, dk), (v, dv)))
-    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
+        dbias = dbias.sum(broadcast, keepdim=True) if broadcast else dbias
+    return dq, dk, dv, dbias
 
 
 @_attention_backward_op.register_fake
