@@ -175,6 +175,20 @@ def test_bias_gradients_in_parts_of_bounded_size(bias_shape, budget, backend, mo
     assert len(parts) == {"batches": 2, "one_batch": 3, "one_group": 6, "rows": 48, "one_row": 300}[budget]
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+def test_bias_gradients_in_parts_with_batch_one_labels_and_kv_lens(batch, monkeypatch):
+    """Labels of batch 1 broadcast to every part's batches, and a batch-1 call's kv_lens reaches
+    every part (NaN past it must stay unread)."""
+    monkeypatch.setattr("dlmfuse._attention_backward_parts.BIAS_GRAD_PART_BYTES", 4 * 2 * 7 * 60)
+    q, k, v, grad_out, grad_lse = random_inputs(batch, 30, 60, 4, 2, 64, seed=20)
+    kv_lens = torch.tensor([41, 0, 60][:batch])
+    k[0, 41:], v[0, 41:] = float("nan"), float("nan")
+    bias = torch.randn(1, 4, 30, 60, generator=torch.Generator().manual_seed(21), dtype=torch.float64)
+    mask = Mask.block_causal(60, 8, documents=torch.arange(60) // 25).gather_queries(torch.arange(30, 60))
+    assert mask.batch == 1
+    check_gradients((q, k, v, bias), grad_out, grad_lse, mask=mask, kv_lens=kv_lens)
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_kv_lens_and_empty_rows_give_zero_gradients(backend, monkeypatch):
     """Keys past kv_lens are never read, NaN there included (an uninitialised cache)."""

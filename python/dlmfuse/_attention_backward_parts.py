@@ -39,7 +39,7 @@ def _part_sizes(B: int, Lq: int, Lk: int, Hq: int, Hkv: int, budget: int) -> tup
 
 def _batch(t: Optional[Tensor], batches: slice) -> Optional[Tensor]:
     """Labels, kv_lens: the part's batches (a batch-1 tensor broadcasts as it is)."""
-    return None if t is None or t.shape[0] == 1 else t[batches]
+    return t if t is None or t.shape[0] == 1 else t[batches]
 
 
 def backward_in_parts(part: Callable, grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
