@@ -18,7 +18,8 @@
 # JSONL and one logs.tar.gz go under $OUT (default ./gpu_out; the device tool returns at most 8
 # files); failing steps print their log's tail before the summary. Each step has its own timeout, and no step runs
 # past GPU_CHECK_BUDGET seconds from the start (default 540), so one hang cannot eat the 15-minute
-# budget; the summary table is printed last.
+# budget; the summary table is printed last, then (after a bench) the issues' targets with their
+# same-run ratios (scripts/targets.py).
 #
 #   device tool: run(command="GPU_CHECK_BUDGET=540 OUT=$OUT bash scripts/gpu_check.sh tests bench",
 #                    carry=[".whl"], timeout_s=570)
@@ -224,3 +225,8 @@ fi
 tar czf "$OUT/logs.tar.gz" -C "$logs" .
 echo "== summary (logs in $OUT/logs.tar.gz)"
 printf '%s\n' "${status[@]}"
+# The issues' targets with this run's same-run ratios (scripts/targets.py), for the bench summary.
+if [[ -s "$OUT/bench_attention.jsonl" ]]; then
+  echo "== targets (bench_attention.jsonl)"
+  python3 scripts/targets.py "$OUT/bench_attention.jsonl" --device cuda
+fi
