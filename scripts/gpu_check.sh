@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Device runs (DEVICE.md): install the prebuilt wheel from .whl/ (scripts/build_device_wheel.sh),
+# Device runs (DEVICE.md): install the prebuilt wheel from $WHEEL_DIR (default .whl/; built by
+# scripts/build_device_wheel.sh; another branch's wheel may wait in its own .whl-<name>/),
 # then run the named parts in order (the not-yet-verified CUDA kernels only in their own steps):
 #   tests     CUDA tests (first the planned family's plans, the fused backward and the family's
 #             Hopper kernel, each in its own process; then every attention kernel of
@@ -38,9 +39,10 @@ logs="$(mktemp -d)"
 mkdir -p "$OUT"
 site=/tmp/dlmfuse-site
 rm -rf "$site"  # pip --target keeps what a rerun on the same warm machine installed before
-python3 -m pip install -q --no-index --no-deps --target "$site" .whl/dlmfuse-*.whl >"$logs/install.log" 2>&1
+wheels="${WHEEL_DIR:-.whl}"
+python3 -m pip install -q --no-index --no-deps --target "$site" "$wheels"/dlmfuse-*.whl >"$logs/install.log" 2>&1
 export PYTHONPATH="$site"
-[[ -f .whl/GIT_SHA ]] && export DLMFUSE_GIT_SHA="$(cat .whl/GIT_SHA)"  # the wheel's commit, for the bench rows
+[[ -f "$wheels/GIT_SHA" ]] && export DLMFUSE_GIT_SHA="$(cat "$wheels/GIT_SHA")"  # the wheel's commit, for the bench rows
 # The unverified kernels (_ext._UNVERIFIED_CUDA_KERNELS: the planned attention family, the fused
 # backward) take over every CUDA attention call when DLMFUSE_CUDA_KERNELS=1, so only their own
 # steps set it (a fault there kills only that step's process): pytest_cuda_family,
