@@ -29,12 +29,13 @@ def bias_grad_in_parts(q: Tensor, k: Tensor) -> bool:
 def _part_sizes(B: int, Lq: int, Lk: int, Hq: int, Hkv: int, budget: int) -> tuple:
     """(batches, KV-head groups, query rows) per part: whole groups of whole rows while one fits,
     then as many rows of one group as fit (at least one row)."""
-    group_bytes = 4 * (Hq // Hkv) * Lq * Lk
+    row_bytes = 4 * (Hq // Hkv) * Lk  # dS of one query row of one group
+    group_bytes = row_bytes * Lq
     if group_bytes <= budget:
         groups = min(Hkv, budget // group_bytes)
         batches = max(1, budget // (Hkv * group_bytes)) if groups == Hkv else 1
         return batches, groups, Lq
-    return 1, 1, max(1, budget // (4 * (Hq // Hkv) * Lk))
+    return 1, 1, max(1, budget // row_bytes)
 
 
 def _batch(t: Optional[Tensor], batches: slice) -> Optional[Tensor]:
@@ -44,15 +45,15 @@ def _batch(t: Optional[Tensor], batches: slice) -> Optional[Tensor]:
 
 def backward_in_parts(part: Callable, grad_out: Tensor, grad_lse: Tensor, q: Tensor, k: Tensor, v: Tensor,
                       labels: Sequence[Optional[Tensor]], bias: Tensor, kv_lens: Optional[Tensor], out: Tensor,
-                      lse: Tensor, scale: float, budget: int = 0) -> tuple:
+                      lse: Tensor, scale: float) -> tuple:
     """(dq [B, Lq, Hq, D], dk, dv [B, Lk, Hkv, D], dbias in bias's shape), all float32, from
     ``part(grad_out, grad_lse, q, k, v, labels, bias, kv_lens, out, lse, scale, True)`` (the same
     arguments for a part of the call, returning the same float32 gradients) on parts whose dS takes
-    at most `budget` bytes (default BIAS_GRAD_PART_BYTES)."""
+    at most BIAS_GRAD_PART_BYTES (one query row at least)."""
     B, Lq, Hq, D = q.shape
     Lk, Hkv = k.shape[1], k.shape[2]
     group = Hq // Hkv
-    step_b, step_g, step_r = _part_sizes(B, Lq, Lk, Hq, Hkv, budget or BIAS_GRAD_PART_BYTES)
+    step_b, step_g, step_r = _part_sizes(B, Lq, Lk, Hq, Hkv, BIAS_GRAD_PART_BYTES)
     f32 = torch.float32
     dq = torch.empty((B, Lq, Hq, D), dtype=f32, device=q.device)
     dk, dv = (torch.zeros((B, Lk, Hkv, D), dtype=f32, device=q.device) for _ in range(2))
@@ -69,9 +70,10 @@ def backward_in_parts(part: Callable, grad_out: Tensor, grad_lse: Tensor, q: Ten
                 part_labels = (q_labels[0], q_labels[1], k_labels[0], k_labels[1], q_labels[2], k_labels[2])
                 # The bias along the dims it is not broadcast on; its gradient part adds up there.
                 at = tuple(s if bias.shape[d] > 1 else slice(None) for d, s in enumerate((bs, hs, rs)))
-                grads = part(grad_out[bs, rs, hs], grad_lse[bs, hs, rs].contiguous(), q[bs, rs, hs], k[bs, :, gs],
-                             v[bs, :, gs], part_labels, bias[at], _batch(kv_lens, bs), out[bs, rs, hs],
-                             lse[bs, hs, rs].contiguous(), scale, True)
+                # (lse goes to the kernels, which read it as a contiguous [B, Hq, Lq])
+                grads = part(grad_out[bs, rs, hs], grad_lse[bs, hs, rs], q[bs, rs, hs], k[bs, :, gs], v[bs, :, gs],
+                             part_labels, bias[at], _batch(kv_lens, bs), out[bs, rs, hs], lse[bs, hs, rs].contiguous(),
+                             scale, True)
                 dq[bs, rs, hs] = grads[0]
                 dk[bs, :, gs] += grads[1]
                 dv[bs, :, gs] += grads[2]
