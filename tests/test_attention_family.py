@@ -27,10 +27,11 @@ L40 = dict(sm_count=142, cc_major=8, cc_minor=9, max_shared_bytes=101376)
 
 
 def plan(batch=1, q_len=4096, k_len=4096, q_heads=32, kv_heads=32, head_dim=128, half=True, aligned=True,
-         labels=False, bias=False, device=H200, forced="", broadcast=False, sm90a_code=True):
+         labels=False, bias=False, device=H200, forced="", broadcast=False, sm90a_code=True, bias_tma=True):
     return _C.plan_attention(batch, q_len, k_len, q_heads, kv_heads, head_dim, half, aligned, labels, bias,
                              device["sm_count"], device["cc_major"], device["cc_minor"],
-                             _C.parse_attention_override(forced), device["max_shared_bytes"], broadcast, sm90a_code)
+                             _C.parse_attention_override(forced), device["max_shared_bytes"], broadcast, sm90a_code,
+                             bias_tma)
 
 
 def fields(p) -> tuple:
@@ -196,6 +197,16 @@ def test_the_warp_specialized_kernel_is_forced_only():
         assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
     assert _C.attention_fwd_tma_bytes(64) == (128 + 2 * 3 * 128) * 64 * 2 + 1024
     assert _C.attention_fwd_tma_bytes(128) == (128 + 2 * 2 * 128) * 128 * 2 + 1024
+    # A bias that a TMA map can load adds its ring of [128][128] 16-bit tiles: 3 stages at 64, 1 at 128.
+    assert _C.attention_fwd_tma_bytes(64, bias=True) == _C.attention_fwd_tma_bytes(64) + 3 * 128 * 128 * 2
+    assert _C.attention_fwd_tma_bytes(128, bias=True) == _C.attention_fwd_tma_bytes(128) + 128 * 128 * 2
+    for head_dim in (64, 128):  # both fit an H100 / H200 (227 KB), with the static part
+        assert _C.attention_fwd_tma_bytes(head_dim, bias=True) + 5120 <= H200["max_shared_bytes"]
+    no_room = dict(H200, max_shared_bytes=_C.attention_fwd_tma_bytes(128) + 4096)
+    with pytest.raises(ValueError, match="needs 2[0-9]{5} bytes"):
+        plan(device=no_room, bias=True, forced="mma=sm90,tile_m=128")
+    # A bias read row by row (fp32, unaligned rows) needs no ring.
+    assert plan(device=no_room, bias=True, bias_tma=False, forced="mma=sm90,tile_m=128").tile_m == 128
     small = dict(H200, max_shared_bytes=_C.attention_fwd_tma_bytes(128))
     with pytest.raises(ValueError, match="tile_m=128 at head_dim 128 needs 16[0-9]{4} bytes"):
         plan(device=small, forced="mma=sm90,tile_m=128")
@@ -381,6 +392,50 @@ def test_bias_broadcasts(family, bias_dtype):
         bias = torch.randn(shape, generator=g).to("cuda", bias_dtype)
         _run(text, q, k, v, bias=bias)
         _run(text, q, k, v, bias=bias, mask=Mask.block_causal(260, 32).gather_queries(torch.arange(130)).to("cuda"))
+
+
+def _bias_layouts(B, H, Lq, Lk, dtype, seed):
+    """Biases of every layout the warp-specialized kernel tells apart: TMA tiles (q's dtype, rows on
+    16-byte boundaries; stride-0 axes read at coordinate 0, a row-broadcast one as one row) and
+    row loads (fp32, another 16-bit type, an odd row stride). Some keys are -inf, never a whole row."""
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(B, H, Lq, Lk + 8, generator=g)
+    wide[..., 3::17] = float("-inf")
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
+    return {
+        "tiles": wide[..., :Lk].contiguous().to("cuda", dtype),
+        "tiles, strided view": wide.to("cuda", dtype)[..., :Lk],  # row stride Lk + 8
+        "tiles, per head": wide[:1, :, :, :Lk].to("cuda", dtype),  # [1, H, Lq, Lk]: batch stride 0
+        "tiles, one row per batch": wide[:, :1, :1, :Lk].to("cuda", dtype),  # [B, 1, 1, Lk]
+        "rows, fp32": wide[..., :Lk].contiguous().to("cuda"),
+        "rows, other 16-bit type": wide[..., :Lk].contiguous().to("cuda", other),
+        "rows, odd row stride": torch.randn(B, H, Lq, Lk + 1, generator=g).to("cuda", dtype)[..., :Lk],
+    }
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["sm90_128", "sm90_128_splits"], indirect=True)
+@pytest.mark.parametrize("dtype", LOWP, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_warp_specialized_kernel_bias_tiles_and_rows(family, dtype, head_dim):
+    """The Hopper kernel's two bias paths against the float64 reference: 300 query rows (the last
+    tile has 44, so consumer 1 loads and reads no bias), 520 keys (the last key tile has 8: one
+    64-key box), kv_lens ending inside a tile, and labels under which key tile 1 is SKIP while
+    tiles 0, 2, 3 and 4 are issued (the bias ring counts issued tiles, not key tiles)."""
+    text, _ = family
+    B, Lq, Lk, H = 2, 300, 520, 4
+    q, k, v = _inputs(B, Lq, Lk, H, 2, head_dim, dtype, seed=5)
+    clean = torch.ones(1, Lk, dtype=torch.bool)
+    clean[:, 128:256] = False  # visible only to themselves, and no query row is one of them
+    rows = torch.cat([torch.arange(0, 128), torch.arange(256, 428)])
+    mask = Mask.clean_and_self(clean).gather_queries(rows).to("cuda")
+    kv_lens = torch.tensor([Lk, 397], dtype=torch.int32, device="cuda")
+    for name, bias in _bias_layouts(B, H, Lq, Lk, dtype, seed=6).items():
+        for kwargs in (dict(), dict(mask=mask), dict(kv_lens=kv_lens)):
+            try:
+                _run(text, q, k, v, bias=bias, **kwargs)
+            except AssertionError as e:
+                raise AssertionError(f"bias {name}, {list(kwargs)}: {e}") from e
 
 
 @pytest.mark.cuda

@@ -71,12 +71,13 @@ bool grid_fits(const AttentionCall& c, int tile_m, bool pack, int splits) {
 }
 
 // mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes GQA by head index
-// (no packing); its TMA coordinates are 32-bit.
+// (no packing); its TMA coordinates are 32-bit; a bias that a TMA map can load costs a ring of
+// tiles in shared memory.
 std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
   if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa)
     return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles and pack_gqa=0 so far; ",
                   "this plan has", plan.walk != AttentionWalk::kTiles ? " walk=gather" : "", plan.pack_gqa ? " pack_gqa=1" : "");
-  const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim)) +
+  const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim), c.has_bias && c.bias_tma) +
                      attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
     return concat("mma=sm90 with tile_m=128 at head_dim ", c.head_dim, " needs ", shared,
@@ -127,6 +128,7 @@ AttentionCall attention_call(const AttentionParams& p) {
   c.half_precision = p.dtype == DType::kBFloat16 || p.dtype == DType::kFloat16;
   c.has_labels = p.has_labels;
   c.has_bias = p.bias != nullptr;
+  c.bias_tma = bias_tma_loadable(p);
   // The epilogue stores output pairs as 4-byte words.
   bool out_pairs = reinterpret_cast<uintptr_t>(p.out) % 4 == 0;
   for (int64_t stride : p.out_strides) out_pairs = out_pairs && stride % 2 == 0;

@@ -65,17 +65,37 @@ constexpr int attention_fwd_static_bytes(int tile_m, bool gather) {
 // The warp-specialized kernel (mma=sm90 with tile_m=128, attention_fwd_warp_specialized.cuh): 128
 // query rows (two consumer warpgroups of 64), 128-key tiles through a ring of TMA stages (3 at
 // head_dim 64, 2 at 128: what fits beside the Q tile in 227 KB), plus the 1024-byte alignment slack
-// of the swizzled tiles.
+// of the swizzled tiles. A bias streams through its own ring of [128 rows][128 keys] 16-bit tiles:
+// as many stages as K / V at head_dim 64, one at 128 (two would pass 227 KB with the static part).
 constexpr int kAttentionTmaRows = 128;
 constexpr int kAttentionTmaKeyTile = 128;
 constexpr int attention_tma_stages(int head_dim) { return head_dim == 64 ? 3 : 2; }
-constexpr int attention_fwd_tma_bytes(int head_dim) {
-  return (kAttentionTmaRows + 2 * attention_tma_stages(head_dim) * kAttentionTmaKeyTile) * head_dim * 2 + 1024;
+constexpr int attention_tma_bias_stages(int head_dim) { return head_dim == 64 ? 3 : 1; }
+constexpr int attention_fwd_tma_bytes(int head_dim, bool bias = false) {
+  return (kAttentionTmaRows + 2 * attention_tma_stages(head_dim) * kAttentionTmaKeyTile) * head_dim * 2 + 1024 +
+         (bias ? attention_tma_bias_stages(head_dim) * kAttentionTmaRows * kAttentionTmaKeyTile * 2 : 0);
 }
 // Its static shared memory, at most: per stage a tile description, three rows of key labels and
-// four mbarriers, plus two more mbarriers, in 128-byte units (the dynamic tiles start after it).
+// four mbarriers, per bias stage two full and two empty mbarriers (one pair per consumer), plus two
+// more mbarriers, in 128-byte units (the dynamic tiles start after it).
 constexpr int attention_fwd_tma_static_bytes(int head_dim) {
-  return (attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 4 * 8) + 2 * 8 + 16 + 127) / 128 * 128;
+  return (attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 4 * 8) +
+          attention_tma_bias_stages(head_dim) * 4 * 8 + 2 * 8 + 16 + 127) /
+         128 * 128;
+}
+// Whether a bias can stream through a TMA map into the warp-specialized kernel: of the query's dtype
+// (bf16 / fp16; the kernel reads one type), keys contiguous (or a single key), the base
+// and every row / head / batch stride on 16-byte boundaries (a stride-0 axis is read at
+// coordinate 0, so it passes; the key axis cannot be broadcast).
+// An axis of extent 1 is never stepped, so its stride does not matter.
+inline bool bias_tma_loadable(const AttentionParams& p) {
+  if (p.bias == nullptr || p.bias_dtype != p.dtype || (p.dtype != DType::kBFloat16 && p.dtype != DType::kFloat16))
+    return false;
+  if ((p.bias_strides[3] != 1 && p.k_len > 1) || reinterpret_cast<uintptr_t>(p.bias) % 16 != 0) return false;
+  const int64_t extents[3] = {p.batch, p.q_heads, p.q_len};
+  for (int d = 0; d < 3; ++d)
+    if (extents[d] > 1 && p.bias_strides[d] % 8 != 0) return false;  // 8 elements of 16 bits
+  return true;
 }
 
 // What the planner needs to know of the call.
@@ -86,6 +106,7 @@ struct AttentionCall {
   bool has_labels = false;
   bool has_bias = false;
   bool broadcast_rows = false;  // q, k or v repeats rows through a stride-0 axis (expand): no TMA map takes that
+  bool bias_tma = false;        // the bias, if any, is bias_tma_loadable
 };
 AttentionCall attention_call(const AttentionParams& p);
 

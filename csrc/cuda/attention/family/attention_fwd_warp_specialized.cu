@@ -1,5 +1,5 @@
 // Launch of the family's Hopper kernel (plan mma=sm90 with tile_m=128): the TMA descriptors of
-// q, k and v, shared memory, the grid, then the split-KV merge.
+// q, k, v and the bias, shared memory, the grid, then the split-KV merge.
 #include <cuda.h>
 
 #include "cuda/attention/attention.h"
@@ -55,9 +55,31 @@ cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t 
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int D, bool kBias>
+// The [B, Hq, Lq, Lk] 16-bit bias (bias_tma_loadable) as the 4-d map (Lk, Lq, Hq, B) with boxes of
+// 64 keys x `rows` rows, 128-byte swizzle. A stride-0 axis becomes extent 1 (the kernel reads it at
+// coordinate 0); reads past an axis are zeros.
+cudaError_t encode_bias_map(CUtensorMap* map, const AttentionParams& p, uint32_t rows) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const int64_t extents[4] = {p.k_len, p.q_len, p.q_heads, p.batch};
+  const int64_t strides[4] = {1, p.bias_strides[2], p.bias_strides[1], p.bias_strides[0]};
+  cuuint64_t dims[4], byte_strides[3];
+  for (int i = 0; i < 4; ++i) {
+    dims[i] = static_cast<cuuint64_t>(i > 0 && strides[i] == 0 ? 1 : extents[i]);
+    if (i > 0) byte_strides[i - 1] = dims[i] == 1 ? 16 : static_cast<cuuint64_t>(strides[i]) * 2;
+  }
+  const cuuint32_t box[4] = {64, rows, 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result =
+      encode(map, p.bias_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+             4, const_cast<void*>(p.bias), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T, int D, family::BiasLoad kBiasLoad>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  using Tr = WarpSpecializedTraits<T, D, kBias>;
+  using Tr = WarpSpecializedTraits<T, D, kBiasLoad>;
   AttentionTensorMaps maps;
   cudaError_t status = encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
   maps.k = maps.v = maps.q;  // no keys: the kernel loads none (a map needs extents above 0)
@@ -65,6 +87,9 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
     status = encode_map(&maps.k, p.k, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.k_strides, Tr::kTileN);
   if (status == cudaSuccess && p.k_len > 0)
     status = encode_map(&maps.v, p.v, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.v_strides, Tr::kTileN);
+  maps.bias = maps.q;
+  if (status == cudaSuccess && Tr::kBiasTiles && p.k_len > 0)
+    status = encode_bias_map(&maps.bias, p, p.bias_strides[2] == 0 ? 1 : Tr::kQRows);
   if (status != cudaSuccess) return status;
   auto kernel = family::attention_fwd_warp_specialized_kernel<Tr>;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSharedBytes);
@@ -82,7 +107,9 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t launch_for_bias(const AttentionParams& p, cudaStream_t stream) {
-  return p.bias != nullptr ? launch<T, D, true>(p, stream) : launch<T, D, false>(p, stream);
+  using family::BiasLoad;
+  if (p.bias == nullptr) return launch<T, D, BiasLoad::kNone>(p, stream);
+  return bias_tma_loadable(p) ? launch<T, D, BiasLoad::kTiles>(p, stream) : launch<T, D, BiasLoad::kRows>(p, stream);
 }
 
 }  // namespace

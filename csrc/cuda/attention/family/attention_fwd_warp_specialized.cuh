@@ -18,9 +18,15 @@
 // Rows past q_len and keys past k_len arrive as zeros (the tensor maps' bounds). Keys that kv_lens
 // hides but memory holds are loaded with the last tile: their scores are set to -inf and the
 // producer zeroes their V rows before the consumers read them (0 x NaN would be NaN).
-// A bias is read from global memory by the consumers once S is there. Rows whose scores float32
-// cannot hold leave lse -inf (NaN after a split-KV merge) for the float64 rescue that the launcher
-// runs next (exact_row.cuh).
+// A bias of the query's dtype with 16-byte aligned rows (bias_tma_loadable) streams in the same way:
+// per key tile one [64 rows][128 keys] TMA tile per consumer, in a ring of its own with a full and
+// an empty mbarrier per consumer, so that each consumer releases its half as soon as it has added it
+// (at head_dim 128 the ring has one stage: two would not fit beside K and V). A stride-0 axis of
+// the bias is read at coordinate 0; a stride-0 row axis loads one row that every row reads. Any
+// other bias (fp32, another 16-bit type, odd row strides) is read from global memory by the
+// consumers once S is there (its latency then hides only behind the other consumer's MMAs).
+// Rows whose scores float32 cannot hold leave lse -inf (NaN after a split-KV merge) for the float64
+// rescue that the launcher runs next (exact_row.cuh).
 // Split-KV: split s of num_splits walks its own run of whole key tiles and writes a normalised fp32
 // partial, which split_merge.cuh combines. Not yet: GQA packing (the planner refuses it).
 //
@@ -31,6 +37,8 @@
 
 #include <cuda.h>
 
+#include <type_traits>
+
 #include "cuda/attention/attention_sm90_tile.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "cuda/attention/pipeline_sm90.cuh"
@@ -40,16 +48,20 @@
 
 namespace dlmfuse::cuda::family {
 
-template <typename T_, int D_, bool kBias_>
+// How the bias reaches the consumers (an instance each: the ring costs shared memory, the row loads
+// registers).
+enum class BiasLoad { kNone, kTiles, kRows };
+
+template <typename T_, int D_, BiasLoad kBiasLoad_>
 struct WarpSpecializedTraits {
   using T = T_;
   static constexpr int D = D_;
-  // An instance of its own for calls with a bias: with a runtime test of the bias, every call paid
-  // the registers of its row loads (the head_dim 128 instance spilled 440 bytes).
-  static constexpr bool kBias = kBias_;
+  static constexpr BiasLoad kBiasLoad = kBiasLoad_;
+  static constexpr bool kBiasTiles = kBiasLoad_ == BiasLoad::kTiles;
   static constexpr int kTileM = kAttentionTmaRows;      // two consumer warpgroups x 64 rows
   static constexpr int kTileN = kAttentionTmaKeyTile;   // keys per stage
   static constexpr int kStages = attention_tma_stages(D);
+  static constexpr int kBiasStages = attention_tma_bias_stages(D);
   static constexpr int kThreads = 3 * 128;
   static constexpr int kConsumerWarps = 8;
   // Register split: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (the producer's tile
@@ -62,15 +74,19 @@ struct WarpSpecializedTraits {
   static constexpr uint32_t kKvBoxBytes = kTileN * 128;
   static constexpr uint32_t kQBytes = 2 * kQRows * D * 2;  // both consumers' rows
   static constexpr uint32_t kKvBytes = kTileN * D * 2;     // one K or one V stage
-  static constexpr int kSharedBytes = attention_fwd_tma_bytes(D);
-  static_assert(kSharedBytes == static_cast<int>(kQBytes + 2 * kStages * kKvBytes) + 1024, "the planner's count");
+  static constexpr uint32_t kBiasHalfElems = kQRows * kTileN;  // one consumer's bias tile, 16-bit
+  static constexpr int kSharedBytes = attention_fwd_tma_bytes(D, kBiasTiles);
+  static_assert(kSharedBytes == static_cast<int>(kQBytes + 2 * kStages * kKvBytes +
+                                                 (kBiasTiles ? kBiasStages * 2 * kBiasHalfElems * 2 : 0)) + 1024,
+                "the planner's count");
   static_assert(D == 64 || D == 128, "head_dim 64 or 128");
 };
 
 // The TMA descriptors of one call: [B, L, H, D] tensors as 4-d maps (D, H, L, B), boxes of 64
-// columns x one head x 64 (Q) or 128 (K, V) rows with the 128-byte swizzle.
+// columns x one head x 64 (Q) or 128 (K, V) rows; the [B, Hq, Lq, Lk] bias as the map (Lk, Lq, Hq,
+// B), boxes of 64 keys x 64 rows (one row where rows broadcast); all with the 128-byte swizzle.
 struct AttentionTensorMaps {
-  CUtensorMap q, k, v;
+  CUtensorMap q, k, v, bias;
 };
 
 // What the producer tells the consumers about the tile in a stage (written before its arrivals).
@@ -86,8 +102,9 @@ constexpr int32_t kEndOfWalk = -1;
 // with K (and the stage's description and labels), both consumers done with V; the V tail zeroed
 // (at most once per CTA: only the last tile has fewer keys). K and V are released apart: a
 // consumer holds K(i) and V(i - 1) at once, so with two stages a shared release would hold the
-// load of K(i + 1) until P V(i - 1) has completed.
-template <int kStages, int kTileN>
+// load of K(i + 1) until P V(i - 1) has completed. Per bias stage and consumer: its bias tile
+// landed, its four warps are done with it.
+template <int kStages, int kTileN, int kBiasStages>
 struct PipelineShared {
   StageTile tiles[kStages];
   alignas(16) int32_t key_labels[kStages][3][kTileN];  // a PARTIAL tile's orders, groups, documents
@@ -97,6 +114,8 @@ struct PipelineShared {
   uint64_t k_empty[kStages];
   uint64_t v_empty[kStages];
   uint64_t v_tail;
+  uint64_t bias_full[kBiasStages][2];
+  uint64_t bias_empty[kBiasStages][2];
 };
 
 // One 64-column box of rows [row, row + box rows) of head `head`, batch b, into `dst`, completing
@@ -108,22 +127,53 @@ __device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* b
 
 template <int D>
 constexpr bool pipeline_fits_the_plan =
-    sizeof(PipelineShared<attention_tma_stages(D), kAttentionTmaKeyTile>) <= attention_fwd_tma_static_bytes(D);
+    sizeof(PipelineShared<attention_tma_stages(D), kAttentionTmaKeyTile, attention_tma_bias_stages(D)>) <=
+    attention_fwd_tma_static_bytes(D);
 static_assert(pipeline_fits_the_plan<64> && pipeline_fits_the_plan<128>, "the planner's bound on static shared memory");
+
+// Adds the bias (log2 units) of the thread's two rows to its masked scores from one consumer's tile
+// as the TMA wrote it: kTileN / 64 boxes of [64 rows][64 keys] of type B, 16-byte chunk c of row r
+// stored at chunk c ^ (r % 8) (the 128-byte swizzle; the 8 rows a warp reads at once then fall in 8
+// different chunks, 32 banks). Hidden scores stay -inf whatever the bias (keys past the tile's cols
+// may read stale memory: the producer loads only the boxes that hold its keys). One bias type per
+// instance (the query's): a switch over two made the head_dim 128 consumer spill.
+template <typename B, int kTileN>
+__device__ __forceinline__ void add_bias_tile_sw128(float (&s)[kTileN / 8][4], const uint16_t* tile,
+                                                   const int (&rows)[2], int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int nt = 0; nt < kTileN / 8; ++nt) {
+      const int col = nt * 8 + 2 * (lane % 4);  // and col + 1
+      const uint32_t two = *reinterpret_cast<const uint32_t*>(tile + sm90::sw128_offset<kTileN>(rows[r], col, 64));
+      float x0, x1;  // fp16 by the conversion instruction (to_float's bit version made the consumer spill)
+      if constexpr (std::is_same<B, fp16_t>::value) {
+        asm("{\n.reg .f16 lo, hi;\nmov.b32 {lo, hi}, %2;\ncvt.f32.f16 %0, lo;\ncvt.f32.f16 %1, hi;\n}\n"
+            : "=f"(x0), "=f"(x1) : "r"(two));
+      } else {
+        x0 = __uint_as_float(two << 16);
+        x1 = __uint_as_float(two & 0xffff0000u);
+      }
+      if (s[nt][2 * r] != -INFINITY) s[nt][2 * r] += kLog2e * x0;
+      if (s[nt][2 * r + 1] != -INFINITY) s[nt][2 * r + 1] += kLog2e * x1;
+    }
+}
 
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
 #if DLMFUSE_WGMMA
   using T = typename Tr::T;
-  constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
+  constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages, kBiasStages = Tr::kBiasStages;
   extern __shared__ __align__(128) unsigned char shared_raw[];
   // The 128-byte swizzle repeats every 1024 bytes: TMA and wgmma need tiles on 1024-byte boundaries.
   unsigned char* shared_base = shared_raw + (1024 - sm80::smem_address(shared_raw) % 1024) % 1024;
   T* q_tiles = reinterpret_cast<T*>(shared_base);  // [2 consumers][D / 64][64 rows][64]
   T* k_tiles = q_tiles + 2 * Tr::kQRows * D;        // [kStages][D / 64][kTileN][64]
   T* v_tiles = k_tiles + kStages * kTileN * D;      // [kStages][D / 64][kTileN][64]
-  __shared__ PipelineShared<kStages, kTileN> pipe;
+  // With a bias: [kBiasStages][2 consumers][kTileN / 64][64 rows][64] 16-bit.
+  uint16_t* bias_tiles = reinterpret_cast<uint16_t*>(v_tiles + kStages * kTileN * D);
+  __shared__ PipelineShared<kStages, kTileN, kBiasStages> pipe;
 
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   // With labels, heads fastest and query tiles in descending order: under causal-like masks later
@@ -134,6 +184,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int64_t q0 = tile_m * Tr::kTileM;
   const int q_rows = static_cast<int>(p.q_len - q0 < Tr::kTileM ? p.q_len - q0 : Tr::kTileM);
   const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+  // Consumer 1 has rows only in tiles of more than 64: its bias half is loaded and read only then.
+  const int consumers_with_rows = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
+  const bool bias_rows_broadcast = p.bias_strides[2] == 0;  // the map's boxes then hold one row
 
   if (threadIdx.x == 0) {
     sm90::mbarrier_init(&pipe.q_full, 1);
@@ -144,6 +197,11 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sm90::mbarrier_init(&pipe.v_empty[s], Tr::kConsumerWarps);
     }
     sm90::mbarrier_init(&pipe.v_tail, 1);
+    for (int s = 0; s < kBiasStages; ++s)
+      for (int c = 0; c < 2; ++c) {
+        sm90::mbarrier_init(&pipe.bias_full[s][c], 1);
+        sm90::mbarrier_init(&pipe.bias_empty[s][c], Tr::kConsumerWarps / 2);
+      }
     sm90::fence_mbarrier_init();
   }
   __syncthreads();
@@ -154,9 +212,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     if (lane == 0) {
       // No box that lies wholly past q_len: consumer 1 then computes on stale shared memory, for rows
       // that are never written (each output row depends on its own Q row only).
-      const int boxes = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
-      sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * boxes);
-      for (int c = 0; c < boxes; ++c)
+      sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * consumers_with_rows);
+      for (int c = 0; c < consumers_with_rows; ++c)
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.q, &pipe.q_full, q_tiles + c * Tr::kQRows * D + col * Tr::kQRows, col, h,
                        q0 + c * Tr::kQRows, b);
@@ -213,6 +270,25 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
         for (int col = 0; col < D; col += 64)
           tma_load_box(maps.k, &pipe.k_full[s], k_tiles + s * kTileN * D + col * kTileN, col, kv_head, k0, b);
       }
+      if constexpr (Tr::kBiasTiles) {
+        // Each consumer's rows of the bias tile once it has released the stage's last use; only the
+        // 64-key boxes that hold one of the tile's cols keys (the others' scores are -inf).
+        const int bs = issued % kBiasStages;
+        const uint32_t box_rows = bias_rows_broadcast ? 1 : Tr::kQRows, boxes = (cols + 63) / 64;
+        for (int c = 0; c < consumers_with_rows; ++c) {
+          if (issued >= kBiasStages) sm90::mbarrier_wait(&pipe.bias_empty[bs][c], (issued / kBiasStages - 1) & 1);
+          if (lane == 0) {
+            sm90::mbarrier_arrive_expect_tx(&pipe.bias_full[bs][c], boxes * box_rows * 128);
+            for (int col = 0; col < cols; col += 64)
+              sm90::tma_load_4d(&maps.bias, &pipe.bias_full[bs][c],
+                                bias_tiles + (bs * 2 + c) * Tr::kBiasHalfElems + col * Tr::kQRows,
+                                static_cast<int32_t>(k0) + col,
+                                bias_rows_broadcast ? 0 : static_cast<int32_t>(q0) + c * static_cast<int32_t>(Tr::kQRows),
+                                p.bias_strides[1] == 0 ? 0 : static_cast<int32_t>(h),
+                                p.bias_strides[0] == 0 ? 0 : static_cast<int32_t>(b));
+          }
+        }
+      }
       if (issued >= kStages) sm90::mbarrier_wait(&pipe.v_empty[s], last_use);
       if (lane == 0) {
         sm90::mbarrier_arrive_expect_tx(&pipe.v_full[s], Tr::kKvBytes);
@@ -248,6 +324,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int consumer = warpgroup - 1;
   const int first_row = consumer * static_cast<int>(Tr::kQRows) + warp * 16 + lane / 4;  // and + 8, in the tile
   const uint32_t q_smem = sm80::smem_address(q_tiles + consumer * Tr::kQRows * D);
+  const bool has_rows = consumer < consumers_with_rows;  // else nothing it computes is written
   // The labels of the thread's two fragment rows (0 past q_len: those rows are never written).
   RowLabels row_labels = {};
   if (p.has_labels)
@@ -284,29 +361,38 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       sm90::wgmma_rs_mn_major_b<T, D>(o, pa[kk], sm90::sw128_descriptor(v_smem + kk * 16 * 128, Tr::kKvBoxBytes, 1024));
     sm90::wgmma_commit();
   };
+  auto release = [&](uint64_t* empty) {  // this warp no longer reads what the barrier guards
+    __syncwarp();
+    if (lane == 0) sm90::mbarrier_arrive(empty);
+  };
   // Scale to base 2; hide the keys past cols and, in PARTIAL tiles, what the labels hide (rows past
-  // q_len need no test: they are never written); add the bias (read from global memory once S is
-  // there: its latency hides only behind the other consumer's MMAs). Then the scores' part of the
-  // online softmax.
+  // q_len need no test: they are never written); add the bias of work tile i (its stage of the
+  // bias ring, released once added). Then the scores' part of the online softmax.
   float alpha[2];
-  constexpr bool has_bias = Tr::kBias;
-  const int bias_rows[2] = {first_row, first_row + 8};
-  auto softmax_of = [&](const StageTile& tile, int s) {
+  const int row_in_half = warp * 16 + lane / 4;
+  const int bias_rows[2] = {bias_rows_broadcast ? 0 : row_in_half, bias_rows_broadcast ? 0 : row_in_half + 8};
+  auto softmax_of = [&](const StageTile& tile, int s, int i) {
     const int32_t* labels = pipe.key_labels[s][0];
     const KeyLabels keys{labels, labels + kTileN, labels + 2 * kTileN};
     const int no_row_bound[2] = {0, 0};
     mask_tile<kTileN>(sc, score_scale, static_cast<TileKind>(tile.kind), keys, p.has_docs, row_labels, no_row_bound,
                       1, true, tile.cols, lane);
-    if constexpr (has_bias) sm80::add_bias_by_row<kTileN>(sc, p, b, h, q0, tile.k0, bias_rows, q_rows, tile.cols, lane);
+    if constexpr (Tr::kBiasTiles) {
+      if (has_rows) {
+        const int bs = i % kBiasStages;
+        sm90::mbarrier_wait(&pipe.bias_full[bs][consumer], (i / kBiasStages) & 1);
+        add_bias_tile_sw128<T, kTileN>(sc, bias_tiles + (bs * 2 + consumer) * Tr::kBiasHalfElems, bias_rows, lane);
+        release(&pipe.bias_empty[bs][consumer]);
+      }
+    } else if constexpr (Tr::kBiasLoad == BiasLoad::kRows) {
+      const int rows_in_tile[2] = {first_row, first_row + 8};
+      sm80::add_bias_by_row<kTileN>(sc, p, b, h, q0, tile.k0, rows_in_tile, q_rows, tile.cols, lane);
+    }
     sm80::softmax_scores<kTileN>(sc, row_max, row_sum, alpha);
   };
   auto wait_v = [&](const StageTile& tile, int s, uint32_t phase) {
     if (tile.zeroed_tail) sm90::mbarrier_wait(&pipe.v_tail, 0);
     else sm90::mbarrier_wait(&pipe.v_full[s], phase);
-  };
-  auto release = [&](uint64_t* empty) {  // this warp no longer reads what the barrier guards
-    __syncwarp();
-    if (lane == 0) sm90::mbarrier_arrive(empty);
   };
   // Ping-pong: the consumers take turns to issue their MMA batches (named barriers, 256 threads), so
   // that one's softmax runs while the other's MMAs do. Consumer 0 starts; every arrive meets a sync.
@@ -331,7 +417,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     pass_turn();
     sm90::wgmma_wait<0>();
     sm90::fence_operands(sc);
-    softmax_of(tile, 0);  // o is still zero: nothing to rescale
+    softmax_of(tile, 0, 0);  // o is still zero: nothing to rescale
     release(&pipe.k_empty[0]);
     sm80::pack_p<T, kTileN>(pa, sc);
     // Tile i's S batch is issued with tile i - 1's P V batch; the softmax of S(i) runs while P V
@@ -353,7 +439,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       pass_turn();
       sm90::wgmma_wait<1>();  // S(i) has completed; P V (i - 1) may still run
       sm90::fence_operands(sc);
-      softmax_of(next, s);
+      softmax_of(next, s, i);
       release(&pipe.k_empty[s]);
       sm90::wgmma_wait<0>();
       sm90::fence_operands(o);
