@@ -160,9 +160,10 @@ def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
     ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,pack_gqa=1", dict(q_heads=32, kv_heads=8), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
-    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "takes walk=tiles and pack_gqa=0 so far; this plan has "
-                                                           "walk=gather"),
-    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8), "this plan has pack_gqa=1"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "takes walk=tiles so far; this plan has walk=gather"),
+    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=24, kv_heads=8), "q_heads / kv_heads dividing 64 .* q_heads 24"),
+    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8, bias=True), "needs no bias .* this call has a bias"),
+    ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=8, kv_heads=8), "dividing 64 .* q_heads 8, kv_heads 8"),
     ("tile_m=128,mma=sm90", dict(k_len=2**31), "or k_len 2\\^31 keys"),
     ("tile_m=128,mma=sm90", dict(half=False), "needs bf16 / fp16"),
     ("tile_m=128,mma=sm90", dict(aligned=False), "unaligned rows"),
@@ -189,9 +190,9 @@ def test_128_row_tiles_must_fit_the_gpus_shared_memory():
 def test_the_warp_specialized_kernel_is_forced_only():
     """mma=sm90 with tile_m=128 is the TMA / warp-specialized kernel: never an automatic plan (it has
     not run on a GPU), one split unless forced (its splits are unmeasured), labels, documents,
-    kv_lens, a bias and any GQA grouping by head index, and its own shared-memory need (Q, 3 stages
-    of K / V at head_dim 64, 2 at 128, and the stages' key labels)."""
-    for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=32, kv_heads=8, head_dim=64),
+    kv_lens, a bias and any GQA grouping (packed where that saves CTAs), and its own shared-memory
+    need (Q, 3 stages of K / V at head_dim 64, 2 at 128, and the stages' key labels)."""
+    for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=24, kv_heads=8, head_dim=64),
                  dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True),
                  dict(q_len=32, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
         assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
@@ -221,6 +222,23 @@ def test_the_warp_specialized_kernel_is_forced_only():
                                   (False, True)):
         p = plan(**dict(zip(("q_len", "k_len", "q_heads", "kv_heads", "head_dim", "labels", "bias"), call)))
         assert (p.mma, p.tile_m) != ("sm90", 128), call
+
+
+def test_the_warp_specialized_kernel_packs_gqa_groups_that_divide_its_tma_boxes():
+    """Packed rows of one KV head come in as TMA boxes of 64 / G queries x G heads: groups of 2-64
+    heads that divide 64 pack where that saves CTAs (as the 64-row kernels decide it, at 128 rows),
+    others run by head index; forcing pack_gqa=1 on them is refused by name."""
+    ws = "mma=sm90,tile_m=128"
+    assert fields(plan(q_len=300, k_len=77, q_heads=32, kv_heads=8, forced=ws)) == ("sm90", 128, "tiles", 1, True)
+    assert _C.attention_packs_gqa(32, 8, 300, 128)
+    assert not plan(q_len=4096, q_heads=32, kv_heads=8, forced=ws).pack_gqa  # as many CTAs either way
+    assert plan(q_len=4096, q_heads=32, kv_heads=8, forced=ws + ",pack_gqa=1").pack_gqa
+    for q_heads, packs in ((16, True), (64, True), (8 * 64, True), (24, False), (8 * 3, False), (8 * 128, False)):
+        p = plan(q_len=16, k_len=4096, q_heads=q_heads, kv_heads=8, forced=ws)
+        assert p.pack_gqa is packs, (q_heads, str(p))
+    assert not plan(q_len=16, q_heads=32, kv_heads=8, bias=True, forced=ws).pack_gqa
+    with pytest.raises(ValueError, match="the grid would exceed"):  # 2^23 packed rows of 4 heads: 262,144 tiles
+        plan(q_len=2**21 * 4, k_len=64, q_heads=8, kv_heads=2, forced=ws + ",pack_gqa=1")
 
 
 def test_the_warp_specialized_kernel_refuses_expanded_tensors():
@@ -297,6 +315,7 @@ def _family_plans():
         ("sm90_gather", "mma=sm90,walk=gather", True, True),
         ("sm90_128", "mma=sm90,tile_m=128", True, False),  # the warp-specialized TMA kernel
         ("sm90_128_splits", "mma=sm90,tile_m=128,splits=3", True, False),
+        ("sm90_128_packed", "mma=sm90,tile_m=128,pack_gqa=1", True, False),  # q_heads / kv_heads must divide 64
         ("sm80_splits", "mma=sm80,tile_m=64,splits=3", False, False),
         ("sm80_128_splits", "mma=sm80,tile_m=128,splits=2", False, False),
         ("gather_splits", "walk=gather,splits=3", False, True),
@@ -306,6 +325,8 @@ def _family_plans():
 
 
 PLAN_IDS = [name for name, *_ in _family_plans()]
+# Plans that take a bias (GQA packing takes none).
+BIAS_PLAN_IDS = [name for name, text, _, labels in _family_plans() if not labels and "pack_gqa=1" not in text]
 
 
 @pytest.fixture
@@ -381,8 +402,7 @@ def test_mask_only_rows_kv_lens_and_empty_rows(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
-                         indirect=True)
+@pytest.mark.parametrize("family", BIAS_PLAN_IDS, indirect=True)
 @pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32], ids=["bf16_bias", "fp32_bias"])
 def test_bias_broadcasts(family, bias_dtype):
     text, _ = family
@@ -392,6 +412,30 @@ def test_bias_broadcasts(family, bias_dtype):
         bias = torch.randn(shape, generator=g).to("cuda", bias_dtype)
         _run(text, q, k, v, bias=bias)
         _run(text, q, k, v, bias=bias, mask=Mask.block_causal(260, 32).gather_queries(torch.arange(130)).to("cuda"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["sm90_128_packed", "packed_gqa"], indirect=True)
+@pytest.mark.parametrize("group", [2, 4, 8, 16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gqa_packing_across_tile_edges(family, group, head_dim):
+    """Packed rows (query-major: query r // G of head r % G) against the float64 reference, with the
+    last tile holding at most 64 packed rows (131 queries: the warp-specialized kernel's consumer 1
+    then loads none) or more (180); with labels, kv_lens and split-KV; q a strided view too."""
+    text, _ = family
+    kv_heads = 2
+    for q_len in (131, 180):  # the last 128-row tile: 6-48 packed rows at 131, 32-104 at 180
+        q, k, v = _inputs(2, q_len, 333, kv_heads * group, kv_heads, head_dim, torch.bfloat16, seed=12)
+        wide_q = torch.zeros(2, q_len, kv_heads * group, head_dim + 64, device="cuda", dtype=q.dtype)
+        wide_q[..., :head_dim] = q
+        q_view = wide_q[..., :head_dim]  # heads (head_dim + 64) apart
+        mask = Mask.block_causal(333, 32).gather_queries(torch.arange(333 - q_len, 333)).to("cuda")
+        kv_lens = torch.tensor([333, 190], dtype=torch.int32, device="cuda")
+        for qq in (q, q_view):
+            _run(text, qq, k, v)
+            _run(text, qq, k, v, mask=mask, kv_lens=kv_lens)
+        with cuda_plan_override(text + ",splits=2"):
+            _run(text + ",splits=2", q, k, v, mask=mask)
 
 
 def _bias_layouts(B, H, Lq, Lk, dtype, seed):
@@ -499,8 +543,7 @@ def test_rows_without_keys_and_rows_with_nan_after_the_rescue(family):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", [p for p, _, _, labels in _family_plans() if not labels and p != "packed_gqa"],
-                         indirect=True)
+@pytest.mark.parametrize("family", BIAS_PLAN_IDS, indirect=True)
 def test_a_nan_key_under_a_minus_inf_bias_poisons_its_rows(family):
     """A -inf bias does not hide a NaN key (NaN + -inf is NaN in the reference and on the CPU): the
     rows that meet it are NaN after the rescue too, not the finite rows of the other keys."""
@@ -625,8 +668,8 @@ def test_automatic_plans_restate_the_verified_auto(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt", "sm90_128", "sm90_128_splits"],
-                         indirect=True)
+@pytest.mark.parametrize("family", ["auto", "sm80_splits", "gather_splits", "simt", "sm90_128", "sm90_128_splits",
+                                    "sm90_128_packed"], indirect=True)
 def test_cuda_graph_capture_and_replay_with_documents(family):
     """The family inside a CUDA graph: the split workspace is allocated during capture, and replays
     with new values in q, the labels and the documents recompute with them."""

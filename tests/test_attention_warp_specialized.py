@@ -6,8 +6,8 @@ every machine.
 
 Shapes cover what its TMA bounds must get right: query and key lengths that are not multiples of
 its 128-row / 128-key tiles (zeros past the end, the missing keys hidden), fewer keys than one
-tile, many trips around the ring of K / V stages, GQA by head index, and q, k, v as strided views;
-split-KV (forced: its splits are unmeasured) with empty splits.
+tile, many trips around the ring of K / V stages, GQA by head index and packed (where packing saves
+CTAs), and q, k, v as strided views; split-KV (forced: its splits are unmeasured) with empty splits.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import dlmfuse
-from dlmfuse import Mask
+from dlmfuse import Mask, _C
 from dlmfuse.attention import cuda_plan_override, last_cuda_plan
 
 from conftest import check_attention, check_beyond_float32
@@ -41,10 +41,18 @@ def _inputs(B, Lq, Lk, Hq, Hkv, D, dtype, seed=0):
     return tuple(t.to("cuda", dtype) for t in (q, k, v))
 
 
+def _plan_that_runs(q, k, splits=1, bias=None) -> str:
+    """The kernel packs GQA groups that divide 64 where packing saves CTAs (and no bias comes)."""
+    (_, q_len, q_heads, _), kv_heads = q.shape, k.shape[2]
+    packs = (bias is None and q_heads > kv_heads and 64 % (q_heads // kv_heads) == 0
+             and _C.attention_packs_gqa(q_heads, kv_heads, q_len, 128))
+    return f"{PLAN},walk=tiles,splits={splits},pack_gqa={int(packs)}"
+
+
 def _run(q, k, v, **kwargs):
     out, lse = dlmfuse.attention(q, k, v, return_lse=True, **kwargs)
     torch.cuda.synchronize()
-    assert last_cuda_plan() == PLAN + ",walk=tiles,splits=1,pack_gqa=0"
+    assert last_cuda_plan() == _plan_that_runs(q, k, bias=kwargs.get("bias"))
     check_attention(out, q, k, v, lse=lse, **kwargs)
     return out, lse
 
@@ -103,7 +111,7 @@ def test_keys_past_kv_lens_are_never_used(warp_specialized, head_dim):
         poisoned_k[b, n:], poisoned_v[b, n:] = float("nan"), float("nan")
     out, lse = dlmfuse.attention(q, poisoned_k, poisoned_v, kv_lens=kv_lens, return_lse=True)
     torch.cuda.synchronize()
-    assert last_cuda_plan() == PLAN + ",walk=tiles,splits=1,pack_gqa=0"
+    assert last_cuda_plan() == _plan_that_runs(q, k)
     check_attention(out, q, k, v, lse=lse, kv_lens=kv_lens)
     masked = Mask.block_causal(384, 32).gather_queries(torch.arange(184, 384)).to("cuda")
     out, lse = dlmfuse.attention(q, poisoned_k, poisoned_v, mask=masked, kv_lens=kv_lens, return_lse=True)
@@ -162,7 +170,7 @@ def test_split_kv_partials_merge_to_the_reference(monkeypatch, splits):
                              ((k, v), dict(bias=bias))):
             out, lse = dlmfuse.attention(q, *keys, return_lse=True, **kwargs)
             torch.cuda.synchronize()
-            assert last_cuda_plan() == f"{PLAN},walk=tiles,splits={splits},pack_gqa=0"
+            assert last_cuda_plan() == _plan_that_runs(q, k, splits, kwargs.get("bias"))
             check_attention(out, q, k, v, lse=lse, **kwargs)
         # A score beyond float32 in a later split: that split's partial breaks (NaN lse), the merge
         # passes the NaN on, and the rescue recomputes the row in float64.

@@ -70,13 +70,21 @@ bool grid_fits(const AttentionCall& c, int tile_m, bool pack, int splits) {
          c.batch * splits <= kAttentionMaxGridDim;
 }
 
-// mma=sm90 with tile_m=128: the warp-specialized TMA kernel, which so far takes GQA by head index
-// (no packing); its TMA coordinates are 32-bit; a bias that a TMA map can load costs a ring of
-// tiles in shared memory.
+// The warp-specialized kernel packs a group of G query heads as one TMA box of 64 / G queries x G
+// heads: G must divide 64.
+bool heads_pack_in_tma_boxes(const AttentionCall& c) {
+  return heads_pack(c) && 64 % (c.q_heads / c.kv_heads) == 0;
+}
+
+// mma=sm90 with tile_m=128: the warp-specialized TMA kernel; its TMA coordinates are 32-bit; a bias
+// that a TMA map can load costs a ring of tiles in shared memory.
 std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
-  if (plan.walk != AttentionWalk::kTiles || plan.pack_gqa)
-    return concat("mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles and pack_gqa=0 so far; ",
-                  "this plan has", plan.walk != AttentionWalk::kTiles ? " walk=gather" : "", plan.pack_gqa ? " pack_gqa=1" : "");
+  if (plan.walk != AttentionWalk::kTiles)
+    return "mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles so far; this plan has walk=gather";
+  if (plan.pack_gqa && (c.has_bias || !heads_pack_in_tma_boxes(c)))
+    return concat("pack_gqa=1 with mma=sm90,tile_m=128 needs no bias and q_heads / kv_heads dividing 64 (one TMA box of ",
+                  "64 / G queries x G heads); this call has ",
+                  c.has_bias ? "a bias" : concat("q_heads ", c.q_heads, ", kv_heads ", c.kv_heads));
   const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim), c.has_bias && c.bias_tma) +
                      attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
@@ -86,7 +94,7 @@ std::string warp_specialized_mismatch(const AttentionPlan& plan, const Attention
   if (c.broadcast_rows)
     return "mma=sm90 with tile_m=128 loads q, k and v through TMA maps, which take no stride-0 (expanded) axis; "
            "this call has one (make the tensor contiguous, or let the planner choose)";
-  if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, false, plan.splits))
+  if (c.k_len > INT32_MAX || !grid_fits(c, plan.tile_m, plan.pack_gqa, plan.splits))
     return concat("the grid would exceed ", kAttentionMaxGridDim, " CTAs along an axis, or k_len 2^31 keys (batch ",
                   c.batch, ", q_len ", c.q_len, ", k_len ", c.k_len, ", q_heads ", c.q_heads, ", splits ", plan.splits, ")");
   return "";
@@ -254,10 +262,15 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
              c.q_len > 64 && forced.pack_gqa != 1)
       plan.tile_m = 128;
     // GQA packing: where it needs fewer CTAs, i.e. fewer reads of each K/V tile (and its grid fits,
-    // which the unpacked grid may where the packed one does not).
+    // which the unpacked grid may where the packed one does not); 128-row tiles pack only in the
+    // warp-specialized kernel.
     if (forced.pack_gqa != AttentionOverride::kAuto) plan.pack_gqa = forced.pack_gqa == 1;
-    else plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64) &&
-                         grid_fits(c, 64, true, 1);
+    else if (plan.warp_specialized())
+      plan.pack_gqa = !c.has_bias && heads_pack_in_tma_boxes(c) &&
+                      attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, plan.tile_m) && grid_fits(c, plan.tile_m, true, 1);
+    else
+      plan.pack_gqa = plan.tile_m == 64 && !c.has_bias && attention_packs_gqa(c.q_heads, c.kv_heads, c.q_len, 64) &&
+                      grid_fits(c, 64, true, 1);
     // Split-KV (the warp-specialized kernel's splits are unmeasured: forced only).
     if (forced.splits != 0) plan.splits = forced.splits;
     else if (plan.warp_specialized()) plan.splits = 1;

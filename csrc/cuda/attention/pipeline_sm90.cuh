@@ -76,6 +76,19 @@ __device__ __forceinline__ void tma_load_4d(const CUtensorMap* map, uint64_t* ba
 #endif
 }
 
+// The same for a 5-d map (GQA-packed Q: its head axis split into KV head and query head of the group).
+__device__ __forceinline__ void tma_load_5d(const CUtensorMap* map, uint64_t* bar, void* dst, int32_t c0, int32_t c1,
+                                            int32_t c2, int32_t c3, int32_t c4) {
+#if DLMFUSE_WGMMA
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%3, %4, %5, %6, %7}], [%2], %8;\n" ::"r"(sm80::smem_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(sm80::smem_address(bar)), "r"(c0), "r"(c1), "r"(c2), "r"(c3),
+      "r"(c4), "l"(kL2EvictNormal)
+      : "memory");
+#endif
+}
+
 // ---------------------------------------------------------------- warpgroups
 // Every thread of the warpgroup executes these (the count per thread, a multiple of 8).
 template <int kRegisters>

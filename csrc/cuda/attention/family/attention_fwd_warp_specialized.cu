@@ -55,6 +55,28 @@ cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t 
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// GQA packing: q [B, L, Hkv x G, D] as the 5-d map (D, G, L, Hkv, B), boxes of 64 columns x G heads x
+// 64 / G rows: one box is 64 packed rows (query-major) of one KV head, as the consumers read them.
+cudaError_t encode_packed_q_map(CUtensorMap* map, const AttentionParams& p) {
+  const EncodeTiled encode = encode_tiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const int64_t group = p.q_heads / p.kv_heads;
+  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(group),
+                              static_cast<cuuint64_t>(p.q_len), static_cast<cuuint64_t>(p.kv_heads),
+                              static_cast<cuuint64_t>(p.batch)};
+  const int64_t strides[4] = {p.q_strides[2], p.q_strides[1], group * p.q_strides[2], p.q_strides[0]};
+  cuuint64_t byte_strides[4];
+  for (int i = 0; i < 4; ++i) byte_strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(strides[i]) * 2;
+  const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(group), static_cast<cuuint32_t>(kAttentionTmaRows / 2 / group),
+                             1, 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult result =
+      encode(map, p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
+             const_cast<void*>(p.q), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 // The [B, Hq, Lq, Lk] 16-bit bias (bias_tma_loadable) as the 4-d map (Lk, Lq, Hq, B) with boxes of
 // 64 keys x `rows` rows, 128-byte swizzle. A stride-0 axis becomes extent 1 (the kernel reads it at
 // coordinate 0); reads past an axis are zeros.
@@ -81,7 +103,8 @@ template <typename T, int D, family::BiasLoad kBiasLoad>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   using Tr = WarpSpecializedTraits<T, D, kBiasLoad>;
   AttentionTensorMaps maps;
-  cudaError_t status = encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
+  cudaError_t status = p.pack_gqa ? encode_packed_q_map(&maps.q, p)
+                                  : encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
   maps.k = maps.v = maps.q;  // no keys: the kernel loads none (a map needs extents above 0)
   if (status == cudaSuccess && p.k_len > 0)
     status = encode_map(&maps.k, p.k, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.k_strides, Tr::kTileN);
@@ -94,8 +117,9 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   auto kernel = family::attention_fwd_warp_specialized_kernel<Tr>;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Tr::kSharedBytes);
   if (status != cudaSuccess) return status;
-  const auto q_tiles = static_cast<unsigned>(plan_ceil_div(p.q_len, Tr::kTileM));
-  const auto heads = static_cast<unsigned>(p.q_heads);
+  const int64_t rows = p.pack_gqa ? p.q_len * (p.q_heads / p.kv_heads) : p.q_len;  // packed: per KV head
+  const auto q_tiles = static_cast<unsigned>(plan_ceil_div(rows, Tr::kTileM));
+  const auto heads = static_cast<unsigned>(p.pack_gqa ? p.kv_heads : p.q_heads);
   const auto splits = static_cast<unsigned>(p.batch * p.num_splits);
   // Heaviest query tiles first under labels (the kernel reads the grid the same way).
   const dim3 grid = p.has_labels ? dim3(heads, q_tiles, splits) : dim3(q_tiles, heads, splits);

@@ -28,7 +28,9 @@
 // Rows whose scores float32 cannot hold leave lse -inf (NaN after a split-KV merge) for the float64
 // rescue that the launcher runs next (exact_row.cuh).
 // Split-KV: split s of num_splits walks its own run of whole key tiles and writes a normalised fp32
-// partial, which split_merge.cuh combines. Not yet: GQA packing (the planner refuses it).
+// partial, which split_merge.cuh combines. GQA packing (pack_gqa; group G = q_heads / kv_heads a
+// divisor of 64): the CTA's rows are packed rows of its KV head, query-major (QueryRows), and a
+// consumer's 64 rows are 64 / G queries x G heads, one TMA box of the 5-d map (D, G, L, Hkv, B).
 //
 // The sm_90 instructions (mbarriers, TMA, setmaxnreg, named barriers) come from pipeline_sm90.cuh,
 // the MMAs from wgmma_sm90.cuh. Compiled for other architectures the kernel traps (the planner
@@ -40,6 +42,7 @@
 #include <type_traits>
 
 #include "cuda/attention/attention_sm90_tile.cuh"
+#include "cuda/attention/family/key_walk.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
 #include "cuda/attention/pipeline_sm90.cuh"
 #include "cuda/attention/tile_common.cuh"
@@ -83,7 +86,8 @@ struct WarpSpecializedTraits {
 };
 
 // The TMA descriptors of one call: [B, L, H, D] tensors as 4-d maps (D, H, L, B), boxes of 64
-// columns x one head x 64 (Q) or 128 (K, V) rows; the [B, Hq, Lq, Lk] bias as the map (Lk, Lq, Hq,
+// columns x one head x 64 (Q) or 128 (K, V) rows (GQA-packed Q: the 5-d map (D, G, L, Hkv, B), boxes
+// of 64 columns x G heads x 64 / G rows); the [B, Hq, Lq, Lk] bias as the map (Lk, Lq, Hq,
 // B), boxes of 64 keys x 64 rows (one row where rows broadcast); all with the 128-byte swizzle.
 struct AttentionTensorMaps {
   CUtensorMap q, k, v, bias;
@@ -178,12 +182,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const int warpgroup = threadIdx.x / 128, warp = threadIdx.x / 32 % 4, lane = threadIdx.x % 32;
   // With labels, heads fastest and query tiles in descending order: under causal-like masks later
   // tiles see more keys, so the longest CTAs start first (as in the family's other kernels).
-  const int64_t b = blockIdx.z / p.num_splits;
-  const int64_t h = p.has_labels ? blockIdx.x : blockIdx.y;
-  const int64_t tile_m = p.has_labels ? gridDim.y - 1 - blockIdx.y : blockIdx.x;
-  const int64_t q0 = tile_m * Tr::kTileM;
-  const int q_rows = static_cast<int>(p.q_len - q0 < Tr::kTileM ? p.q_len - q0 : Tr::kTileM);
-  const int64_t kv_head = h / (p.q_heads / p.kv_heads);
+  // (QueryRows: the family's grid order; with pack_gqa, h is the KV head and q0 a packed row.)
+  const QueryRows rows = query_rows<Tr::kTileM>(p);
+  const int64_t b = rows.b, h = rows.h, q0 = rows.q0, kv_head = rows.kv_head;
+  const int q_rows = rows.count;
   // Consumer 1 has rows only in tiles of more than 64: its bias half is loaded and read only then.
   const int consumers_with_rows = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
   const bool bias_rows_broadcast = p.bias_strides[2] == 0;  // the map's boxes then hold one row
@@ -214,17 +216,24 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       // that are never written (each output row depends on its own Q row only).
       sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * consumers_with_rows);
       for (int c = 0; c < consumers_with_rows; ++c)
-        for (int col = 0; col < D; col += 64)
-          tma_load_box(maps.q, &pipe.q_full, q_tiles + c * Tr::kQRows * D + col * Tr::kQRows, col, h,
-                       q0 + c * Tr::kQRows, b);
+        for (int col = 0; col < D; col += 64) {
+          T* dst = q_tiles + c * Tr::kQRows * D + col * Tr::kQRows;
+          if (rows.packed)  // packed rows q0 + 64 c.. are queries (q0 + 64 c) / G.. x the G heads
+            sm90::tma_load_5d(&maps.q, &pipe.q_full, dst, col, 0,
+                              (static_cast<int32_t>(q0) + c * static_cast<int32_t>(Tr::kQRows)) / rows.group,
+                              static_cast<int32_t>(kv_head), static_cast<int32_t>(b));
+          else
+            tma_load_box(maps.q, &pipe.q_full, dst, col, h, q0 + c * Tr::kQRows, b);
+        }
     }
     // The query tile's label and document ranges (the classification's left side).
     LabelRange q_range = LabelRange::empty();
     IdRange q_docs = IdRange::empty();
     if (p.has_labels) {
       for (int i = lane; i < q_rows; i += 32) {
-        q_range.add(p.q_order.at(b, q0 + i), p.q_group.at(b, q0 + i));
-        if (p.has_docs) q_docs.add(p.q_doc.at(b, q0 + i));
+        const int64_t query = rows.query(i);
+        q_range.add(p.q_order.at(b, query), p.q_group.at(b, query));
+        if (p.has_docs) q_docs.add(p.q_doc.at(b, query));
       }
       q_range = warp_reduce(q_range);
       q_docs = warp_reduce(q_docs);
@@ -234,7 +243,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     // below 2^31; unsigned, so k0 + kTileN cannot overflow): the producer has 56 registers.
     const uint32_t k_len = static_cast<uint32_t>(effective_k_len(p, b));
     const uint32_t split_keys = ((k_len + kTileN - 1) / kTileN + p.num_splits - 1) / p.num_splits * kTileN;
-    const uint32_t k_begin = min(blockIdx.z % p.num_splits * split_keys, k_len);
+    const uint32_t k_begin = min(static_cast<uint32_t>(rows.split) * split_keys, k_len);
     const uint32_t k_end = min(k_begin + split_keys, k_len);
     int issued = 0;  // work tiles handed to the consumers
     for (uint32_t k0 = k_begin; k0 < k_end; k0 += kTileN) {
@@ -331,9 +340,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int r = 0; r < 2; ++r) {
       const int row = first_row + 8 * r;
       if (row >= q_rows) continue;
-      row_labels.order[r] = p.q_order.at(b, q0 + row);
-      row_labels.group[r] = p.q_group.at(b, q0 + row);
-      row_labels.doc[r] = p.has_docs ? p.q_doc.at(b, q0 + row) : 0;
+      const int64_t query = rows.query(row);
+      row_labels.order[r] = p.q_order.at(b, query);
+      row_labels.group[r] = p.q_group.at(b, query);
+      row_labels.doc[r] = p.has_docs ? p.q_doc.at(b, query) : 0;
     }
   float o[D / 8][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
@@ -467,14 +477,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // Epilogue: the thread's rows of the tile (rows past q_len are never written); with split-KV a
   // normalised fp32 partial per row (a broken one with a NaN lse: write_partial_row).
   for (int r = 0; r < 2; ++r) {
-    const int64_t query = q0 + first_row + 8 * r;
     if (first_row + 8 * r >= q_rows) continue;
+    const int64_t query = rows.query(first_row + 8 * r), head = rows.head(first_row + 8 * r);
     if (p.num_splits > 1) {
-      const int64_t lse_row = (b * p.q_heads + h) * p.q_len + query;  // [B, Hq, Lq]
-      const int64_t split = blockIdx.z % p.num_splits;
+      const int64_t lse_row = (b * p.q_heads + head) * p.q_len + query;  // [B, Hq, Lq]
+      const int64_t split = rows.split;
       sm80::write_partial_row<D>(p, o, row_max, row_sum, r, split * p.batch * p.q_heads * p.q_len + lse_row, lane);
     } else {
-      sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, query, h, lane);
+      sm80::write_output_row<T, D>(p, o, row_max, row_sum, r, b, query, head, lane);
     }
   }
 #else
