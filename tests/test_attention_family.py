@@ -160,7 +160,9 @@ def test_grid_beyond_cuda_limits_falls_back_or_is_refused():
     ("tile_m=128,walk=gather", dict(labels=True), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,pack_gqa=1", dict(q_heads=32, kv_heads=8), "tile_m=128 runs with walk=tiles and pack_gqa=0 only"),
     ("tile_m=128,mma=sm90", dict(device=A100), "mma=sm90 needs an sm_90 GPU"),
-    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True), "takes walk=tiles so far; this plan has walk=gather"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(), "walk=gather needs labels and no bias; this call has no labels"),
+    ("tile_m=128,mma=sm90,walk=gather", dict(labels=True, bias=True), "walk=gather needs labels and no bias; this call "
+                                                                      "has a bias"),
     ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=24, kv_heads=8), "q_heads / kv_heads dividing 64 .* q_heads 24"),
     ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=32, kv_heads=8, bias=True), "needs no bias .* this call has a bias"),
     ("tile_m=128,mma=sm90,pack_gqa=1", dict(q_heads=8, kv_heads=8), "dividing 64 .* q_heads 8, kv_heads 8"),
@@ -190,11 +192,12 @@ def test_128_row_tiles_must_fit_the_gpus_shared_memory():
 def test_the_warp_specialized_kernel_is_forced_only():
     """mma=sm90 with tile_m=128 is the TMA / warp-specialized kernel: never an automatic plan (it has
     not run on a GPU), one split unless forced (its splits are unmeasured), labels, documents,
-    kv_lens, a bias and any GQA grouping (packed where that saves CTAs), and its own shared-memory
-    need (Q, 3 stages of K / V at head_dim 64, 2 at 128, and the stages' key labels)."""
+    kv_lens, a bias and any GQA grouping (packed where that saves CTAs), the gathered walk where the
+    64-row plans would gather, and its own shared-memory need (Q, 3 stages of K / V at head_dim 64,
+    2 at 128, and the stages' key labels)."""
     for call in (dict(), dict(q_len=1, k_len=1), dict(q_len=300, k_len=77, q_heads=24, kv_heads=8, head_dim=64),
                  dict(batch=3, q_len=65535 * 128, k_len=64), dict(labels=True),
-                 dict(q_len=32, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
+                 dict(q_len=2049, labels=True), dict(bias=True), dict(bias=True, labels=True, head_dim=64)):
         assert fields(plan(forced="mma=sm90,tile_m=128", **call)) == ("sm90", 128, "tiles", 1, False), call
     assert _C.attention_fwd_tma_bytes(64) == (128 + 2 * 3 * 128) * 64 * 2 + 1024
     assert _C.attention_fwd_tma_bytes(128) == (128 + 2 * 2 * 128) * 128 * 2 + 1024
@@ -239,6 +242,25 @@ def test_the_warp_specialized_kernel_packs_gqa_groups_that_divide_its_tma_boxes(
     assert not plan(q_len=16, q_heads=32, kv_heads=8, bias=True, forced=ws).pack_gqa
     with pytest.raises(ValueError, match="the grid would exceed"):  # 2^23 packed rows of 4 heads: 262,144 tiles
         plan(q_len=2**21 * 4, k_len=64, q_heads=8, kv_heads=2, forced=ws + ",pack_gqa=1")
+
+
+def test_the_warp_specialized_kernel_gathers_keys_of_mask_only_steps():
+    """With labels, no bias and at most half as many queries as keys (a mask-only step), the
+    warp-specialized kernel takes the gathered walk as the 64-row plans do; forcing it elsewhere is
+    refused by name; the walk's state adds to its static shared memory."""
+    ws = "mma=sm90,tile_m=128"
+    for n in (32, 128, 512, 2048):
+        assert fields(plan(q_len=n, labels=True, forced=ws))[:3] == ("sm90", 128, "gather"), n
+    assert plan(q_len=2049, labels=True, forced=ws).walk == "tiles"
+    assert plan(q_len=32, labels=True, bias=True, forced=ws).walk == "tiles"
+    assert plan(q_len=32, labels=True, forced=ws + ",walk=tiles").walk == "tiles"
+    assert fields(plan(q_len=4096, labels=True, forced=ws + ",walk=gather")) == ("sm90", 128, "gather", 1, False)
+    assert fields(plan(q_len=16, q_heads=32, kv_heads=8, labels=True, forced=ws)) == ("sm90", 128, "gather", 1, True)
+    assert plan(q_len=32, labels=True, forced="tile_m=128").walk == "tiles"  # mma.sync 128-row tiles never gather
+    need = _C.attention_fwd_tma_bytes(128) + 6656  # Q, K / V stages; labels, barriers and the walk
+    assert plan(q_len=32, labels=True, forced=ws, device=dict(H200, max_shared_bytes=need)).walk == "gather"
+    with pytest.raises(ValueError, match=f"needs {need} bytes"):
+        plan(q_len=32, labels=True, forced=ws, device=dict(H200, max_shared_bytes=need - 1))
 
 
 def test_the_warp_specialized_kernel_refuses_expanded_tensors():
@@ -316,6 +338,7 @@ def _family_plans():
         ("sm90_128", "mma=sm90,tile_m=128", True, False),  # the warp-specialized TMA kernel
         ("sm90_128_splits", "mma=sm90,tile_m=128,splits=3", True, False),
         ("sm90_128_packed", "mma=sm90,tile_m=128,pack_gqa=1", True, False),  # q_heads / kv_heads must divide 64
+        ("sm90_128_gather", "mma=sm90,tile_m=128,walk=gather", True, True),
         ("sm80_splits", "mma=sm80,tile_m=64,splits=3", False, False),
         ("sm80_128_splits", "mma=sm80,tile_m=128,splits=2", False, False),
         ("gather_splits", "walk=gather,splits=3", False, True),
@@ -436,6 +459,34 @@ def test_gqa_packing_across_tile_edges(family, group, head_dim):
             _run(text, qq, k, v, mask=mask, kv_lens=kv_lens)
         with cuda_plan_override(text + ",splits=2"):
             _run(text + ",splits=2", q, k, v, mask=mask)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["sm80_gather", "sm90_gather", "sm90_128_gather", "gather_splits"], indirect=True)
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gathered_walks_read_only_the_keys_rows_see(family, head_dim):
+    """A mask-only step over 3000 keys (three gathering rounds of 1024 keys): keys clean for every
+    row (gathered into FULL tiles) or the self key of one row (PARTIAL tiles); every other key is
+    NaN in K and V and must never be read. kv_lens ends inside a round; split-KV too."""
+    text, _ = family
+    B, Lk, n = 2, 3000, 200
+    g = torch.Generator().manual_seed(16)
+    clean = torch.rand(B, Lk, generator=g) < 0.5
+    rows = torch.stack([torch.randperm(Lk, generator=g)[:n].sort().values for _ in range(B)])
+    mask = Mask.clean_and_self(clean).gather_queries(rows).to("cuda")
+    q, k, v = _inputs(B, n, Lk, 4, 2, head_dim, torch.bfloat16, seed=17)
+    seen = clean.clone()
+    seen.scatter_(1, rows, True)
+    hidden = ~seen.cuda()
+    poisoned_k, poisoned_v = k.clone(), v.clone()
+    poisoned_k[hidden], poisoned_v[hidden] = float("nan"), float("nan")
+    kv_lens = torch.tensor([Lk, 2222], dtype=torch.int32, device="cuda")
+    for kwargs in (dict(mask=mask), dict(mask=mask, kv_lens=kv_lens)):
+        out, lse = _attend(text, q, poisoned_k, poisoned_v, **kwargs)
+        check_attention(out, q, k, v, lse=lse, **kwargs)
+    with cuda_plan_override(text + ",splits=3" if "splits" not in text else text):
+        out, lse = _attend(text, q, poisoned_k, poisoned_v, mask=mask)
+        check_attention(out, q, k, v, lse=lse, mask=mask)
 
 
 def _bias_layouts(B, H, Lq, Lk, dtype, seed):
@@ -601,7 +652,7 @@ def test_packed_documents_equal_each_document_alone(family, lengths, inner):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["auto", "sm80_gather", "simt", "sm90_128"], indirect=True)
+@pytest.mark.parametrize("family", ["auto", "sm80_gather", "simt", "sm90_128", "sm90_128_gather"], indirect=True)
 def test_other_documents_tiles_are_never_read(family):
     """NaN keys and values in every other document must not reach a document's rows: the family skips
     the tile pairs of two documents (and the gathered walk their keys) instead of weighting them 0.

@@ -79,14 +79,15 @@ bool heads_pack_in_tma_boxes(const AttentionCall& c) {
 // mma=sm90 with tile_m=128: the warp-specialized TMA kernel; its TMA coordinates are 32-bit; a bias
 // that a TMA map can load costs a ring of tiles in shared memory.
 std::string warp_specialized_mismatch(const AttentionPlan& plan, const AttentionCall& c, const AttentionDevice& device) {
-  if (plan.walk != AttentionWalk::kTiles)
-    return "mma=sm90 with tile_m=128 (the warp-specialized TMA kernel) takes walk=tiles so far; this plan has walk=gather";
+  const bool gather = plan.walk == AttentionWalk::kGather;
+  if (gather && (!c.has_labels || c.has_bias))
+    return concat("walk=gather needs labels and no bias; this call has ", c.has_labels ? "a bias" : "no labels");
   if (plan.pack_gqa && (c.has_bias || !heads_pack_in_tma_boxes(c)))
     return concat("pack_gqa=1 with mma=sm90,tile_m=128 needs no bias and q_heads / kv_heads dividing 64 (one TMA box of ",
                   "64 / G queries x G heads); this call has ",
                   c.has_bias ? "a bias" : concat("q_heads ", c.q_heads, ", kv_heads ", c.kv_heads));
   const int shared = attention_fwd_tma_bytes(static_cast<int>(c.head_dim), c.has_bias && c.bias_tma) +
-                     attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim));
+                     attention_fwd_tma_static_bytes(static_cast<int>(c.head_dim), gather);
   if (device.max_shared_bytes > 0 && shared > device.max_shared_bytes)
     return concat("mma=sm90 with tile_m=128 at head_dim ", c.head_dim, " needs ", shared,
                   " bytes of shared memory per block, this GPU has ", device.max_shared_bytes);
@@ -250,8 +251,9 @@ AttentionPlan plan_attention(const AttentionCall& c, const AttentionDevice& devi
   if (plan.mma != AttentionMma::kSimt) {
     // Key walk.
     if (forced.walk != AttentionOverride::kAuto) plan.walk = static_cast<AttentionWalk>(forced.walk);
-    else if (c.has_labels && !c.has_bias && 2 * c.q_len <= c.k_len && forced.tile_m != 128)
-      plan.walk = AttentionWalk::kGather;
+    else if (c.has_labels && !c.has_bias && 2 * c.q_len <= c.k_len &&
+             (forced.tile_m != 128 || forced.mma == static_cast<int>(AttentionMma::kSm90)))
+      plan.walk = AttentionWalk::kGather;  // (128-row tiles gather in the warp-specialized kernel only)
     // MMA policy (the choice between the two tensor-core policies).
     if (forced.mma == AttentionOverride::kAuto && wgmma && forced.tile_m != 128 &&
         (c.has_bias || (plan.walk == AttentionWalk::kGather && c.q_len > 32)))

@@ -26,9 +26,10 @@ cudaError_t attention_forward_sm80(const AttentionParams& params, cudaStream_t s
 cudaError_t attention_forward_family(const AttentionParams& params, const AttentionPlan& plan, cudaStream_t stream);
 
 // The family's Hopper kernel (plan mma=sm90 with tile_m=128; attention_fwd_warp_specialized.cuh):
-// TMA loads and warp specialisation; labels, documents, kv_lens, biases and split-KV (merged as the
-// family's), no GQA packing yet (the planner refuses it).
-cudaError_t attention_forward_warp_specialized(const AttentionParams& params, cudaStream_t stream);
+// TMA loads and warp specialisation; labels, documents, kv_lens, biases, split-KV (merged as the
+// family's), GQA packing (p.pack_gqa) and the gathered walk (plan.walk).
+cudaError_t attention_forward_warp_specialized(const AttentionParams& params, const AttentionPlan& plan,
+                                               cudaStream_t stream);
 
 // Fused backward on tensor cores (attention_bwd.cu; not yet run on a GPU): bf16 / fp16, head_dim
 // 64 / 128, 16-byte aligned rows of q, k, v and grad_out. Fills grad_q, grad_k, grad_v (and

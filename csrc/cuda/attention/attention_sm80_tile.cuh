@@ -85,18 +85,19 @@ __device__ __forceinline__ void load_packed_q_tile_async(T* tile, const Attentio
   }
 }
 
-// Min/max of the labels of keys [k0, k0 + cols) of row b: 16-byte loads when both label rows
-// are contiguous and 16-byte aligned (the common case), else one label at a time.
+// Min/max of the labels of keys [k0, k0 + cols) of row b (tiles of N keys): 16-byte loads when
+// both label rows are contiguous and 16-byte aligned (the common case), else one label at a time.
+template <int N = kBlockN>
 __device__ __forceinline__ LabelRange key_tile_range(const LabelView& order, const LabelView& group, int64_t b,
                                                      int64_t k0, int cols) {
   const int32_t* o = order.data + b * order.batch_stride + k0 * order.row_stride;
   const int32_t* g = group.data + b * group.batch_stride + k0 * group.row_stride;
   LabelRange range = LabelRange::empty();
-  const bool vectors = cols == kBlockN && order.row_stride == 1 && group.row_stride == 1 &&
+  const bool vectors = cols == N && order.row_stride == 1 && group.row_stride == 1 &&
                        reinterpret_cast<uintptr_t>(o) % 16 == 0 && reinterpret_cast<uintptr_t>(g) % 16 == 0;
   if (vectors) {
 #pragma unroll 4
-    for (int j = 0; j < kBlockN; j += 4) {
+    for (int j = 0; j < N; j += 4) {
       const int4 ov = __ldg(reinterpret_cast<const int4*>(o + j));
       const int4 gv = __ldg(reinterpret_cast<const int4*>(g + j));
       range.add(ov.x, gv.x);

@@ -77,11 +77,14 @@ constexpr int attention_fwd_tma_bytes(int head_dim, bool bias = false) {
 }
 // Its static shared memory, at most: per stage a tile description, three rows of key labels and
 // four mbarriers, per bias stage two full and two empty mbarriers (one pair per consumer), plus two
-// more mbarriers, in 128-byte units (the dynamic tiles start after it).
-constexpr int attention_fwd_tma_static_bytes(int head_dim) {
+// more mbarriers, in 128-byte units (the dynamic tiles start after it); with the gathered walk
+// also the walk's state (the query tile's ranges and groups, a round's tile kinds and key list).
+constexpr int kAttentionTmaGatherWalkBytes = 3328;
+constexpr int attention_fwd_tma_static_bytes(int head_dim, bool gather = false) {
   return (attention_tma_stages(head_dim) * (16 + 3 * kAttentionTmaKeyTile * 4 + 4 * 8) +
           attention_tma_bias_stages(head_dim) * 4 * 8 + 2 * 8 + 16 + 127) /
-         128 * 128;
+             128 * 128 +
+         (gather ? kAttentionTmaGatherWalkBytes : 0);
 }
 // Whether a bias can stream through a TMA map into the warp-specialized kernel: of the query's dtype
 // (bf16 / fp16; the kernel reads one type), keys contiguous (or a single key), the base

@@ -60,7 +60,7 @@ cudaError_t rescue_rows(const AttentionParams& p, cudaStream_t stream) {
 
 cudaError_t launch_plan(const AttentionParams& p, const AttentionPlan& plan, cudaStream_t stream) {
   if (plan.mma == AttentionMma::kSimt) return attention_forward_simple(p, stream);
-  if (plan.warp_specialized()) return attention_forward_warp_specialized(p, stream);
+  if (plan.warp_specialized()) return attention_forward_warp_specialized(p, plan, stream);
   const bool bf16 = p.dtype == DType::kBFloat16;
   if (p.head_dim == 64) return bf16 ? dispatch<bf16_t, 64>(p, plan, stream) : dispatch<fp16_t, 64>(p, plan, stream);
   return bf16 ? dispatch<bf16_t, 128>(p, plan, stream) : dispatch<fp16_t, 128>(p, plan, stream);

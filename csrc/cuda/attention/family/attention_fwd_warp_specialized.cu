@@ -99,9 +99,9 @@ cudaError_t encode_bias_map(CUtensorMap* map, const AttentionParams& p, uint32_t
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
-template <typename T, int D, family::BiasLoad kBiasLoad>
+template <typename T, int D, family::BiasLoad kBiasLoad, bool kGather = false>
 cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
-  using Tr = WarpSpecializedTraits<T, D, kBiasLoad>;
+  using Tr = WarpSpecializedTraits<T, D, kBiasLoad, kGather>;
   AttentionTensorMaps maps;
   cudaError_t status = p.pack_gqa ? encode_packed_q_map(&maps.q, p)
                                   : encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
@@ -130,18 +130,21 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D>
-cudaError_t launch_for_bias(const AttentionParams& p, cudaStream_t stream) {
+cudaError_t launch_for_walk(const AttentionParams& p, bool gather, cudaStream_t stream) {
   using family::BiasLoad;
+  if (gather) return launch<T, D, BiasLoad::kNone, true>(p, stream);  // (never with a bias: the planner's rule)
   if (p.bias == nullptr) return launch<T, D, BiasLoad::kNone>(p, stream);
   return bias_tma_loadable(p) ? launch<T, D, BiasLoad::kTiles>(p, stream) : launch<T, D, BiasLoad::kRows>(p, stream);
 }
 
 }  // namespace
 
-cudaError_t attention_forward_warp_specialized(const AttentionParams& p, cudaStream_t stream) {
-  const bool bf16 = p.dtype == DType::kBFloat16;
-  if (p.head_dim == 64) return bf16 ? launch_for_bias<bf16_t, 64>(p, stream) : launch_for_bias<fp16_t, 64>(p, stream);
-  return bf16 ? launch_for_bias<bf16_t, 128>(p, stream) : launch_for_bias<fp16_t, 128>(p, stream);
+cudaError_t attention_forward_warp_specialized(const AttentionParams& p, const AttentionPlan& plan,
+                                               cudaStream_t stream) {
+  const bool bf16 = p.dtype == DType::kBFloat16, gather = plan.walk == AttentionWalk::kGather;
+  if (p.head_dim == 64)
+    return bf16 ? launch_for_walk<bf16_t, 64>(p, gather, stream) : launch_for_walk<fp16_t, 64>(p, gather, stream);
+  return bf16 ? launch_for_walk<bf16_t, 128>(p, gather, stream) : launch_for_walk<fp16_t, 128>(p, gather, stream);
 }
 
 }  // namespace dlmfuse::cuda

@@ -27,6 +27,8 @@
 // consumers once S is there (its latency then hides only behind the other consumer's MMAs).
 // Rows whose scores float32 cannot hold leave lse -inf (NaN after a split-KV merge) for the float64
 // rescue that the launcher runs next (exact_row.cuh).
+// The gathered walk (walk=gather, an instance of its own): the whole producer warpgroup walks the
+// keys with the family's KeyWalk and loads K and V rows by cp.async (gather_producer).
 // Split-KV: split s of num_splits walks its own run of whole key tiles and writes a normalised fp32
 // partial, which split_merge.cuh combines. GQA packing (pack_gqa; group G = q_heads / kv_heads a
 // divisor of 64): the CTA's rows are packed rows of its KV head, query-major (QueryRows), and a
@@ -55,12 +57,16 @@ namespace dlmfuse::cuda::family {
 // registers).
 enum class BiasLoad { kNone, kTiles, kRows };
 
-template <typename T_, int D_, BiasLoad kBiasLoad_>
+template <typename T_, int D_, BiasLoad kBiasLoad_, bool kGather_ = false>
 struct WarpSpecializedTraits {
   using T = T_;
   static constexpr int D = D_;
   static constexpr BiasLoad kBiasLoad = kBiasLoad_;
   static constexpr bool kBiasTiles = kBiasLoad_ == BiasLoad::kTiles;
+  // The gathered walk (walk=gather: labels, no bias): the producer warpgroup walks the keys with
+  // the family's KeyWalk and loads K and V by cp.async (gather_producer below).
+  static constexpr bool kGather = kGather_;
+  static_assert(!kGather_ || kBiasLoad_ == BiasLoad::kNone, "a bias never comes with the gathered walk");
   static constexpr int kTileM = kAttentionTmaRows;      // two consumer warpgroups x 64 rows
   static constexpr int kTileN = kAttentionTmaKeyTile;   // keys per stage
   static constexpr int kStages = attention_tma_stages(D);
@@ -68,9 +74,12 @@ struct WarpSpecializedTraits {
   static constexpr int kThreads = 3 * 128;
   static constexpr int kConsumerWarps = 8;
   // Register split: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (the producer's tile
-  // classification spills at 40, FlashAttention-3's producer budget).
-  static constexpr int kProducerRegisters = 56;
-  static constexpr int kConsumerRegisters = 224;
+  // classification spills at 40, FlashAttention-3's producer budget); the gathered walk's producer
+  // (KeyWalk and cp.async addressing) takes 72, spilling 8 bytes there, since at 80 the consumers'
+  // 208 spilled in the main loop.
+  static constexpr int kProducerRegisters = kGather_ ? 72 : 56;
+  static constexpr int kConsumerRegisters = kGather_ ? 216 : 224;
+  static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 64512, "the launch's 168 registers a thread");
   // 16-bit tiles of [rows][64] columns (one TMA box each); a tile of D columns is D / 64 of them.
   static constexpr uint32_t kQRows = 64;  // per consumer warpgroup
   static constexpr uint32_t kQBoxBytes = kQRows * 128;
@@ -163,6 +172,76 @@ __device__ __forceinline__ void add_bias_tile_sw128(float (&s)[kTileN / 8][4], c
     }
 }
 
+// Named barrier of the producer warpgroup's walk (1 and 2 are the consumers' turns).
+constexpr int kProducerBarrier = 3;
+
+// The producer of the gathered walk: the producer warpgroup's 128 threads walk keys [k_begin, k_end)
+// with the family's KeyWalk (128-key tiles, the 128-row query tile, named barrier 3), which hands
+// out whole tiles and, for runs of PARTIAL tiles, tiles of the keys some row sees gathered from
+// them; they load each work tile's K and V rows by cp.async into the stage's swizzled tiles (rows
+// past the tile's keys zero-filled: nothing to zero later) and a PARTIAL tile's key labels (a key
+// per thread). cp.async groups go K(i), V(i); K(i) is published once it has landed (wait_group,
+// a proxy fence for wgmma's reads, the walk's barrier, one arrival), V(i) once K(i + 1) is issued,
+// so that two tiles' loads are in flight. Ends with the end-of-walk stage.
+template <class Tr, class Pipe>
+__device__ __forceinline__ void gather_producer(const AttentionParams& p, const QueryRows& rows, Pipe& pipe,
+                                                typename Tr::T* k_tiles, typename Tr::T* v_tiles, int64_t k_begin,
+                                                int64_t k_end) {
+  using T = typename Tr::T;
+  constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
+  using Walk = WalkShape<kTileN, Tr::kTileM, kProducerBarrier>;
+  static_assert(kTileN == kThreads, "a key per producer thread for a PARTIAL tile's labels");
+  static_assert(sizeof(WalkShared<true, Walk>) <= kAttentionTmaGatherWalkBytes, "the planner's count");
+  __shared__ WalkShared<true, Walk> walk_shared;
+  KeyWalk<true, Walk> walk(p, rows, walk_shared, k_begin, k_end);
+  Walk::sync();  // the query tile's ranges and groups
+  walk.sort_groups();
+  const int64_t b = rows.b;
+  const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + rows.kv_head * p.k_strides[2];
+  const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + rows.kv_head * p.v_strides[2];
+  // Every producer thread's groups but the newest `pending` have landed: one arrival on `full`.
+  auto publish = [&](uint64_t* full, auto pending) {
+    sm80::cp_async_wait<decltype(pending)::value>();
+    sm90::fence_proxy_async_shared();
+    Walk::sync();
+    if (threadIdx.x == 0) sm90::mbarrier_arrive(full);
+  };
+  using OneGroup = std::integral_constant<int, 1>;
+  WorkTile tile;
+  int issued = 0;
+  while (walk.next(tile)) {
+    const int s = issued % kStages;
+    const uint32_t last_use = (issued / kStages - 1) & 1;  // parity of the stage's previous use
+    auto key_of = [&](int j) { return walk.key(tile, j); };
+    if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], last_use);
+    if (tile.kind == TileKind::kPartial) {
+      const int j = threadIdx.x;
+      const bool inside = j < tile.cols;
+      const int64_t key = inside ? key_of(j) : 0;
+      pipe.key_labels[s][0][j] = inside ? p.k_order.at(b, key) : 0;
+      pipe.key_labels[s][1][j] = inside ? p.k_group.at(b, key) : 0;
+      pipe.key_labels[s][2][j] = inside && p.has_docs ? p.k_doc.at(b, key) : 0;
+    }
+    if (threadIdx.x == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(tile.k0), tile.cols, static_cast<int32_t>(tile.kind), 0};
+    sm80::load_gathered_tile_async<T, D, true>(k_tiles + s * kTileN * D, k_src, p.k_strides[1], kTileN, tile.cols, key_of);
+    sm80::cp_async_commit();
+    if (issued > 0) publish(&pipe.v_full[(issued - 1) % kStages], OneGroup{});  // V(i - 1): all but K(i)
+    if (issued >= kStages) sm90::mbarrier_wait(&pipe.v_empty[s], last_use);
+    sm80::load_gathered_tile_async<T, D, true>(v_tiles + s * kTileN * D, v_src, p.v_strides[1], kTileN, tile.cols, key_of);
+    sm80::cp_async_commit();
+    publish(&pipe.k_full[s], OneGroup{});  // K(i): all but V(i)
+    ++issued;
+  }
+  if (issued > 0) publish(&pipe.v_full[(issued - 1) % kStages], std::integral_constant<int, 0>{});
+  // The end of the walk: a stage whose kind says so, arriving without loads.
+  const int s = issued % kStages;
+  if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);
+  if (threadIdx.x == 0) {
+    pipe.tiles[s].kind = kEndOfWalk;
+    sm90::mbarrier_arrive(&pipe.k_full[s]);
+  }
+}
+
 template <class Tr>
 __global__ void __launch_bounds__(Tr::kThreads, 1)
     attention_fwd_warp_specialized_kernel(const AttentionParams p, const __grid_constant__ AttentionTensorMaps maps) {
@@ -210,8 +289,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
 
   if (warpgroup == 0) {  // ------------------------------------------------------------ producer
     sm90::warpgroup_registers_decrease<Tr::kProducerRegisters>();
-    if (warp != 0) return;
-    if (lane == 0) {
+    if (threadIdx.x == 0) {
       // No box that lies wholly past q_len: consumer 1 then computes on stale shared memory, for rows
       // that are never written (each output row depends on its own Q row only).
       sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * consumers_with_rows);
@@ -226,6 +304,18 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
             tma_load_box(maps.q, &pipe.q_full, dst, col, h, q0 + c * Tr::kQRows, b);
         }
     }
+    // This split's keys [k_begin, k_end): a run of whole tiles (all of them with one split), so only
+    // the last tile of the last split has fewer than kTileN keys. 32-bit (the planner keeps k_len
+    // below 2^31; unsigned, so k0 + kTileN cannot overflow): the producer has few registers.
+    const uint32_t k_len = static_cast<uint32_t>(effective_k_len(p, b));
+    const uint32_t split_keys = ((k_len + kTileN - 1) / kTileN + p.num_splits - 1) / p.num_splits * kTileN;
+    const uint32_t k_begin = min(static_cast<uint32_t>(rows.split) * split_keys, k_len);
+    const uint32_t k_end = min(k_begin + split_keys, k_len);
+    if constexpr (Tr::kGather) {
+      gather_producer<Tr>(p, rows, pipe, k_tiles, v_tiles, k_begin, k_end);
+      return;
+    }
+    if (warp != 0) return;
     // The query tile's label and document ranges (the classification's left side).
     LabelRange q_range = LabelRange::empty();
     IdRange q_docs = IdRange::empty();
@@ -238,13 +328,6 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
       q_range = warp_reduce(q_range);
       q_docs = warp_reduce(q_docs);
     }
-    // This split's keys [k_begin, k_end): a run of whole tiles (all of them with one split), so only
-    // the last tile of the last split has fewer than kTileN keys. 32-bit (the planner keeps k_len
-    // below 2^31; unsigned, so k0 + kTileN cannot overflow): the producer has 56 registers.
-    const uint32_t k_len = static_cast<uint32_t>(effective_k_len(p, b));
-    const uint32_t split_keys = ((k_len + kTileN - 1) / kTileN + p.num_splits - 1) / p.num_splits * kTileN;
-    const uint32_t k_begin = min(static_cast<uint32_t>(rows.split) * split_keys, k_len);
-    const uint32_t k_end = min(k_begin + split_keys, k_len);
     int issued = 0;  // work tiles handed to the consumers
     for (uint32_t k0 = k_begin; k0 < k_end; k0 += kTileN) {
       const int cols = static_cast<int>(min(k_end - k0, static_cast<uint32_t>(kTileN)));

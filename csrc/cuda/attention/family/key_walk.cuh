@@ -25,11 +25,25 @@ using sm80::kBlockN;
 using sm80::kThreads;
 using sm80::kWarps;
 
-// One gathering round classifies the keys of up to kGatherTiles consecutive PARTIAL tiles, 8 keys
-// per thread.
-constexpr int kGatherTiles = 16;
-constexpr int kGatherKeys = kGatherTiles * kBlockN;
-static_assert(kGatherKeys == 8 * kThreads, "8 keys per thread per gathering round");
+// The shape a walk runs in: kThreads threads classify key tiles of kTileN keys against a query
+// tile of at most kRows rows (one per thread) and meet at sync(): the whole CTA of the 64-row
+// kernels, or named barrier kBarrier over the warp-specialized kernel's producer warpgroup. One
+// gathering round classifies the keys of up to kGatherTiles consecutive PARTIAL tiles, 8 keys per
+// thread.
+template <int kTileN_, int kRows_, int kBarrier = 0>
+struct WalkShape {
+  static constexpr int kTileN = kTileN_;
+  static constexpr int kRows = kRows_;
+  static constexpr int kGatherKeys = 8 * kThreads;
+  static constexpr int kGatherTiles = kGatherKeys / kTileN;
+  static_assert(kGatherKeys % kTileN == 0 && kRows <= kThreads, "whole tiles per round, a thread per row");
+  __device__ __forceinline__ static void sync() {
+    if constexpr (kBarrier == 0) __syncthreads();
+    else asm volatile("bar.sync %0, %1;\n" ::"n"(kBarrier), "n"(kThreads) : "memory");
+  }
+};
+// The 64-row kernels' walk: the CTA, 64-key tiles.
+using CtaWalk = WalkShape<kBlockN, kBlockM>;
 
 // The CTA's query rows. Tile row r is query query(r) of query head head(r): rows q0 + r of head h,
 // or with GQA packing (AttentionParams::pack_gqa) packed row q0 + r of KV head h, i.e. query
@@ -72,12 +86,13 @@ __device__ __forceinline__ QueryRows query_rows(const AttentionParams& p) {
 
 // Min/max of the document ids of keys [k0, k0 + cols) of row b: 16-byte loads when the row is
 // contiguous and 16-byte aligned (the common case), else one id at a time.
+template <int N = kBlockN>
 __device__ __forceinline__ IdRange key_tile_docs(const LabelView& doc, int64_t b, int64_t k0, int cols) {
   const int32_t* d = doc.data + b * doc.batch_stride + k0 * doc.row_stride;
   IdRange range = IdRange::empty();
-  if (cols == kBlockN && doc.row_stride == 1 && reinterpret_cast<uintptr_t>(d) % 16 == 0) {
+  if (cols == N && doc.row_stride == 1 && reinterpret_cast<uintptr_t>(d) % 16 == 0) {
 #pragma unroll 4
-    for (int j = 0; j < kBlockN; j += 4) {
+    for (int j = 0; j < N; j += 4) {
       const int4 v = __ldg(reinterpret_cast<const int4*>(d + j));
       range.add(v.x);
       range.add(v.y);
@@ -101,29 +116,31 @@ struct WorkTile {
 };
 
 // The walk's shared memory.
-template <bool kGather>
+template <bool kGather, class Shape = CtaWalk>
 struct WalkShared {
   // Own 16-byte slots: a widened LDS.128 of an unaligned q_range once also read a neighbouring
   // shared variable, a hazard with lane 0's write of it that racecheck reported.
   alignas(16) LabelRange q_range;
   alignas(16) IdRange q_docs;
-  uint8_t kinds[kThreads];  // kinds of key tiles kinds_first / kBlockN + i (one classification round)
+  uint8_t kinds[kThreads];  // kinds of key tiles kinds_first / kTileN + i (one classification round)
   // The gathered walk: the query rows' groups (raw, then ascending for classify_key), one round's
   // list of keys (offsets from its first key: FULL keys from the front, PARTIAL keys from the
   // back) and the per-warp key counts of its scan.
-  int32_t q_groups_raw[kGather ? kBlockM : 1];
-  int32_t q_groups_sorted[kGather ? kBlockM : 1];
-  uint16_t list[kGather ? kGatherKeys : 1];
+  int32_t q_groups_raw[kGather ? Shape::kRows : 1];
+  int32_t q_groups_sorted[kGather ? Shape::kRows : 1];
+  uint16_t list[kGather ? Shape::kGatherKeys : 1];
   int32_t counts[kWarps];
 };
 
-template <bool kGather>
+template <bool kGather, class Shape = CtaWalk>
 class KeyWalk {
+  static constexpr int kTileN = Shape::kTileN, kGatherTiles = Shape::kGatherTiles, kGatherKeys = Shape::kGatherKeys;
+
  public:
   // Keys [k_begin, k_end) of batch row rows.b. Writes the query tile's label and document ranges
   // (warp 0) and, gathering, its groups: the caller's next barrier publishes them, then
   // sort_groups() (gathering) and the first next().
-  __device__ KeyWalk(const AttentionParams& p, const QueryRows& rows, WalkShared<kGather>& shared, int64_t k_begin,
+  __device__ KeyWalk(const AttentionParams& p, const QueryRows& rows, WalkShared<kGather, Shape>& shared, int64_t k_begin,
                      int64_t k_end)
       : p_(p), rows_(rows), s_(shared), k_end_(k_end), scan_from_(k_begin), plain_until_(k_begin) {
     if (!p.has_labels) return;
@@ -164,29 +181,29 @@ class KeyWalk {
       if (gather_next_ < gather_tiles_) {
         const int slot = gather_next_++;
         const bool full = slot < gather_full_tiles_;
-        const int first = (full ? slot : slot - gather_full_tiles_) * kBlockN;
+        const int first = (full ? slot : slot - gather_full_tiles_) * kTileN;
         const int keys = (full ? gather_full_ : gather_partial_) - first;
-        tile = WorkTile{gather_k0_, keys < kBlockN ? keys : kBlockN, full ? TileKind::kFull : TileKind::kPartial, slot};
+        tile = WorkTile{gather_k0_, keys < kTileN ? keys : kTileN, full ? TileKind::kFull : TileKind::kPartial, slot};
         return true;
       }
       TileKind kind;
       const int64_t k0 = next_tile(scan_from_, kind);
       if (k0 >= k_end_) return false;
-      scan_from_ = k0 + kBlockN;
+      scan_from_ = k0 + kTileN;
       tile = WorkTile{k0, cols_at(k0), kind, -1};
       if (!kGather || kind != TileKind::kPartial || k0 < plain_until_) return true;
       // The run of PARTIAL tiles from k0: at most kGatherTiles, within this classification round.
-      const int at = static_cast<int>((k0 - kinds_first_) / kBlockN);
+      const int at = static_cast<int>((k0 - kinds_first_) / kTileN);
       int run = 1;
-      while (run < kGatherTiles && at + run < kThreads && k0 + run * kBlockN < k_end_ &&
+      while (run < kGatherTiles && at + run < kThreads && k0 + run * kTileN < k_end_ &&
              s_.kinds[at + run] == static_cast<uint8_t>(TileKind::kPartial))
         ++run;
       gather_round(k0, run);
-      gather_full_tiles_ = static_cast<int>(plan_ceil_div(gather_full_, kBlockN));
-      gather_tiles_ = gather_full_tiles_ + static_cast<int>(plan_ceil_div(gather_partial_, kBlockN));
+      gather_full_tiles_ = static_cast<int>(plan_ceil_div(gather_full_, kTileN));
+      gather_tiles_ = gather_full_tiles_ + static_cast<int>(plan_ceil_div(gather_partial_, kTileN));
       gather_next_ = 0;
       if (gather_tiles_ < run) {  // fewer tiles gathered (none: every key of the run is hidden)
-        scan_from_ = k0 + run * kBlockN;
+        scan_from_ = k0 + run * kTileN;
         continue;
       }
       // Gathering saved nothing here: this run's tiles as they are, and no more rounds in this CTA
@@ -202,50 +219,50 @@ class KeyWalk {
   __device__ __forceinline__ int64_t key(const WorkTile& tile, int j) const {
     if (!kGather || tile.slot < 0) return tile.k0 + j;
     const bool full = tile.slot < gather_full_tiles_;
-    const int e = (full ? tile.slot : tile.slot - gather_full_tiles_) * kBlockN + j;
+    const int e = (full ? tile.slot : tile.slot - gather_full_tiles_) * kTileN + j;
     return gather_k0_ + s_.list[full ? e : kGatherKeys - 1 - e];
   }
 
  private:
   __device__ __forceinline__ int cols_at(int64_t k0) const {
-    return static_cast<int>(k_end_ - k0 < kBlockN ? k_end_ - k0 : kBlockN);
+    return static_cast<int>(k_end_ - k0 < kTileN ? k_end_ - k0 : kTileN);
   }
 
   // One classification round (all threads; barriers): thread i classifies key tile
-  // first + i * kBlockN into kinds[i] (SKIP past k_end).
+  // first + i * kTileN into kinds[i] (SKIP past k_end).
   __device__ void classify_round(int64_t first) {
-    __syncthreads();  // every thread has read the previous round's kinds (and the ranges are written)
-    const int64_t k0 = first + static_cast<int64_t>(threadIdx.x) * kBlockN;
+    Shape::sync();  // every thread has read the previous round's kinds (and the ranges are written)
+    const int64_t k0 = first + static_cast<int64_t>(threadIdx.x) * kTileN;
     TileKind kind = TileKind::kSkip;
     if (k0 < k_end_) {
       const int cols = cols_at(k0);
-      kind = classify_tile(s_.q_range, sm80::key_tile_range(p_.k_order, p_.k_group, rows_.b, k0, cols));
-      if (p_.has_docs) kind = within_documents(kind, s_.q_docs, key_tile_docs(p_.k_doc, rows_.b, k0, cols));
+      kind = classify_tile(s_.q_range, sm80::key_tile_range<kTileN>(p_.k_order, p_.k_group, rows_.b, k0, cols));
+      if (p_.has_docs) kind = within_documents(kind, s_.q_docs, key_tile_docs<kTileN>(p_.k_doc, rows_.b, k0, cols));
     }
     s_.kinds[threadIdx.x] = static_cast<uint8_t>(kind);
     kinds_first_ = first;
     kinds_valid_ = true;
-    __syncthreads();
+    Shape::sync();
   }
 
   // The first tile at or after `from` (a tile start) that is not SKIP, k_end if none; its kind.
   __device__ int64_t next_tile(int64_t from, TileKind& kind) {
     kind = TileKind::kFull;
     if (!p_.has_labels) return from < k_end_ ? from : k_end_;
-    for (int64_t k0 = from; k0 < k_end_; k0 += kBlockN) {
-      if (!kinds_valid_ || k0 >= kinds_first_ + static_cast<int64_t>(kThreads) * kBlockN) classify_round(k0);
-      kind = static_cast<TileKind>(s_.kinds[(k0 - kinds_first_) / kBlockN]);
+    for (int64_t k0 = from; k0 < k_end_; k0 += kTileN) {
+      if (!kinds_valid_ || k0 >= kinds_first_ + static_cast<int64_t>(kThreads) * kTileN) classify_round(k0);
+      kind = static_cast<TileKind>(s_.kinds[(k0 - kinds_first_) / kTileN]);
       if (kind != TileKind::kSkip) return k0;
     }
     return k_end_;
   }
 
-  // Keys [first, first + tiles * kBlockN) of a run of PARTIAL tiles into the list (all threads;
+  // Keys [first, first + tiles * kTileN) of a run of PARTIAL tiles into the list (all threads;
   // barriers).
   __device__ void gather_round(int64_t first, int tiles) {
-    __syncthreads();  // every thread has issued its loads from the previous round's list
+    Shape::sync();  // every thread has issued its loads from the previous round's list
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int64_t run_end = first + tiles * kBlockN < k_end_ ? first + tiles * kBlockN : k_end_;
+    const int64_t run_end = first + tiles * kTileN < k_end_ ? first + tiles * kTileN : k_end_;
     const int64_t key0 = first + 8 * static_cast<int64_t>(threadIdx.x);
     uint32_t full_bits = 0, partial_bits = 0;
 #pragma unroll
@@ -267,7 +284,7 @@ class KeyWalk {
       if (lane >= d) inclusive += x;
     }
     if (lane == 31) s_.counts[warp] = inclusive;
-    __syncthreads();
+    Shape::sync();
     int before = inclusive - own, total = 0;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) {
@@ -285,12 +302,12 @@ class KeyWalk {
     gather_k0_ = first;
     gather_full_ = total & 0xffff;
     gather_partial_ = total >> 16;
-    __syncthreads();  // the list is complete
+    Shape::sync();  // the list is complete
   }
 
   const AttentionParams& p_;
   const QueryRows rows_;  // a copy: a reference to the kernel's local would put it in local memory
-  WalkShared<kGather>& s_;
+  WalkShared<kGather, Shape>& s_;
   const int64_t k_end_;
   int64_t scan_from_;    // where the walk over key tiles resumes
   int64_t plain_until_;  // PARTIAL tiles before this key run as they are (gathering saved nothing)
