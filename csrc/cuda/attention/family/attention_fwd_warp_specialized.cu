@@ -105,10 +105,10 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
   AttentionTensorMaps maps;
   cudaError_t status = p.pack_gqa ? encode_packed_q_map(&maps.q, p)
                                   : encode_map(&maps.q, p.q, p.dtype, p.batch, p.q_len, p.q_heads, D, p.q_strides, Tr::kQRows);
-  maps.k = maps.v = maps.q;  // no keys: the kernel loads none (a map needs extents above 0)
-  if (status == cudaSuccess && p.k_len > 0)
+  maps.k = maps.v = maps.q;  // no keys, or the gathered walk's cp.async loads: no K / V maps
+  if (status == cudaSuccess && p.k_len > 0 && !kGather)
     status = encode_map(&maps.k, p.k, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.k_strides, Tr::kTileN);
-  if (status == cudaSuccess && p.k_len > 0)
+  if (status == cudaSuccess && p.k_len > 0 && !kGather)
     status = encode_map(&maps.v, p.v, p.dtype, p.batch, p.k_len, p.kv_heads, D, p.v_strides, Tr::kTileN);
   maps.bias = maps.q;
   if (status == cudaSuccess && Tr::kBiasTiles && p.k_len > 0)
@@ -132,7 +132,8 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t launch_for_walk(const AttentionParams& p, bool gather, cudaStream_t stream) {
   using family::BiasLoad;
-  if (gather) return launch<T, D, BiasLoad::kNone, true>(p, stream);  // (never with a bias: the planner's rule)
+  if (gather)  // never with a bias (the planner's rule): the gather instance would drop it
+    return p.bias == nullptr ? launch<T, D, BiasLoad::kNone, true>(p, stream) : cudaErrorInvalidValue;
   if (p.bias == nullptr) return launch<T, D, BiasLoad::kNone>(p, stream);
   return bias_tma_loadable(p) ? launch<T, D, BiasLoad::kTiles>(p, stream) : launch<T, D, BiasLoad::kRows>(p, stream);
 }

@@ -75,8 +75,8 @@ struct WarpSpecializedTraits {
   static constexpr int kConsumerWarps = 8;
   // Register split: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (the producer's tile
   // classification spills at 40, FlashAttention-3's producer budget); the gathered walk's producer
-  // (KeyWalk and cp.async addressing) takes 72, spilling 8 bytes there, since at 80 the consumers'
-  // 208 spilled in the main loop.
+  // (KeyWalk and cp.async addressing) takes 72, spilling 12-24 bytes there (L1-resident reloads
+  // of its addresses), since at 80 the consumers' 208 spilled in the main loop.
   static constexpr int kProducerRegisters = kGather_ ? 72 : 56;
   static constexpr int kConsumerRegisters = kGather_ ? 216 : 224;
   static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 64512, "the launch's 168 registers a thread");
@@ -180,9 +180,10 @@ constexpr int kProducerBarrier = 3;
 // out whole tiles and, for runs of PARTIAL tiles, tiles of the keys some row sees gathered from
 // them; they load each work tile's K and V rows by cp.async into the stage's swizzled tiles (rows
 // past the tile's keys zero-filled: nothing to zero later) and a PARTIAL tile's key labels (a key
-// per thread). cp.async groups go K(i), V(i); K(i) is published once it has landed (wait_group,
-// a proxy fence for wgmma's reads, the walk's barrier, one arrival), V(i) once K(i + 1) is issued,
-// so that two tiles' loads are in flight. Ends with the end-of-walk stage.
+// per thread). cp.async groups go K(i), V(i); both are published (wait_group, a proxy fence for
+// wgmma's reads, the walk's barrier, an arrival on each) once K(i + 1) has been issued, so that a
+// tile's loads fly while the walk finds the next tile and K(i + 1) is issued. Ends with the
+// end-of-walk stage.
 template <class Tr, class Pipe>
 __device__ __forceinline__ void gather_producer(const AttentionParams& p, const QueryRows& rows, Pipe& pipe,
                                                 typename Tr::T* k_tiles, typename Tr::T* v_tiles, int64_t k_begin,
@@ -199,14 +200,17 @@ __device__ __forceinline__ void gather_producer(const AttentionParams& p, const 
   const int64_t b = rows.b;
   const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + rows.kv_head * p.k_strides[2];
   const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + rows.kv_head * p.v_strides[2];
-  // Every producer thread's groups but the newest `pending` have landed: one arrival on `full`.
-  auto publish = [&](uint64_t* full, auto pending) {
+  // Tile `i`'s K and V in stage s: once every producer thread's groups but the newest `pending` have
+  // landed, one arrival on each of their mbarriers.
+  auto publish = [&](int s, auto pending) {
     sm80::cp_async_wait<decltype(pending)::value>();
     sm90::fence_proxy_async_shared();
     Walk::sync();
-    if (threadIdx.x == 0) sm90::mbarrier_arrive(full);
+    if (threadIdx.x == 0) {
+      sm90::mbarrier_arrive(&pipe.k_full[s]);
+      sm90::mbarrier_arrive(&pipe.v_full[s]);
+    }
   };
-  using OneGroup = std::integral_constant<int, 1>;
   WorkTile tile;
   int issued = 0;
   while (walk.next(tile)) {
@@ -225,14 +229,15 @@ __device__ __forceinline__ void gather_producer(const AttentionParams& p, const 
     if (threadIdx.x == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(tile.k0), tile.cols, static_cast<int32_t>(tile.kind), 0};
     sm80::load_gathered_tile_async<T, D, true>(k_tiles + s * kTileN * D, k_src, p.k_strides[1], kTileN, tile.cols, key_of);
     sm80::cp_async_commit();
-    if (issued > 0) publish(&pipe.v_full[(issued - 1) % kStages], OneGroup{});  // V(i - 1): all but K(i)
+    // Tile i - 1 (its groups: all but K(i)), before the wait below: with two stages the consumers
+    // release V(i - 2) only after tile i - 1's scores.
+    if (issued > 0) publish((issued - 1) % kStages, std::integral_constant<int, 1>{});
     if (issued >= kStages) sm90::mbarrier_wait(&pipe.v_empty[s], last_use);
     sm80::load_gathered_tile_async<T, D, true>(v_tiles + s * kTileN * D, v_src, p.v_strides[1], kTileN, tile.cols, key_of);
     sm80::cp_async_commit();
-    publish(&pipe.k_full[s], OneGroup{});  // K(i): all but V(i)
     ++issued;
   }
-  if (issued > 0) publish(&pipe.v_full[(issued - 1) % kStages], std::integral_constant<int, 0>{});
+  if (issued > 0) publish((issued - 1) % kStages, std::integral_constant<int, 0>{});
   // The end of the walk: a stage whose kind says so, arriving without loads.
   const int s = issued % kStages;
   if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);

@@ -12,7 +12,8 @@
 // their rows see). A run whose gathered tiles would not be fewer than its own runs as it is and
 // ends gathering in the CTA.
 //
-// Every thread of the CTA calls the walk and gets the same answer (the state is uniform); the
+// Every thread of the walk's shape (WalkShape: the CTA, or a producer warpgroup) calls the walk and
+// gets the same answer (the state is uniform); the
 // calls that start a classification or gathering round have barriers.
 #pragma once
 
@@ -160,7 +161,7 @@ class KeyWalk {
     }
   }
 
-  // Gathering: the rank sort of the query tile's (at most 64) groups, ties by row; read after the
+  // Gathering: the rank sort of the query tile's (at most Shape::kRows) groups, ties by row; read after the
   // barrier that opens each round.
   __device__ void sort_groups() {
     if constexpr (kGather) {
