@@ -34,8 +34,9 @@
 // divisor of 64): the CTA's rows are packed rows of its KV head, query-major (QueryRows), and a
 // consumer's 64 rows are 64 / G queries x G heads, one TMA box of the 5-d map (D, G, L, Hkv, B).
 //
-// The sm_90 instructions (mbarriers, TMA, setmaxnreg, named barriers) come from pipeline_sm90.cuh,
-// the MMAs from wgmma_sm90.cuh. Compiled for other architectures the kernel traps (the planner
+// The traits, tensor maps and stage ring are in warp_specialized_pipeline.cuh, the gathered walk's
+// producer in warp_specialized_gather.cuh; the sm_90 instructions (mbarriers, TMA, setmaxnreg,
+// named barriers) come from pipeline_sm90.cuh, the MMAs from wgmma_sm90.cuh. Compiled for other architectures the kernel traps (the planner
 // never sends it there).
 #pragma once
 
@@ -46,103 +47,14 @@
 #include "cuda/attention/attention_sm90_tile.cuh"
 #include "cuda/attention/family/key_walk.cuh"
 #include "cuda/attention/family/tile_mask.cuh"
+#include "cuda/attention/family/warp_specialized_gather.cuh"
+#include "cuda/attention/family/warp_specialized_pipeline.cuh"
 #include "cuda/attention/pipeline_sm90.cuh"
 #include "cuda/attention/tile_common.cuh"
 #include "dlmfuse/attention_planner.h"
 #include "dlmfuse/online_softmax.h"
 
 namespace dlmfuse::cuda::family {
-
-// How the bias reaches the consumers (an instance each: the ring costs shared memory, the row loads
-// registers).
-enum class BiasLoad { kNone, kTiles, kRows };
-
-template <typename T_, int D_, BiasLoad kBiasLoad_, bool kGather_ = false>
-struct WarpSpecializedTraits {
-  using T = T_;
-  static constexpr int D = D_;
-  static constexpr BiasLoad kBiasLoad = kBiasLoad_;
-  static constexpr bool kBiasTiles = kBiasLoad_ == BiasLoad::kTiles;
-  // The gathered walk (walk=gather: labels, no bias): the producer warpgroup walks the keys with
-  // the family's KeyWalk and loads K and V by cp.async (gather_producer below).
-  static constexpr bool kGather = kGather_;
-  static_assert(!kGather_ || kBiasLoad_ == BiasLoad::kNone, "a bias never comes with the gathered walk");
-  static constexpr int kTileM = kAttentionTmaRows;      // two consumer warpgroups x 64 rows
-  static constexpr int kTileN = kAttentionTmaKeyTile;   // keys per stage
-  static constexpr int kStages = attention_tma_stages(D);
-  static constexpr int kBiasStages = attention_tma_bias_stages(D);
-  static constexpr int kThreads = 3 * 128;
-  static constexpr int kConsumerWarps = 8;
-  // Register split: 128 x 56 + 256 x 224 = 64512 of the SM's 65536 (the producer's tile
-  // classification spills at 40, FlashAttention-3's producer budget); the gathered walk's producer
-  // (KeyWalk and cp.async addressing) takes 72, spilling 12-24 bytes there (L1-resident reloads
-  // of its addresses), since at 80 the consumers' 208 spilled in the main loop.
-  static constexpr int kProducerRegisters = kGather_ ? 72 : 56;
-  static constexpr int kConsumerRegisters = kGather_ ? 216 : 224;
-  static_assert(128 * kProducerRegisters + 256 * kConsumerRegisters <= 64512, "the launch's 168 registers a thread");
-  // 16-bit tiles of [rows][64] columns (one TMA box each); a tile of D columns is D / 64 of them.
-  static constexpr uint32_t kQRows = 64;  // per consumer warpgroup
-  static constexpr uint32_t kQBoxBytes = kQRows * 128;
-  static constexpr uint32_t kKvBoxBytes = kTileN * 128;
-  static constexpr uint32_t kQBytes = 2 * kQRows * D * 2;  // both consumers' rows
-  static constexpr uint32_t kKvBytes = kTileN * D * 2;     // one K or one V stage
-  static constexpr uint32_t kBiasHalfElems = kQRows * kTileN;  // one consumer's bias tile, 16-bit
-  static constexpr int kSharedBytes = attention_fwd_tma_bytes(D, kBiasTiles);
-  static_assert(kSharedBytes == static_cast<int>(kQBytes + 2 * kStages * kKvBytes +
-                                                 (kBiasTiles ? kBiasStages * 2 * kBiasHalfElems * 2 : 0)) + 1024,
-                "the planner's count");
-  static_assert(D == 64 || D == 128, "head_dim 64 or 128");
-};
-
-// The TMA descriptors of one call: [B, L, H, D] tensors as 4-d maps (D, H, L, B), boxes of 64
-// columns x one head x 64 (Q) or 128 (K, V) rows (GQA-packed Q: the 5-d map (D, G, L, Hkv, B), boxes
-// of 64 columns x G heads x 64 / G rows); the [B, Hq, Lq, Lk] bias as the map (Lk, Lq, Hq,
-// B), boxes of 64 keys x 64 rows (one row where rows broadcast); all with the 128-byte swizzle.
-struct AttentionTensorMaps {
-  CUtensorMap q, k, v, bias;
-};
-
-// What the producer tells the consumers about the tile in a stage (written before its arrivals).
-struct StageTile {
-  int32_t k0;          // first key (the planner keeps k_len below 2^31)
-  int32_t cols;        // keys of the tile that exist for this row (kv_lens, k_len)
-  int32_t kind;        // TileKind, or kEndOfWalk
-  int32_t zeroed_tail;  // V rows past cols were zeroed by the producer: wait on v_tail, not v_full
-};
-constexpr int32_t kEndOfWalk = -1;
-
-// The stages' metadata and mbarriers: Q landed; per stage K landed, V landed, both consumers done
-// with K (and the stage's description and labels), both consumers done with V; the V tail zeroed
-// (at most once per CTA: only the last tile has fewer keys). K and V are released apart: a
-// consumer holds K(i) and V(i - 1) at once, so with two stages a shared release would hold the
-// load of K(i + 1) until P V(i - 1) has completed. Per bias stage and consumer: its bias tile
-// landed, its four warps are done with it.
-template <int kStages, int kTileN, int kBiasStages>
-struct PipelineShared {
-  StageTile tiles[kStages];
-  alignas(16) int32_t key_labels[kStages][3][kTileN];  // a PARTIAL tile's orders, groups, documents
-  uint64_t q_full;
-  uint64_t k_full[kStages];
-  uint64_t v_full[kStages];
-  uint64_t k_empty[kStages];
-  uint64_t v_empty[kStages];
-  uint64_t v_tail;
-  uint64_t bias_full[kBiasStages][2];
-  uint64_t bias_empty[kBiasStages][2];
-};
-
-// One 64-column box of rows [row, row + box rows) of head `head`, batch b, into `dst`, completing
-// on `bar` (the planner bounds every axis below 2^31).
-__device__ __forceinline__ void tma_load_box(const CUtensorMap& map, uint64_t* bar, void* dst, int col, int64_t head,
-                                             int64_t row, int64_t b) {
-  sm90::tma_load_4d(&map, bar, dst, col, static_cast<int32_t>(head), static_cast<int32_t>(row), static_cast<int32_t>(b));
-}
-
-template <int D>
-constexpr bool pipeline_fits_the_plan =
-    sizeof(PipelineShared<attention_tma_stages(D), kAttentionTmaKeyTile, attention_tma_bias_stages(D)>) <=
-    attention_fwd_tma_static_bytes(D);
-static_assert(pipeline_fits_the_plan<64> && pipeline_fits_the_plan<128>, "the planner's bound on static shared memory");
 
 // Adds the bias (log2 units) of the thread's two rows to its masked scores from one consumer's tile
 // as the TMA wrote it: kTileN / 64 boxes of [64 rows][64 keys] of type B, 16-byte chunk c of row r
@@ -170,81 +82,6 @@ __device__ __forceinline__ void add_bias_tile_sw128(float (&s)[kTileN / 8][4], c
       if (s[nt][2 * r] != -INFINITY) s[nt][2 * r] += kLog2e * x0;
       if (s[nt][2 * r + 1] != -INFINITY) s[nt][2 * r + 1] += kLog2e * x1;
     }
-}
-
-// Named barrier of the producer warpgroup's walk (1 and 2 are the consumers' turns).
-constexpr int kProducerBarrier = 3;
-
-// The producer of the gathered walk: the producer warpgroup's 128 threads walk keys [k_begin, k_end)
-// with the family's KeyWalk (128-key tiles, the 128-row query tile, named barrier 3), which hands
-// out whole tiles and, for runs of PARTIAL tiles, tiles of the keys some row sees gathered from
-// them; they load each work tile's K and V rows by cp.async into the stage's swizzled tiles (rows
-// past the tile's keys zero-filled: nothing to zero later) and a PARTIAL tile's key labels (a key
-// per thread). cp.async groups go K(i), V(i); both are published (wait_group, a proxy fence for
-// wgmma's reads, the walk's barrier, an arrival on each) once K(i + 1) has been issued, so that a
-// tile's loads fly while the walk finds the next tile and K(i + 1) is issued. Ends with the
-// end-of-walk stage.
-template <class Tr, class Pipe>
-__device__ __forceinline__ void gather_producer(const AttentionParams& p, const QueryRows& rows, Pipe& pipe,
-                                                typename Tr::T* k_tiles, typename Tr::T* v_tiles, int64_t k_begin,
-                                                int64_t k_end) {
-  using T = typename Tr::T;
-  constexpr int D = Tr::D, kTileN = Tr::kTileN, kStages = Tr::kStages;
-  using Walk = WalkShape<kTileN, Tr::kTileM, kProducerBarrier>;
-  static_assert(kTileN == kThreads, "a key per producer thread for a PARTIAL tile's labels");
-  static_assert(sizeof(WalkShared<true, Walk>) <= kAttentionTmaGatherWalkBytes, "the planner's count");
-  __shared__ WalkShared<true, Walk> walk_shared;
-  KeyWalk<true, Walk> walk(p, rows, walk_shared, k_begin, k_end);
-  Walk::sync();  // the query tile's ranges and groups
-  walk.sort_groups();
-  const int64_t b = rows.b;
-  const T* k_src = static_cast<const T*>(p.k) + b * p.k_strides[0] + rows.kv_head * p.k_strides[2];
-  const T* v_src = static_cast<const T*>(p.v) + b * p.v_strides[0] + rows.kv_head * p.v_strides[2];
-  // Tile `i`'s K and V in stage s: once every producer thread's groups but the newest `pending` have
-  // landed, one arrival on each of their mbarriers.
-  auto publish = [&](int s, auto pending) {
-    sm80::cp_async_wait<decltype(pending)::value>();
-    sm90::fence_proxy_async_shared();
-    Walk::sync();
-    if (threadIdx.x == 0) {
-      sm90::mbarrier_arrive(&pipe.k_full[s]);
-      sm90::mbarrier_arrive(&pipe.v_full[s]);
-    }
-  };
-  WorkTile tile;
-  int issued = 0;
-  while (walk.next(tile)) {
-    const int s = issued % kStages;
-    const uint32_t last_use = (issued / kStages - 1) & 1;  // parity of the stage's previous use
-    auto key_of = [&](int j) { return walk.key(tile, j); };
-    if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], last_use);
-    if (tile.kind == TileKind::kPartial) {
-      const int j = threadIdx.x;
-      const bool inside = j < tile.cols;
-      const int64_t key = inside ? key_of(j) : 0;
-      pipe.key_labels[s][0][j] = inside ? p.k_order.at(b, key) : 0;
-      pipe.key_labels[s][1][j] = inside ? p.k_group.at(b, key) : 0;
-      pipe.key_labels[s][2][j] = inside && p.has_docs ? p.k_doc.at(b, key) : 0;
-    }
-    if (threadIdx.x == 0) pipe.tiles[s] = StageTile{static_cast<int32_t>(tile.k0), tile.cols, static_cast<int32_t>(tile.kind), 0};
-    sm80::load_gathered_tile_async<T, D, true>(k_tiles + s * kTileN * D, k_src, p.k_strides[1], kTileN, tile.cols, key_of);
-    sm80::cp_async_commit();
-    // Tile i - 1 (its groups: all but K(i)), before the wait below: with two stages the consumers
-    // release V(i - 2) only after tile i - 1's scores.
-    if (issued > 0) publish((issued - 1) % kStages, std::integral_constant<int, 1>{});
-    if (issued >= kStages) sm90::mbarrier_wait(&pipe.v_empty[s], last_use);
-    sm80::load_gathered_tile_async<T, D, true>(v_tiles + s * kTileN * D, v_src, p.v_strides[1], kTileN, tile.cols, key_of);
-    sm80::cp_async_commit();
-    ++issued;
-  }
-  if (issued > 0) publish((issued - 1) % kStages, std::integral_constant<int, 0>{});
-  // The end of the walk: a stage whose kind says so, arriving without loads.
-  const int s = issued % kStages;
-  if (issued >= kStages) sm90::mbarrier_wait(&pipe.k_empty[s], (issued / kStages - 1) & 1);
-  if (threadIdx.x == 0) {
-    pipe.tiles[s].kind = kEndOfWalk;
-    sm90::mbarrier_arrive(&pipe.k_full[s]);
-  }
 }
 
 template <class Tr>
