@@ -24,7 +24,8 @@
 // (at head_dim 128 the ring has one stage: two would not fit beside K and V). A stride-0 axis of
 // the bias is read at coordinate 0; a stride-0 row axis loads one row that every row reads. Any
 // other bias (fp32, another 16-bit type, odd row strides) is read from global memory by the
-// consumers once S is there (its latency then hides only behind the other consumer's MMAs).
+// consumers once S is there (its latency then hides only behind the other consumer's MMAs; the
+// head_dim 128 instance spills 44 bytes in its main loop).
 // Rows whose scores float32 cannot hold leave lse -inf (NaN after a split-KV merge) for the float64
 // rescue that the launcher runs next (exact_row.cuh).
 // The gathered walk (walk=gather, an instance of its own): the whole producer warpgroup walks the
@@ -107,7 +108,9 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   const QueryRows rows = query_rows<Tr::kTileM>(p);
   const int64_t b = rows.b, h = rows.h, q0 = rows.q0, kv_head = rows.kv_head;
   const int q_rows = rows.count;
-  // Consumer 1 has rows only in tiles of more than 64: its bias half is loaded and read only then.
+  // Consumer 1 has rows only in tiles of more than 64; in the others (a ragged last tile, the few
+  // rows of a mask-only step) it leaves at once: nothing is loaded for it, the stages are released
+  // by consumer 0 alone and nobody takes turns.
   const int consumers_with_rows = q_rows > static_cast<int>(Tr::kQRows) ? 2 : 1;
   const bool bias_rows_broadcast = p.bias_strides[2] == 0;  // the map's boxes then hold one row
 
@@ -116,8 +119,8 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     for (int s = 0; s < kStages; ++s) {
       sm90::mbarrier_init(&pipe.k_full[s], 1);
       sm90::mbarrier_init(&pipe.v_full[s], 1);
-      sm90::mbarrier_init(&pipe.k_empty[s], Tr::kConsumerWarps);
-      sm90::mbarrier_init(&pipe.v_empty[s], Tr::kConsumerWarps);
+      sm90::mbarrier_init(&pipe.k_empty[s], Tr::kConsumerWarps / 2 * consumers_with_rows);
+      sm90::mbarrier_init(&pipe.v_empty[s], Tr::kConsumerWarps / 2 * consumers_with_rows);
     }
     sm90::mbarrier_init(&pipe.v_tail, 1);
     for (int s = 0; s < kBiasStages; ++s)
@@ -132,8 +135,7 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   if (warpgroup == 0) {  // ------------------------------------------------------------ producer
     sm90::warpgroup_registers_decrease<Tr::kProducerRegisters>();
     if (threadIdx.x == 0) {
-      // No box that lies wholly past q_len: consumer 1 then computes on stale shared memory, for rows
-      // that are never written (each output row depends on its own Q row only).
+      // No box that lies wholly past q_len (consumer 1 then has no rows).
       sm90::mbarrier_arrive_expect_tx(&pipe.q_full, Tr::kQBytes / 2 * consumers_with_rows);
       for (int c = 0; c < consumers_with_rows; ++c)
         for (int col = 0; col < D; col += 64) {
@@ -256,9 +258,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   // ---------------------------------------------------------------------------------- consumers
   sm90::warpgroup_registers_increase<Tr::kConsumerRegisters>();
   const int consumer = warpgroup - 1;
+  if (consumer >= consumers_with_rows) return;
+  const bool ping_pong = consumers_with_rows == 2;
   const int first_row = consumer * static_cast<int>(Tr::kQRows) + warp * 16 + lane / 4;  // and + 8, in the tile
   const uint32_t q_smem = sm80::smem_address(q_tiles + consumer * Tr::kQRows * D);
-  const bool has_rows = consumer < consumers_with_rows;  // else nothing it computes is written
   // The labels of the thread's two fragment rows (0 past q_len: those rows are never written).
   RowLabels row_labels = {};
   if (p.has_labels)
@@ -313,12 +316,10 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
     mask_tile<kTileN>(sc, score_scale, static_cast<TileKind>(tile.kind), keys, p.has_docs, row_labels, no_row_bound,
                       1, true, tile.cols, lane);
     if constexpr (Tr::kBiasTiles) {
-      if (has_rows) {
-        const int bs = i % kBiasStages;
-        sm90::mbarrier_wait(&pipe.bias_full[bs][consumer], (i / kBiasStages) & 1);
-        add_bias_tile_sw128<T, kTileN>(sc, bias_tiles + (bs * 2 + consumer) * Tr::kBiasHalfElems, bias_rows, lane);
-        release(&pipe.bias_empty[bs][consumer]);
-      }
+      const int bs = i % kBiasStages;
+      sm90::mbarrier_wait(&pipe.bias_full[bs][consumer], (i / kBiasStages) & 1);
+      add_bias_tile_sw128<T, kTileN>(sc, bias_tiles + (bs * 2 + consumer) * Tr::kBiasHalfElems, bias_rows, lane);
+      release(&pipe.bias_empty[bs][consumer]);
     } else if constexpr (Tr::kBiasLoad == BiasLoad::kRows) {
       const int rows_in_tile[2] = {first_row, first_row + 8};
       sm80::add_bias_by_row<kTileN>(sc, p, b, h, q0, tile.k0, rows_in_tile, q_rows, tile.cols, lane);
@@ -331,9 +332,14 @@ __global__ void __launch_bounds__(Tr::kThreads, 1)
   };
   // Ping-pong: the consumers take turns to issue their MMA batches (named barriers, 256 threads), so
   // that one's softmax runs while the other's MMAs do. Consumer 0 starts; every arrive meets a sync.
+  // A lone consumer 0 takes no turns.
   const uint32_t my_turn = 1 + consumer, other_turn = 2 - consumer;  // named barriers 1 and 2
-  auto take_turn = [&] { sm90::named_barrier_sync(my_turn, 256); };
-  auto pass_turn = [&] { sm90::named_barrier_arrive(other_turn, 256); };
+  auto take_turn = [&] {
+    if (ping_pong) sm90::named_barrier_sync(my_turn, 256);
+  };
+  auto pass_turn = [&] {
+    if (ping_pong) sm90::named_barrier_arrive(other_turn, 256);
+  };
   if (consumer == 1) sm90::named_barrier_arrive(1, 256);
 
   // Every wgmma batch is issued where its warpgroup.arrive (wgmma_fence) directly precedes it, with
