@@ -33,70 +33,55 @@ EncodeTiled encode_tiled() {
   return fn;
 }
 
-// A [B, L, H, D] 16-bit tensor (strides of batch, row, head in elements) as the 4-d map (D, H, L, B)
-// with boxes of 64 columns x 1 head x `rows` rows, 128-byte swizzle; reads past an axis are zeros.
-cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t batch, int64_t len, int64_t heads,
-                       int64_t head_dim, const int64_t (&strides)[3], uint32_t rows) {
+// A 16-bit tensor of kRank axes (extents innermost first; element strides of axes 1.. kRank - 1,
+// the innermost one contiguous) as a tensor map with boxes `box` and the 128-byte swizzle; reads
+// past an axis are zeros. An axis of extent 1 is never stepped, so any multiple of 16 serves as its
+// byte stride.
+template <int kRank>
+cudaError_t encode_swizzled_map(CUtensorMap* map, const void* data, DType dtype, const int64_t (&extents)[kRank],
+                                const int64_t (&strides)[kRank - 1], const cuuint32_t (&box)[kRank]) {
   const EncodeTiled encode = encode_tiled();
   if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(len), static_cast<cuuint64_t>(batch)};
-  // Byte strides of axes 1-3; an axis of extent 1 is never stepped, so any multiple of 16 serves.
-  cuuint64_t byte_strides[3];
-  const int64_t order[3] = {strides[2], strides[1], strides[0]};  // head, row, batch
-  for (int i = 0; i < 3; ++i)
-    byte_strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(order[i]) * 2;
-  const cuuint32_t box[4] = {64, 1, rows, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  cuuint64_t dims[kRank], byte_strides[kRank - 1];
+  cuuint32_t element_strides[kRank];
+  for (int i = 0; i < kRank; ++i) {
+    dims[i] = static_cast<cuuint64_t>(extents[i]);
+    element_strides[i] = 1;
+    if (i > 0) byte_strides[i - 1] = extents[i] == 1 ? 16 : static_cast<cuuint64_t>(strides[i - 1]) * 2;
+  }
   const CUresult result =
-      encode(map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+      encode(map, dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, kRank,
              const_cast<void*>(data), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
              CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// A [B, L, H, D] 16-bit tensor (strides of batch, row, head in elements) as the 4-d map (D, H, L, B)
+// with boxes of 64 columns x 1 head x `rows` rows.
+cudaError_t encode_map(CUtensorMap* map, const void* data, DType dtype, int64_t batch, int64_t len, int64_t heads,
+                       int64_t head_dim, const int64_t (&strides)[3], uint32_t rows) {
+  return encode_swizzled_map<4>(map, data, dtype, {head_dim, heads, len, batch}, {strides[2], strides[1], strides[0]},
+                                {64, 1, rows, 1});
+}
+
 // GQA packing: q [B, L, Hkv x G, D] as the 5-d map (D, G, L, Hkv, B), boxes of 64 columns x G heads x
 // 64 / G rows: one box is 64 packed rows (query-major) of one KV head, as the consumers read them.
 cudaError_t encode_packed_q_map(CUtensorMap* map, const AttentionParams& p) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
   const int64_t group = p.q_heads / p.kv_heads;
-  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(group),
-                              static_cast<cuuint64_t>(p.q_len), static_cast<cuuint64_t>(p.kv_heads),
-                              static_cast<cuuint64_t>(p.batch)};
-  const int64_t strides[4] = {p.q_strides[2], p.q_strides[1], group * p.q_strides[2], p.q_strides[0]};
-  cuuint64_t byte_strides[4];
-  for (int i = 0; i < 4; ++i) byte_strides[i] = dims[i + 1] == 1 ? 16 : static_cast<cuuint64_t>(strides[i]) * 2;
-  const cuuint32_t box[5] = {64, static_cast<cuuint32_t>(group), static_cast<cuuint32_t>(kAttentionTmaRows / 2 / group),
-                             1, 1};
-  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
-  const CUresult result =
-      encode(map, p.dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
-             const_cast<void*>(p.q), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  return encode_swizzled_map<5>(
+      map, p.q, p.dtype, {p.head_dim, group, p.q_len, p.kv_heads, p.batch},
+      {p.q_strides[2], p.q_strides[1], group * p.q_strides[2], p.q_strides[0]},
+      {64, static_cast<cuuint32_t>(group), static_cast<cuuint32_t>(kAttentionTmaRows / 2 / group), 1, 1});
 }
 
 // The [B, Hq, Lq, Lk] 16-bit bias (bias_tma_loadable) as the 4-d map (Lk, Lq, Hq, B) with boxes of
-// 64 keys x `rows` rows, 128-byte swizzle. A stride-0 axis becomes extent 1 (the kernel reads it at
-// coordinate 0); reads past an axis are zeros.
+// 64 keys x `rows` rows. A stride-0 axis becomes extent 1 (the kernel reads it at coordinate 0).
 cudaError_t encode_bias_map(CUtensorMap* map, const AttentionParams& p, uint32_t rows) {
-  const EncodeTiled encode = encode_tiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const int64_t extents[4] = {p.k_len, p.q_len, p.q_heads, p.batch};
-  const int64_t strides[4] = {1, p.bias_strides[2], p.bias_strides[1], p.bias_strides[0]};
-  cuuint64_t dims[4], byte_strides[3];
-  for (int i = 0; i < 4; ++i) {
-    dims[i] = static_cast<cuuint64_t>(i > 0 && strides[i] == 0 ? 1 : extents[i]);
-    if (i > 0) byte_strides[i - 1] = dims[i] == 1 ? 16 : static_cast<cuuint64_t>(strides[i]) * 2;
-  }
-  const cuuint32_t box[4] = {64, rows, 1, 1};
-  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
-  const CUresult result =
-      encode(map, p.bias_dtype == DType::kBFloat16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
-             4, const_cast<void*>(p.bias), dims, byte_strides, box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-             CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+  auto extent = [](int64_t n, int64_t stride) { return stride == 0 ? 1 : n; };
+  return encode_swizzled_map<4>(map, p.bias, p.bias_dtype,
+                                {p.k_len, extent(p.q_len, p.bias_strides[2]), extent(p.q_heads, p.bias_strides[1]),
+                                 extent(p.batch, p.bias_strides[0])},
+                                {p.bias_strides[2], p.bias_strides[1], p.bias_strides[0]}, {64, rows, 1, 1});
 }
 
 template <typename T, int D, family::BiasLoad kBiasLoad, bool kGather = false>

@@ -13,8 +13,8 @@
 // ends gathering in the CTA.
 //
 // Every thread of the walk's shape (WalkShape: the CTA, or a producer warpgroup) calls the walk and
-// gets the same answer (the state is uniform); the
-// calls that start a classification or gathering round have barriers.
+// gets the same answer (the state is uniform); the calls that start a classification or gathering
+// round have barriers.
 #pragma once
 
 #include "cuda/attention/attention_sm80_tile.cuh"
